@@ -1,0 +1,34 @@
+"""What the expander must know about datasets and models, without loading any data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    num_classes: int
+    image_shape: tuple[int, int, int]  # C, H, W as the model sees it
+    train_per_class: int  # the smallest class of the full training set
+    test_per_class: int  # balanced test set: images per class
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # MNIST's smallest training class (5) has 5,421 images; Buda caps every class at 5,000.
+    "mnist": DatasetInfo(10, (1, 28, 28), 5_421, 892),
+    "cifar10": DatasetInfo(10, (3, 32, 32), 5_000, 1_000),
+    # Dablain: 4,600 training and 1,500 test images per class.
+    "svhn": DatasetInfo(10, (3, 32, 32), 4_600, 1_500),
+    # Dablain: men and women with black hair, 5,000 training and 1,000 test per class.
+    "celeba": DatasetInfo(2, (3, 32, 32), 5_000, 1_000),
+    # ImageNet-style folders: 1,000 classes, Buda caps majority classes at 1,000.
+    "imagenet": DatasetInfo(1000, (3, 224, 224), 732, 50),
+}
+
+# model name -> the datasets' image shapes it accepts (by name, for the error message)
+MODELS: dict[str, tuple[str, ...]] = {
+    "lenet5": ("mnist",),
+    "allcnn": ("cifar10", "svhn", "celeba"),
+    "resnet32": ("cifar10", "svhn", "celeba"),
+    "resnet10": ("imagenet",),
+}

@@ -1,0 +1,440 @@
+"""Grid files: parsing, validation and expansion into TrialSpecs.
+
+A grid file is YAML. Top-level keys are defaults for every experiment; an optional
+``experiments:`` list holds blocks that override them (a grid may mix datasets and
+models). Every key is checked: an unknown key or value raises :class:`GridError`
+naming the file, the key and what is allowed.
+
+Expansion is a pure function: the same file gives the same specs, with the same ids,
+in the same order, on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from sweep.catalog import DATASETS, MODELS
+from sweep.recipes import RECIPES
+from sweep.spec import (
+    Evaluation,
+    Imbalance,
+    ImbalanceKind,
+    Loss,
+    Method,
+    MinorityChoice,
+    Recipe,
+    Selection,
+    TrialSpec,
+    derive_seed,
+)
+
+
+class GridError(ValueError):
+    """A grid file is malformed or contradictory."""
+
+
+EXPERIMENT_KEYS = {
+    "dataset": "dataset name: " + ", ".join(DATASETS),
+    "model": "model name: " + ", ".join(MODELS),
+    "recipe": "a recipe name (" + ", ".join(RECIPES) + ") or a mapping {preset: NAME, FIELD: VALUE, ...}",
+    "epochs": "training budget in epochs of the imbalanced set (overrides recipe iters)",
+    "imbalance": "mapping of kind -> parameters: step {rho, mu}, linear {rho}, exponential {rho}, none {}",
+    "minority": "which labels are minority: " + ", ".join(MinorityChoice),
+    "max_per_class": "cap on each class before imbalancing (Buda MNIST: 5000)",
+    "methods": "list of: " + ", ".join(Method),
+    "thresholding": "methods that also get the thresholded evaluation (default: all but two-phase)",
+    "resample_ratios": "imbalance left after re-sampling, for over/under-sampling (1 = balanced)",
+    "losses": "list of: " + ", ".join(Loss),
+    "lr": "list of base learning rates to search (default: the recipe's)",
+    "lr_runs": "runs per learning rate (Buda CIFAR-10: 2)",
+    "selection": "lr-search / evaluation-point selection: " + ", ".join(Selection),
+    "repeats": "number of repeats (minority classes redrawn each repeat)",
+    "latent": "compute Dablain latent statistics (true/false)",
+    "embeddings": "store raw FE vectors for this many networks per experiment (0 = none)",
+}
+TOP_KEYS = {
+    "name": "grid name",
+    "description": "free text",
+    "seed": "integer seed of the whole grid",
+    "resources": "mapping {cpu, gpu} per pack",
+    "pack": "mapping {max_networks}",
+    "experiments": "list of experiment blocks overriding the top-level keys",
+} | EXPERIMENT_KEYS
+RESOURCE_KEYS = {"cpu", "gpu"}
+PACK_KEYS = {"max_networks"}
+IMBALANCE_PARAMS = {
+    ImbalanceKind.STEP: {"rho", "mu"},
+    ImbalanceKind.LINEAR: {"rho"},
+    ImbalanceKind.EXPONENTIAL: {"rho"},
+    ImbalanceKind.NONE: set(),
+}
+DEFAULT_THRESHOLDED = (Method.BASELINE, Method.OVERSAMPLING, Method.UNDERSAMPLING)
+METHOD_ORDER = {m: i for i, m in enumerate(Method)}  # phase-1 methods before their dependents
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    path: str
+    file_hash: str  # sha256 of the file's bytes: provenance in every row
+    seed: int
+    specs: tuple[TrialSpec, ...]
+    cpu_per_pack: float
+    gpu_per_pack: float
+    max_networks_per_pack: int  # 0: sized from the device
+
+    @property
+    def trained_networks(self) -> int:
+        return len(self.specs)
+
+    @property
+    def evaluations(self) -> int:
+        return sum(len(s.evaluations) for s in self.specs)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read, validate and expand a grid file."""
+    path = Path(path)
+    if not path.is_file():
+        raise GridError(f"{path}: grid file not found")
+    raw = path.read_bytes()
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise GridError(f"{path}: not valid YAML: {e}") from None
+    return expand(doc, source=str(path), file_hash=hashlib.sha256(raw).hexdigest())
+
+
+def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
+    """Expand a parsed grid document into specs (pure: no I/O, no randomness but the seed)."""
+    err = _Errors(source)
+    if not isinstance(doc, dict):
+        raise err("", "the grid must be a YAML mapping", "top-level keys: " + ", ".join(TOP_KEYS))
+    err.unknown_keys(doc, TOP_KEYS, "")
+    name = doc.get("name") or Path(source).stem
+    seed = _int(err, doc, "seed", 0)
+    res = doc.get("resources", {}) or {}
+    if not isinstance(res, dict):
+        raise err("resources", f"expected a mapping, got {res!r}", "keys: cpu, gpu")
+    err.unknown_keys(res, RESOURCE_KEYS, "resources")
+    pack = doc.get("pack", {}) or {}
+    if not isinstance(pack, dict):
+        raise err("pack", f"expected a mapping, got {pack!r}", "keys: max_networks")
+    err.unknown_keys(pack, PACK_KEYS, "pack")
+
+    defaults = {k: v for k, v in doc.items() if k in EXPERIMENT_KEYS}
+    blocks = doc.get("experiments")
+    if blocks is None:
+        blocks = [{}]
+    if not isinstance(blocks, list) or not blocks:
+        raise err("experiments", "expected a non-empty list of experiment blocks", "")
+    specs: list[TrialSpec] = []
+    for i, block in enumerate(blocks):
+        prefix = f"experiments[{i}]." if "experiments" in doc else ""
+        if not isinstance(block, dict):
+            raise err(prefix.rstrip("."), "expected a mapping", "")
+        err.unknown_keys(block, EXPERIMENT_KEYS, prefix.rstrip("."))
+        specs.extend(_expand_experiment(err, prefix, defaults | block, seed, name, i))
+    ids = [s.network_id for s in specs]
+    if len(set(ids)) != len(ids):
+        raise err("experiments", "two experiments produce the same networks", "make them differ")
+    return Grid(
+        name=str(name),
+        path=source,
+        file_hash=file_hash,
+        seed=seed,
+        specs=tuple(specs),
+        cpu_per_pack=float(_num(err, res, "cpu", 1, "resources.")),
+        gpu_per_pack=float(_num(err, res, "gpu", 0, "resources.")),
+        max_networks_per_pack=_int(err, pack, "max_networks", 0, "pack."),
+    )
+
+
+def _expand_experiment(
+    err: "_Errors", p: str, cfg: dict[str, Any], grid_seed: int, grid_name: str, index: int
+) -> list[TrialSpec]:
+    dataset = _choice(err, cfg, "dataset", DATASETS, p, required=True)
+    model = _choice(err, cfg, "model", MODELS, p, required=True)
+    if dataset not in MODELS[model]:
+        raise err(p + "model", f"{model} does not take {dataset} images",
+                  f"{model} takes: {', '.join(MODELS[model])}")
+    info = DATASETS[dataset]
+    recipe = _recipe(err, cfg.get("recipe"), p)
+    max_per_class = _int(err, cfg, "max_per_class", info.train_per_class, p)
+    if not 1 <= max_per_class <= info.train_per_class:
+        raise err(p + "max_per_class", f"{max_per_class} is outside the dataset's range",
+                  f"1..{info.train_per_class} for {dataset}")
+    minority = MinorityChoice(_choice(err, cfg, "minority", [m.value for m in MinorityChoice], p,
+                                      default="random"))
+    methods = [Method(m) for m in _choices(err, cfg, "methods", [m.value for m in Method], p,
+                                           default=["baseline"])]
+    for m in methods:
+        if m.phase1 is not None and m.phase1 not in methods:
+            raise err(p + "methods", f"{m} starts from the {m.phase1} network, which is not in methods",
+                      f"add {m.phase1} to methods")
+    thresholded = [Method(m) for m in _choices(
+        err, cfg, "thresholding", [m.value for m in Method], p,
+        default=[m.value for m in DEFAULT_THRESHOLDED if m in methods])]
+    for m in thresholded:
+        if m not in methods:
+            raise err(p + "thresholding", f"{m} is not one of the grid's methods", f"methods: {methods}")
+    ratios = [float(r) for r in _list(err, cfg, "resample_ratios", [1], p)]
+    if any(not math.isfinite(r) or r < 1 for r in ratios):
+        raise err(p + "resample_ratios", f"{ratios}: every ratio must be >= 1", "1 = fully balanced")
+    losses = [Loss(x) for x in _choices(err, cfg, "losses", [l.value for l in Loss], p, default=["ce"])]
+    lrs = [float(x) for x in _list(err, cfg, "lr", [recipe.base_lr], p)]
+    if any(not (x > 0) for x in lrs):
+        raise err(p + "lr", f"{lrs}: learning rates must be > 0", "")
+    lr_runs = _int(err, cfg, "lr_runs", 1, p)
+    selection = Selection(_choice(err, cfg, "selection", [s.value for s in Selection], p,
+                                  default="final"))
+    repeats = _int(err, cfg, "repeats", 1, p)
+    if repeats < 1 or lr_runs < 1:
+        raise err(p + "repeats", "repeats and lr_runs must be >= 1", "")
+    if selection == Selection.VALIDATION and recipe.validation_fraction == 0:
+        recipe = dataclasses.replace(recipe, validation_fraction=0.1)
+    latent = bool(cfg.get("latent", False))
+    n_embed = _int(err, cfg, "embeddings", 0, p)
+    imbalances = _imbalances(err, cfg.get("imbalance"), p, info.num_classes)
+    if "epochs" in cfg:
+        epochs = _num(err, cfg, "epochs", 0, p)
+        if epochs <= 0:
+            raise err(p + "epochs", f"{epochs}: must be > 0", "")
+
+    specs: list[TrialSpec] = []
+    for kind, rho, mu in imbalances:
+        for repeat in range(repeats):
+            cell = [dataset, str(kind), rho, mu, repeat]
+            classes = _draw_classes(kind, mu, info.num_classes, minority,
+                                    np.random.default_rng(derive_seed(grid_seed, "classes", *cell)))
+            imb = Imbalance(kind=kind, rho=rho, mu=mu, classes=classes, max_per_class=max_per_class)
+            seed = derive_seed(grid_seed, "training-set", *cell)
+            r = recipe
+            if "epochs" in cfg:
+                r = _epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
+            for loss, lr, lr_run, method in itertools.product(losses, lrs, range(lr_runs), methods):
+                for ratio in (ratios if method.sampling in (Method.OVERSAMPLING, Method.UNDERSAMPLING)
+                              or method.phase1 in (Method.OVERSAMPLING, Method.UNDERSAMPLING) else [1.0]):
+                    evals = (Evaluation.RAW, Evaluation.THRESHOLD) if method in thresholded else (Evaluation.RAW,)
+                    specs.append(TrialSpec(
+                        dataset=dataset, model=model,
+                        recipe=dataclasses.replace(r, base_lr=lr),
+                        imbalance=imb, method=method, repeat=repeat,
+                        seed=derive_seed(seed, "lr-run", lr_run) if lr_runs > 1 else seed,
+                        resample_ratio=ratio, loss=loss, lr_run=lr_run, selection=selection,
+                        evaluations=evals, latent=latent,
+                        embeddings=False, grid=grid_name,
+                    ))
+    # Raw embeddings for the first n networks (they are large); deterministic choice.
+    for i in range(min(n_embed, len(specs))):
+        specs[i] = dataclasses.replace(specs[i], embeddings=True, latent=True)
+    return specs
+
+
+def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tuple[ImbalanceKind, float, float | None]]:
+    key = p + "imbalance"
+    if cfg is None:
+        return [(ImbalanceKind.NONE, 1.0, None)]
+    if not isinstance(cfg, dict) or not cfg:
+        raise err(key, f"expected a mapping of kinds, got {cfg!r}", "kinds: " + ", ".join(IMBALANCE_PARAMS))
+    out: list[tuple[ImbalanceKind, float, float | None]] = []
+    for kind_name, params in cfg.items():
+        try:
+            kind = ImbalanceKind(kind_name)
+        except ValueError:
+            raise err(f"{key}.{kind_name}", "unknown imbalance kind",
+                      "kinds: " + ", ".join(IMBALANCE_PARAMS)) from None
+        params = params or {}
+        if not isinstance(params, dict):
+            raise err(f"{key}.{kind_name}", f"expected a mapping, got {params!r}",
+                      "parameters: " + ", ".join(sorted(IMBALANCE_PARAMS[kind])) or "none")
+        err.unknown_keys(params, IMBALANCE_PARAMS[kind], f"{key}.{kind_name}")
+        if kind == ImbalanceKind.NONE:
+            out.append((kind, 1.0, None))
+            continue
+        rhos = [float(r) for r in _list(err, params, "rho", None, f"{key}.{kind_name}.", required=True)]
+        if any(not math.isfinite(r) or r < 1 for r in rhos):
+            raise err(f"{key}.{kind_name}.rho", f"{rhos}: every rho must be >= 1", "")
+        if kind == ImbalanceKind.STEP:
+            mus = [float(m) for m in _list(err, params, "mu", None, f"{key}.{kind_name}.", required=True)]
+            for m in mus:
+                k = m * num_classes
+                if not (0 < m < 1) or abs(k - round(k)) > 1e-9:
+                    raise err(f"{key}.step.mu", f"{m} does not give a whole number of minority classes",
+                              f"multiples of 1/{num_classes} strictly between 0 and 1")
+            out.extend((kind, r, m) for r in rhos for m in mus)
+        else:
+            out.extend((kind, r, None) for r in rhos)
+    return out
+
+
+def _draw_classes(kind: ImbalanceKind, mu: float | None, n: int, choice: MinorityChoice,
+                  rng: np.random.Generator) -> tuple[int, ...]:
+    """Step: the minority labels. Linear/exponential: labels from most to fewest examples."""
+    if kind == ImbalanceKind.NONE:
+        return ()
+    if kind == ImbalanceKind.STEP:
+        k = round(mu * n)
+        if choice == MinorityChoice.LOWEST:
+            return tuple(range(k))
+        if choice == MinorityChoice.HIGHEST:
+            return tuple(range(n - k, n))
+        return tuple(sorted(int(c) for c in rng.choice(n, size=k, replace=False)))
+    if choice == MinorityChoice.LOWEST:
+        return tuple(range(n - 1, -1, -1))  # label 0 gets the fewest
+    if choice == MinorityChoice.HIGHEST:
+        return tuple(range(n))  # Cao et al.'s CIFAR-LT order: label 0 gets the most
+    return tuple(int(c) for c in rng.permutation(n))
+
+
+def _epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes: int, n_max: int) -> Recipe:
+    """An epoch budget for this imbalanced set, in iterations; the schedule scales with it.
+
+    Milestones, warm-up and the DRW start keep their fraction of the budget, so a recipe
+    written for 200 epochs (LDAM-DRW) keeps its shape for any set size.
+    """
+    from workers.imbalance import class_counts  # numpy only; no torch import
+
+    n = int(class_counts(imb, num_classes, n_max).sum())
+    iters = max(1, round(epochs * math.ceil(n / recipe.batch_size)))
+    scale = iters / recipe.iters
+    return dataclasses.replace(
+        recipe,
+        iters=iters,
+        lr_milestones=tuple(round(m * scale) for m in recipe.lr_milestones),
+        warmup_iters=round(recipe.warmup_iters * scale),
+        drw_start_iter=None if recipe.drw_start_iter is None else round(recipe.drw_start_iter * scale),
+    )
+
+
+def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
+    key = p + "recipe"
+    if cfg is None:
+        raise err(key, "missing", "a recipe name: " + ", ".join(RECIPES))
+    overrides: dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        overrides = dict(cfg)
+        name = overrides.pop("preset", None)
+        if name is None:
+            raise err(key + ".preset", "missing", "a recipe name: " + ", ".join(RECIPES))
+    else:
+        name = cfg
+    if name not in RECIPES:
+        raise err(key, f"unknown recipe {name!r}", "recipes: " + ", ".join(RECIPES))
+    base = RECIPES[name]
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    err.unknown_keys(overrides, set(fields), key)
+    typed: dict[str, Any] = {}
+    for k, v in overrides.items():
+        cur = getattr(base, k)
+        try:
+            if k == "lr_policy":
+                from sweep.spec import LrPolicy
+                typed[k] = LrPolicy(v)
+            elif k == "lr_milestones":
+                typed[k] = tuple(int(x) for x in v)
+            elif k == "drw_start_iter":
+                typed[k] = None if v is None else int(v)
+            elif isinstance(cur, bool):
+                typed[k] = bool(v)
+            elif isinstance(cur, int):
+                if isinstance(v, float) and not v.is_integer():
+                    raise ValueError(v)
+                typed[k] = int(v)
+            elif isinstance(cur, float):
+                typed[k] = float(v)
+            else:
+                typed[k] = str(v)
+        except (TypeError, ValueError):
+            raise err(f"{key}.{k}", f"bad value {v!r}", f"a value like {cur!r}") from None
+    r = dataclasses.replace(base, **typed)
+    if r.iters < 1 or r.batch_size < 1:
+        raise err(key, "iters and batch_size must be >= 1", "")
+    if r.init not in ("xavier", "kaiming"):
+        raise err(key + ".init", f"unknown init {r.init!r}", "xavier, kaiming")
+    if not 0 <= r.validation_fraction < 1:
+        raise err(key + ".validation_fraction", f"{r.validation_fraction}", "0 <= fraction < 1")
+    return r
+
+
+class _Errors:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, key: str, problem: str, allowed: str) -> GridError:
+        where = f"{self.source}: {key}: " if key else f"{self.source}: "
+        return GridError(where + problem + (f" (allowed: {allowed})" if allowed else ""))
+
+    def unknown_keys(self, d: dict[str, Any], allowed: Iterable[str], where: str) -> None:
+        allowed = set(allowed)
+        for k in d:
+            if k not in allowed:
+                raise self(f"{where}.{k}" if where else str(k), "unknown key",
+                           ", ".join(sorted(allowed)) or "no keys")
+
+
+def _choice(err: _Errors, d: dict, key: str, allowed: Iterable[str], p: str,
+            default: Any = None, required: bool = False) -> Any:
+    allowed = list(allowed)
+    if key not in d or d[key] is None:
+        if required:
+            raise err(p + key, "missing", ", ".join(allowed))
+        return default
+    v = d[key]
+    if v not in allowed:
+        raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
+    return v
+
+
+def _choices(err: _Errors, d: dict, key: str, allowed: list[str], p: str, default: list[str]) -> list[str]:
+    vals = _list(err, d, key, default, p)
+    seen = []
+    for v in vals:
+        if v not in allowed:
+            raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
+        if v in seen:
+            raise err(p + key, f"{v!r} is listed twice", "each value once")
+        seen.append(v)
+    return seen
+
+
+def _list(err: _Errors, d: dict, key: str, default: Any, p: str, required: bool = False) -> list:
+    if key not in d or d[key] is None:
+        if required:
+            raise err(p + key, "missing", "a list of values")
+        return list(default)
+    v = d[key]
+    if not isinstance(v, list):
+        v = [v]
+    if not v:
+        raise err(p + key, "empty list", "at least one value")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float, str)):
+            raise err(p + key, f"bad value {x!r}", "numbers or names")
+    if key not in ("methods", "thresholding", "losses") and any(isinstance(x, str) for x in v):
+        raise err(p + key, f"{v}: expected numbers", "numbers")
+    return v
+
+
+def _num(err: _Errors, d: dict, key: str, default: float, p: str = "") -> float:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise err(p + key, f"bad value {v!r}", "a number")
+    return v
+
+
+def _int(err: _Errors, d: dict, key: str, default: int, p: str = "") -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise err(p + key, f"bad value {v!r}", "an integer")
+    return v

@@ -1,0 +1,117 @@
+"""Packs: specs trained together in one process on one device.
+
+A Pack is the unit Ray Tune schedules. Its members share a dataset, model, batch
+size and iteration count, so one stacked network trains them all. A two-phase
+network always sits in the same pack as its phase-1 network (never trained
+twice); when the phase-1 network is already in the store but its dependent is
+not (an interrupted sweep of an older plan), the phase-1 network is retrained in
+the pack as a *rebuild* member, whose rows are not written again.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from sweep.spec import TrialSpec, _hash
+
+# Networks per pack when nothing else is known. On the CPU a pack much larger than
+# this just makes one Tune trial slow without raising throughput.
+DEFAULT_CPU_PACK = 32
+DEFAULT_GPU_PACK = 256
+
+
+@dataclass(frozen=True)
+class Pack:
+    specs: tuple[TrialSpec, ...]  # to train, phase-1 networks before their dependents
+    rebuild: frozenset[str] = frozenset()  # network ids trained only as a dependency
+
+    @property
+    def pack_id(self) -> str:
+        return _hash(sorted(s.network_id for s in self.specs))
+
+    @property
+    def stored_specs(self) -> tuple[TrialSpec, ...]:
+        return tuple(s for s in self.specs if s.network_id not in self.rebuild)
+
+    @property
+    def trial_ids(self) -> tuple[str, ...]:
+        return tuple(t for s in self.stored_specs for t in s.trial_ids)
+
+    def to_dict(self) -> dict:
+        return {"specs": [s.to_json() for s in self.specs], "rebuild": sorted(self.rebuild)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Pack":
+        return cls(tuple(TrialSpec.from_json(s) for s in d["specs"]), frozenset(d["rebuild"]))
+
+
+def default_pack_size(device: str) -> int:
+    return DEFAULT_GPU_PACK if device.startswith("cuda") else DEFAULT_CPU_PACK
+
+
+def plan_packs(
+    specs: Sequence[TrialSpec],
+    max_networks: int,
+    done_network_ids: Iterable[str] = (),
+) -> list[Pack]:
+    """Group the specs not yet done into packs of at most ``max_networks`` trainings.
+
+    Networks of one training set stay together so that dependents find their phase-1
+    network in the same pack. The result is deterministic for the same inputs.
+    """
+    if max_networks < 1:
+        raise ValueError(f"max_networks must be >= 1, got {max_networks}")
+    done = set(done_network_ids)
+    by_id = {s.network_id: s for s in specs}
+    groups: dict[tuple, dict[str, list[TrialSpec]]] = defaultdict(lambda: defaultdict(list))
+    rebuild: set[str] = set()
+    for s in specs:
+        if s.network_id in done:
+            continue
+        units = groups[s.pack_key][s.training_set_key]
+        parent = s.parent
+        if parent is not None and parent.network_id in done:
+            # The phase-1 network is stored but this dependent is not: retrain it here.
+            if parent.network_id not in rebuild:
+                units.append(by_id.get(parent.network_id, parent))
+                rebuild.add(parent.network_id)
+        units.append(s)
+
+    packs: list[Pack] = []
+    for key in sorted(groups, key=repr):
+        current: list[TrialSpec] = []
+        for ts_key in sorted(groups[key]):
+            for family in _families(groups[key][ts_key]):
+                if current and len(current) + len(family) > max_networks:
+                    packs.append(_make(current, rebuild))
+                    current = []
+                current.extend(family)
+        if current:
+            packs.append(_make(current, rebuild))
+    return packs
+
+
+def _families(unit: list[TrialSpec]) -> list[list[TrialSpec]]:
+    """Split one training set's specs into a phase-1 network plus its dependents each.
+
+    A family is never split across packs; it is at most a few networks, so a pack may
+    exceed ``max_networks`` by less than one family only when a family alone is larger.
+    """
+    from sweep.grid import METHOD_ORDER
+
+    ordered = sorted(unit, key=lambda s: (s.parent is not None, METHOD_ORDER[s.method], s.network_id))
+    families: dict[str, list[TrialSpec]] = {}
+    for s in ordered:
+        pid = s.parent_id
+        if pid is not None and pid in families:
+            families[pid].append(s)
+        else:
+            families[s.network_id] = [s]
+    return list(families.values())
+
+
+def _make(specs: list[TrialSpec], rebuild: set[str]) -> Pack:
+    ids = {s.network_id for s in specs}
+    return Pack(tuple(specs), frozenset(rebuild & ids))

@@ -1,0 +1,270 @@
+"""Trial specifications: the frozen, hashable description of one network.
+
+A ``TrialSpec`` is everything needed to train one network and to understand a
+row of the results store without the grid file it came from. Specs are built
+only by :func:`sweep.grid.expand`; their ids are hashes of their canonical JSON,
+so the same grid point has the same id on any machine and in any order.
+
+One trained network is evaluated in one or more ways (``Evaluation``): the raw
+outputs, and for example the outputs divided by the class priors
+(thresholding). ``network_id`` names the trained network, ``trial_id(e)`` one
+evaluation of it; a row of the ``trials`` table is one evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from functools import cached_property, lru_cache
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+ID_LENGTH = 16  # hex digits of sha256 kept in ids: 64 bits, no collisions at 10^6 specs
+
+
+class ImbalanceKind(StrEnum):
+    NONE = "none"  # the dataset as given, each class capped at max_per_class
+    STEP = "step"  # Buda et al.: mu = fraction of minority classes, rho = majority/minority
+    LINEAR = "linear"  # Buda et al.: counts linear between n_max and n_max/rho
+    EXPONENTIAL = "exponential"  # Cao et al. / Dablain et al.: n_c = n_max * rho^(-c/(C-1))
+
+
+class Method(StrEnum):
+    BASELINE = "baseline"
+    OVERSAMPLING = "oversampling"
+    UNDERSAMPLING = "undersampling"
+    TWO_PHASE_OVER = "two_phase_over"  # phase 1 = the oversampling network
+    TWO_PHASE_UNDER = "two_phase_under"  # phase 1 = the undersampling network
+    CLASSIFIER_RETRAINING = "classifier_retraining"  # Dablain RQ1: retrain W_C on balanced FE
+
+    @property
+    def phase1(self) -> "Method | None":
+        """The method whose trained network this one starts from, if any."""
+        return _PHASE1.get(self)
+
+    @property
+    def sampling(self) -> "Method":
+        """Which re-sampling of the training set this method trains on."""
+        return _SAMPLING.get(self, self)
+
+
+_PHASE1 = {
+    Method.TWO_PHASE_OVER: Method.OVERSAMPLING,
+    Method.TWO_PHASE_UNDER: Method.UNDERSAMPLING,
+    Method.CLASSIFIER_RETRAINING: Method.BASELINE,
+}
+# Two-phase phase 2 and classifier re-training train on the original imbalanced set
+# (retraining on balanced FE is a different sampler; see workers.samplers).
+_SAMPLING = {
+    Method.TWO_PHASE_OVER: Method.BASELINE,
+    Method.TWO_PHASE_UNDER: Method.BASELINE,
+    Method.CLASSIFIER_RETRAINING: Method.CLASSIFIER_RETRAINING,
+}
+
+
+class Evaluation(StrEnum):
+    RAW = "raw"
+    THRESHOLD = "threshold"  # outputs divided by the imbalanced training set's class priors
+
+
+class Loss(StrEnum):
+    CE = "ce"
+    FOCAL = "focal"
+    LDAM = "ldam"
+
+
+class LrPolicy(StrEnum):
+    INV = "inv"  # Caffe: base * (1 + gamma*t)^-power
+    MULTISTEP = "multistep"  # base * gamma^(number of milestones passed)
+    LINEAR = "linear"  # base * (1 - t/iters): Buda's ImageNet recipe
+    CONSTANT = "constant"
+
+
+class Selection(StrEnum):
+    """How the reported evaluation point / lr-search winner is chosen."""
+
+    FINAL = "final"  # the network after the last iteration
+    VALIDATION = "validation"  # best by balanced accuracy on a validation split
+    TEST = "test"  # best on the test set: Buda et al.'s CIFAR-10 procedure, on request only
+
+
+class MinorityChoice(StrEnum):
+    RANDOM = "random"  # redrawn for every repeat (Buda MNIST)
+    LOWEST = "lowest"  # the lowest labels (Buda CIFAR-10)
+    HIGHEST = "highest"  # the highest labels (Cao et al.'s CIFAR-10-LT order, used by Dablain)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe; every field is applied by the worker."""
+
+    iters: int  # optimiser steps, whatever the training-set size
+    batch_size: int  # images per step, per network
+    base_lr: float
+    momentum: float
+    weight_decay: float
+    lr_policy: LrPolicy
+    lr_gamma: float = 0.0  # inv: gamma; multistep: multiplier per milestone
+    lr_power: float = 0.0  # inv: power
+    lr_milestones: tuple[int, ...] = ()  # multistep: iterations
+    warmup_iters: int = 0  # linear warm-up from 0 to the policy's value
+    init: str = "xavier"  # xavier | kaiming: weights; biases always zero
+    phase2_lr_factor: float = 0.1  # two-phase: phase 2 base lr = base_lr * this (Buda)
+    drw_start_iter: int | None = None  # deferred re-weighting starts here (Cao et al.)
+    drw_beta: float = 0.9999  # class-balanced weights (effective number of samples)
+    focal_gamma: float = 1.0
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 30.0
+    eval_every: int = 0  # iterations between curve points (0: final only)
+    checkpoint_every: int = 0  # iterations between pack checkpoints (0: none)
+    validation_fraction: float = 0.0  # carved per class from the training subset
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class Imbalance:
+    kind: ImbalanceKind
+    rho: float = 1.0  # majority/minority count ratio (max/min for linear, exponential)
+    mu: float | None = None  # step only: fraction of classes that are minority
+    # step: the minority labels; linear/exponential: labels from most to fewest examples
+    classes: tuple[int, ...] = ()
+    max_per_class: int | None = None  # each class first subsampled to at most this
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One network to train (and the ways it is evaluated)."""
+
+    dataset: str
+    model: str
+    recipe: Recipe
+    imbalance: Imbalance
+    method: Method
+    repeat: int
+    seed: int  # one per training set: shared by every method on it (paired comparisons)
+    resample_ratio: float = 1.0  # imbalance left after re-sampling (1 = fully balanced)
+    loss: Loss = Loss.CE
+    lr_run: int = 0  # index of the repeat of one lr in an lr search
+    selection: Selection = Selection.FINAL
+    evaluations: tuple[Evaluation, ...] = (Evaluation.RAW,)
+    latent: bool = False  # compute Dablain latent statistics
+    embeddings: bool = False  # store raw FE vectors and W_C
+    # Not part of the identity: where the spec came from.
+    grid: str = field(default="", compare=False)
+
+    # -- identity -------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """Canonical content that defines this network (the grid name is provenance)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d.pop("grid")
+        d.pop("evaluations")  # evaluating differently does not change the network
+        # Recipes and imbalances are shared by many specs: convert each once.
+        d["recipe"], d["imbalance"] = _plain_shared(self.recipe), _plain_shared(self.imbalance)
+        return _plain(d)
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def network_id(self) -> str:
+        return _hash(self.identity())
+
+    def trial_id(self, evaluation: Evaluation) -> str:
+        return _hash({"network": self.network_id, "evaluation": str(evaluation)})
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def trial_ids(self) -> tuple[str, ...]:
+        return tuple(self.trial_id(e) for e in self.evaluations)
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def parent(self) -> "TrialSpec | None":
+        """The phase-1 network this one starts from (two-phase, re-training)."""
+        p1 = self.method.phase1
+        if p1 is None:
+            return None
+        return dataclasses.replace(
+            self, method=p1, evaluations=(Evaluation.RAW,), latent=False, embeddings=False
+        )
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def parent_id(self) -> str | None:
+        p = self.parent
+        return None if p is None else p.network_id
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def training_set_key(self) -> str:
+        """Networks with equal keys train on the same imbalanced subset."""
+        return _hash({"dataset": self.dataset, "imbalance": _plain_shared(self.imbalance),
+                      "seed": self.seed, "validation": self.recipe.validation_fraction})
+
+    @property
+    def pack_key(self) -> tuple[Any, ...]:
+        """Specs with equal keys can be trained together in one process."""
+        return (self.dataset, self.model, self.recipe.batch_size, self.recipe.iters)
+
+    def to_json(self) -> str:
+        return canonical_json(_plain(self))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrialSpec":
+        d = dict(d)
+        r = dict(d.pop("recipe"))
+        r["lr_policy"] = LrPolicy(r["lr_policy"])
+        r["lr_milestones"] = tuple(r.get("lr_milestones", ()))
+        im = dict(d.pop("imbalance"))
+        im["kind"] = ImbalanceKind(im["kind"])
+        im["classes"] = tuple(im.get("classes", ()))
+        return cls(
+            recipe=Recipe(**r),
+            imbalance=Imbalance(**im),
+            method=Method(d.pop("method")),
+            loss=Loss(d.pop("loss", "ce")),
+            selection=Selection(d.pop("selection", "final")),
+            evaluations=tuple(Evaluation(e) for e in d.pop("evaluations", ("raw",))),
+            **d,
+        )
+
+    @classmethod
+    def from_json(cls, s: str) -> "TrialSpec":
+        return cls.from_dict(json.loads(s))
+
+
+def _plain(obj: Any) -> Any:
+    """Dataclasses/enums/tuples to JSON-able builtins, recursively."""
+    if isinstance(obj, StrEnum):
+        return str(obj)
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        # 10 and 10.0 must hash the same: a grid may write either.
+        return int(obj) if obj.is_integer() else obj
+    if isinstance(obj, (list, tuple)):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    raise TypeError(f"cannot canonicalise {type(obj).__name__}")
+
+
+@lru_cache(maxsize=4096)
+def _plain_shared(obj: Any) -> Any:
+    return _plain(obj)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:ID_LENGTH]
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any JSON-able parts: stable across machines and processes."""
+    digest = hashlib.sha256(canonical_json(_plain(list(parts))).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
