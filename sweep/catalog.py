@@ -32,3 +32,6 @@ MODELS: dict[str, tuple[str, ...]] = {
     "resnet32": ("cifar10", "svhn", "celeba"),
     "resnet10": ("imagenet",),
 }
+
+# Width of the penultimate features FE (Dablain et al.): what an embedding row holds.
+FEATURE_WIDTH: dict[str, int] = {"lenet5": 500, "allcnn": 192, "resnet32": 64, "resnet10": 512}

@@ -1,0 +1,186 @@
+"""The ``sweep`` command: expand, run, resume, status, query, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from sweep.grid import Grid, GridError, load_grid
+
+PRECISION_CHOICES = ["fp32", "tf32", "bf16"]
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:  # pragma: no cover - interactive
+        click.echo("interrupted: finished packs are stored; `sweep resume` continues", err=True)
+        sys.exit(130)
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Grid sweeps of CNNs trained on imbalanced data (Buda et al.; Dablain et al.)."""
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def _grid(path: str) -> Grid:
+    try:
+        return load_grid(path)
+    except GridError as e:
+        raise click.ClickException(str(e)) from None
+
+
+@cli.command()
+@click.argument("grid_file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+@click.option("--max-networks", type=int, default=0, help="Networks per pack (default: grid's, else device's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
+              help="Device the packs are sized for (default: cuda if the grid asks for GPUs).")
+def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None) -> None:
+    """Count what a grid file trains and evaluates, without training anything."""
+    from sweep.plan import default_pack_size, plan_packs
+    from sweep.sizes import estimate_store_bytes
+
+    g = _grid(grid_file)
+    device = device or ("cuda" if g.gpu_per_pack > 0 else "cpu")
+    size = max_networks or g.max_networks_per_pack or default_pack_size(device)
+    packs = plan_packs(g.specs, size)
+    by_method = Counter(str(s.method) for s in g.specs)
+    by_kind = Counter(str(s.imbalance.kind) for s in g.specs)
+    evals = Counter(f"{s.method}+{e}" for s in g.specs for e in s.evaluations)
+    info = {
+        "grid": g.name,
+        "trained_networks": g.trained_networks,
+        "evaluations": g.evaluations,
+        "packs": len(packs),
+        "networks_per_pack": size,
+        "training_sets": len({s.training_set_key for s in g.specs}),
+        "by_method": dict(sorted(by_method.items())),
+        "by_imbalance": dict(sorted(by_kind.items())),
+        "evaluations_by_method": dict(sorted(evals.items())),
+        "estimated_store_bytes": estimate_store_bytes(g.specs),
+    }
+    if as_json:
+        click.echo(json.dumps(info))
+        return
+    click.echo(f"grid {g.name}: {g.trained_networks:,} trained networks, {g.evaluations:,} evaluations, "
+               f"{len(packs):,} packs of up to {size} networks, {info['training_sets']:,} training sets")
+    click.echo("by method:     " + ", ".join(f"{k} {v:,}" for k, v in info["by_method"].items()))
+    click.echo("by imbalance:  " + ", ".join(f"{k} {v:,}" for k, v in info["by_imbalance"].items()))
+    click.echo("evaluations:   " + ", ".join(f"{k} {v:,}" for k, v in info["evaluations_by_method"].items()))
+    click.echo(f"store size:    about {_human(info['estimated_store_bytes'])}")
+
+
+def _run_options(f: Any) -> Any:
+    opts = [
+        click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)."),
+        click.option("--cpus-per-pack", type=float, default=None, help="CPUs per pack (default: grid's)."),
+        click.option("--gpus-per-pack", type=float, default=None, help="GPUs per pack (default: grid's)."),
+        click.option("--max-concurrent", type=int, default=0, help="Packs running at once (0: no limit)."),
+        click.option("--max-networks", type=int, default=0, help="Networks per pack (0: grid's or device's)."),
+        click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where datasets are."),
+        click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
+        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32"),
+        click.option("--retries", type=int, default=2, help="Retries of a failed pack."),
+        click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use."),
+        click.option("--ray-temp-dir", default=None, help="Embedded Ray: its temp folder."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@cli.command()
+@click.argument("grid_file", type=click.Path(dir_okay=False))
+@click.option("--store", "store_dir", required=True, help="Results store folder or URI.")
+@_run_options
+def run(grid_file: str, store_dir: str, **kw: Any) -> None:
+    """Train and evaluate every network of GRID_FILE not yet in the store."""
+    _launch([_grid(grid_file)], store_dir, **kw)
+
+
+@cli.command()
+@click.argument("store_dir")
+@_run_options
+def resume(store_dir: str, **kw: Any) -> None:
+    """Continue every sweep recorded in a store: train exactly what is missing."""
+    from sweep.store import ResultStore, StoreError
+
+    try:
+        grids = ResultStore(store_dir).saved_grids()
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    if not grids:
+        raise click.ClickException(f"{store_dir}: no sweep recorded in this store (start one with `sweep run`)")
+    _launch(grids, store_dir, **kw)
+
+
+def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
+    from sweep.driver import RunOptions, SweepError, run_sweep
+    from sweep.store import StoreError
+    from workers.datasets import DatasetNotFound
+
+    options = RunOptions(**kw)
+    for g in grids:
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            if quiet:
+                return
+            if bar is None:
+                from tqdm import tqdm
+
+                bar = tqdm(total=total, initial=done, unit="net", desc=g.name, dynamic_ncols=True)
+            bar.n = done
+            bar.refresh()
+
+        try:
+            summary = run_sweep(g, store_dir, options, progress)
+        except (SweepError, StoreError, DatasetNotFound, GridError) as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        click.echo(f"{g.name}: {summary.trained} networks trained in {summary.packs} packs "
+                   f"({summary.already_done} already stored, {summary.failed} failed) in "
+                   f"{summary.seconds:.0f} s; results in {store_dir}")
+        if summary.failed:
+            raise click.ClickException(f"{summary.failed} networks failed: see `sweep status {store_dir}`; "
+                                       f"`sweep resume {store_dir}` retries them")
+
+
+@cli.command()
+@click.argument("store_dir")
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def query(store_dir: str, sql: str, fmt: str) -> None:
+    """Run SQL over the store's tables (trials, class_metrics, curves, ...)."""
+    from sweep.query import QueryError, format_result, query as run_query
+
+    try:
+        click.echo(format_result(run_query(store_dir, sql), fmt))
+    except QueryError as e:
+        raise click.ClickException(str(e)) from None
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.0f} PB"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

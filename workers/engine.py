@@ -1,0 +1,217 @@
+"""The training loop of one stage of a pack: all members step together.
+
+A stage trains a packed model for a fixed number of iterations. Each member has its
+own sampler, learning-rate column, loss settings and input transform; the loop
+issues one forward/backward per step for all of them. Divergence (a non-finite
+loss) is tracked per member on the device without a host sync every step; a
+diverged member stops learning (its learning rate is masked to zero) and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from workers.losses import PackedLoss
+from workers.metrics import classification_metrics
+from workers.models import PackedNet
+from workers.optim import PackedSGD
+from workers.samplers import EpochSampler, take_stacked
+
+log = logging.getLogger(__name__)
+
+CHUNK_ITERS = 50  # iterations of indices sent to the device at once
+DIVERGENCE_CHECK_ITERS = 50  # host checks for diverged members this often
+EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass
+
+
+@dataclass
+class EvalSet:
+    """Images (uint8, on the device) and labels a stage measures itself on."""
+
+    x: Tensor
+    y: Tensor
+    split: str  # "test" | "validation"
+
+
+@dataclass
+class StageConfig:
+    iters: int
+    batch_size: int
+    lr: Tensor  # [iters, P] on the device
+    momentum: Tensor  # [P]
+    weight_decay: Tensor  # [P]
+    head_only: bool = False  # phase 2 / classifier re-training: body frozen, eval mode
+    eval_every: int = 0  # curve / selection points (0: none)
+    select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
+    curve_sets: tuple[EvalSet, ...] = ()
+    checkpoint_every: int = 0
+    autocast_dtype: torch.dtype | None = None  # bf16 on GPUs where accuracy allows
+
+
+@dataclass
+class StageState:
+    """Everything needed to continue a stage after a restart."""
+
+    iteration: int = 0
+    diverged_at: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    best_score: np.ndarray | None = None
+    best_iter: np.ndarray | None = None
+    best_state: dict[str, Tensor] | None = None
+    train_seconds: float = 0.0
+
+
+Checkpointer = Callable[[dict[str, Any]], None]
+
+
+def predict(model: PackedNet, x: Tensor, transform: Any, autocast_dtype: torch.dtype | None = None,
+            want_features: bool = False) -> tuple[Tensor, Tensor | None]:
+    """Logits ``[P, N, K]`` (and FE ``[P, N, F]``) of every member on the same images."""
+    model.eval()
+    outs, feats = [], []
+    with torch.no_grad(), _autocast(x.device, autocast_dtype):
+        for i in range(0, x.shape[0], EVAL_CHUNK_IMAGES):
+            xb = x[i:i + EVAL_CHUNK_IMAGES].unsqueeze(0).expand(model.members, *x[i:i + EVAL_CHUNK_IMAGES].shape)
+            f, logits = model(transform.apply(xb))
+            outs.append(logits.float())
+            if want_features:
+                feats.append(f.float())
+    return torch.cat(outs, 1), (torch.cat(feats, 1) if want_features else None)
+
+
+def train_stage(
+    model: PackedNet,
+    samplers: list[EpochSampler],
+    x_train: Tensor,
+    y_train: Tensor,
+    transform: Any,
+    loss_fn: PackedLoss,
+    cfg: StageConfig,
+    state: StageState | None = None,
+    optimizer_state: list[Tensor | None] | None = None,
+    checkpoint: Checkpointer | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> StageState:
+    """Train all members for ``cfg.iters`` iterations (continuing from ``state``)."""
+    device = x_train.device
+    p = model.members
+    state = state or StageState(diverged_at=np.full(p, -1, dtype=np.int64))
+    params = model.head_parameters() if cfg.head_only else list(model.parameters())
+    for prm in model.parameters():
+        prm.requires_grad_(not cfg.head_only or any(prm is h for h in params))
+    opt = PackedSGD(params, p, cfg.momentum, cfg.weight_decay)
+    if optimizer_state is not None:
+        opt.load_state(optimizer_state, device)
+    # Diverged members keep a zero learning rate; the mask lives on the device.
+    alive = torch.tensor(state.diverged_at < 0, device=device, dtype=torch.float32)
+    first_bad = torch.as_tensor(state.diverged_at, device=device)
+    start = time.perf_counter() - state.train_seconds
+    it = state.iteration
+    while it < cfg.iters:
+        n = min(CHUNK_ITERS, cfg.iters - it)
+        idx = torch.from_numpy(take_stacked(samplers, n)).to(device, non_blocking=True)
+        for j in range(n):
+            batch = idx[j]  # [P, B]
+            model.train(not cfg.head_only)
+            with _autocast(device, cfg.autocast_dtype):
+                xb = transform.apply(x_train[batch])
+                if cfg.head_only:
+                    with torch.no_grad():
+                        z = model.body(xb)
+                    _, logits = model.head(z)
+                else:
+                    _, logits = model(xb)
+            losses = loss_fn(logits.float(), y_train[batch], it)
+            # A member's loss only reaches its own parameters, so one backward serves all.
+            opt.zero_grad()
+            losses.sum().backward()
+            bad = ~torch.isfinite(losses.detach())
+            first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
+            alive = alive * (~bad).float()
+            opt.step(cfg.lr[it] * alive)
+            it += 1
+            if it % DIVERGENCE_CHECK_ITERS == 0 or it == cfg.iters:
+                _note_divergence(state, first_bad)
+            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
+                _eval_point(model, transform, cfg, state, it)
+        state.iteration = it
+        state.train_seconds = time.perf_counter() - start
+        if progress is not None:
+            progress(it)
+        if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and \
+                it // cfg.checkpoint_every != (it - n) // cfg.checkpoint_every:
+            checkpoint({"stage_state": state, "optimizer": opt.state(),
+                        "samplers": [s.state() for s in samplers],
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+    _note_divergence(state, first_bad)
+    if state.best_state is not None:
+        _restore_best(model, state)
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    return state
+
+
+def _note_divergence(state: StageState, first_bad: Tensor) -> None:
+    fb = first_bad.cpu().numpy()
+    newly = (fb >= 0) & (state.diverged_at < 0)
+    if newly.any():
+        log.warning("members %s diverged (non-finite loss); the others go on", np.flatnonzero(newly).tolist())
+    state.diverged_at = np.where(state.diverged_at < 0, fb, state.diverged_at)
+
+
+def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int) -> None:
+    sets = list(cfg.curve_sets)
+    if cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
+        sets.append(cfg.select_on)
+    for es in sets:
+        logits, _ = predict(model, es.x, transform, cfg.autocast_dtype)
+        m = classification_metrics(logits, es.y, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"
+        ).view(logits.shape[0], -1).mean(1)
+        acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(), loss.cpu().numpy())
+        if es in cfg.curve_sets:
+            for p in range(model.members):
+                state.curves.append({"member": p, "iter": it, "split": es.split, "loss": float(lss[p]),
+                                     "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
+        if es is cfg.select_on:
+            _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
+
+
+def _track_best(model: PackedNet, state: StageState, score: np.ndarray, it: int) -> None:
+    tensors = model._member_tensors()
+    if state.best_state is None:
+        state.best_score = np.full(model.members, -np.inf)
+        state.best_iter = np.zeros(model.members, dtype=np.int64)
+        state.best_state = {k: t.detach().clone() for k, t in tensors.items()}
+    better = score > state.best_score
+    if not better.any():
+        return
+    mask = torch.from_numpy(better)
+    with torch.no_grad():
+        for k, t in tensors.items():
+            state.best_state[k][mask.to(t.device)] = t.detach()[mask.to(t.device)]
+    state.best_score = np.where(better, score, state.best_score)
+    state.best_iter = np.where(better, it, state.best_iter)
+
+
+def _restore_best(model: PackedNet, state: StageState) -> None:
+    with torch.no_grad():
+        for k, t in model._member_tensors().items():
+            t.copy_(state.best_state[k])
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,75 @@
+"""From a TrialSpec to the index sets its network trains, validates and is judged on.
+
+All draws are seeded from the spec: the imbalanced subset from the training-set
+seed (shared by every method on that set, so methods are compared on the same
+images), the re-sampling and the batch order from the network's own id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+
+from sweep.spec import Method, TrialSpec, derive_seed
+from workers.imbalance import class_counts, draw_subset, resample, resampled_counts
+
+
+@dataclass(frozen=True)
+class MemberData:
+    subset: np.ndarray  # the imbalanced training subset (indices into the training set)
+    validation: np.ndarray  # carved from the subset when the recipe asks for it
+    train_indices: np.ndarray  # what the sampler walks: the subset after re-sampling
+    counts: np.ndarray  # [K] per-class counts of the subset (validation removed)
+    sampled_counts: np.ndarray  # [K] per-class counts of train_indices
+
+    @property
+    def priors(self) -> np.ndarray:
+        """Class priors of the imbalanced training set before re-sampling (thresholding)."""
+        return self.counts / self.counts.sum()
+
+
+def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
+                cache: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> MemberData:
+    """The index sets of one network; ``cache`` shares subsets between a pack's methods."""
+    cache = {} if cache is None else cache
+    key = spec.training_set_key
+    if key not in cache:
+        cache[key] = training_set(spec, labels, num_classes)
+    subset, validation = cache[key]
+    counts = np.bincount(labels[subset], minlength=num_classes)
+    method = spec.method.sampling
+    rng = np.random.default_rng(derive_seed(spec.network_id, "resample"))
+    if method == Method.CLASSIFIER_RETRAINING:
+        # Dablain RQ1: re-train W_C on FE of the *balanced full* training set.
+        full = np.full(num_classes, _n_max(spec, labels, num_classes), dtype=np.int64)
+        train = draw_subset(labels, full, rng)
+    elif method in (Method.OVERSAMPLING, Method.UNDERSAMPLING):
+        target = resampled_counts(counts, method, spec.resample_ratio)
+        train = resample(subset, labels, target, rng)
+    else:
+        train = subset
+    return MemberData(subset, validation, train, counts,
+                      np.bincount(labels[train], minlength=num_classes))
+
+
+def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(imbalanced training subset, validation split carved from it), from the set's seed."""
+    counts = class_counts(spec.imbalance, num_classes, _n_max(spec, labels, num_classes))
+    subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.seed, "subset")))
+    fraction = spec.recipe.validation_fraction
+    if fraction <= 0:
+        return subset, np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(spec.seed, "validation"))
+    val = []
+    for c in range(num_classes):
+        members = subset[labels[subset] == c]
+        k = min(int(round(len(members) * fraction)), len(members) - 1)  # keep >= 1 to train on
+        if k > 0:
+            val.append(rng.choice(members, size=k, replace=False))
+    validation = np.sort(np.concatenate(val)) if val else np.empty(0, dtype=np.int64)
+    return np.setdiff1d(subset, validation), validation
+
+
+def _n_max(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> int:
+    smallest = int(np.bincount(labels, minlength=num_classes).min())
+    return min(spec.imbalance.max_per_class or smallest, smallest)
