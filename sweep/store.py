@@ -1,0 +1,619 @@
+"""The results store: Parquet tables, hive-partitioned by grid, written one pack at a time.
+
+Layout (see docs/store.md)::
+
+    ROOT/<table>/grid=<grid>/<pack_id>-<attempt>.parquet
+    ROOT/_checkpoints/...
+
+A pack's tables are first written to temporary dot-files (``.<name>.tmp``) next to
+their final place and then renamed; ``trials`` is renamed last, so its file is the
+pack's commit marker. Readers only ever look at committed packs: a file of another
+table whose ``<pack_id>-<attempt>`` has no ``trials`` file (a crash between renames)
+is invisible until :meth:`ResultStore.cleanup_uncommitted` removes it.
+
+``attempt`` is a fresh, time-ordered token per call, so running a pack again adds
+files and never replaces any. The duplicate rows this can create are resolved on
+read: per ``(grid, trial_id)`` the row with the latest ``created_at`` wins, ties going
+to the later attempt.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import logging
+import os
+import posixpath
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Union
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from sweep.grid import Grid
+    from sweep.plan import Pack
+
+log = logging.getLogger(__name__)
+
+TRIALS = "trials"
+CHECKPOINTS = "_checkpoints"
+GRIDS = "_grids"
+COMPLETED_STATUSES = ("ok", "diverged")
+PARTITION = "grid"
+
+TableData = Union[pd.DataFrame, pa.Table, Sequence[Mapping[str, Any]]]
+Filters = Union[ds.Expression, Sequence[Any], None]
+
+_TMP_SUFFIX = ".tmp"
+_PROBE_PREFIX = ".write-probe-"
+# Grid names and pack ids become path segments: no separators, no leading dot/underscore
+# or space (dot/underscore files are hidden from readers), nothing a hive partition value
+# would need to escape (% and =), no control characters, no trailing space.
+_NAME_RE = re.compile(r"^[^./\\%=_\s][^/\\%=\x00-\x1f]*(?<!\s)$")
+# Table names are also SQL view names in sweep.query.
+_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
+_CREATED_AT_TYPE = pa.timestamp("us", tz="UTC")
+# The commit marker written when a pack has no trial rows but other tables have rows.
+_MARKER_SCHEMA = pa.schema(
+    [("trial_id", pa.string()), ("network_id", pa.string()), ("status", pa.string()),
+     ("created_at", _CREATED_AT_TYPE)]
+)
+_FILE_COL = "__store_file"  # internal: which file a scanned row came from
+_MAX_IO_THREADS = 16
+
+
+class StoreError(RuntimeError):
+    """A results store cannot be read or written; the message names the path."""
+
+
+@dataclass(frozen=True)
+class _DataFile:
+    table: str
+    grid: str
+    stem: str  # <pack_id>-<attempt>: shared by all tables of one write_pack call
+    path: str
+    mtime: float | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.grid, self.stem)
+
+
+class ResultStore:
+    """A folder (local path or pyarrow filesystem URI) of hive-partitioned Parquet tables."""
+
+    def __init__(self, root: str) -> None:
+        self.root = str(root)
+        self._fs, self._base = _resolve(self.root)
+
+    def __repr__(self) -> str:
+        return f"ResultStore({self.root!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self._fs, pafs.LocalFileSystem)
+
+    @property
+    def base_path(self) -> str:
+        """The root as a path of the store's filesystem (absolute for local stores)."""
+        return self._base
+
+    # -- writing ---------------------------------------------------------------
+    def check_writable(self) -> None:
+        """Create the root if needed and write/remove a probe file; never touches data."""
+        probe = _join(self._base, f"{_PROBE_PREFIX}{secrets.token_hex(6)}")
+        try:
+            self._fs.create_dir(self._base, recursive=True)
+            with self._fs.open_output_stream(probe) as out:
+                out.write(b"probe")
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"results store {self.root} is not writable: {_reason(exc)}") from exc
+        finally:
+            self._remove_quietly(probe)
+
+    def write_pack(self, pack_id: str, grid: str, tables: Mapping[str, TableData]) -> None:
+        """Store one pack's tables atomically (trials committed last); see module doc.
+
+        Empty tables are skipped. When some other table has rows but ``trials`` has none,
+        an empty ``trials`` file is still written: it is the commit marker.
+        """
+        _check_name("pack_id", pack_id, _NAME_RE)
+        _check_name("grid", grid, _NAME_RE)
+        prepared = self._prepare(tables)
+        if not prepared:
+            return
+        stem = f"{pack_id}-{new_attempt()}"
+        order = sorted(n for n in prepared if n != TRIALS) + [TRIALS]  # trials last
+        temps: list[str] = []
+        placed: list[str] = []
+        where = self._base  # for the error message: the file being written or renamed
+        try:
+            for name in order:
+                folder = self._partition_dir(name, grid)
+                self._fs.create_dir(folder, recursive=True)
+                where = _join(folder, f".{stem}.parquet{_TMP_SUFFIX}")
+                temps.append(where)
+                self._write_file(prepared[name], where)
+            for name, tmp in zip(order, temps):
+                where = _join(self._partition_dir(name, grid), f"{stem}.parquet")
+                placed.append(where)  # before the move: a move that fails halfway is undone too
+                self._commit_file(tmp, where)
+        except BaseException as exc:
+            # Everything this call created is new (unique attempt): removing it loses nothing.
+            for path in temps + placed:
+                self._remove_quietly(path)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt and friends: clean up, then let them through
+            raise StoreError(
+                f"results store {self.root}: writing pack {pack_id} (grid {grid}) failed "
+                f"at {where}: {_reason(exc)}"
+            ) from exc
+        log.debug("stored pack %s of grid %s as %s (%s)", pack_id, grid, stem, ", ".join(order))
+
+    def _prepare(self, tables: Mapping[str, TableData]) -> dict[str, pa.Table]:
+        prepared: dict[str, pa.Table] = {}
+        for name, data in tables.items():
+            _check_name("table name", name, _TABLE_RE)
+            table = _drop_partition_column(_to_arrow(name, data))
+            if table.num_rows or name == TRIALS:
+                prepared[name] = table
+        if not any(t.num_rows for t in prepared.values()):
+            return {}
+        prepared[TRIALS] = _prepare_trials(prepared.get(TRIALS))
+        return prepared
+
+    def _write_file(self, table: pa.Table, path: str) -> None:
+        if self.is_local:
+            # fsync before the rename so that a machine crash cannot leave a renamed
+            # but empty file behind (a killed process alone could not).
+            with open(path, "wb") as fh:
+                pq.write_table(table, fh, compression="zstd")
+                fh.flush()
+                os.fsync(fh.fileno())
+        else:
+            pq.write_table(table, path, filesystem=self._fs, compression="zstd")
+
+    def _commit_file(self, tmp: str, final: str) -> None:
+        """Rename a finished temp file into place (atomic on local filesystems)."""
+        self._fs.move(tmp, final)
+
+    def _remove_quietly(self, path: str) -> bool:
+        try:
+            self._fs.delete_file(path)
+            return True
+        except (OSError, pa.ArrowException):
+            return False
+
+    def cleanup_uncommitted(self, min_age_s: float = 0.0) -> int:
+        """Remove temp dot-files and files of packs whose ``trials`` file is missing.
+
+        Only files at least ``min_age_s`` seconds old are removed: pass a positive age
+        when another process may be writing to the same store right now. Returns the
+        number of files removed.
+        """
+        cutoff = time.time() - min_age_s
+
+        def old(mtime: float | None) -> bool:
+            return min_age_s <= 0 or mtime is None or mtime <= cutoff
+
+        removed = 0
+        # List the other tables before trials: a pack committed in between is then
+        # seen as committed rather than deleted as an orphan.
+        others = [t for t in self._table_dirs() if t != TRIALS]
+        candidates: list[_DataFile] = []
+        for table in others + [TRIALS]:
+            for info in self._list_partition_files(table):
+                name = posixpath.basename(info.path)
+                if name.startswith(".") and name.endswith(_TMP_SUFFIX) and old(_mtime(info)):
+                    removed += self._remove_logged(info.path, "temporary file")
+            if table != TRIALS:
+                candidates.extend(self._data_files(table))
+        committed = self._committed_keys()
+        for f in candidates:
+            if f.key not in committed and old(f.mtime):
+                removed += self._remove_logged(f.path, "uncommitted file")
+        for info in self._list(self._base, recursive=False):
+            name = posixpath.basename(info.path)
+            if name.startswith(_PROBE_PREFIX) and old(_mtime(info)):
+                removed += self._remove_logged(info.path, "write probe")
+        for info in self._list(_join(self._base, GRIDS), recursive=False):
+            name = posixpath.basename(info.path)
+            if name.startswith(".") and name.endswith(_TMP_SUFFIX) and old(_mtime(info)):
+                removed += self._remove_logged(info.path, "temporary grid copy")
+        return removed
+
+    def _remove_logged(self, path: str, what: str) -> int:
+        if self._remove_quietly(path):
+            log.info("removed %s %s", what, path)
+            return 1
+        log.warning("could not remove %s %s", what, path)
+        return 0
+
+    def record_failure(self, pack: "Pack", error: str, grid: str) -> None:
+        """Store a pack that finally failed: ``failed`` trial rows and one ``failures`` row
+        per network. Trials already completed in this grid are left alone (a pack that
+        stored its rows and failed afterwards must not be masked by a later failed row).
+        """
+        done = self.completed_trial_ids(grid=grid)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        trials, failures = [], []
+        for spec in pack.stored_specs:
+            todo = [e for e in spec.evaluations if spec.trial_id(e) not in done]
+            if not todo:
+                continue
+            failures.append({"network_id": spec.network_id, "pack_id": pack.pack_id,
+                             "error": error, "created_at": now, "spec_json": spec.to_json()})
+            for e in todo:
+                trials.append(_failed_trial_row(spec, e, pack.pack_id, error, now))
+        self.write_pack(pack.pack_id, grid, {"trials": trials, "failures": failures})
+
+    def save_grid(self, grid: "Grid") -> None:
+        """Keep a copy of the grid file as ``_grids/<name>.yaml``, for ``sweep resume``.
+
+        The copy of a grid run earlier under the same name is replaced. A grid that was
+        not read from a file (expanded in memory) cannot be copied and is skipped.
+        """
+        _check_name("grid", grid.name, _NAME_RE)
+        try:
+            with open(grid.path, "rb") as fh:
+                raw = fh.read()
+        except OSError as exc:
+            log.warning("grid %s not saved in %s: cannot read %s (%s)", grid.name, self.root, grid.path, exc)
+            return
+        if grid.file_hash and hashlib.sha256(raw).hexdigest() != grid.file_hash:
+            log.warning("grid file %s changed since it was loaded; saving its current content", grid.path)
+        folder = _join(self._base, GRIDS)
+        final = _join(folder, f"{grid.name}.yaml")
+        tmp = _join(folder, f".{grid.name}.yaml.{secrets.token_hex(3)}{_TMP_SUFFIX}")
+        try:
+            self._fs.create_dir(folder, recursive=True)
+            with self._fs.open_output_stream(tmp) as out:
+                out.write(raw)
+            self._fs.move(tmp, final)
+        except (OSError, pa.ArrowException) as exc:
+            self._remove_quietly(tmp)
+            raise StoreError(f"results store {self.root}: cannot save grid to {final}: {_reason(exc)}") from exc
+
+    def saved_grids(self) -> list["Grid"]:
+        """The grids saved by :meth:`save_grid`, expanded again, sorted by name."""
+        import yaml
+
+        from sweep.grid import GridError, expand
+
+        grids = []
+        for info in self._list(_join(self._base, GRIDS), recursive=False):
+            name = posixpath.basename(info.path)
+            if info.type != pafs.FileType.File or name.startswith(".") or not name.endswith(".yaml"):
+                continue
+            try:
+                with self._fs.open_input_stream(info.path) as fh:
+                    raw = fh.read()
+                doc = yaml.safe_load(raw)
+                grids.append(expand(doc, source=info.path, file_hash=hashlib.sha256(raw).hexdigest()))
+            except (OSError, pa.ArrowException, yaml.YAMLError, GridError) as exc:
+                raise StoreError(f"results store {self.root}: saved grid {info.path} "
+                                 f"cannot be loaded: {_reason(exc)}") from exc
+        return sorted(grids, key=lambda g: g.name)
+
+    # -- reading ---------------------------------------------------------------
+    def table_names(self) -> list[str]:
+        """Tables with at least one committed file, sorted."""
+        return [t for t in self._table_dirs() if self.files(t)]
+
+    def files(self, table: str) -> list[str]:
+        """Paths of ``table``'s files that belong to committed packs, sorted."""
+        return [f.path for f in self._committed_files(table)]
+
+    def checkpoint_dir(self) -> str:
+        """``<root>/_checkpoints``; created when the store is local."""
+        if not self.is_local:
+            return self.root.rstrip("/") + "/" + CHECKPOINTS
+        path = os.path.join(self._base, CHECKPOINTS)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def read_table(
+        self,
+        name: str,
+        columns: Sequence[str] | None = None,
+        filters: Filters = None,
+    ) -> pd.DataFrame:
+        """Read a table of committed packs as a DataFrame with a ``grid`` column.
+
+        ``filters`` is a pyarrow Expression or pandas/pyarrow DNF tuples such as
+        ``[("status", "==", "ok")]``. For ``trials``, duplicates are dropped first
+        (the latest row per grid and trial_id) and filters apply to what is left.
+        A table that does not exist gives an empty DataFrame.
+        """
+        _check_name("table name", name, _TABLE_RE)
+        expr, filter_cols = _filters(filters)
+        files = self._committed_files(name)
+        if not files:
+            return pd.DataFrame(columns=list(columns) if columns else None)
+        schema = self._schema(name, files)
+        want = list(schema.names) if columns is None else list(columns)
+        _check_columns(self.root, name, schema, want)
+        if name != TRIALS:
+            return self._scan(files, schema, want, expr).drop_columns([_FILE_COL]).to_pandas()
+        needed = want if filter_cols is not None else list(schema.names)
+        keys = ["grid", "trial_id", "created_at"]
+        table = _latest_rows(self._scan(files, schema, _union(needed, filter_cols or (), keys)))
+        if expr is not None:
+            table = table.filter(expr)
+        return table.select(want).to_pandas()
+
+    def completed_trial_ids(
+        self, statuses: Iterable[str] = COMPLETED_STATUSES, grid: str | None = None
+    ) -> set[str]:
+        """Trial ids whose latest row has a status in ``statuses`` (in ``grid``, if given)."""
+        return self._completed("trial_id", statuses, grid)
+
+    def completed_network_ids(
+        self, statuses: Iterable[str] = COMPLETED_STATUSES, grid: str | None = None
+    ) -> set[str]:
+        """Network ids with at least one latest trial row whose status is in ``statuses``."""
+        return self._completed("network_id", statuses, grid)
+
+    def _completed(self, column: str, statuses: Iterable[str], grid: str | None) -> set[str]:
+        if isinstance(statuses, str):  # completed_trial_ids("ok") means ("ok",), not {"o", "k"}
+            statuses = (statuses,)
+        files = self._committed_files(TRIALS)
+        if grid is not None:
+            files = [f for f in files if f.grid == grid]
+        if not files:
+            return set()
+        schema = self._schema(TRIALS, files)
+        if column not in schema.names or "status" not in schema.names:
+            return set()
+        cols = [c for c in ("grid", "trial_id", "created_at", "status", column) if c in schema.names]
+        table = _latest_rows(self._scan(files, schema, list(dict.fromkeys(cols))))
+        wanted = pa.array(sorted(set(statuses)), pa.string())
+        mask = pc.is_in(table["status"].cast(pa.string()), value_set=wanted)
+        ids = table.filter(mask)[column].drop_null().cast(pa.string())
+        return set(ids.to_pylist())
+
+    # -- internals -------------------------------------------------------------
+    def _partition_dir(self, table: str, grid: str) -> str:
+        return _join(self._base, table, f"{PARTITION}={grid}")
+
+    def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
+        try:
+            return self._fs.get_file_info(selector)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"results store {self.root}: cannot list {path}: {_reason(exc)}") from exc
+
+    def _table_dirs(self) -> list[str]:
+        names = [
+            posixpath.basename(i.path)
+            for i in self._list(self._base, recursive=False)
+            if i.type == pafs.FileType.Directory
+        ]
+        return sorted(n for n in names if _TABLE_RE.match(n))
+
+    def _list_partition_files(self, table: str) -> list[pafs.FileInfo]:
+        """Regular files exactly one partition folder below the table folder."""
+        table_dir = _join(self._base, table)
+        out = []
+        for info in self._list(table_dir, recursive=True):
+            rel = info.path[len(table_dir):].strip("/").split("/")
+            if info.type == pafs.FileType.File and len(rel) == 2 and rel[0].startswith(f"{PARTITION}="):
+                out.append(info)
+        return out
+
+    def _data_files(self, table: str) -> list[_DataFile]:
+        files = []
+        for info in self._list_partition_files(table):
+            name = posixpath.basename(info.path)
+            if name.startswith((".", "_")) or not name.endswith(".parquet"):
+                continue
+            grid = posixpath.basename(posixpath.dirname(info.path)).split("=", 1)[1]
+            files.append(_DataFile(table, grid, name[: -len(".parquet")], info.path, _mtime(info)))
+        return sorted(files, key=lambda f: f.path)
+
+    def _committed_keys(self) -> set[tuple[str, str]]:
+        return {f.key for f in self._data_files(TRIALS)}
+
+    def _committed_files(self, table: str) -> list[_DataFile]:
+        files = self._data_files(table)
+        if table == TRIALS or not files:
+            return files
+        committed = self._committed_keys()
+        return [f for f in files if f.key in committed]
+
+    def _schema(self, table: str, files: list[_DataFile]) -> pa.Schema:
+        """The union (by name, types promoted) of all files' schemas, plus ``grid``."""
+        factory = self._factory(table, files)
+        try:
+            return factory.inspect(promote_options="permissive", fragments=None)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(
+                f"results store {self.root}: table {table} has files that cannot be combined "
+                f"(incompatible column types or unreadable file): {_reason(exc)}"
+            ) from exc
+
+    def _factory(self, table: str, files: list[_DataFile]) -> ds.FileSystemDatasetFactory:
+        options = ds.FileSystemFactoryOptions(
+            partition_base_dir=_join(self._base, table), partitioning=_PARTITIONING
+        )
+        return ds.FileSystemDatasetFactory(
+            self._fs, [f.path for f in files], ds.ParquetFileFormat(), options
+        )
+
+    def _scan(
+        self,
+        files: list[_DataFile],
+        schema: pa.Schema,
+        columns: list[str],
+        expr: ds.Expression | None = None,
+    ) -> pa.Table:
+        """Read ``columns`` of ``files`` (cast to ``schema``) plus the source file of each row."""
+        dataset = self._factory(files[0].table, files).finish(schema)
+        fragments = list(dataset.get_fragments())
+        cols = [c for c in columns if c in schema.names]
+
+        def one(fragment: ds.Fragment) -> pa.Table:
+            part = fragment.to_table(schema=schema, columns=cols, filter=expr, use_threads=False)
+            return part.append_column(_FILE_COL, pa.array([fragment.path] * part.num_rows, pa.string()))
+
+        try:
+            with ThreadPoolExecutor(min(_MAX_IO_THREADS, len(fragments))) as pool:
+                parts = list(pool.map(one, fragments))
+        except (OSError, pa.ArrowException) as exc:
+            table_name = files[0].table
+            raise StoreError(f"results store {self.root}: cannot read {table_name}: {_reason(exc)}") from exc
+        table = pa.concat_tables(parts)
+        # A key column that no file has (files written by hand) reads as nulls.
+        for c in columns:
+            if c not in table.column_names:
+                table = table.append_column(c, pa.nulls(table.num_rows))
+        return table.select(list(dict.fromkeys(columns)) + [_FILE_COL])
+
+
+# -- helpers -------------------------------------------------------------------
+def new_attempt() -> str:
+    """A short token, unique per write and ordered by time: ``YYYYmmddTHHMMSSmmmZ`` + 6 hex."""
+    now = _dt.datetime.now(_dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z{secrets.token_hex(3)}"
+
+
+def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" not in root:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+    try:
+        fs, path = pafs.FileSystem.from_uri(root)
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise StoreError(f"results store {root}: cannot open: {_reason(exc)}") from exc
+    return fs, path.rstrip("/") or "/"
+
+
+def _join(*parts: str) -> str:
+    return posixpath.join(*parts)
+
+
+def _mtime(info: pafs.FileInfo) -> float | None:
+    mtime = info.mtime
+    return None if mtime is None else mtime.timestamp()
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0] if len(text) > 300 else text
+
+
+def _check_name(what: str, value: str, pattern: re.Pattern[str]) -> None:
+    if not isinstance(value, str) or not pattern.match(value):
+        raise ValueError(f"invalid {what} {value!r}: must match {pattern.pattern}")
+
+
+def _check_columns(root: str, table: str, schema: pa.Schema, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise StoreError(
+            f"results store {root}: table {table} has no column(s) {', '.join(missing)}; "
+            f"it has {', '.join(schema.names)}"
+        )
+
+
+def _to_arrow(name: str, data: TableData) -> pa.Table:
+    try:
+        if isinstance(data, pa.Table):
+            return data
+        if isinstance(data, pa.RecordBatch):
+            return pa.Table.from_batches([data])
+        if isinstance(data, pd.DataFrame):
+            return pa.Table.from_pandas(data, preserve_index=False)
+        if isinstance(data, (list, tuple)):
+            return pa.Table.from_pylist(list(data))
+    except (pa.ArrowException, TypeError, ValueError) as exc:
+        raise StoreError(f"table {name} cannot be converted to Arrow: {_reason(exc)}") from exc
+    raise TypeError(f"table {name}: expected a DataFrame, pyarrow Table or list of dicts, "
+                    f"got {type(data).__name__}")
+
+
+def _drop_partition_column(table: pa.Table) -> pa.Table:
+    # The grid is the hive partition: a copy inside the files would clash with it on read.
+    if PARTITION in table.column_names:
+        table = table.drop_columns([PARTITION])
+    # from_pandas records the pandas index/dtypes; readers rebuild frames themselves.
+    return table.replace_schema_metadata(None)
+
+
+def _prepare_trials(table: pa.Table | None) -> pa.Table:
+    """Check the columns resume and dedupe rely on; stamp created_at when missing."""
+    if table is None or (table.num_rows == 0 and "trial_id" not in table.column_names):
+        return _MARKER_SCHEMA.empty_table()
+    if table.num_rows:
+        missing = [c for c in ("trial_id", "status") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"trials table is missing column(s) {', '.join(missing)}")
+    if "created_at" not in table.column_names:
+        now = _dt.datetime.now(_dt.timezone.utc)
+        return table.append_column("created_at", pa.array([now] * table.num_rows, _CREATED_AT_TYPE))
+    created = table["created_at"]
+    if pa.types.is_timestamp(created.type) and created.type != _CREATED_AT_TYPE:
+        # One type across files; naive timestamps are taken to be UTC.
+        idx = table.column_names.index("created_at")
+        table = table.set_column(idx, "created_at", created.cast(_CREATED_AT_TYPE))
+    return table
+
+
+def _failed_trial_row(spec: Any, evaluation: Any, pack_id: str, error: str,
+                      now: _dt.datetime) -> dict[str, Any]:
+    """What is known of a trial that never produced results: its spec, status and error."""
+    return {
+        "trial_id": spec.trial_id(evaluation), "network_id": spec.network_id,
+        "parent_id": spec.parent_id, "pack_id": pack_id, "evaluation": str(evaluation),
+        "dataset": spec.dataset, "model": spec.model, "method": str(spec.method),
+        "loss": str(spec.loss), "imbalance": str(spec.imbalance.kind),
+        "rho": float(spec.imbalance.rho), "mu": spec.imbalance.mu,
+        "resample_ratio": float(spec.resample_ratio), "repeat": spec.repeat, "seed": spec.seed,
+        "lr_run": spec.lr_run, "status": "failed", "error": error, "created_at": now,
+        "spec_json": spec.to_json(),
+    }
+
+
+def _filters(filters: Filters) -> tuple[ds.Expression | None, set[str] | None]:
+    """The filter as an Expression and the columns it uses (None: unknown)."""
+    if filters is None:
+        return None, set()
+    if isinstance(filters, ds.Expression):
+        return filters, None
+    filters = list(filters)
+    if not filters:
+        return None, set()
+    clauses = [filters] if isinstance(filters[0], tuple) else [list(c) for c in filters]
+    return pq.filters_to_expression(clauses), {t[0] for c in clauses for t in c}
+
+
+def _union(*groups: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(c for g in groups for c in g))
+
+
+def _latest_rows(table: pa.Table) -> pa.Table:
+    """Per (grid, trial_id): the row with the latest created_at, then the latest attempt."""
+    keys = pd.DataFrame({
+        "grid": table["grid"].to_pandas(),
+        "trial_id": table["trial_id"].to_pandas(),
+        "created_at": table["created_at"].to_pandas(),
+        "attempt": [_attempt_of(p) for p in table[_FILE_COL].to_pylist()],
+    })
+    ordered = keys.sort_values(["created_at", "attempt"], na_position="first", kind="stable")
+    winners = ordered.drop_duplicates(["grid", "trial_id"], keep="last").index
+    return table.take(pa.array(sorted(winners), pa.int64())).drop_columns([_FILE_COL])
+
+
+def _attempt_of(path: str) -> str:
+    stem = posixpath.basename(path)[: -len(".parquet")]
+    return stem.rsplit("-", 1)[-1]
