@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.packed_layers import (
+    PackedBasicBlock,
     PackedBatchNorm2d,
     PackedConv2d,
     PackedLinear,
     from_grouped,
+    grouped_avg_pool,
     to_grouped,
 )
 
@@ -104,8 +106,166 @@ class LeNet5(PackedNet):
         return self.fc2
 
 
+class AllCNN(PackedNet):
+    """All-CNN-C (Springenberg et al. 2015), Buda et al.'s CIFAR-10 model (Table 3).
+
+    ======================================  =========================================
+    conv1..conv3  3x3 conv 96, 96, 96/2     pad 1, ReLU (conv3 has stride 2: 32 -> 16)
+    conv4..conv6  3x3 conv 192, 192, 192/2  pad 1, ReLU (conv6 has stride 2: 16 -> 8)
+    conv7         3x3 conv 192, valid       ReLU (8 -> 6)
+    conv8         1x1 conv 192              ReLU                      \
+    conv9         1x1 conv K                global average over 6x6   / head
+    ======================================  =========================================
+
+    Choices (Buda et al.'s table text is lost; this follows Springenberg's All-CNN-C):
+
+    * ``conv9`` + global average pooling is computed as global average pooling
+      followed by a linear layer ``fc`` (192 -> K). Averaging is linear and a 1x1 conv
+      is the same affine map at every position, so ``mean_hw(W x_hw + b) = W mean_hw(x_hw) + b``:
+      the two are the same function (same weights, fan-in 192, same init
+      distribution), but this way ``classifier()`` returns the W_C that Dablain et
+      al.'s statistics need, and FE = the pooled ReLU output of ``conv8`` (192-d).
+      There is therefore no ReLU after ``conv9`` (Springenberg's table prints one;
+      common reimplementations drop it; logits forced >= 0 buy nothing).
+    * Dropout (``dropout=True``, the default): 20 % on the input and 50 % after
+      each stride-2 layer (conv3, conv6), as Springenberg trained All-CNN-C. Buda
+      et al. do not mention dropout, but they copy Springenberg's recipe otherwise
+      (weight decay 1e-3, lr x0.1 after ~200/250/300 epochs, lr searched over a
+      fixed set) and report 9.75 % test error without augmentation, close to
+      Springenberg's 9.08 % with dropout; without dropout All-CNN-C overfits
+      CIFAR-10 well above that. Pass ``dropout=False`` for the plain network.
+      Dropout masks are drawn per element, so every member gets its own.
+    * Two-phase training fine-tunes "the two last convolutional layers with kernels
+      of size 1": ``head_names = ("conv8", "fc")``.
+
+    1,369,738 parameters for 10 classes (Springenberg et al.: "1.4M").
+    """
+
+    head_names = ("conv8", "fc")
+
+    def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+                 dropout: bool = True, channels_last: bool = False) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.members, self.dropout, self.channels_last = members, dropout, channels_last
+        self.conv1 = PackedConv2d(members, c, 96, 3, 1, 1)
+        self.conv2 = PackedConv2d(members, 96, 96, 3, 1, 1)
+        self.conv3 = PackedConv2d(members, 96, 96, 3, 2, 1)
+        self.conv4 = PackedConv2d(members, 96, 192, 3, 1, 1)
+        self.conv5 = PackedConv2d(members, 192, 192, 3, 1, 1)
+        self.conv6 = PackedConv2d(members, 192, 192, 3, 2, 1)
+        self.conv7 = PackedConv2d(members, 192, 192, 3, 1, 0)
+        self.conv8 = PackedConv2d(members, 192, 192, 1)
+        self.fc = PackedLinear(members, 192, num_classes)  # conv9 (1x1) after the pooling
+
+    def _drop(self, z: Tensor, rate: float) -> Tensor:
+        return F.dropout(z, rate, self.training) if self.dropout else z
+
+    def body(self, x: Tensor) -> Tensor:
+        z = self._drop(to_grouped(x, self.channels_last), 0.2)
+        z = F.relu_(self.conv1(z))
+        z = F.relu_(self.conv2(z))
+        z = self._drop(F.relu_(self.conv3(z)), 0.5)
+        z = F.relu_(self.conv4(z))
+        z = F.relu_(self.conv5(z))
+        z = self._drop(F.relu_(self.conv6(z)), 0.5)
+        return F.relu_(self.conv7(z))  # [B, P*192, 6, 6]
+
+    def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        fe = grouped_avg_pool(F.relu(self.conv8(z)), self.members)  # [P, B, 192]
+        return fe, self.fc(fe)
+
+    def classifier(self) -> PackedLinear:
+        return self.fc
+
+
+class ResNet32(PackedNet):
+    """ResNet-32 for 32x32 images (He et al. 2016, Sec. 4.2), as in LDAM-DRW / Dablain et al.
+
+    3x3 conv 16 + BN + ReLU, three stages of ``n = 5`` basic blocks with 16, 32, 64
+    channels (the first block of stages 2 and 3 has stride 2), global average pooling
+    (FE: 64-d, after the last block's ReLU) and one linear layer ``fc`` (W_C).
+    Depth 6n + 2 = 32. Shortcuts that change the shape are option A (subsample +
+    zero-padded channels, no parameters), as in He et al.'s CIFAR experiments and the
+    LDAM-DRW code Dablain et al. train with: 464,154 parameters for 10 classes, the
+    "0.46M" of He et al.'s Table 6. ``shortcut="projection"`` gives option B.
+    """
+
+    head_names = ("fc",)
+    widths = (16, 32, 64)
+
+    def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
+                 blocks_per_stage: int = 5, shortcut: str = "pad", channels_last: bool = False) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.members, self.channels_last = members, channels_last
+        self.conv1 = PackedConv2d(members, c, 16, 3, 1, 1, bias=False)
+        self.bn1 = PackedBatchNorm2d(members, 16)
+        blocks: list[nn.Module] = []
+        c_in = 16
+        for stage, width in enumerate(self.widths):
+            for i in range(blocks_per_stage):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(PackedBasicBlock(members, c_in, width, stride, shortcut))
+                c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = PackedLinear(members, c_in, num_classes)
+
+    def body(self, x: Tensor) -> Tensor:
+        z = F.relu_(self.bn1(self.conv1(to_grouped(x, self.channels_last))))
+        return grouped_avg_pool(self.blocks(z), self.members)  # FE [P, B, 64]
+
+    def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z, self.fc(z)
+
+    def classifier(self) -> PackedLinear:
+        return self.fc
+
+
+class ResNet10(PackedNet):
+    """ResNet-10 for ImageNet (Buda et al. Sec. 3.3.3): ResNet-18 with one block per stage.
+
+    Stem: 7x7 conv 64 stride 2 + BN + ReLU + 3x3 max pool stride 2; four residual
+    (basic) blocks of 64, 128, 256, 512 channels, strides 1, 2, 2, 2 - nine
+    convolutional layers with the stem - then adaptive (global) average pooling (FE:
+    512-d, after the last ReLU) and one linear layer ``fc`` to the classes. Shortcuts
+    that change the shape are 1x1 conv + BN projections (He et al.'s ImageNet option
+    B, not counted among the nine layers). Any square input works (224 in the paper).
+    5,418,792 parameters for 1,000 classes (11,689,512 for ResNet-18 with two blocks per stage).
+    """
+
+    head_names = ("fc",)
+    widths = (64, 128, 256, 512)
+
+    def __init__(self, members: int, num_classes: int = 1000, in_shape: tuple[int, int, int] = (3, 224, 224),
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.members, self.channels_last = members, channels_last
+        self.conv1 = PackedConv2d(members, c, 64, 7, 2, 3, bias=False)
+        self.bn1 = PackedBatchNorm2d(members, 64)
+        blocks: list[nn.Module] = []
+        c_in = 64
+        for stage, width in enumerate(self.widths):
+            blocks.append(PackedBasicBlock(members, c_in, width, 1 if stage == 0 else 2, "projection"))
+            c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = PackedLinear(members, c_in, num_classes)
+
+    def body(self, x: Tensor) -> Tensor:
+        z = F.relu_(self.bn1(self.conv1(to_grouped(x, self.channels_last))))
+        z = F.max_pool2d(z, 3, 2, 1)
+        return grouped_avg_pool(self.blocks(z), self.members)  # FE [P, B, 512]
+
+    def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z, self.fc(z)
+
+    def classifier(self) -> PackedLinear:
+        return self.fc
+
+
 ModelFactory = Callable[[int, int, tuple[int, int, int]], PackedNet]
-MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5}
+MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5, "allcnn": AllCNN, "resnet32": ResNet32, "resnet10": ResNet10}
 
 
 def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, int, int]) -> PackedNet:

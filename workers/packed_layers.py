@@ -88,9 +88,15 @@ class PackedBatchNorm2d(nn.BatchNorm2d):
         self.reset_parameters()
 
 
-def to_grouped(x: Tensor) -> Tensor:
-    """``[P, B, C, H, W]`` -> ``[B, P*C, H, W]``."""
+def to_grouped(x: Tensor, channels_last: bool = False) -> Tensor:
+    """``[P, B, C, H, W]`` -> ``[B, P*C, H, W]``.
+
+    With ``channels_last`` the result is laid out in memory as ``[B, H, W, P*C]``
+    (``torch.channels_last``), written by one copy; every packed layer keeps that layout.
+    """
     p, b, c, h, w = x.shape
+    if channels_last:
+        return x.permute(1, 3, 4, 0, 2).reshape(b, h, w, p * c).permute(0, 3, 1, 2)
     return x.transpose(0, 1).reshape(b, p * c, h, w)
 
 
@@ -98,3 +104,73 @@ def from_grouped(x: Tensor, members: int) -> Tensor:
     """``[B, P*C, ...]`` -> ``[P, B, C*...]`` (flattened per member)."""
     b = x.shape[0]
     return x.reshape(b, members, -1).transpose(0, 1)
+
+
+def grouped_avg_pool(x: Tensor, members: int) -> Tensor:
+    """Global average pooling: ``[B, P*C, H, W]`` -> ``[P, B, C]``."""
+    return from_grouped(x.mean(dim=(2, 3)), members)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def pad_shortcut(x: Tensor, members: int, c_in: int, c_out: int, stride: int) -> Tensor:
+    """He et al.'s option-A shortcut for every member at once.
+
+    Subsample by ``stride`` and zero-pad each member's channels from ``c_in`` to
+    ``c_out``, ``(c_out - c_in) // 2`` zero channels before and the rest after (as in
+    the LDAM-DRW ResNet-32: ``F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, planes // 4, planes // 4))``).
+    No parameters; the memory layout of ``x`` is kept.
+    """
+    fmt = _memory_format(x)
+    if stride > 1:
+        x = x[:, :, ::stride, ::stride]
+    if c_out == c_in:
+        return x.contiguous(memory_format=fmt)
+    b, _, h, w = x.shape
+    lo = (c_out - c_in) // 2
+    out = torch.empty((b, members * c_out, h, w), dtype=x.dtype, device=x.device, memory_format=fmt).zero_()
+    out.unflatten(1, (members, c_out))[:, :, lo:lo + c_in] = x.unflatten(1, (members, c_in))
+    return out
+
+
+class PackedBasicBlock(nn.Module):
+    """P independent ResNet basic blocks (He et al.): two 3x3 conv-BN, shortcut, ReLU.
+
+    ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` on ``[B, P*C, H, W]``.
+    Convolutions have no bias (BatchNorm follows). When the block changes the width or
+    the resolution the shortcut is ``"pad"`` (option A: subsample + zero channels,
+    no parameters) or ``"projection"`` (option B: 1x1 conv with the block's stride + BN).
+    """
+
+    def __init__(self, members: int, c_in: int, c_out: int, stride: int = 1,
+                 shortcut: str = "projection") -> None:
+        super().__init__()
+        if shortcut not in ("pad", "projection"):
+            raise ValueError(f"unknown shortcut {shortcut!r} (allowed: pad, projection)")
+        self.members, self.c_in, self.c_out, self.stride = members, c_in, c_out, stride
+        self.conv1 = PackedConv2d(members, c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = PackedBatchNorm2d(members, c_out)
+        self.conv2 = PackedConv2d(members, c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = PackedBatchNorm2d(members, c_out)
+        self.identity = stride == 1 and c_in == c_out
+        self.pad = not self.identity and shortcut == "pad"
+        if not self.identity and not self.pad:
+            self.short_conv = PackedConv2d(members, c_in, c_out, 1, stride, 0, bias=False)
+            self.short_bn = PackedBatchNorm2d(members, c_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # In place where autograd allows (BatchNorm saves its input, not its output):
+        # two fewer activation-sized buffers per block, which is what limits P.
+        out = F.relu_(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.identity:
+            short = x
+        elif self.pad:
+            short = pad_shortcut(x, self.members, self.c_in, self.c_out, self.stride)
+        else:
+            short = self.short_bn(self.short_conv(x))
+        return F.relu_(out.add_(short))
