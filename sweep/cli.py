@@ -174,6 +174,25 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
         raise click.ClickException(str(e)) from None
 
 
+@cli.command()
+@click.argument("store_dir")
+@click.option("-o", "--output", "out_path", default="report.html", show_default=True, help="HTML file to write.")
+@click.option("--dataset", default=None, help="Only this dataset.")
+@click.option("--model", default=None, help="Only this model.")
+@click.option("--grid", default=None, help="Only this grid.")
+def report(store_dir: str, out_path: str, dataset: str | None, model: str | None, grid: str | None) -> None:
+    """Write the papers' figures from the store to one offline HTML file."""
+    from analysis.report import write_report
+    from sweep.store import StoreError
+
+    try:
+        summary = write_report(store_dir, out_path, dataset=dataset, model=model, grid=grid)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"wrote {summary.out_path}: {summary.networks:,} networks, {len(summary.figures)} figures "
+               f"({len(summary.skipped)} skipped for lack of data) in {summary.seconds:.1f} s")
+
+
 def _human(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1000:

@@ -22,7 +22,9 @@ from sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_SECONDS = 5.0  # progress reports from a running pack to the driver
+REPORT_INTERVAL_SECONDS = 5.0
+MAX_RAY_TEMP_DIR_CHARS = 48
+CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write  # progress reports from a running pack to the driver
 
 
 class SweepError(RuntimeError):
@@ -59,7 +61,8 @@ ProgressFn = Callable[[int, int], None]  # (networks done, networks total)
 
 def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str = "cpu") -> tuple[list[Pack], int]:
     """Packs for the grid's networks that the store does not hold yet, and how many it holds."""
-    done = store.completed_network_ids()
+    # Per grid: a grid's results stay complete on their own even if another grid shares networks.
+    done = store.completed_network_ids(grid=grid.name)
     size = max_networks or grid.max_networks_per_pack or default_pack_size(device)
     packs = plan_packs(grid.specs, size, done)
     return packs, sum(1 for s in grid.specs if s.network_id in done)
@@ -79,7 +82,9 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     t0 = time.perf_counter()
     store = ResultStore(store_root)
     preflight(grid, store, options.data_dir)
-    store.cleanup_uncommitted()
+    # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
+    # writing to the same store is never disturbed mid-write.
+    store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
     store.save_grid(grid)
     cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
     gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
@@ -90,6 +95,8 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     if not packs:
         return SweepSummary(total, done, 0, 0, 0, time.perf_counter() - t0)
 
+    # Quiet by default: Tune's own progress tables would drown the progress bar.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     from ray import tune
 
@@ -105,6 +112,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 data_dir=options.data_dir,
                 device=options.device or ("cuda" if gpu > 0 else "cpu"),
                 precision=options.precision,
+                threads=max(1, int(cpu)),
             ),
             {"cpu": cpu, "gpu": gpu},
         )
@@ -136,9 +144,12 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
 
 
 def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, grid_hash: str,
-                    data_dir: str | None, device: str, precision: str) -> dict[str, Any]:
+                    data_dir: str | None, device: str, precision: str, threads: int) -> dict[str, Any]:
     """The Ray Tune trainable: a thin wrapper around ``workers.run_pack``."""
+    import torch
     from ray import tune
+
+    torch.set_num_threads(threads)  # the pack's CPU share; more threads only contend
 
     from workers.run_pack import run_pack
 
@@ -169,7 +180,12 @@ def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:
     if options.num_cpus:
         kwargs["num_cpus"] = options.num_cpus
     if options.ray_temp_dir:
-        kwargs["_temp_dir"] = os.path.abspath(options.ray_temp_dir)
+        temp = os.path.abspath(options.ray_temp_dir)
+        # Ray puts Unix sockets under session_<date>_<pid>/sockets/: 107 bytes at most.
+        if len(temp) > MAX_RAY_TEMP_DIR_CHARS:
+            raise SweepError(f"--ray-temp-dir {temp} is too long ({len(temp)} characters) for Ray's "
+                             f"Unix sockets; use a path of at most {MAX_RAY_TEMP_DIR_CHARS} characters")
+        kwargs["_temp_dir"] = temp
     ray.init(**kwargs)
 
 

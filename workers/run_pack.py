@@ -185,7 +185,11 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
     md = [data[s.network_id] for s in specs]
     recipe = specs[0].recipe
     # Each member's input transform is fitted on its own imbalanced subset (ZCA, mean/std).
-    transform = stack_transforms([fit_transform(ds.preprocess, ds.train_x[m.subset]) for m in md]).to(dev)
+    fitted: dict[str, Any] = {}  # one fit per training subset: ZCA costs seconds
+    for s, m in zip(specs, md):
+        if s.training_set_key not in fitted:
+            fitted[s.training_set_key] = fit_transform(ds.preprocess, ds.train_x[m.subset])
+    transform = stack_transforms([fitted[s.training_set_key] for s in specs]).to(dev)
     factor = [s.recipe.phase2_lr_factor if head_only else 1.0 for s in specs]
     lr = torch.from_numpy(lr_table([s.recipe for s in specs],
                                    [s.recipe.base_lr * f for s, f in zip(specs, factor)], recipe.iters)).to(dev)

