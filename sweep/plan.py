@@ -82,7 +82,8 @@ def plan_packs(
     packs: list[Pack] = []
     for key in sorted(groups, key=repr):
         current: list[TrialSpec] = []
-        for ts_key in sorted(groups[key]):
+        # Repeat-major order: a sweep stopped early leaves whole repeats, not a ragged subset.
+        for ts_key in sorted(groups[key], key=lambda k: (groups[key][k][0].repeat, k)):
             for family in _families(groups[key][ts_key]):
                 if current and len(current) + len(family) > max_networks:
                     packs.append(_make(current, rebuild))
