@@ -134,7 +134,7 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
     for g in grids:
         bar = None
 
-        def progress(done: int, total: int) -> None:
+        def progress(done: float, total: int) -> None:
             nonlocal bar
             if quiet:
                 return
@@ -142,7 +142,7 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
                 from tqdm import tqdm
 
                 bar = tqdm(total=total, initial=done, unit="net", desc=g.name, dynamic_ncols=True)
-            bar.n = done
+            bar.n = round(done, 1)  # in-flight packs count pro rata
             bar.refresh()
 
         try:
@@ -158,6 +158,21 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
         if summary.failed:
             raise click.ClickException(f"{summary.failed} networks failed: see `sweep status {store_dir}`; "
                                        f"`sweep resume {store_dir}` retries them")
+
+
+@cli.command()
+@click.argument("store_dir")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+def status(store_dir: str, as_json: bool) -> None:
+    """Done / failed / pending networks by grid and method, errors, throughput, time left."""
+    from sweep.status import format_status, store_status, to_json
+    from sweep.store import StoreError
+
+    try:
+        info = store_status(store_dir)
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(to_json(info) if as_json else format_status(info))
 
 
 @cli.command()

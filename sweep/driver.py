@@ -1,10 +1,38 @@
 """The Ray Tune driver: one Tune trial per pack.
 
 Embedded local Ray by default; an existing cluster with ``address`` (or
-``RAY_ADDRESS``). The store's completed trial ids are the source of truth: a re-run
-or ``resume`` plans packs only for networks not yet stored, so nothing finished is
-trained again. Ray is imported lazily: expanding, querying and the worker never
-need it.
+``RAY_ADDRESS``), the store then on a path every node sees. Ray is imported lazily:
+expanding, querying and the worker never need it.
+
+Fault tolerance rests on the store, not on Tune's experiment state:
+
+* **The store is the source of truth.** Every run (``sweep run`` again or ``sweep
+  resume``) plans packs only for the grid's networks whose trials are not completed
+  in the store, so failed, killed and never-started networks are trained, and
+  nothing stored is trained again. A pack's rows are committed atomically, so a
+  killed pack leaves nothing visible.
+* **Retries.** A pack that raises or whose worker dies is retried by Tune
+  (``FailureConfig(max_failures=retries)``). A pack that still fails is recorded with
+  ``ResultStore.record_failure`` (``failed`` rows plus the error in ``failures``);
+  those networks are not completed, so the next run retries them.
+* **Long packs** save a checkpoint in ``<store>/_checkpoints`` every
+  ``recipe.checkpoint_every`` iterations (``workers.run_pack``); a retried or re-planned
+  pack with the same members continues from it (rows show ``resumed_from_iter``), and
+  the checkpoint is removed once the pack's rows are stored.
+* **Why not ``Tuner.restore``.** Tune's experiment state (under ``<store>/_ray``)
+  describes the plan of the run that wrote it: trial ``i`` is pack ``i`` of *that*
+  plan, bound into the trainable. Restoring it would re-run its unfinished and
+  errored trials even when their networks have since been stored by another run,
+  and would not see grid changes, while a fresh plan from the store covers exactly
+  the missing networks and, through the pack checkpoints, loses no more training
+  than a restore would. So ``sweep resume`` always re-plans from the store; Tune's
+  state is kept only as logs.
+
+Test hook (documented, used by tests/test_fault_tolerance.py): when
+``SWEEP_TEST_KILL_AT_FRACTION`` is set in the driver's environment, the first pack to
+reach that fraction of its iterations SIGKILLs its own worker process, once per
+marker file ``SWEEP_TEST_KILL_MARKER`` (created just before the kill). Unset, the
+hook does nothing.
 """
 
 from __future__ import annotations
@@ -22,9 +50,11 @@ from sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_SECONDS = 5.0
+REPORT_INTERVAL_SECONDS = 5.0  # progress reports from a running pack to the driver
 MAX_RAY_TEMP_DIR_CHARS = 48
-CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write  # progress reports from a running pack to the driver
+CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
+KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
+KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
 
 
 class SweepError(RuntimeError):
@@ -56,7 +86,7 @@ class SweepSummary:
     seconds: float
 
 
-ProgressFn = Callable[[int, int], None]  # (networks done, networks total)
+ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
 
 
 def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str = "cpu") -> tuple[list[Pack], int]:
@@ -85,14 +115,17 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
     # writing to the same store is never disturbed mid-write.
     store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
-    store.save_grid(grid)
     cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
     gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
+    if cpu < 0 or gpu < 0 or options.max_concurrent < 0 or options.retries < 0 or options.max_networks < 0:
+        raise SweepError("--cpus-per-pack, --gpus-per-pack, --max-concurrent, --retries and "
+                         "--max-networks cannot be negative")
     packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu")
     total = grid.trained_networks
-    if progress:
-        progress(done, total)
     if not packs:
+        store.save_grid(grid)
+        if progress:
+            progress(done, total)
         return SweepSummary(total, done, 0, 0, 0, time.perf_counter() - t0)
 
     # Quiet by default: Tune's own progress tables would drown the progress bar.
@@ -103,6 +136,13 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     _init_ray(options, cpu, gpu)
     try:
         _check_resources(cpu, gpu)
+        # Saved only once the sweep can start: bad input leaves no sweep for `resume`.
+        store.save_grid(grid)
+        if progress:
+            progress(done, total)
+        kill_hook = None
+        if os.environ.get(KILL_AT_ENV):
+            kill_hook = (float(os.environ[KILL_AT_ENV]), os.environ.get(KILL_MARKER_ENV, ""))
         trainable = tune.with_resources(
             tune.with_parameters(
                 _pack_trainable,
@@ -113,6 +153,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 device=options.device or ("cuda" if gpu > 0 else "cpu"),
                 precision=options.precision,
                 threads=max(1, int(cpu)),
+                kill_hook=kill_hook,
             ),
             {"cpu": cpu, "gpu": gpu},
         )
@@ -144,7 +185,8 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
 
 
 def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, grid_hash: str,
-                    data_dir: str | None, device: str, precision: str, threads: int) -> dict[str, Any]:
+                    data_dir: str | None, device: str, precision: str, threads: int,
+                    kill_hook: tuple[float, str] | None = None) -> dict[str, Any]:
     """The Ray Tune trainable: a thin wrapper around ``workers.run_pack``."""
     import torch
     from ray import tune
@@ -157,6 +199,8 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     last = [0.0]
 
     def report(fraction: float) -> None:
+        if kill_hook is not None:
+            _maybe_kill_self(fraction, *kill_hook)
         now = time.monotonic()
         if now - last[0] >= REPORT_INTERVAL_SECONDS:
             last[0] = now
@@ -168,6 +212,21 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
             "failed": result.failed, "seconds": result.seconds}
 
 
+def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:
+    """Test hook (module doc): SIGKILL this worker once, when ``fraction`` reaches ``at``."""
+    import signal
+
+    if fraction < at:
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # exactly one kill per marker
+    except OSError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:
     import ray
 
@@ -175,7 +234,10 @@ def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:
     kwargs: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.WARNING,
                               "include_dashboard": False, "ignore_reinit_error": True}
     if address:
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # ConnectionError, timeouts, a malformed address, ...
+            raise SweepError(f"cannot connect to the Ray cluster at {address}: {e}") from e
         return
     if options.num_cpus:
         kwargs["num_cpus"] = options.num_cpus
@@ -202,7 +264,11 @@ def _check_resources(cpu: float, gpu: float) -> None:
 
 
 class _ProgressCallback:
-    """Turns Tune's trial events into (networks done, total) for a progress bar."""
+    """Turns Tune's trial events into (networks done, total) for a progress bar.
+
+    Finished packs count whole; running packs count pro rata of the ``fraction`` they
+    report (every few seconds), so a bar over few large packs still moves.
+    """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         from ray.tune import Callback
@@ -211,10 +277,30 @@ class _ProgressCallback:
             def __init__(self, packs: list[Pack], done: int, total: int, fn: ProgressFn | None) -> None:
                 self.sizes = [len(p.stored_specs) for p in packs]
                 self.done, self.total, self.fn = done, total, fn
+                self.partial: dict[int, float] = {}  # pack index -> networks done pro rata
+
+            def _emit(self) -> None:
+                if self.fn:
+                    self.fn(self.done + sum(self.partial.values()), self.total)
+
+            def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+                i = trial.config["pack"]
+                fraction = result.get("fraction")
+                if isinstance(fraction, (int, float)) and 0 <= fraction < 1:
+                    self.partial[i] = fraction * self.sizes[i]
+                    self._emit()
+
+            def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self.partial.pop(trial.config["pack"], None)  # retried: its fraction starts over
+
+            def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+                self.partial.pop(trial.config["pack"], None)
+                self._emit()
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-                self.done += self.sizes[trial.config["pack"]]
-                if self.fn:
-                    self.fn(self.done, self.total)
+                i = trial.config["pack"]
+                self.partial.pop(i, None)
+                self.done += self.sizes[i]
+                self._emit()
 
         return _Impl(*args, **kwargs)

@@ -119,6 +119,10 @@ def train_stage(
     it = state.iteration
     while it < cfg.iters:
         n = min(CHUNK_ITERS, cfg.iters - it)
+        if checkpoint is not None and cfg.checkpoint_every:
+            # End chunks on checkpoint boundaries: checkpoints land exactly every
+            # ``checkpoint_every`` iterations (the sampler streams do not depend on chunking).
+            n = min(n, cfg.checkpoint_every - it % cfg.checkpoint_every)
         idx = torch.from_numpy(take_stacked(samplers, n)).to(device, non_blocking=True)
         for j in range(n):
             batch = idx[j]  # [P, B]
@@ -146,13 +150,18 @@ def train_stage(
                 _eval_point(model, transform, cfg, state, it)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
-        if progress is not None:
-            progress(it)
-        if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and \
-                it // cfg.checkpoint_every != (it - n) // cfg.checkpoint_every:
+        if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
+            # Divergence is noted first so a restarted stage keeps masking diverged members.
+            _note_divergence(state, first_bad)
+            # Saved before progress is reported: whoever sees iteration ``it`` reported can
+            # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
             checkpoint({"stage_state": state, "optimizer": opt.state(),
                         "samplers": [s.state() for s in samplers],
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                        "torch_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+        if progress is not None:
+            progress(it)
     _note_divergence(state, first_bad)
     if state.best_state is not None:
         _restore_best(model, state)

@@ -14,6 +14,7 @@ same under Ray Tune, in a test, in a benchmark or by hand on a GPU box.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -106,7 +107,7 @@ def run_pack(
     data = {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs}
     x_train, y_train = ds.train_x.to(dev), ds.train_y.to(dev)
     x_test, y_test = ds.test_x.to(dev), ds.test_y.to(dev)
-    ckpt = _Checkpoints(store, pack.pack_id)
+    ckpt = _Checkpoints(store, pack)
     resumed = ckpt.load()
     resumed_from = 0 if resumed is None else int(resumed["resumed_from_iter"])
 
@@ -234,6 +235,12 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
         for smp, st in zip(samplers, resume["samplers"]):
             smp.load_state(st)
         state, opt_state = resume["stage_state"], resume["optimizer"]
+        if state.best_state is not None:  # saved from the device, loaded on the CPU
+            state.best_state = {k: v.to(dev) for k, v in state.best_state.items()}
+        if resume.get("torch_rng") is not None:  # dropout masks continue as if never stopped
+            torch.set_rng_state(resume["torch_rng"])
+        if resume.get("cuda_rng") is not None and dev.type == "cuda":
+            torch.cuda.set_rng_state(resume["cuda_rng"], dev)
         log.info("pack %s: stage %d resumes from iteration %d", ckpt.pack_id, stage, state.iteration)
     ckpt.stage = stage
     state = train_stage(model, samplers, x_train, y_train, transform, loss_fn, cfg, state, opt_state,
@@ -340,11 +347,20 @@ def _set_precision(precision: str, dev: torch.device) -> torch.dtype | None:
 
 
 class _Checkpoints:
-    """Pack state saved every ``checkpoint_every`` iterations; removed once stored."""
+    """Pack state saved every ``checkpoint_every`` iterations; removed once stored.
 
-    def __init__(self, store: Any, pack_id: str) -> None:
-        self.pack_id = pack_id
-        self.path = None if store is None else os.path.join(store.checkpoint_dir(), f"{pack_id}.pt")
+    One file per pack, ``<store>/_checkpoints/<pack_id>.pt``, replaced atomically at
+    every save. It records the pack's member ids: a checkpoint whose members differ
+    (another plan that happens to hash alike) or that cannot be read is ignored, so
+    a checkpoint can cost time but never results. Stores that are not local
+    filesystems get no checkpoints (a restarted pack starts over).
+    """
+
+    def __init__(self, store: Any, pack: Pack | str) -> None:
+        self.pack_id = pack if isinstance(pack, str) else pack.pack_id
+        self.members = None if isinstance(pack, str) else [s.network_id for s in pack.specs]
+        local = store is not None and getattr(store, "is_local", True)
+        self.path = os.path.join(store.checkpoint_dir(), f"{self.pack_id}.pt") if local else None
         self.stage = 1
         self.stage1: dict[str, Any] | None = None
 
@@ -352,25 +368,40 @@ class _Checkpoints:
         if self.path is None:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        payload = {"stage": self.stage, "resumed_from_iter": state["stage_state"].iteration, **state}
+        payload = {"stage": self.stage, "resumed_from_iter": state["stage_state"].iteration,
+                   "members": self.members, **state}
         if self.stage == 2:
             payload.update(self.stage1 or {})
-        tmp = os.path.join(os.path.dirname(self.path), f".{self.pack_id}.pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)  # atomic: a crash mid-save keeps the previous checkpoint
+        # Per-process temp name: a stray duplicate of this pack cannot clobber our temp file.
+        tmp = os.path.join(os.path.dirname(self.path), f".{self.pack_id}.pt.{os.getpid()}.tmp")
+        try:
+            torch.save(payload, tmp)
+            os.replace(tmp, self.path)  # atomic: a crash mid-save keeps the previous checkpoint
+        except OSError as e:  # a checkpoint that cannot be written costs time, never results
+            log.warning("pack %s: checkpoint not saved to %s: %s", self.pack_id, self.path, e)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        else:
+            log.info("pack %s: checkpoint at stage %d, iteration %d", self.pack_id, self.stage,
+                     payload["resumed_from_iter"])
 
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not os.path.exists(self.path):
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=False)
+            stage, it = int(state["stage"]), int(state["resumed_from_iter"])
         except Exception as e:  # a damaged checkpoint costs time, never results
             log.warning("ignoring unreadable checkpoint %s: %s", self.path, e)
             return None
-        log.info("pack %s resumes from its checkpoint at stage %d, iteration %d", self.pack_id,
-                 state["stage"], state["resumed_from_iter"])
+        if self.members is not None and state.get("members") not in (None, self.members):
+            log.warning("ignoring checkpoint %s: it belongs to a pack with other members", self.path)
+            return None
+        log.info("pack %s resumes from its checkpoint at stage %d, iteration %d", self.pack_id, stage, it)
         return state
 
     def remove(self) -> None:
-        if self.path is not None and os.path.exists(self.path):
+        if self.path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
             os.remove(self.path)
