@@ -11,18 +11,26 @@ class DatasetInfo:
     image_shape: tuple[int, int, int]  # C, H, W as the model sees it
     train_per_class: int  # the smallest class of the full training set
     test_per_class: int  # balanced test set: images per class
+    # The largest class of the full training set (0: all classes have train_per_class).
+    # max_per_class may go up to it; a class with fewer images then keeps all it has.
+    train_largest_class: int = 0
+
+    @property
+    def max_cap(self) -> int:
+        return max(self.train_per_class, self.train_largest_class)
 
 
 DATASETS: dict[str, DatasetInfo] = {
     # MNIST's smallest training class (5) has 5,421 images; Buda caps every class at 5,000.
-    "mnist": DatasetInfo(10, (1, 28, 28), 5_421, 892),
+    "mnist": DatasetInfo(10, (1, 28, 28), 5_421, 892, 6_742),
     "cifar10": DatasetInfo(10, (3, 32, 32), 5_000, 1_000),
     # Dablain: 4,600 training and 1,500 test images per class.
     "svhn": DatasetInfo(10, (3, 32, 32), 4_600, 1_500),
     # Dablain: men and women with black hair, 5,000 training and 1,000 test per class.
     "celeba": DatasetInfo(2, (3, 32, 32), 5_000, 1_000),
-    # ImageNet-style folders: 1,000 classes, Buda caps majority classes at 1,000.
-    "imagenet": DatasetInfo(1000, (3, 224, 224), 732, 50),
+    # ImageNet-style folders: 1,000 classes of 732..1,300 images; Buda caps majority
+    # classes at 1,000 (max_per_class: 1000, above the smallest class).
+    "imagenet": DatasetInfo(1000, (3, 224, 224), 732, 50, 1_300),
 }
 
 # model name -> the datasets' image shapes it accepts (by name, for the error message)

@@ -52,7 +52,8 @@ EXPERIMENT_KEYS = {
     "minority": "which labels are minority: " + ", ".join(MinorityChoice),
     "max_per_class": "cap on each class before imbalancing (Buda MNIST: 5000)",
     "methods": "list of: " + ", ".join(Method),
-    "thresholding": "methods that also get the thresholded evaluation (default: all but two-phase)",
+    "thresholding": "methods that also get the thresholded evaluation (default: baseline, over-, "
+                    "under-sampling; [] for none)",
     "resample_ratios": "imbalance left after re-sampling, for over/under-sampling (1 = balanced)",
     "losses": "list of: " + ", ".join(Loss),
     "lr": "list of base learning rates to search (default: the recipe's)",
@@ -171,9 +172,9 @@ def _expand_experiment(
     info = DATASETS[dataset]
     recipe = _recipe(err, cfg.get("recipe"), p)
     max_per_class = _int(err, cfg, "max_per_class", info.train_per_class, p)
-    if not 1 <= max_per_class <= info.train_per_class:
+    if not 1 <= max_per_class <= info.max_cap:
         raise err(p + "max_per_class", f"{max_per_class} is outside the dataset's range",
-                  f"1..{info.train_per_class} for {dataset}")
+                  f"1..{info.max_cap} for {dataset}")
     minority = MinorityChoice(_choice(err, cfg, "minority", [m.value for m in MinorityChoice], p,
                                       default="random"))
     methods = [Method(m) for m in _choices(err, cfg, "methods", [m.value for m in Method], p,
@@ -184,7 +185,7 @@ def _expand_experiment(
                       f"add {m.phase1} to methods")
     thresholded = [Method(m) for m in _choices(
         err, cfg, "thresholding", [m.value for m in Method], p,
-        default=[m.value for m in DEFAULT_THRESHOLDED if m in methods])]
+        default=[m.value for m in DEFAULT_THRESHOLDED if m in methods], allow_empty=True)]
     for m in thresholded:
         if m not in methods:
             raise err(p + "thresholding", f"{m} is not one of the grid's methods", f"methods: {methods}")
@@ -396,7 +397,10 @@ def _choice(err: _Errors, d: dict, key: str, allowed: Iterable[str], p: str,
     return v
 
 
-def _choices(err: _Errors, d: dict, key: str, allowed: list[str], p: str, default: list[str]) -> list[str]:
+def _choices(err: _Errors, d: dict, key: str, allowed: list[str], p: str, default: list[str],
+             allow_empty: bool = False) -> list[str]:
+    if allow_empty and d.get(key) == []:
+        return []  # e.g. `thresholding: []`: no thresholded evaluations
     vals = _list(err, d, key, default, p)
     seen = []
     for v in vals:

@@ -154,8 +154,8 @@ class TrialSpec:
     lr_run: int = 0  # index of the repeat of one lr in an lr search
     selection: Selection = Selection.FINAL
     evaluations: tuple[Evaluation, ...] = (Evaluation.RAW,)
-    latent: bool = False  # compute Dablain latent statistics
-    embeddings: bool = False  # store raw FE vectors and W_C
+    latent: bool = False  # compute Dablain latent statistics (not part of the identity)
+    embeddings: bool = False  # store raw FE vectors and W_C (not part of the identity)
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
 
@@ -164,7 +164,10 @@ class TrialSpec:
         """Canonical content that defines this network (the grid name is provenance)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d.pop("grid")
-        d.pop("evaluations")  # evaluating differently does not change the network
+        # What is measured of a network does not change the network: evaluation variants,
+        # latent statistics and raw embeddings are computed from the same trained weights.
+        for measured in ("evaluations", "latent", "embeddings"):
+            d.pop(measured)
         # Recipes and imbalances are shared by many specs: convert each once.
         d["recipe"], d["imbalance"] = _plain_shared(self.recipe), _plain_shared(self.imbalance)
         return _plain(d)

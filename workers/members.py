@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+from sweep.catalog import DATASETS
 from sweep.spec import Method, TrialSpec, derive_seed
 from workers.imbalance import class_counts, draw_subset, resample, resampled_counts
 
@@ -42,7 +43,7 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
     if method == Method.CLASSIFIER_RETRAINING:
         # Dablain RQ1: re-train W_C on FE of the *balanced full* training set.
         full = np.full(num_classes, _n_max(spec, labels, num_classes), dtype=np.int64)
-        train = draw_subset(labels, full, rng)
+        train = draw_subset(labels, _available(full, labels, num_classes), rng)
     elif method in (Method.OVERSAMPLING, Method.UNDERSAMPLING):
         target = resampled_counts(counts, method, spec.resample_ratio)
         train = resample(subset, labels, target, rng)
@@ -55,6 +56,7 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
 def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(imbalanced training subset, validation split carved from it), from the set's seed."""
     counts = class_counts(spec.imbalance, num_classes, _n_max(spec, labels, num_classes))
+    counts = _available(counts, labels, num_classes)
     subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.seed, "subset")))
     fraction = spec.recipe.validation_fraction
     if fraction <= 0:
@@ -71,5 +73,18 @@ def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def _n_max(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> int:
-    smallest = int(np.bincount(labels, minlength=num_classes).min())
-    return min(spec.imbalance.max_per_class or smallest, smallest)
+    """The majority count: max_per_class, at most the smallest class (at most the largest
+    class when the grid asks for a cap above the catalog's smallest class: ImageNet's 1,000)."""
+    available = np.bincount(labels, minlength=num_classes)
+    cap = spec.imbalance.max_per_class
+    info = DATASETS.get(spec.dataset)
+    if cap is not None and info is not None and cap > info.train_per_class:
+        return min(cap, int(available.max()))
+    smallest = int(available.min())
+    return min(cap or smallest, smallest)
+
+
+def _available(counts: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Targets clipped to the images there are: a class smaller than the cap keeps all it has
+    (Buda's ImageNet: classes under 1,000 images; the paper made them minority instead)."""
+    return np.minimum(counts, np.bincount(labels, minlength=num_classes))
