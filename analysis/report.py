@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -299,68 +298,35 @@ _RENDER = """
 
 # -- latent figures (Dablain) --------------------------------------------------------
 def _latent_results(store: ResultStore, grid: str | None, trials: pd.DataFrame) -> list[FigureResult]:
-    """Dablain's figures from ``latent_stats`` when that table and its module exist."""
-    if "latent_stats" not in store.table_names():
+    """Dablain's figures and tables from ``latent_stats``, for the networks of ``trials``."""
+    if "latent_stats" not in store.table_names() or trials.empty:
         return []
+    from analysis.latent_figures import dablain_figures
+
+    latent = store.read_table("latent_stats", filters=[("grid", "==", grid)] if grid else None)
+    latent = latent[latent["network_id"].isin(set(trials["network_id"]))]
+    if latent.empty:
+        return []
+    nets = trials.drop_duplicates("network_id")
+    # Majority / minority classes of each network (Tables 2-4) come from its class counts,
+    # a list column the rest of the report never reads: fetched for these networks only.
+    ids = sorted(set(latent["network_id"]))
     try:
-        from analysis import latent_figures
-    except ImportError as exc:
+        counts = store.read_table("trials", columns=["network_id", "class_counts"],
+                                  filters=[("network_id", "in", ids)]).drop_duplicates("network_id")
+        nets = nets.merge(counts, on="network_id", how="left")
+    except StoreError:  # rows written without class counts: majority = class 0, minority = the last
+        pass
+    try:
+        made = dablain_figures(latent, nets)
+    except Exception as exc:  # the Buda part of the report must survive a latent bug
+        log.exception("Dablain figures failed")
         return [FigureResult("dablain", "Dablain latent statistics", "", None,
-                             f"analysis.latent_figures is not available ({exc})")]
-    try:
-        latent = store.read_table("latent_stats", filters=[("grid", "==", grid)] if grid else None)
-    except StoreError as exc:
-        return [FigureResult("dablain", "Dablain latent statistics", "", None, str(exc))]
-    return _call_latent(latent_figures, latent, trials)
-
-
-def _call_latent(module: Any, latent: pd.DataFrame, trials: pd.DataFrame) -> list[FigureResult]:
-    """Every figure the module builds; its API is its own, so be lenient about shape."""
-    out: list[FigureResult] = []
-    builders = _latent_builders(module)
-    for name, fn in builders:
-        fig_id = "dablain-" + name.replace("_", "-")
-        try:
-            # Builders that want the trials (to name losses and methods) get them by keyword.
-            wants_trials = "trials" in inspect.signature(fn).parameters
-            made = fn(latent, trials=trials) if wants_trials else fn(latent)
-        except Exception as exc:  # the Buda part of the report must survive a latent bug
-            log.exception("latent figure %s failed", name)
-            out.append(FigureResult(fig_id, f"Dablain · {name}", "", None,
-                                    f"could not be drawn: {type(exc).__name__}: {exc}"))
-            continue
-        for i, fig in enumerate(_as_figures(made)):
-            title = fig.layout.title.text if fig.layout.title and fig.layout.title.text else name
-            out.append(FigureResult(fig_id if i == 0 else f"{fig_id}-{i + 1}", f"Dablain · {title}", "", fig))
-        if not _as_figures(made):
-            out.append(FigureResult(fig_id, f"Dablain · {name}", "", None, "no data for this figure"))
-    return out
-
-
-def _latent_builders(module: Any) -> list[tuple[str, Any]]:
-    for bulk in ("all_figures", "latent_figures", "figures", "build_all"):
-        fn = getattr(module, bulk, None)
-        if callable(fn):
-            return [(bulk, fn)]
-    names = sorted(n for n in dir(module) if not n.startswith("_")
-                   and (n.startswith("fig") or n.endswith("_figure"))
-                   and callable(getattr(module, n)) and getattr(getattr(module, n), "__module__", "") == module.__name__)
-    return [(n, getattr(module, n)) for n in names]
-
-
-def _as_figures(made: Any) -> list[go.Figure]:
-    if made is None:
-        return []
-    if isinstance(made, go.Figure):
-        return [made]
-    if isinstance(made, dict):
-        made = list(made.values())
-    if isinstance(made, (list, tuple)):
-        figs = []
-        for m in made:
-            figs.extend(_as_figures(getattr(m, "figure", m)))
-        return figs
-    return []
+                             f"could not be drawn: {type(exc).__name__}: {exc}")]
+    n = latent["network_id"].nunique()
+    return [FigureResult(fig_id, title, f"{caption} Mean over the networks with latent statistics "
+                                         f"(n = {n} in all; each trace states its own n).", fig)
+            for fig_id, title, caption, fig in made]
 
 
 # -- the report ----------------------------------------------------------------------

@@ -10,7 +10,7 @@ A network of a saved grid (``_grids/``) is
 ``done + failed + pending`` is the grid's number of trained networks. Errors are the
 most recent one per failed network, grouped by message. Throughput is networks stored
 per hour of wall time in which packs were running: each stored pack covers
-``[created_at - its train and eval seconds, created_at]`` and overlapping packs
+``[created_at - its train, eval and latent seconds, created_at]`` and overlapping packs
 (concurrent ones) count once, so idle time between runs is left out. The time left is
 (failed + pending) / throughput.
 """
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from sweep.grid import Grid
 
 TRIAL_COLUMNS = ["network_id", "pack_id", "method", "status", "error", "created_at", "train_seconds",
-                 "eval_seconds"]
+                 "eval_seconds", "latent_seconds"]
 FAILURE_COLUMNS = ["network_id", "error", "created_at"]
 
 
@@ -126,8 +126,8 @@ def _throughput(done_rows: pd.DataFrame) -> dict[str, Any]:
         return empty
     nets = done_rows.drop_duplicates(["grid", "network_id"]).copy()
     nets["created_at"] = pd.to_datetime(nets["created_at"], utc=True)
-    nets["seconds"] = (pd.to_numeric(nets["train_seconds"], errors="coerce").fillna(0.0)
-                       + pd.to_numeric(nets["eval_seconds"], errors="coerce").fillna(0.0))
+    nets["seconds"] = sum(pd.to_numeric(nets[c], errors="coerce").fillna(0.0)
+                          for c in ("train_seconds", "eval_seconds", "latent_seconds"))
     # One stored pack: its rows share pack_id and created_at; each row carries its share.
     packs = nets.groupby(["pack_id", "created_at"], dropna=False).agg(n=("network_id", "size"),
                                                                       seconds=("seconds", "sum")).reset_index()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
+import torch
 from plotly.offline import get_plotlyjs
 
 from analysis import figures as F
@@ -543,27 +544,44 @@ def test_report_filters_and_empty_store(tmp_path):
     assert "no committed trials" in (tmp_path / "e.html").read_text(encoding="utf-8")
 
 
-def test_report_includes_latent_figures_when_the_module_exists(tmp_path, monkeypatch):
+def latent_rows(network_ids: list[str]) -> pd.DataFrame:
+    """Dablain statistics of hand-built networks: H = 2 features, 2 classes.
+
+    FE rows of labels (0, 0, 1) with W_C = identity and no bias, so logits = FE: each
+    instance is predicted right and its largest ce alone beats the other logit
+    (2 > 0, 1 > 0.5, 1 > 0.2): top-K = 1 for all, coverage 1 at K = 1 and 2.
+    """
+    from workers.latent import latent_statistics, statistics_table
+
+    fe = torch.tensor([[[2.0, 0.0], [1.0, 0.5], [0.2, 1.0]]]).repeat(len(network_ids), 1, 1)
+    w = torch.eye(2)[None].repeat(len(network_ids), 1, 1)
+    labels = torch.tensor([0, 0, 1])
+    rows = latent_statistics(fe, w, None, labels, "train") + latent_statistics(fe, w, None, labels, "test")
+    return statistics_table(rows, network_ids)
+
+
+def test_report_draws_dablain_figures_from_latent_stats(tmp_path, monkeypatch):
     rows = known_rows()
     store = write_store(tmp_path / "store", rows)
-    store.write_pack("lat", "g1", {"trials": [], "latent_stats": [
-        {"network_id": rows[0]["network_id"], "stat": "coverage", "class": c, "value": c / 10} for c in range(3)]})
-    fake = types.ModuleType("analysis.latent_figures")
+    nets = [rows[0]["network_id"], rows[2]["network_id"]]
+    store.write_pack("lat", "g1", {"trials": [], "latent_stats": latent_rows(nets)})
+    s = write_report(str(store.root), str(tmp_path / "r.html"))
+    for fig_id in ("dablain-fig2", "dablain-fig3", "dablain-fig4", "dablain-fig7", "dablain-fig9",
+                   "dablain-table2", "dablain-table3"):
+        assert fig_id in s.figures
+    assert "dablain-table1" not in s.figures  # no classifier re-training networks in this store
+    assert "buda-fig3" in s.figures
+    blocks = figure_blocks((tmp_path / "r.html").read_text(encoding="utf-8"))
+    # Fig. 3: every instance is covered by its largest ce (2 > 0, 1 > 0.5, 1 > 0.2), n = 2 networks
+    coverage = {t["name"]: t["y"] for t in blocks["dablain-fig3"]["data"]}
+    assert coverage == {"class 0 (n=2)": [1.0, 1.0], "class 1 (n=2)": [1.0, 1.0],
+                        "all classes (n=2)": [1.0, 1.0]}
+    # a bug in the latent figures costs those figures, not the report
+    import analysis.latent_figures as lf
 
-    def fig_coverage(latent: pd.DataFrame) -> go.Figure:
-        return go.Figure(go.Bar(x=latent["class"], y=latent["value"]), layout={"title": {"text": "coverage"}})
-
-    def fig_broken(latent: pd.DataFrame) -> go.Figure:
+    def broken(latent, trials):
         raise RuntimeError("bug in a latent figure")
 
-    fig_coverage.__module__ = fig_broken.__module__ = "analysis.latent_figures"
-    fake.fig_coverage, fake.fig_broken = fig_coverage, fig_broken
-    monkeypatch.setitem(sys.modules, "analysis.latent_figures", fake)
-    s = write_report(str(store.root), str(tmp_path / "r.html"))
-    assert "dablain-fig-coverage" in s.figures
-    assert "bug in a latent figure" in s.skipped["dablain-fig-broken"]
-    assert "buda-fig3" in s.figures
-    # without the module the rest of the report is unchanged and the gap is noted
-    monkeypatch.setitem(sys.modules, "analysis.latent_figures", None)
+    monkeypatch.setattr(lf, "dablain_figures", broken)
     s = write_report(str(store.root), str(tmp_path / "r2.html"))
-    assert "dablain" in s.skipped and "buda-fig3" in s.figures
+    assert "bug in a latent figure" in s.skipped["dablain"] and "buda-fig3" in s.figures

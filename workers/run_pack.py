@@ -24,12 +24,16 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from sweep.plan import Pack
 from sweep.spec import Evaluation, ImbalanceKind, Method, Selection, TrialSpec, derive_seed
 from workers.datasets import ArrayDataset, load_dataset
 from workers.engine import EvalSet, StageConfig, StageState, predict, train_stage
+from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
 from workers.metrics import evaluate
@@ -121,14 +125,16 @@ def run_pack(
 
     results: dict[str, dict[str, Any]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
+    latent: list[dict[str, Any]] = []  # per stage: latent_stats / embeddings / classifier_weights
     if resumed is not None and resumed["stage"] == 2:
-        results, states = resumed["results"], resumed["states"]
+        results, states, latent = resumed["results"], resumed["states"], resumed.get("latent", [])
     elif stage1:
         model = _new_model(stage1, ds, dev)
-        out = _run_stage(model, stage1, data, ds, x_train, y_train, x_test, y_test, head_only=False,
-                         autocast=autocast, ckpt=ckpt, resume=resumed, stage=1,
-                         progress=stage_progress(0))
+        out, tables = _run_stage(model, stage1, data, ds, x_train, y_train, x_test, y_test, head_only=False,
+                                 autocast=autocast, ckpt=ckpt, resume=resumed, stage=1,
+                                 progress=stage_progress(0))
         results.update(out)
+        latent.append(tables)
         # Stage 2 needs the parents' weights; keep only those.
         needed = {s.parent_id for s in stage2}
         for i, s in enumerate(stage1):
@@ -152,15 +158,17 @@ def run_pack(
             model = _new_model(runnable, ds, dev)
             for i, s in enumerate(runnable):
                 model.load_member_state(i, states[s.parent_id])
-            ckpt.stage1 = {"results": results, "states": states}
-            out = _run_stage(model, runnable, data, ds, x_train, y_train, x_test, y_test, head_only=True,
-                             autocast=autocast, ckpt=ckpt,
-                             resume=resumed if resumed is not None and resumed["stage"] == 2 else None,
-                             stage=2, progress=stage_progress(iters if stage1 else 0))
+            ckpt.stage1 = {"results": results, "states": states, "latent": latent}
+            out, tables = _run_stage(model, runnable, data, ds, x_train, y_train, x_test, y_test,
+                                     head_only=True, autocast=autocast, ckpt=ckpt,
+                                     resume=resumed if resumed is not None and resumed["stage"] == 2 else None,
+                                     stage=2, progress=stage_progress(iters if stage1 else 0))
             results.update(out)
+            latent.append(tables)
 
     seconds = time.perf_counter() - t0
     tables = _rows(pack, results, data, ds, dev, grid_hash, seconds, resumed_from)
+    tables.update(_stored_latent(pack, latent))
     if store is not None:
         store.write_pack(pack.pack_id, first.grid or "default", tables)
         ckpt.remove()
@@ -181,7 +189,7 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
                x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                *, head_only: bool, autocast: torch.dtype | None, ckpt: "_Checkpoints",
                resume: dict[str, Any] | None, stage: int,
-               progress: Callable[[int], None]) -> dict[str, dict[str, Any]]:
+               progress: Callable[[int], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     dev = x_train.device
     md = [data[s.network_id] for s in specs]
     recipe = specs[0].recipe
@@ -250,6 +258,12 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
     priors = torch.tensor(np.stack([m.priors for m in md]), dtype=torch.float32, device=dev)
     metrics = evaluate(logits, y_test, priors, ds.num_classes)
     eval_seconds = time.perf_counter() - t_eval
+    t_latent = time.perf_counter()
+    latent = latent_tables(model, specs[0].model, specs, [m.subset for m in md],
+                           [fitted[s.training_set_key] for s in specs], x_train, y_train, x_test, y_test,
+                           ds.num_classes)
+    n_latent = sum(1 for s in specs if s.latent or s.embeddings)
+    latent_seconds = (time.perf_counter() - t_latent) / n_latent if n_latent else 0.0
     out: dict[str, dict[str, Any]] = {}
     for i, s in enumerate(specs):
         diverged_at = int(state.diverged_at[i])
@@ -266,8 +280,9 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
             "curves": [c for c in state.curves if c["member"] == i],
             "train_seconds": state.train_seconds / len(specs),
             "eval_seconds": eval_seconds / len(specs),
+            "latent_seconds": latent_seconds if s.latent or s.embeddings else 0.0,
         }
-    return out
+    return out, latent
 
 
 def _common_validation(md: list[MemberData]) -> np.ndarray | None:
@@ -282,7 +297,8 @@ def _common_validation(md: list[MemberData]) -> np.ndarray | None:
 
 def _failed(spec: TrialSpec, why: str) -> dict[str, Any]:
     return {"status": "failed", "error": why, "diverged_at_iter": None, "metrics": {}, "best_iter": None,
-            "val_balanced_accuracy": None, "curves": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+            "val_balanced_accuracy": None, "curves": [], "train_seconds": 0.0, "eval_seconds": 0.0,
+            "latent_seconds": 0.0}
 
 
 def _rows(pack: Pack, results: dict[str, dict[str, Any]], data: dict[str, MemberData], ds: ArrayDataset,
@@ -318,6 +334,7 @@ def _rows(pack: Pack, results: dict[str, dict[str, Any]], data: dict[str, Member
                 "val_balanced_accuracy": r["val_balanced_accuracy"], "best_iter": r["best_iter"],
                 "resumed_from_iter": resumed_from,
                 "train_seconds": r["train_seconds"], "eval_seconds": r["eval_seconds"],
+                "latent_seconds": r["latent_seconds"],
                 **prov, "created_at": now, "spec_json": s.to_json(),
             })
             for c in range(ds.num_classes):
@@ -329,6 +346,23 @@ def _rows(pack: Pack, results: dict[str, dict[str, Any]], data: dict[str, Member
                     "roc_auc": float(met["class_roc_auc"][c]) if met else nan,
                 })
     return {"trials": trials, "class_metrics": classes, "curves": curves}
+
+
+def _stored_latent(pack: Pack, stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The stages' latent tables, without the rows of rebuild members (stored before)."""
+    keep = sorted(s.network_id for s in pack.stored_specs)
+    out: dict[str, Any] = {}
+    for name in ("latent_stats", "embeddings", "classifier_weights"):
+        parts = [t[name] for t in stages if len(t[name])]
+        if not parts:
+            continue
+        if isinstance(parts[0], pd.DataFrame):
+            frame = pd.concat(parts, ignore_index=True)
+            out[name] = frame[frame["network_id"].isin(keep)]
+        else:
+            table = pa.concat_tables(parts)
+            out[name] = table.filter(pc.is_in(table["network_id"], value_set=pa.array(keep, pa.string())))
+    return out
 
 
 def _open_store(store: Any) -> Any:

@@ -1,0 +1,144 @@
+"""The worker's latent tables: latent_stats, embeddings and classifier_weights of a real pack."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from analysis.latent_figures import complete_coverage
+from sweep.grid import expand
+from sweep.plan import Pack
+from sweep.query import query
+from sweep.spec import Evaluation
+from sweep.store import ResultStore
+from workers import latent_tables as lt
+from workers.latent import STATISTICS, latent_statistics
+from workers.members import member_data
+from workers.run_pack import run_pack
+
+GRID = {
+    "name": "lat", "dataset": "mnist", "model": "lenet5",
+    "recipe": {"preset": "buda_mnist", "iters": 40}, "max_per_class": 150,
+    "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
+    "methods": ["baseline", "oversampling", "two_phase_over"],
+    "latent": True, "embeddings": 1, "repeats": 1, "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def stored(small_mnist, tmp_path_factory):
+    grid = expand(GRID)
+    store = ResultStore(str(tmp_path_factory.mktemp("lat") / "store"))
+    result = run_pack(Pack(grid.specs), store, dataset=small_mnist)
+    return grid, store, result
+
+
+def _matrix(column: pd.Series) -> np.ndarray:
+    return np.stack([np.asarray(v, dtype=np.float32) for v in column])
+
+
+def test_every_latent_network_has_both_splits_and_every_statistic(stored):
+    grid, store, _ = stored
+    latent = store.read_table("latent_stats")
+    assert set(latent["network_id"]) == {s.network_id for s in grid.specs}
+    for net, d in latent.groupby("network_id"):
+        assert set(d["split"]) == {"train", "test"}
+        assert set(d["statistic"]) == set(STATISTICS)  # the test split adds the TP / FP rows
+    trials = store.read_table("trials")
+    assert (trials["latent_seconds"] > 0).all()
+
+
+def test_test_accuracy_per_class_agrees_with_the_evaluation(stored):
+    """Two code paths, one answer: latent_stats' test recall vs class_metrics' accuracy."""
+    grid, store, _ = stored
+    latent = store.read_table("latent_stats")
+    acc = latent[(latent["statistic"] == "accuracy") & (latent["split"] == "test") & (latent["class"] >= 0)]
+    cm = store.read_table("class_metrics")
+    cm = cm[cm["evaluation"] == "raw"]
+    merged = acc.merge(cm, on=["network_id", "class"], suffixes=("_latent", "_eval"))
+    assert len(merged) == len(grid.specs) * 10
+    # float64 vs float32 arg-max may flip an exact near-tie: at most one image per class
+    assert np.all(np.abs(merged["value"] - merged["accuracy"]) <= 1 / merged["test_count"] + 1e-12)
+
+
+def test_topk_coverage_recomputed_from_stored_embeddings_equals_the_stored_statistic(stored, small_mnist):
+    grid, store, _ = stored
+    emb = store.read_table("embeddings")
+    weights = store.read_table("classifier_weights").sort_values("class")
+    net = grid.specs[0].network_id
+    assert set(emb["network_id"]) == set(weights["network_id"]) == {net}  # embeddings: 1
+    w = torch.from_numpy(_matrix(weights["weight"]).T.copy())[None]  # [1, F, K]
+    b = torch.tensor(weights["bias"].to_numpy(np.float32))[None]
+    stored_cov = complete_coverage(store.read_table("latent_stats").query(
+        "statistic == 'topk_coverage' and network_id == @net"))
+    for split in ("train", "test"):
+        e = emb[emb["split"] == split].sort_values("sample")
+        fe = torch.from_numpy(_matrix(e["fe"]))[None]
+        rows = latent_statistics(fe, w, b, torch.tensor(e["label"].to_numpy()), split)
+        again = pd.DataFrame([r for r in rows if r["statistic"] == "topk_coverage"])
+        mine = stored_cov[stored_cov["split"] == split]
+        joined = again.merge(mine, on=["class", "k"], suffixes=("_again", "_stored"))
+        assert len(joined) == len(mine) > 0
+        assert (joined["value_again"] == joined["value_stored"]).all()
+        # beyond the stored K every recomputed curve stays at its last stored value
+        last = mine.sort_values("k").groupby("class")["value"].last()
+        beyond = again[again["k"] > mine["k"].max()]
+        assert (beyond["value"].to_numpy() == beyond["class"].map(last).to_numpy()).all()
+
+
+def test_embeddings_hold_the_training_subset_and_the_test_set(stored, small_mnist):
+    grid, store, _ = stored
+    spec = grid.specs[0]
+    emb = store.read_table("embeddings")
+    labels = small_mnist.train_y.numpy()
+    subset = member_data(spec, labels, 10).subset
+    train = emb[emb["split"] == "train"]
+    assert sorted(train["sample"]) == sorted(subset.tolist())
+    assert (train["label"].to_numpy() == labels[train["sample"].to_numpy()]).all()
+    test = emb[emb["split"] == "test"]
+    assert sorted(test["sample"]) == list(range(len(small_mnist.test_y)))
+    assert set(emb["trial_id"]) == {spec.trial_id(Evaluation.RAW)}
+    # predictions are the arg-max of FE @ W_C + b
+    weights = store.read_table("classifier_weights").sort_values("class")
+    logits = _matrix(test["fe"]).astype(np.float64) @ _matrix(weights["weight"]).T.astype(np.float64) \
+        + weights["bias"].to_numpy(np.float64)
+    assert (logits.argmax(1) == test["prediction"].to_numpy()).all()
+    assert len(_matrix(test["fe"])[0]) == 500  # LeNet-5's FE width
+
+
+def test_members_split_into_chunks_give_the_same_statistics(stored, small_mnist, monkeypatch):
+    _, store, _ = stored
+    grid = expand(GRID)
+    monkeypatch.setattr(lt, "FE_CHUNK_BYTES", 1)  # every member in a chunk (a sub-model) of its own
+    alone = run_pack(Pack(grid.specs), None, dataset=small_mnist).tables["latent_stats"]
+    together = store.read_table("latent_stats").drop(columns=["grid"])
+    keys = ["network_id", "split", "class", "statistic", "k", "feature"]
+    a = alone.sort_values(keys).reset_index(drop=True)
+    b = together.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a[keys], b[keys], check_dtype=False)
+    np.testing.assert_allclose(a["value"], b["value"], rtol=1e-5, atol=1e-6)
+
+
+def test_compact_coverage_stops_each_curve_where_it_reaches_its_final_value():
+    rows = []
+    for cls, curve in ((0, [0.5, 0.9, 1.0, 1.0, 1.0]), (1, [0.2, 0.2, 0.6, 0.6, 0.6]), (2, [1.0] * 5)):
+        rows += [{"network_id": "n", "split": "train", "class": cls, "statistic": "topk_coverage",
+                  "k": k, "feature": None, "value": v} for k, v in enumerate(curve, start=1)]
+    rows.append({"network_id": "n", "split": "train", "class": 0, "statistic": "instances", "k": None,
+                 "feature": None, "value": 7.0})
+    table = lt.compact_coverage(pd.DataFrame(rows))
+    cov = table[table["statistic"] == "topk_coverage"]
+    assert cov.groupby("class")["k"].max().to_dict() == {0: 3, 1: 3, 2: 1}
+    assert (table["statistic"] == "instances").sum() == 1
+    filled = complete_coverage(cov)
+    assert filled.groupby("class")["value"].apply(list).to_dict() == {
+        0: [0.5, 0.9, 1.0], 1: [0.2, 0.2, 0.6], 2: [1.0, 1.0, 1.0]}
+
+
+def test_latent_tables_are_queryable_with_sql(stored):
+    _, store, _ = stored
+    top = query(store.root, "select split, count(distinct network_id) as n from latent_stats "
+                            "where statistic = 'topk_mean' group by split order by split")
+    assert top.to_dict("records") == [{"split": "test", "n": 3}, {"split": "train", "n": 3}]
+    width = query(store.root, "select len(fe) as w from embeddings limit 1")
+    assert width["w"].item() == 500

@@ -1,0 +1,208 @@
+"""From a trained pack to Dablain et al.'s tables: ``latent_stats``, ``embeddings``, ``classifier_weights``.
+
+For every member whose spec asks for it (``latent``), the worker runs the trained
+network once more in full precision (no autocast, whatever the training precision)
+over two splits:
+
+* ``train``: the member's own imbalanced training subset (the images it learned from,
+  before re-sampling and without the validation split; each image once);
+* ``test``: the balanced test set.
+
+It keeps the penultimate features FE and the classifier ``W_C`` / bias and turns them
+into the tidy statistics of :mod:`workers.latent` (both splits plus the test TP/FP
+comparison of §5.7). Members with ``embeddings`` also store the raw FE vectors of both
+splits and their ``W_C``, so any statistic can be recomputed from the store.
+
+Members are processed in chunks whose FE fit in :data:`FE_CHUNK_BYTES`: a chunk's
+trained weights are copied into a smaller packed model (no forward pass is spent on
+members that are not in the chunk), and each member sees its own training images.
+
+Storage compaction: ``topk_coverage`` is a cumulative distribution over K = 1..H and
+stays constant once every instance that will ever be covered is covered. Rows stop at
+the first K where the coverage reaches its value at K = H (for LeNet-5, H = 500, that
+is usually a few dozen K instead of 500). ``analysis.latent_figures.complete_coverage``
+fills the curve forward again; ``docs/store.md`` states the rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from sweep.spec import Evaluation, TrialSpec
+from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
+from workers.models import PackedNet, build_model
+from workers.transforms import InputTransform, stack_transforms
+
+FE_CHUNK_BYTES = 256 * 2**20  # float32 FE of one chunk of members, train and test together
+EVAL_BATCH_IMAGES = 2048  # images per member per forward pass
+TOP = 10  # ranked entries kept per class (the paper's "ten largest")
+
+
+def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec], subsets: Sequence[np.ndarray],
+                  transforms: Sequence[InputTransform], x_train: Tensor, y_train: Tensor, x_test: Tensor,
+                  y_test: Tensor, num_classes: int) -> dict[str, Any]:
+    """The latent tables of the members of ``model`` whose specs ask for them.
+
+    ``specs``, ``subsets`` (training-set indices) and ``transforms`` are per member of
+    ``model``. Members that diverged (non-finite weights) get no rows. Returns
+    ``{"latent_stats": DataFrame, "embeddings": pa.Table, "classifier_weights": pa.Table}``
+    (tables empty when no member asks).
+    """
+    wanted = [i for i, s in enumerate(specs) if s.latent or s.embeddings]
+    stats: list[pd.DataFrame] = []
+    embeddings: list[pa.Table] = []
+    weights: list[pa.Table] = []
+    width = _feature_width(model)
+    for chunk in _chunks(wanted, [len(subsets[i]) for i in wanted], x_test.shape[0], width):
+        sub = _sub_model(model, model_name, chunk, num_classes, tuple(x_train.shape[1:]))
+        transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
+        idx, labels = _padded([subsets[i] for i in chunk], y_train)
+        fe_train = member_features(sub, transform, x_train, idx)
+        fe_test = member_features(sub, transform, x_test, torch.arange(x_test.shape[0]).expand(len(chunk), -1))
+        head = sub.classifier()
+        if head is None:
+            raise ValueError(f"model {model_name} has no final linear layer W_C: no latent statistics")
+        w, b = head.weight.detach().float(), head.bias.detach().float()
+        pred_train, pred_test = _predictions(fe_train, w, b), _predictions(fe_test, w, b)
+        ids = [specs[i].network_id for i in chunk]
+        rows = (latent_statistics(fe_train, w, b, labels, "train", TOP)
+                + latent_statistics(fe_test, w, b, y_test, "test", TOP)
+                + tp_fp_statistics(fe_train, labels, torch.where(labels >= 0, pred_train, -1),
+                                   fe_test, y_test, pred_test, w, TOP, bias=b))
+        stats.append(compact_coverage(statistics_table(rows, ids)))
+        for j, i in enumerate(chunk):
+            if not specs[i].embeddings or not _finite(fe_train[j], fe_test[j], w[j], b[j]):
+                continue
+            trial = specs[i].trial_id(Evaluation.RAW)
+            n = len(subsets[i])
+            embeddings.append(embedding_table(specs[i].network_id, trial, "train", subsets[i],
+                                              y_train[subsets[i]], pred_train[j, :n], fe_train[j, :n]))
+            embeddings.append(embedding_table(specs[i].network_id, trial, "test", np.arange(x_test.shape[0]),
+                                              y_test, pred_test[j], fe_test[j]))
+            weights.append(weight_table(specs[i].network_id, trial, w[j], b[j]))
+    return {
+        "latent_stats": pd.concat(stats, ignore_index=True) if stats else pd.DataFrame(),
+        "embeddings": pa.concat_tables(embeddings) if embeddings else pa.table({}),
+        "classifier_weights": pa.concat_tables(weights) if weights else pa.table({}),
+    }
+
+
+@torch.no_grad()
+def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor) -> Tensor:
+    """FE ``[P, N, F]`` (float32, no autocast) of member p on images ``x[idx[p]]``."""
+    model.eval()
+    out = []
+    idx = idx.to(x.device)
+    for start in range(0, idx.shape[1], EVAL_BATCH_IMAGES):
+        fe, _ = model(transform.apply(x[idx[:, start:start + EVAL_BATCH_IMAGES]]))
+        out.append(fe.float())
+    return torch.cat(out, dim=1)
+
+
+def compact_coverage(table: pd.DataFrame) -> pd.DataFrame:
+    """Drop ``topk_coverage`` rows after the first K that reaches the curve's final value."""
+    cov = table["statistic"] == "topk_coverage"
+    if not cov.any():
+        return table
+    c = table[cov]
+    keys = [c["network_id"], c["split"], c["class"]]
+    final = c.groupby(keys)["value"].transform("last")  # rows come in K order: K = H last
+    reached = c["value"] >= final
+    # the first K where the final value is reached, per curve
+    first = c["k"].where(reached).groupby(keys).transform("min")
+    keep = c["k"] <= first
+    return table.drop(index=c.index[~keep]).reset_index(drop=True)
+
+
+def embedding_table(network_id: str, trial_id: str, split: str, samples: np.ndarray, labels: Tensor,
+                    predictions: Tensor, fe: Tensor) -> pa.Table:
+    """One row per image: which image, its label, the network's prediction and its FE vector."""
+    n, width = fe.shape
+    flat = pa.array(fe.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1))
+    return pa.table({
+        "network_id": pa.array([network_id] * n, pa.string()),
+        "trial_id": pa.array([trial_id] * n, pa.string()),
+        "split": pa.array([split] * n, pa.string()),
+        "sample": pa.array(np.asarray(samples, dtype=np.int64)),
+        "label": pa.array(labels.cpu().numpy().astype(np.int64)),
+        "prediction": pa.array(predictions.cpu().numpy().astype(np.int64)),
+        "fe": pa.FixedSizeListArray.from_arrays(flat, width),
+    })
+
+
+def weight_table(network_id: str, trial_id: str, w: Tensor, b: Tensor) -> pa.Table:
+    """One row per class: the class's column of ``W_C`` (FE -> logit) and its bias."""
+    width, classes = w.shape
+    cols = w.detach().cpu().numpy().astype(np.float32).T.reshape(-1)  # class-major
+    return pa.table({
+        "network_id": pa.array([network_id] * classes, pa.string()),
+        "trial_id": pa.array([trial_id] * classes, pa.string()),
+        "class": pa.array(np.arange(classes, dtype=np.int64)),
+        "weight": pa.FixedSizeListArray.from_arrays(pa.array(cols), width),
+        "bias": pa.array(b.detach().cpu().numpy().astype(np.float32)),
+    })
+
+
+def _feature_width(model: PackedNet) -> int:
+    head = model.classifier()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no final linear layer W_C: no latent statistics")
+    return head.f_in
+
+
+def _chunks(members: list[int], sizes: list[int], test_size: int, width: int) -> list[list[int]]:
+    """Consecutive members whose train + test FE (float32) fit in FE_CHUNK_BYTES together."""
+    out: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in zip(members, sizes):
+        longest_with = max(longest, n)
+        if current and (len(current) + 1) * (longest_with + test_size) * width * 4 > FE_CHUNK_BYTES:
+            out.append(current)
+            current, longest_with = [], n
+        current.append(i)
+        longest = longest_with
+    if current:
+        out.append(current)
+    return out
+
+
+def _sub_model(model: PackedNet, name: str, members: list[int], num_classes: int,
+               in_shape: tuple[int, int, int]) -> PackedNet:
+    """A packed model of just ``members``, with their trained weights, on the same device."""
+    if members == list(range(model.members)):
+        return model
+    device = next(model.parameters()).device
+    sub = build_model(name, len(members), num_classes, in_shape).to(device)
+    for j, i in enumerate(members):
+        sub.load_member_state(j, model.member_state(i))
+    return sub
+
+
+def _padded(subsets: list[np.ndarray], y: Tensor) -> tuple[Tensor, Tensor]:
+    """``[P, N_max]`` image indices (padding repeats index 0) and labels (-1 = padding)."""
+    longest = max(len(s) for s in subsets)
+    idx = torch.zeros(len(subsets), longest, dtype=torch.long)
+    labels = torch.full((len(subsets), longest), -1, dtype=torch.long)
+    y_cpu = y.cpu()
+    for p, s in enumerate(subsets):
+        t = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        idx[p, :len(s)] = t
+        labels[p, :len(s)] = y_cpu[t]
+    return idx.to(y.device), labels.to(y.device)
+
+
+def _predictions(fe: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """Arg-max of the logits recomputed in float64, as :mod:`workers.latent` does."""
+    return (torch.baddbmm(b.double()[:, None, :], fe.double(), w.double())).argmax(dim=2)
+
+
+def _finite(*tensors: Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
