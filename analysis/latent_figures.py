@@ -115,6 +115,16 @@ def _faceted(facets: list[str], title: str) -> go.Figure:
     return fig
 
 
+# One colour per class and per split in every panel and figure.
+_SPLIT_COLORS = {"train": "#d62728", "test": "#1f77b4"}
+_CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+                 "#bcbd22", "#17becf")
+
+
+def _class_color(c: int) -> str:
+    return "#222222" if c == -1 else _CLASS_COLORS[c % len(_CLASS_COLORS)]
+
+
 def _class_name(c: int) -> str:
     return "all classes" if c == -1 else f"class {c}"
 
@@ -160,7 +170,7 @@ def coverage_figure(df: pd.DataFrame, split: str = "train", facet: str | None = 
             fig.add_trace(go.Scatter(
                 x=d["k"].astype(int).tolist(), y=d["value"].tolist(), mode="lines",
                 name=f"{_class_name(c)} ({_n_text(d['n'])})", legendgroup=str(c), showlegend=col == 1,
-                line=dict(dash="dash" if c == -1 else "solid"), customdata=d["n"].tolist(),
+                line=dict(dash="dash" if c == -1 else "solid", color=_class_color(c)), customdata=d["n"].tolist(),
                 hovertemplate="K=%{x}<br>coverage=%{y:.3f}<br>n=%{customdata} networks",
             ), row=1, col=col)
         fig.update_xaxes(title_text="K (number of largest ce of the predicted class)", row=1, col=col)
@@ -292,7 +302,8 @@ def magnitude_table_data(df: pd.DataFrame, statistic: str = "ce_mean_magnitude",
 
 def _table(columns: list[str], cells: list[list[Any]], title: str) -> go.Figure:
     fig = go.Figure(go.Table(header=dict(values=columns), cells=dict(values=cells)))
-    fig.update_layout(title=title)
+    rows = len(cells[0]) if cells else 0
+    fig.update_layout(title=title, height=190 + 40 * rows)  # a table, not a page of white
     return fig
 
 
@@ -370,6 +381,7 @@ def class_accuracy_figure(df: pd.DataFrame, facet: str | None = "imbalance", whe
             fig.add_trace(go.Scatter(
                 x=d["class"].astype(int).tolist(), y=(100 * d["value"]).tolist(), mode="lines+markers",
                 name=f"{s} ({_n_text(d['n'])})", legendgroup=str(s), showlegend=col == 1,
+                line=dict(color=_SPLIT_COLORS.get(s)),
                 customdata=d["n"].tolist(), hovertemplate="class %{x}<br>%{y:.2f}%<br>n=%{customdata}",
             ), row=1, col=col)
         fig.update_xaxes(title_text="class", dtick=1, row=1, col=col)
@@ -459,48 +471,55 @@ def retraining_table(trials: pd.DataFrame, group: Sequence[str] = ("dataset", "l
 
 
 # -- all of them, for the report ---------------------------------------------------------------------
-# (figure id, title, caption, builder(latent joined with trials, trials) -> figure)
-_REPORT_FIGURES: list[tuple[str, str, str, Any]] = [
+# (figure id, title, caption, statistic it needs (None: trials only),
+#  builder(latent joined with trials, trials, facet column or None) -> figure)
+_REPORT_FIGURES: list[tuple[str, str, str, str | None, Any]] = [
     ("dablain-fig2", "Dablain Fig. 2 · per-class accuracy, train vs test",
      "Recall of each class on the network's own imbalanced training subset and on the balanced test set.",
-     lambda d, t: class_accuracy_figure(d)),
+     "accuracy", lambda d, t, f: class_accuracy_figure(d, facet=f)),
     ("dablain-table2", "Dablain Table 2 · majority vs minority accuracy",
      "Majority / minority = the class with the most / fewest training images of each network.",
-     lambda d, t: accuracy_table(d)),
+     "accuracy", lambda d, t, f: accuracy_table(d, group=("dataset", f) if f else ("dataset",))),
     ("dablain-fig3", "Dablain Fig. 3 · top-K coverage",
      "Fraction of correctly classified training instances whose predicted-class logit is exceeded "
      "by its K largest ce (a dashed line: all classes).",
-     lambda d, t: coverage_figure(d, max_k=min(50, int(d.loc[d["statistic"] == "topk_coverage", "k"].max())))),
+     "topk_coverage", lambda d, t, f: coverage_figure(
+         d, facet=f, max_k=min(50, int(d.loc[d["statistic"] == "topk_coverage", "k"].max())))),
     ("dablain-fig4", "Dablain Figs. 4-5 · largest class mean ce",
      "The ten largest class mean ce per class, averaged rank by rank over networks.",
-     lambda d, t: ranked_figure(d, "ce_mean_magnitude")),
+     "ce_mean_magnitude", lambda d, t, f: ranked_figure(d, "ce_mean_magnitude")),
     ("dablain-fig6", "Dablain Fig. 6 · top ce share of the logit",
      "Mean share of each of the ten largest ce in the sum of the predicted class's ce.",
-     lambda d, t: ranked_figure(d, "top_ce_logit_share")),
+     "top_ce_logit_share", lambda d, t, f: ranked_figure(d, "top_ce_logit_share")),
     ("dablain-fig7", "Dablain Fig. 7 · largest W_C weights",
      "The ten largest classifier weights of each class.",
-     lambda d, t: ranked_figure(d, "wc_magnitude")),
+     "wc_magnitude", lambda d, t, f: ranked_figure(d, "wc_magnitude")),
     ("dablain-fig8", "Dablain Fig. 8 · class top-K fe members",
      "How often the most frequent features occur in the instances' top-K fe sets.",
-     lambda d, t: ranked_figure(d, "class_topk_fe_frequency")),
+     "class_topk_fe_frequency", lambda d, t, f: ranked_figure(d, "class_topk_fe_frequency")),
     ("dablain-fig9", "Dablain Fig. 9 · class top-K fe needed",
      "Number of class top-K fe members needed to describe every instance of a class.",
-     lambda d, t: features_needed_figure(d)),
+     "class_topk_fe_needed", lambda d, t, f: features_needed_figure(d, group=f)),
     ("dablain-fig10", "Dablain Fig. 10 · train vs test TP / FP fe norms",
      "Frobenius norm of the difference between the training class mean fe and the test "
      "true-positive / misclassified class mean fe (§5.7).",
-     lambda d, t: tp_fp_norms_figure(d)),
+     "fe_frobenius_tp", lambda d, t, f: tp_fp_norms_figure(d, group=f)),
     ("dablain-table3", "Dablain Table 3 · largest class mean ce, majority vs others",
      "Rank-1 class mean ce of the majority class against the mean over the other classes.",
-     lambda d, t: magnitude_table(d, "ce_mean_magnitude")),
+     "ce_mean_magnitude", lambda d, t, f: magnitude_table(d, "ce_mean_magnitude",
+                                                          group=("dataset", f) if f else ("dataset",))),
     ("dablain-table4", "Dablain Table 4 · top ce share of the logit, majority vs others",
      "Rank-1 share of the logit of the majority class against the mean over the other classes.",
-     lambda d, t: magnitude_table(d, "top_ce_logit_share")),
+     "top_ce_logit_share", lambda d, t, f: magnitude_table(d, "top_ce_logit_share",
+                                                           group=("dataset", f) if f else ("dataset",))),
     ("dablain-table1", "Dablain Table 1 · classifier re-training",
      "Balanced accuracy of networks trained on balanced data, on imbalanced data, and with the "
      "classifier re-trained on balanced features.",
-     lambda d, t: retraining_table(t)),
+     None, lambda d, t, f: retraining_table(t)),
 ]
+# What the figures compare, in order of preference: the first that varies in the data
+# (Dablain compare losses; a Buda-style grid compares methods).
+FACETS = ("loss", "method", "imbalance")
 
 
 def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[str, str, str, go.Figure]]:
@@ -512,17 +531,13 @@ def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[st
     """
     joined = join_trials(latent, trials)
     have = set(joined["statistic"].unique())
-    needs = {"dablain-fig2": "accuracy", "dablain-table2": "accuracy", "dablain-fig3": "topk_coverage",
-             "dablain-fig4": "ce_mean_magnitude", "dablain-fig6": "top_ce_logit_share",
-             "dablain-fig7": "wc_magnitude", "dablain-fig8": "class_topk_fe_frequency",
-             "dablain-fig9": "class_topk_fe_needed", "dablain-fig10": "fe_frobenius_tp",
-             "dablain-table3": "ce_mean_magnitude", "dablain-table4": "top_ce_logit_share"}
+    facet = next((c for c in FACETS if c in joined.columns and joined[c].nunique() > 1), None)
     out = []
-    for fig_id, title, caption, build in _REPORT_FIGURES:
-        if fig_id == "dablain-table1":
+    for fig_id, title, caption, needs, build in _REPORT_FIGURES:
+        if needs is None:  # Table 1: classifier re-training networks in trials
             if "method" not in trials.columns or not (trials["method"] == "classifier_retraining").any():
                 continue
-        elif needs[fig_id] not in have:
+        elif needs not in have:
             continue
-        out.append((fig_id, title, caption, build(joined, trials)))
+        out.append((fig_id, title, caption, build(joined, trials, facet)))
     return out

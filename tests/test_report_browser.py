@@ -43,7 +43,8 @@ def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
 
 
 def small_store(root: Path) -> None:
-    """Step, linear and thresholded evaluations with curves: five Buda figures."""
+    """Step, linear and thresholded evaluations with curves (five Buda figures) and latent
+    statistics of two networks (Dablain's figures and tables, plotly tables among them)."""
     store = ResultStore(str(root))
     trials, curves = [], []
     for imbalance, rho, mu in [("step", 10.0, 0.2), ("step", 100.0, 0.2), ("step", 10.0, 0.5),
@@ -65,7 +66,24 @@ def small_store(root: Path) -> None:
                     for split in ("test", "train"):
                         curves.append({"network_id": net, "iter": it, "split": split,
                                        "accuracy": 0.5 + it / 1000 + 0.01 * repeat})
-    store.write_pack("p1", "browser", {"trials": trials, "curves": curves})
+    store.write_pack("p1", "browser", {"trials": trials, "curves": curves,
+                                       "latent_stats": latent_stats([t["network_id"] for t in trials[:4:2]])})
+
+
+def latent_stats(network_ids: list[str]):
+    """Dablain statistics of two hand-built networks (3 features, 3 classes): figures and tables."""
+    import torch
+
+    from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
+
+    p = len(network_ids)
+    fe = torch.tensor([[2.0, 0.1, 0.0], [0.0, 1.5, 0.2], [0.1, 0.2, 1.0], [1.0, 1.2, 0.0]]).repeat(p, 1, 1)
+    w = torch.eye(3)[None].repeat(p, 1, 1)
+    y = torch.tensor([0, 1, 2, 0])
+    pred = torch.tensor([0, 1, 2, 1])
+    rows = (latent_statistics(fe, w, None, y, "train") + latent_statistics(fe, w, None, y, "test")
+            + tp_fp_statistics(fe, y, pred, fe, y, pred, w, bias=None))
+    return statistics_table(rows, network_ids)
 
 
 def test_report_renders_every_figure_without_script_errors(tmp_path):
@@ -73,7 +91,8 @@ def test_report_renders_every_figure_without_script_errors(tmp_path):
     small_store(tmp_path / "store")
     out = tmp_path / "report.html"
     summary = write_report(str(tmp_path / "store"), str(out))
-    assert len(summary.figures) == 5
+    assert len([f for f in summary.figures if f.startswith("buda-")]) == 5
+    assert {"dablain-fig3", "dablain-fig10", "dablain-table2", "dablain-table3"} <= set(summary.figures)
     done = headless(browser, tmp_path / "profile", "--dump-dom", out.resolve().as_uri())
     dom = done.stdout
     assert "<body" in dom, done.stderr[-2000:]
