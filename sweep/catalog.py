@@ -29,8 +29,9 @@ DATASETS: dict[str, DatasetInfo] = {
     # Dablain: men and women with black hair, 5,000 training and 1,000 test per class.
     "celeba": DatasetInfo(2, (3, 32, 32), 5_000, 1_000),
     # ImageNet-style folders: 1,000 classes of 732..1,300 images; Buda caps majority
-    # classes at 1,000 (max_per_class: 1000, above the smallest class).
-    "imagenet": DatasetInfo(1000, (3, 224, 224), 732, 50, 1_300),
+    # classes at 1,000 (max_per_class: 1000, above the smallest class). Held in memory at
+    # 32x32 (workers.datasets.IMAGENET_SIDE), not the paper's 224x224 crops.
+    "imagenet": DatasetInfo(1000, (3, 32, 32), 732, 50, 1_300),
 }
 
 # model name -> the datasets' image shapes it accepts (by name, for the error message)

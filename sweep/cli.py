@@ -45,15 +45,23 @@ def _grid(path: str) -> Grid:
 @click.option("--max-networks", type=int, default=0, help="Networks per pack (default: grid's, else device's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None,
               help="Device the packs are sized for (default: cuda if the grid asks for GPUs).")
-def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None) -> None:
+@click.option("--gpu-memory-gb", type=float, default=None,
+              help="GPU memory per GPU for sizing packs (default: this machine's GPU, else 16).")
+def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
+           gpu_memory_gb: float | None) -> None:
     """Count what a grid file trains and evaluates, without training anything."""
-    from sweep.plan import default_pack_size, plan_packs
+    from sweep.driver import pack_memory_bytes
+    from sweep.plan import pack_sizer, plan_packs
     from sweep.sizes import estimate_store_bytes
 
     g = _grid(grid_file)
     device = device or ("cuda" if g.gpu_per_pack > 0 else "cpu")
-    size = max_networks or g.max_networks_per_pack or default_pack_size(device)
-    packs = plan_packs(g.specs, size)
+    if max_networks < 0 or (gpu_memory_gb is not None and gpu_memory_gb <= 0):
+        raise click.ClickException("--max-networks must be >= 0 and --gpu-memory-gb > 0")
+    gpus = (g.gpu_per_pack or 1.0) if device == "cuda" else 0.0
+    sizer = pack_sizer(max_networks or g.max_networks_per_pack, device, pack_memory_bytes(gpus, gpu_memory_gb))
+    packs = plan_packs(g.specs, sizer)
+    sizes = {f"{s.dataset}/{s.model}": sizer(s) for s in g.specs}
     by_method = Counter(str(s.method) for s in g.specs)
     by_kind = Counter(str(s.imbalance.kind) for s in g.specs)
     evals = Counter(f"{s.method}+{e}" for s in g.specs for e in s.evaluations)
@@ -62,7 +70,7 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None)
         "trained_networks": g.trained_networks,
         "evaluations": g.evaluations,
         "packs": len(packs),
-        "networks_per_pack": size,
+        "networks_per_pack": sizes,  # "dataset/model" -> networks per pack
         "training_sets": len({s.training_set_key for s in g.specs}),
         "by_method": dict(sorted(by_method.items())),
         "by_imbalance": dict(sorted(by_kind.items())),
@@ -73,7 +81,8 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None)
         click.echo(json.dumps(info))
         return
     click.echo(f"grid {g.name}: {g.trained_networks:,} trained networks, {g.evaluations:,} evaluations, "
-               f"{len(packs):,} packs of up to {size} networks, {info['training_sets']:,} training sets")
+               f"{len(packs):,} packs of up to {_sizes_text(sizes)} networks ({device}), "
+               f"{info['training_sets']:,} training sets")
     click.echo("by method:     " + ", ".join(f"{k} {v:,}" for k, v in info["by_method"].items()))
     click.echo("by imbalance:  " + ", ".join(f"{k} {v:,}" for k, v in info["by_imbalance"].items()))
     click.echo("evaluations:   " + ", ".join(f"{k} {v:,}" for k, v in info["evaluations_by_method"].items()))
@@ -87,6 +96,8 @@ def _run_options(f: Any) -> Any:
         click.option("--gpus-per-pack", type=float, default=None, help="GPUs per pack (default: grid's)."),
         click.option("--max-concurrent", type=int, default=0, help="Packs running at once (0: no limit)."),
         click.option("--max-networks", type=int, default=0, help="Networks per pack (0: grid's or device's)."),
+        click.option("--gpu-memory-gb", type=float, default=None,
+                     help="GPU memory per GPU for sizing packs (default: this machine's GPU, else 16)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where datasets are."),
         click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
         click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32"),
@@ -206,6 +217,12 @@ def report(store_dir: str, out_path: str, dataset: str | None, model: str | None
         raise click.ClickException(str(e)) from None
     click.echo(f"wrote {summary.out_path}: {summary.networks:,} networks, {len(summary.figures)} figures "
                f"({len(summary.skipped)} skipped for lack of data) in {summary.seconds:.1f} s")
+
+
+def _sizes_text(sizes: dict[str, int]) -> str:
+    if len(set(sizes.values())) == 1:
+        return str(next(iter(sizes.values())))
+    return ", ".join(f"{v} ({k})" for k, v in sizes.items())
 
 
 def _human(n: float) -> str:

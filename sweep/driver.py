@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweep.grid import Grid
-from sweep.plan import Pack, default_pack_size, plan_packs
+from sweep.plan import Pack, pack_sizer, plan_packs
 from sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class RunOptions:
     gpus_per_pack: float | None = None  # None: the grid's resources.gpu
     max_concurrent: int = 0  # packs running at once (0: as many as resources allow)
     max_networks: int = 0  # per pack (0: the grid's, else sized for the device)
+    gpu_memory_gb: float | None = None  # per GPU, for pack sizing (None: the driver's GPU, if any)
     data_dir: str | None = None
     device: str | None = None  # worker device; None: cuda when the pack has a GPU
     precision: str = "fp32"
@@ -89,13 +90,34 @@ class SweepSummary:
 ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
 
 
-def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str = "cpu") -> tuple[list[Pack], int]:
-    """Packs for the grid's networks that the store does not hold yet, and how many it holds."""
+def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str = "cpu",
+             memory_bytes: int | None = None) -> tuple[list[Pack], int]:
+    """Packs for the grid's networks that the store does not hold yet, and how many it holds.
+
+    Pack sizes: ``max_networks``, else the grid's ``pack.max_networks``, else sized for
+    the device (``memory_bytes``: the GPU memory one pack may use).
+    """
     # Per grid: a grid's results stay complete on their own even if another grid shares networks.
     done = store.completed_network_ids(grid=grid.name)
-    size = max_networks or grid.max_networks_per_pack or default_pack_size(device)
-    packs = plan_packs(grid.specs, size, done)
+    sizer = pack_sizer(max_networks or grid.max_networks_per_pack, device, memory_bytes)
+    packs = plan_packs(grid.specs, sizer, done)
     return packs, sum(1 for s in grid.specs if s.network_id in done)
+
+
+def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int | None:
+    """GPU memory one pack may use: its share of the GPU (``--gpu-memory-gb``, else the
+    driver's own GPU when it has one; None: unknown, ``sweep.plan`` assumes a small GPU)."""
+    if gpus_per_pack <= 0:
+        return None
+    if gpu_memory_gb is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        total = torch.cuda.get_device_properties(0).total_memory
+    else:
+        total = gpu_memory_gb * 2**30
+    return int(total * min(1.0, gpus_per_pack))  # a pack trains on one device
 
 
 def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> None:
@@ -120,7 +142,10 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     if cpu < 0 or gpu < 0 or options.max_concurrent < 0 or options.retries < 0 or options.max_networks < 0:
         raise SweepError("--cpus-per-pack, --gpus-per-pack, --max-concurrent, --retries and "
                          "--max-networks cannot be negative")
-    packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu")
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
+    packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu",
+                           pack_memory_bytes(gpu, options.gpu_memory_gb))
     total = grid.trained_networks
     if not packs:
         store.save_grid(grid)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 from sweep.grid import Grid
-from sweep.plan import default_pack_size, plan_packs
+from sweep.plan import pack_sizer, plan_packs
 from sweep.store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,8 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
               max_networks: int = 0, precision: str = "fp32", max_packs: int = 0,
               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
     """Train what the store lacks; returns (networks trained, networks failed, seconds)."""
+    import torch
+
     from workers.datasets import load_dataset
     from workers.run_pack import resolve_device, run_pack
 
@@ -33,8 +35,8 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
     store.save_grid(grid)
     dev = resolve_device(device)
     done = store.completed_network_ids(grid=grid.name)
-    size = max_networks or grid.max_networks_per_pack or default_pack_size(dev.type)
-    packs = plan_packs(grid.specs, size, done)
+    memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    packs = plan_packs(grid.specs, pack_sizer(max_networks or grid.max_networks_per_pack, dev.type, memory), done)
     if max_packs:
         packs = packs[:max_packs]
     n_done = sum(1 for s in grid.specs if s.network_id in done)

@@ -11,15 +11,21 @@ the pack as a *rebuild* member, whose rows are not written again.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sweep.spec import TrialSpec, _hash
 
-# Networks per pack when nothing else is known. On the CPU a pack much larger than
-# this just makes one Tune trial slow without raising throughput.
+# Networks per pack when the grid and the command line say nothing. On the CPU a pack
+# much larger than this just makes one Tune trial slow without raising throughput; on a
+# GPU, packs are sized from its memory (pack_size) up to DEFAULT_GPU_PACK, past which
+# a pack gains little speed and a lost pack costs more.
 DEFAULT_CPU_PACK = 32
 DEFAULT_GPU_PACK = 256
+MEMORY_FRACTION = 0.7  # of the GPU's memory (per pack): the rest for the dataset and the allocator
+DEFAULT_GPU_MEMORY_BYTES = 16 * 2**30  # when neither the driver nor the user knows the GPU
+
+PackSizer = Callable[[TrialSpec], int]
 
 
 @dataclass(frozen=True)
@@ -47,22 +53,44 @@ class Pack:
         return cls(tuple(TrialSpec.from_json(s) for s in d["specs"]), frozenset(d["rebuild"]))
 
 
-def default_pack_size(device: str) -> int:
-    return DEFAULT_GPU_PACK if device.startswith("cuda") else DEFAULT_CPU_PACK
+def pack_size(spec: TrialSpec, device: str, memory_bytes: int | None = None) -> int:
+    """Networks per pack for ``spec``'s dataset, model and batch on ``device``.
+
+    CPU: DEFAULT_CPU_PACK. GPU: as many members as fit in MEMORY_FRACTION of
+    ``memory_bytes`` (the memory a pack may use: the GPU's times its share of it) by
+    ``workers.sizing``'s measured per-member need, at most DEFAULT_GPU_PACK.
+    """
+    if not device.startswith("cuda"):
+        return DEFAULT_CPU_PACK
+    from workers.sizing import member_training_bytes  # torch: only when sizing for a GPU
+
+    per_member = member_training_bytes(spec.model, spec.dataset, spec.recipe.batch_size)
+    budget = MEMORY_FRACTION * (memory_bytes or DEFAULT_GPU_MEMORY_BYTES)
+    return max(1, min(DEFAULT_GPU_PACK, int(budget // per_member)))
+
+
+def pack_sizer(max_networks: int, device: str, memory_bytes: int | None = None) -> PackSizer:
+    """A fixed size when one is asked for (command line, grid), else :func:`pack_size`."""
+    if max_networks < 0:
+        raise ValueError(f"max_networks must be >= 0 (0: sized for the device), got {max_networks}")
+    if max_networks:
+        return lambda spec: max_networks
+    return lambda spec: pack_size(spec, device, memory_bytes)
 
 
 def plan_packs(
     specs: Sequence[TrialSpec],
-    max_networks: int,
+    max_networks: int | PackSizer,
     done_network_ids: Iterable[str] = (),
 ) -> list[Pack]:
     """Group the specs not yet done into packs of at most ``max_networks`` trainings.
 
-    Networks of one training set stay together so that dependents find their phase-1
-    network in the same pack. The result is deterministic for the same inputs.
+    ``max_networks`` is a number or a function of a spec (its pack key decides: dataset,
+    model, batch size, iterations). Networks of one training set stay together so that
+    dependents find their phase-1 network in the same pack. The result is deterministic
+    for the same inputs.
     """
-    if max_networks < 1:
-        raise ValueError(f"max_networks must be >= 1, got {max_networks}")
+    size_of = max_networks if callable(max_networks) else (lambda spec: max_networks)
     done = set(done_network_ids)
     by_id = {s.network_id: s for s in specs}
     groups: dict[tuple, dict[str, list[TrialSpec]]] = defaultdict(lambda: defaultdict(list))
@@ -81,11 +109,14 @@ def plan_packs(
 
     packs: list[Pack] = []
     for key in sorted(groups, key=repr):
+        limit = size_of(next(iter(groups[key].values()))[0])
+        if limit < 1:
+            raise ValueError(f"max_networks must be >= 1, got {limit}")
         current: list[TrialSpec] = []
         # Repeat-major order: a sweep stopped early leaves whole repeats, not a ragged subset.
         for ts_key in sorted(groups[key], key=lambda k: (groups[key][k][0].repeat, k)):
             for family in _families(groups[key][ts_key]):
-                if current and len(current) + len(family) > max_networks:
+                if current and len(current) + len(family) > limit:
                     packs.append(_make(current, rebuild))
                     current = []
                 current.extend(family)

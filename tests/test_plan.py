@@ -1,3 +1,5 @@
+import pytest
+
 from sweep.grid import expand
 from sweep.plan import Pack, plan_packs
 from sweep.spec import Method
@@ -45,3 +47,35 @@ def test_plan_is_deterministic_and_round_trips():
     a, b = plan_packs(g.specs, 5), plan_packs(list(reversed(g.specs)), 5)
     assert [p.pack_id for p in a] == [p.pack_id for p in b]
     assert Pack.from_dict(a[0].to_dict()) == a[0]
+
+
+def test_gpu_packs_are_sized_from_memory_and_the_model():
+    from sweep.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, pack_size, pack_sizer
+    from workers.sizing import member_training_bytes
+
+    g = expand({"name": "m", "recipe": "buda_mnist", "repeats": 1, "experiments": [
+        {"dataset": "mnist", "model": "lenet5", "methods": ["baseline", "oversampling"],
+         "imbalance": {"step": {"rho": [10], "mu": [0.1, 0.2, 0.3]}}},
+        {"dataset": "cifar10", "model": "allcnn", "recipe": "buda_cifar10", "methods": ["baseline"],
+         "imbalance": {"step": {"rho": [10, 20], "mu": [0.2, 0.5]}}},
+    ]})
+    lenet = next(s for s in g.specs if s.model == "lenet5")
+    allcnn = next(s for s in g.specs if s.model == "allcnn")
+    # per member: All-CNN with 256-image batches needs far more than LeNet-5 with 64
+    assert member_training_bytes("allcnn", "cifar10", 256) > 20 * member_training_bytes("lenet5", "mnist", 64)
+    assert member_training_bytes("allcnn", "cifar10", 128) < member_training_bytes("allcnn", "cifar10", 256)
+    per = member_training_bytes("allcnn", "cifar10", 256)
+    assert pack_size(allcnn, "cuda", 8 * 2**30) == int(MEMORY_FRACTION * 8 * 2**30 // per)
+    assert pack_size(allcnn, "cuda", 80 * 2**30) > pack_size(allcnn, "cuda", 8 * 2**30)
+    assert pack_size(allcnn, "cuda", 2**20) == 1  # never zero
+    assert pack_size(lenet, "cuda", 80 * 2**30) == DEFAULT_GPU_PACK  # capped
+    assert pack_size(allcnn, "cpu") == DEFAULT_CPU_PACK
+    # one plan, a size per pack key: every All-CNN pack within its memory bound
+    packs = plan_packs(g.specs, pack_sizer(0, "cuda", 4 * 2**30))
+    cap = pack_size(allcnn, "cuda", 4 * 2**30)
+    assert cap < 4
+    assert all(len(p.specs) <= cap for p in packs if p.specs[0].model == "allcnn")
+    assert sum(p.specs[0].model == "lenet5" for p in packs) == 1
+    assert pack_sizer(7, "cuda")(allcnn) == 7  # asked for: taken as given
+    with pytest.raises(ValueError, match=">= 0"):
+        pack_sizer(-1, "cpu")

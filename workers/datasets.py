@@ -87,9 +87,10 @@ CELEBA_PER_CLASS: tuple[int, int] = (
 # (32x32 inputs), so we use 32 (catalog: (3, 32, 32)): the central 178x178 square of each
 # aligned 178x218 face, resized.
 CELEBA_SIDE: int = DATASETS["celeba"].image_shape[-1]
-# Side of the in-memory ImageNet copy. Buda trains ResNet-10 on 224x224 random crops of
-# images resized to a 256 shorter side; that streams from disk and is out of scope here.
-IMAGENET_SIDE: int = 32
+# Side of the in-memory ImageNet copy (catalog: (3, 32, 32)). Buda trains ResNet-10 on
+# 224x224 random crops of images resized to a 256 shorter side; that streams from disk
+# and is out of scope here.
+IMAGENET_SIDE: int = DATASETS["imagenet"].image_shape[-1]
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
 
 # CelebA attribute file: +1 / -1 per attribute. Class 0 = women, 1 = men (the "Male"
