@@ -188,6 +188,24 @@ def status(store_dir: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("store_dir")
+@click.argument("out_dir")
+@click.option("--tables", default=None, help="Comma-separated tables to keep (default: all; trials always).")
+@click.option("--drop-columns", default="", help="Comma-separated columns to leave out, e.g. spec_json.")
+def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str) -> None:
+    """Rewrite a store's committed rows as one file per table and grid in a new store."""
+    from sweep.compact import compact_store
+    from sweep.store import StoreError
+
+    names = [t for t in tables.split(",") if t] if tables else None
+    try:
+        rows = compact_store(store_dir, out_dir, names, [c for c in drop_columns.split(",") if c])
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"compacted {store_dir} into {out_dir}: " + ", ".join(f"{t} {n:,} rows" for t, n in rows.items()))
+
+
+@cli.command()
+@click.argument("store_dir")
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 def query(store_dir: str, sql: str, fmt: str) -> None:

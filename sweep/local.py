@@ -1,49 +1,55 @@
 """Run a grid's packs one after another in this process, without Ray.
 
-For a single GPU box (or a machine without Ray): the same store, the same plan and
-the same resume semantics as ``sweep run``; packs are trained in repeat-major
-order, so a run cut short leaves whole repeats.
+For a single GPU box (or a machine without Ray): the same checks, store, plan and
+resume semantics as ``sweep run``; packs are trained in repeat-major order, so a run
+cut short (``max_packs``, ``max_seconds``, a kill) leaves whole repeats but for the
+last pack's. Needs only torch, numpy, pyarrow, pandas and pyyaml:
+
+    python -m sweep.local grids/buda_mnist.yaml --store results/buda_mnist --device cuda \\
+        --precision bf16 --max-seconds 3000
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
+import sys
 import time
 from collections.abc import Callable
 
-from sweep.grid import Grid
-from sweep.plan import pack_sizer, plan_packs
-from sweep.store import ResultStore
+from sweep.grid import Grid, GridError, load_grid
+from sweep.store import ResultStore, StoreError
 
 log = logging.getLogger(__name__)
 
 
 def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_dir: str | None = None,
-              max_networks: int = 0, precision: str = "fp32", max_packs: int = 0,
+              max_networks: int = 0, precision: str = "fp32", max_packs: int = 0, max_seconds: float = 0.0,
               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
-    """Train what the store lacks; returns (networks trained, networks failed, seconds)."""
+    """Train what the store lacks; returns (networks trained, networks failed, seconds).
+
+    ``max_packs`` / ``max_seconds`` (0: no limit) stop before starting another pack; a
+    started pack always finishes and is stored.
+    """
     import torch
 
-    from workers.datasets import load_dataset
+    from sweep.driver import plan_for, preflight
     from workers.run_pack import resolve_device, run_pack
 
     t0 = time.perf_counter()
     store = ResultStore(store_root)
-    store.check_writable()
-    for name in sorted({s.dataset for s in grid.specs}):
-        load_dataset(name, data_dir)  # fail before any training, naming where it looked
+    dev = resolve_device(device)  # a missing GPU fails here, before anything is written
+    preflight(grid, store, data_dir)
     store.save_grid(grid)
-    dev = resolve_device(device)
-    done = store.completed_network_ids(grid=grid.name)
     memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
-    packs = plan_packs(grid.specs, pack_sizer(max_networks or grid.max_networks_per_pack, dev.type, memory), done)
-    if max_packs:
-        packs = packs[:max_packs]
-    n_done = sum(1 for s in grid.specs if s.network_id in done)
+    packs, n_done = plan_for(grid, store, max_networks, dev.type, memory)
     trained = failed = 0
     if progress:
         progress(n_done, grid.trained_networks)
     for i, pack in enumerate(packs):
+        if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
+            log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
+            break
         result = run_pack(pack, store, device=str(dev), data_dir=data_dir, grid_hash=grid.file_hash,
                           precision=precision)  # type: ignore[arg-type]
         trained += result.networks - result.failed
@@ -53,3 +59,42 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
         if progress:
             progress(n_done, grid.trained_networks)
     return trained, failed, time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from workers.datasets import DatasetNotFound
+    from workers.run_pack import PRECISIONS, resolve_device
+
+    ap = argparse.ArgumentParser(prog="python -m sweep.local", description=__doc__.split("\n\n")[0])
+    ap.add_argument("grid", help="grid file")
+    ap.add_argument("--store", required=True, help="results store folder")
+    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
+    ap.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0: all)")
+    ap.add_argument("--max-seconds", type=float, default=0.0, help="start no pack after this long (0: no limit)")
+    a = ap.parse_args(argv)
+    if min(a.max_networks, a.max_packs, a.max_seconds) < 0:
+        ap.error("--max-networks, --max-packs and --max-seconds cannot be negative")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        grid = load_grid(a.grid)
+        resolve_device(a.device)  # RuntimeError: no CUDA here
+    except (GridError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        trained, failed, seconds = run_local(
+            grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
+            precision=a.precision, max_packs=a.max_packs, max_seconds=a.max_seconds,
+            progress=lambda done, total: log.info("%d of %d networks stored", done, total))
+    except (StoreError, DatasetNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{grid.name}: {trained} networks trained, {failed} failed, in {seconds:.0f} s; results in {a.store}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -20,3 +20,19 @@ def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
     assert trained == 2
     trials = ResultStore(store).read_table("trials")
     assert trials["trial_id"].is_unique and len(trials) == g.evaluations
+
+
+def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys):
+    import yaml
+
+    from sweep.local import main
+
+    grid = tmp_path / "loc.yaml"
+    grid.write_text(yaml.safe_dump(DOC))
+    store = tmp_path / "s"
+    assert main([str(grid), "--store", str(store), "--device", "cpu", "--max-packs", "1"]) == 0
+    assert len(ResultStore(str(store)).completed_network_ids()) == 2
+    assert main([str(grid), "--store", str(store), "--device", "cpu"]) == 0
+    assert "4 networks trained" in capsys.readouterr().out
+    assert main([str(grid), "--store", str(store), "--device", "cuda"]) == 1  # no GPU here
+    assert "CUDA is not available" in capsys.readouterr().err
