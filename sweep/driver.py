@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ MAX_RAY_TEMP_DIR_CHARS = 48
 CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
 KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
 KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
+DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
 
 
 class SweepError(RuntimeError):
@@ -120,6 +122,37 @@ def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int 
     return int(total * min(1.0, gpus_per_pack))  # a pack trains on one device
 
 
+def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
+    """The CPUs and GPUs per pack, once every option value is one a sweep can run with.
+
+    Pure (no store, no Ray), so it runs before anything is created. The grid's own
+    values are checked by ``sweep.grid``; these messages name the command-line option.
+    """
+    cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
+    gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
+    counts = (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu), ("--max-concurrent", options.max_concurrent),
+              ("--retries", options.retries), ("--max-networks", options.max_networks))
+    for flag, value in counts:
+        if value < 0:
+            raise SweepError(f"{flag} {value:g}: cannot be negative")
+    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
+        raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
+    if options.device is not None:
+        _check_device(options.device, gpu)
+    return cpu, gpu
+
+
+def _check_device(device: str, gpu: float) -> None:
+    """A device every worker could use; otherwise each pack would fail only inside Ray, after its retries."""
+    m = DEVICE_RE.fullmatch(device)
+    if m is None:
+        raise SweepError(f"--device {device!r}: not a worker device (allowed: cpu, cuda, cuda:N, auto)")
+    visible = max(1, int(gpu))  # Ray shows a pack only the GPUs it holds (CUDA_VISIBLE_DEVICES)
+    if gpu > 0 and m.group(1) is not None and int(m.group(1)) >= visible:
+        raise SweepError(f"--device {device}: a pack holding {gpu:g} GPU sees only cuda:0..cuda:{visible - 1}; "
+                         "use --device cuda, or more --gpus-per-pack")
+
+
 def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> None:
     """Everything that must hold before any pack starts; raises with a clear message."""
     store.check_writable()
@@ -132,18 +165,12 @@ def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> None:
 def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
               progress: ProgressFn | None = None) -> SweepSummary:
     t0 = time.perf_counter()
+    cpu, gpu = check_options(grid, options)  # first: a bad value creates no store, loads no data
     store = ResultStore(store_root)
     preflight(grid, store, options.data_dir)
     # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
     # writing to the same store is never disturbed mid-write.
     store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
-    cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
-    gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
-    if cpu < 0 or gpu < 0 or options.max_concurrent < 0 or options.retries < 0 or options.max_networks < 0:
-        raise SweepError("--cpus-per-pack, --gpus-per-pack, --max-concurrent, --retries and "
-                         "--max-networks cannot be negative")
-    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
-        raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
     packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu",
                            pack_memory_bytes(gpu, options.gpu_memory_gb))
     total = grid.trained_networks
@@ -160,7 +187,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
 
     _init_ray(options, cpu, gpu)
     try:
-        _check_resources(cpu, gpu)
+        _check_resources(cpu, gpu, options.device or ("cuda" if gpu > 0 else "cpu"))
         # Saved only once the sweep can start: bad input leaves no sweep for `resume`.
         store.save_grid(grid)
         if progress:
@@ -172,9 +199,11 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             tune.with_parameters(
                 _pack_trainable,
                 packs=[p.to_dict() for p in packs],
-                store_root=store.root,
+                # Absolute paths: Tune runs each trial in a working folder of its own, where a
+                # relative store or data folder would silently point somewhere else.
+                store_root=store.base_path if store.is_local else store.root,
                 grid_hash=grid.file_hash,
-                data_dir=options.data_dir,
+                data_dir=os.path.abspath(options.data_dir) if options.data_dir else None,
                 device=options.device or ("cuda" if gpu > 0 else "cpu"),
                 precision=options.precision,
                 threads=max(1, int(cpu)),
@@ -196,8 +225,8 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             ),
         )
         results = tuner.fit()
-        failed_packs = [packs[r.config["pack"]] for r in results if r.error is not None]
-        errors = {packs[r.config["pack"]].pack_id: str(r.error) for r in results if r.error is not None}
+        failed_packs = [packs[callback.pack_index(r)] for r in results if r.error is not None]
+        errors = {packs[callback.pack_index(r)].pack_id: str(r.error) for r in results if r.error is not None}
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
@@ -276,16 +305,20 @@ def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:
     ray.init(**kwargs)
 
 
-def _check_resources(cpu: float, gpu: float) -> None:
+def _check_resources(cpu: float, gpu: float, device: str) -> None:
     """Refuse packs that no node of the cluster could ever run (Tune would wait forever)."""
     import ray
 
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    fits = any(n["Resources"].get("CPU", 0) >= cpu and n["Resources"].get("GPU", 0) >= gpu for n in nodes)
-    if not fits:
-        have = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes]
+    have = [(n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)) for n in nodes]
+    if not any(c >= cpu and g >= gpu for c, g in have):
         raise SweepError(f"no Ray node can provide {cpu} CPU and {gpu} GPU per pack "
                          f"(nodes have (CPU, GPU): {have}); lower --cpus-per-pack/--gpus-per-pack")
+    # A pack without GPUs but told to use cuda (--device cuda) fails in every worker, after
+    # every retry, unless some node has a GPU it can see.
+    if device.startswith("cuda") and not any(g > 0 for _, g in have):
+        raise SweepError(f"--device {device}: no Ray node has a GPU (nodes have (CPU, GPU): {have}); "
+                         "use --device cpu")
 
 
 class _ProgressCallback:
@@ -303,6 +336,7 @@ class _ProgressCallback:
                 self.sizes = [len(p.stored_specs) for p in packs]
                 self.done, self.total, self.fn = done, total, fn
                 self.partial: dict[int, float] = {}  # pack index -> networks done pro rata
+                self.errored: dict[str, int] = {}  # trial path -> pack index, of failed trials
 
             def _emit(self) -> None:
                 if self.fn:
@@ -320,7 +354,16 @@ class _ProgressCallback:
 
             def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 self.partial.pop(trial.config["pack"], None)
+                self.errored[trial.path] = trial.config["pack"]
                 self._emit()
+
+            def pack_index(self, result: Any) -> int:
+                """The pack of a Tune ``Result``. ``result.config`` comes from the trial's last
+                report, so a pack whose worker died or could not import the trainable before
+                reporting anything has none; its trial, seen failing here, still knows it."""
+                if result.config is not None:
+                    return int(result.config["pack"])
+                return self.errored[result.path]
 
             def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
                 i = trial.config["pack"]

@@ -23,9 +23,9 @@ GRID = {
 }
 
 
-def sweep(*args, check=True):
+def sweep(*args, check=True, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, check=check, timeout=600)
+                          cwd=cwd, check=check, timeout=600)
 
 
 @pytest.fixture
@@ -40,9 +40,12 @@ def test_grid_to_store_to_query_through_ray(tmp_path, mnist, ray_dir):
     grid.write_text(yaml.safe_dump(GRID))
     store = tmp_path / "store"
     expected = json.loads(sweep("expand", str(grid), "--json").stdout)
-    run = sweep("run", str(grid), "--store", str(store), "--num-cpus", "2",
-                "--ray-temp-dir", ray_dir, "-q")
+    # As the README does it: paths relative to where the command runs (Tune runs each
+    # trial in a folder of its own, so the workers must not resolve them there).
+    run = sweep("run", "tiny.yaml", "--store", "store", "--num-cpus", "2",
+                "--ray-temp-dir", ray_dir, "-q", cwd=tmp_path)
     assert "6 networks trained in 2 packs" in run.stdout
+    assert len(list((store / "trials").rglob("*.parquet"))) == 2  # one committed file per pack, here
     counted = json.loads(sweep("query", str(store), "select count(*) as n from trials", "--format", "json").stdout)
     assert counted[0]["n"] == expected["evaluations"] == 12
     # Running the same grid again trains nothing: the store is the source of truth.
