@@ -39,6 +39,19 @@ def _grid(path: str) -> Grid:
         raise click.ClickException(str(e)) from None
 
 
+def _existing_store(store_dir: str) -> None:
+    """Commands that read a store refuse one that is not there: read as an empty store, a
+    mistyped path would say "no sweep recorded" (or give empty results) and exit 0."""
+    from sweep.store import ResultStore, StoreError
+
+    try:
+        found = ResultStore(store_dir).exists()
+    except StoreError as e:
+        raise click.ClickException(str(e)) from None
+    if not found:
+        raise click.ClickException(f"results store {store_dir} not found (no such folder)")
+
+
 @cli.command()
 @click.argument("grid_file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
@@ -127,6 +140,7 @@ def resume(store_dir: str, **kw: Any) -> None:
     """Continue every sweep recorded in a store: train exactly what is missing."""
     from sweep.store import ResultStore, StoreError
 
+    _existing_store(store_dir)
     try:
         grids = ResultStore(store_dir).saved_grids()
     except StoreError as e:
@@ -179,6 +193,7 @@ def status(store_dir: str, as_json: bool) -> None:
     from sweep.status import format_status, store_status, to_json
     from sweep.store import StoreError
 
+    _existing_store(store_dir)
     try:
         info = store_status(store_dir)
     except StoreError as e:
@@ -212,6 +227,7 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
     """Run SQL over the store's tables (trials, class_metrics, curves, ...)."""
     from sweep.query import QueryError, format_result, query as run_query
 
+    _existing_store(store_dir)
     try:
         click.echo(format_result(run_query(store_dir, sql), fmt))
     except QueryError as e:
@@ -229,6 +245,7 @@ def report(store_dir: str, out_path: str, dataset: str | None, model: str | None
     from analysis.report import write_report
     from sweep.store import StoreError
 
+    _existing_store(store_dir)
     try:
         summary = write_report(store_dir, out_path, dataset=dataset, model=model, grid=grid)
     except StoreError as e:

@@ -149,15 +149,23 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
     ids = [s.network_id for s in specs]
     if len(set(ids)) != len(ids):
         raise err("experiments", "two experiments produce the same networks", "make them differ")
+    # Checked here, not by the driver: its message would blame --cpus-per-pack/--max-networks.
+    cpu = float(_num(err, res, "cpu", 1, "resources."))
+    gpu = float(_num(err, res, "gpu", 0, "resources."))
+    if cpu < 0 or gpu < 0:
+        raise err("resources", f"cpu {cpu:g}, gpu {gpu:g}: cannot be negative", "cpu >= 0, gpu >= 0")
+    max_networks = _int(err, pack, "max_networks", 0, "pack.")
+    if max_networks < 0:
+        raise err("pack.max_networks", f"{max_networks}: cannot be negative", "0 (sized for the device) or more")
     return Grid(
         name=str(name),
         path=source,
         file_hash=file_hash,
         seed=seed,
         specs=tuple(specs),
-        cpu_per_pack=float(_num(err, res, "cpu", 1, "resources.")),
-        gpu_per_pack=float(_num(err, res, "gpu", 0, "resources.")),
-        max_networks_per_pack=_int(err, pack, "max_networks", 0, "pack."),
+        cpu_per_pack=cpu,
+        gpu_per_pack=gpu,
+        max_networks_per_pack=max_networks,
     )
 
 
@@ -188,7 +196,8 @@ def _expand_experiment(
         default=[m.value for m in DEFAULT_THRESHOLDED if m in methods], allow_empty=True)]
     for m in thresholded:
         if m not in methods:
-            raise err(p + "thresholding", f"{m} is not one of the grid's methods", f"methods: {methods}")
+            raise err(p + "thresholding", f"{m} is not one of the grid's methods",  # names, not enum reprs
+                      "methods: " + ", ".join(str(x) for x in methods))
     ratios = [float(r) for r in _list(err, cfg, "resample_ratios", [1], p)]
     if any(not math.isfinite(r) or r < 1 for r in ratios):
         raise err(p + "resample_ratios", f"{ratios}: every ratio must be >= 1", "1 = fully balanced")

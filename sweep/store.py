@@ -307,6 +307,18 @@ class ResultStore:
         return sorted(grids, key=lambda g: g.name)
 
     # -- reading ---------------------------------------------------------------
+    def exists(self) -> bool:
+        """Whether the root folder exists (readers treat a missing one as empty; the CLI does not)."""
+        try:
+            info = self._fs.get_file_info(self._base)
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"results store {self.root}: cannot open: {_reason(exc)}") from exc
+        if info.type == pafs.FileType.NotFound:
+            return False
+        if info.type != pafs.FileType.Directory:
+            raise StoreError(f"results store {self.root} is not a folder")
+        return True
+
     def table_names(self) -> list[str]:
         """Tables with at least one committed file, sorted."""
         return [t for t in self._table_dirs() if self.files(t)]

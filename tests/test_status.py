@@ -119,5 +119,6 @@ def test_status_command_reads_the_store(tmp_path):
 
 
 def test_status_of_an_empty_store(tmp_path):
+    (tmp_path / "nothing").mkdir()  # a store folder that is not there is an error (tests/test_bad_input.py)
     res = CliRunner().invoke(cli, ["status", str(tmp_path / "nothing")])
     assert res.exit_code == 0 and "no sweep recorded" in res.output
