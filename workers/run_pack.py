@@ -126,12 +126,15 @@ def run_pack(
     results: dict[str, dict[str, Any]] = {}
     states: dict[str, dict[str, torch.Tensor]] = {}
     latent: list[dict[str, Any]] = []  # per stage: latent_stats / embeddings / classifier_weights
+    # Input transforms by training set, shared by both stages: a stage-2 network trains on
+    # its parent's subset, and refitting ZCA there cost seconds per training set for nothing.
+    fitted: dict[str, Any] = {}
     if resumed is not None and resumed["stage"] == 2:
         results, states, latent = resumed["results"], resumed["states"], resumed.get("latent", [])
     elif stage1:
         model = _new_model(stage1, ds, dev)
         out, tables = _run_stage(model, stage1, data, ds, x_train, y_train, x_test, y_test, head_only=False,
-                                 autocast=autocast, ckpt=ckpt, resume=resumed, stage=1,
+                                 fitted=fitted, autocast=autocast, ckpt=ckpt, resume=resumed, stage=1,
                                  progress=stage_progress(0))
         results.update(out)
         latent.append(tables)
@@ -160,7 +163,7 @@ def run_pack(
                 model.load_member_state(i, states[s.parent_id])
             ckpt.stage1 = {"results": results, "states": states, "latent": latent}
             out, tables = _run_stage(model, runnable, data, ds, x_train, y_train, x_test, y_test,
-                                     head_only=True, autocast=autocast, ckpt=ckpt,
+                                     head_only=True, fitted=fitted, autocast=autocast, ckpt=ckpt,
                                      resume=resumed if resumed is not None and resumed["stage"] == 2 else None,
                                      stage=2, progress=stage_progress(iters if stage1 else 0))
             results.update(out)
@@ -187,14 +190,15 @@ def _new_model(specs: list[TrialSpec], ds: ArrayDataset, dev: torch.device) -> P
 
 def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberData], ds: ArrayDataset,
                x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-               *, head_only: bool, autocast: torch.dtype | None, ckpt: "_Checkpoints",
+               *, head_only: bool, fitted: dict[str, Any], autocast: torch.dtype | None,
+               ckpt: "_Checkpoints",
                resume: dict[str, Any] | None, stage: int,
                progress: Callable[[int], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     dev = x_train.device
     md = [data[s.network_id] for s in specs]
     recipe = specs[0].recipe
-    # Each member's input transform is fitted on its own imbalanced subset (ZCA, mean/std).
-    fitted: dict[str, Any] = {}  # one fit per training subset: ZCA costs seconds
+    # Each member's input transform is fitted on its own imbalanced subset (ZCA, mean/std);
+    # ``fitted`` (training_set_key -> transform) holds one fit per subset: ZCA costs seconds.
     for s, m in zip(specs, md):
         if s.training_set_key not in fitted:
             fitted[s.training_set_key] = fit_transform(ds.preprocess, ds.train_x[m.subset])
