@@ -206,8 +206,16 @@ class TrialSpec:
 
     @property
     def pack_key(self) -> tuple[Any, ...]:
-        """Specs with equal keys can be trained together in one process."""
-        return (self.dataset, self.model, self.recipe.batch_size, self.recipe.iters)
+        """Specs with equal keys can be trained together in one process.
+
+        Everything a pack applies to all its members at once is in the key: the data and
+        architecture, the step count and batch, the initialisation scheme, and when it
+        evaluates, selects and checkpoints. Per-member settings (lr and its schedule,
+        momentum, weight decay, loss, sampling) are not.
+        """
+        r = self.recipe
+        return (self.dataset, self.model, r.batch_size, r.iters, r.init, str(self.selection), r.eval_every,
+                r.checkpoint_every)
 
     def to_json(self) -> str:
         return canonical_json(_plain(self))

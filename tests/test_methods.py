@@ -177,6 +177,21 @@ def test_validation_selection_carves_a_split_and_records_the_best_point(small_mn
     assert final.tables["trials"][0]["best_iter"] == 20
 
 
+def test_each_member_is_selected_on_its_own_training_sets_validation_split(small_mnist):
+    """Two training sets in one pack: each member keeps the point that is best on its own split,
+    exactly as when its training set is trained alone (never on the other set's images)."""
+    g = grid(methods=["baseline"], selection="validation", thresholding=[], repeats=2,
+             recipe={"preset": "buda_mnist", "iters": 20, "eval_every": 4})
+    assert len({s.training_set_key for s in g.specs}) == 2
+    together = {r["network_id"]: r for r in rp.run_pack(Pack(g.specs), None, dataset=small_mnist).tables["trials"]}
+    for s in g.specs:
+        alone = rp.run_pack(Pack((s,)), None, dataset=small_mnist).tables["trials"][0]
+        packed = together[s.network_id]
+        assert packed["best_iter"] == alone["best_iter"]
+        assert packed["val_balanced_accuracy"] == pytest.approx(alone["val_balanced_accuracy"], abs=1e-12)
+        assert packed["roc_auc"] == pytest.approx(alone["roc_auc"], abs=1e-4)  # as test_run_pack
+
+
 # -- learning-rate search ----------------------------------------------------------------------
 
 

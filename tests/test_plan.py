@@ -79,3 +79,17 @@ def test_gpu_packs_are_sized_from_memory_and_the_model():
     assert pack_sizer(7, "cuda")(allcnn) == 7  # asked for: taken as given
     with pytest.raises(ValueError, match=">= 0"):
         pack_sizer(-1, "cpu")
+
+
+def test_specs_that_differ_in_a_pack_wide_setting_never_share_a_pack():
+    base = {"dataset": "mnist", "model": "lenet5", "methods": ["baseline"],
+            "imbalance": {"step": {"rho": [10], "mu": [0.5]}}}
+    g = expand({"name": "k", "recipe": {"preset": "buda_mnist", "iters": 10}, "experiments": [
+        {**base, "selection": "final"},
+        {**base, "selection": "validation"},
+        {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "eval_every": 5}},
+        {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "init": "kaiming"}},
+        {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "checkpoint_every": 5}},
+    ]})
+    packs = plan_packs(g.specs, 100)
+    assert len(g.specs) == 5 and len(packs) == 5  # one pack each, although all fit in one

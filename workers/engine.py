@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from workers.losses import PackedLoss
-from workers.metrics import classification_metrics
+from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
 from workers.optim import PackedSGD
 from workers.samplers import EpochSampler, take_stacked
@@ -36,11 +36,30 @@ EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass
 
 @dataclass
 class EvalSet:
-    """Images (uint8, on the device) and labels a stage measures itself on."""
+    """Images (uint8, on the device) and labels a stage measures itself on.
+
+    Shared by all members (``y`` [N]), or per member (``idx`` [P, N] into ``x``, ``y``
+    [P, N] with -1 for padding): each member's validation split is carved from its own
+    training set, so members of different training sets are judged on different images.
+    """
 
     x: Tensor
     y: Tensor
     split: str  # "test" | "validation"
+    idx: Tensor | None = None
+
+
+def pad_members(index_sets: list[np.ndarray], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-member index sets as ``[P, N_max]`` indices (padding: index 0) and labels (-1 = padding)."""
+    longest = max(len(s) for s in index_sets)
+    idx = torch.zeros(len(index_sets), longest, dtype=torch.long)
+    labels = torch.full((len(index_sets), longest), -1, dtype=torch.long)
+    y_cpu = y.cpu()
+    for p, s in enumerate(index_sets):
+        t = torch.from_numpy(np.asarray(s, dtype=np.int64))
+        idx[p, :len(s)] = t
+        labels[p, :len(s)] = y_cpu[t]
+    return idx.to(y.device), labels.to(y.device)
 
 
 @dataclass
@@ -75,13 +94,19 @@ Checkpointer = Callable[[dict[str, Any]], None]
 
 
 def predict(model: PackedNet, x: Tensor, transform: Any, autocast_dtype: torch.dtype | None = None,
-            want_features: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Logits ``[P, N, K]`` (and FE ``[P, N, F]``) of every member on the same images."""
+            want_features: bool = False, idx: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Logits ``[P, N, K]`` (and FE ``[P, N, F]``) of every member on the same images ``x``,
+    or, with ``idx`` ``[P, N]``, of member p on its own images ``x[idx[p]]``."""
     model.eval()
     outs, feats = [], []
+    n = x.shape[0] if idx is None else idx.shape[1]
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
-        for i in range(0, x.shape[0], EVAL_CHUNK_IMAGES):
-            xb = x[i:i + EVAL_CHUNK_IMAGES].unsqueeze(0).expand(model.members, *x[i:i + EVAL_CHUNK_IMAGES].shape)
+        for i in range(0, n, EVAL_CHUNK_IMAGES):
+            if idx is None:
+                chunk = x[i:i + EVAL_CHUNK_IMAGES]
+                xb = chunk.unsqueeze(0).expand(model.members, *chunk.shape)
+            else:
+                xb = x[idx[:, i:i + EVAL_CHUNK_IMAGES]]
             f, logits = model(transform.apply(xb))
             outs.append(logits.float())
             if want_features:
@@ -183,7 +208,11 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
     if cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
         sets.append(cfg.select_on)
     for es in sets:
-        logits, _ = predict(model, es.x, transform, cfg.autocast_dtype)
+        logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
+        if es.idx is not None:  # per-member splits: used for selection only
+            _track_best(model, state, np.nan_to_num(member_balanced_accuracy(logits, es.y).cpu().numpy(),
+                                                    nan=-1.0), it)
+            continue
         m = classification_metrics(logits, es.y, logits.shape[-1])
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"

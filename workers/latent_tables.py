@@ -36,12 +36,12 @@ import torch
 from torch import Tensor
 
 from sweep.spec import Evaluation, TrialSpec
+from workers.engine import pad_members, predict
 from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
 from workers.models import PackedNet, build_model
 from workers.transforms import InputTransform, stack_transforms
 
 FE_CHUNK_BYTES = 256 * 2**20  # float32 FE of one chunk of members, train and test together
-EVAL_BATCH_IMAGES = 2048  # images per member per forward pass
 TOP = 10  # ranked entries kept per class (the paper's "ten largest")
 
 
@@ -63,7 +63,7 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     for chunk in _chunks(wanted, [len(subsets[i]) for i in wanted], x_test.shape[0], width):
         sub = _sub_model(model, model_name, chunk, num_classes, tuple(x_train.shape[1:]))
         transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
-        idx, labels = _padded([subsets[i] for i in chunk], y_train)
+        idx, labels = pad_members([subsets[i] for i in chunk], y_train)
         fe_train = member_features(sub, transform, x_train, idx)
         fe_test = member_features(sub, transform, x_test, torch.arange(x_test.shape[0]).expand(len(chunk), -1))
         head = sub.classifier()
@@ -94,16 +94,10 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     }
 
 
-@torch.no_grad()
 def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor) -> Tensor:
     """FE ``[P, N, F]`` (float32, no autocast) of member p on images ``x[idx[p]]``."""
-    model.eval()
-    out = []
-    idx = idx.to(x.device)
-    for start in range(0, idx.shape[1], EVAL_BATCH_IMAGES):
-        fe, _ = model(transform.apply(x[idx[:, start:start + EVAL_BATCH_IMAGES]]))
-        out.append(fe.float())
-    return torch.cat(out, dim=1)
+    _, fe = predict(model, x, transform, None, want_features=True, idx=idx.to(x.device))
+    return fe
 
 
 def compact_coverage(table: pd.DataFrame) -> pd.DataFrame:
@@ -184,19 +178,6 @@ def _sub_model(model: PackedNet, name: str, members: list[int], num_classes: int
     for j, i in enumerate(members):
         sub.load_member_state(j, model.member_state(i))
     return sub
-
-
-def _padded(subsets: list[np.ndarray], y: Tensor) -> tuple[Tensor, Tensor]:
-    """``[P, N_max]`` image indices (padding repeats index 0) and labels (-1 = padding)."""
-    longest = max(len(s) for s in subsets)
-    idx = torch.zeros(len(subsets), longest, dtype=torch.long)
-    labels = torch.full((len(subsets), longest), -1, dtype=torch.long)
-    y_cpu = y.cpu()
-    for p, s in enumerate(subsets):
-        t = torch.from_numpy(np.asarray(s, dtype=np.int64))
-        idx[p, :len(s)] = t
-        labels[p, :len(s)] = y_cpu[t]
-    return idx.to(y.device), labels.to(y.device)
 
 
 def _predictions(fe: Tensor, w: Tensor, b: Tensor) -> Tensor:

@@ -152,6 +152,24 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
     }
 
 
+def member_balanced_accuracy(scores: Tensor, labels: Tensor) -> Tensor:
+    """Balanced accuracy [P] (float64) when members are judged on different images.
+
+    ``labels`` is ``[P, N]`` with -1 for padding (a member's split shorter than the
+    longest): padded positions count nowhere. A member with non-finite scores gets NaN.
+    """
+    if scores.ndim != 3 or labels.shape != scores.shape[:2]:
+        raise ValueError(f"scores [P, N, K] and labels [P, N] expected, got {tuple(scores.shape)} and "
+                         f"{tuple(labels.shape)}")
+    p, _, k = scores.shape
+    valid = labels >= 0
+    lab = labels.clamp_min(0)
+    counts = torch.zeros(p, k, dtype=torch.float64, device=scores.device).scatter_add_(1, lab, valid.double())
+    hits = torch.zeros_like(counts).scatter_add_(1, lab, (valid & (scores.argmax(dim=2) == labels)).double())
+    recall = torch.where(counts > 0, hits / counts.clamp_min(1), float("nan"))
+    return torch.where(_finite_members(scores), recall.nanmean(dim=1), float("nan"))
+
+
 def _check_priors(priors: Tensor, p: int, k: int, device: torch.device) -> Tensor:
     priors = torch.as_tensor(priors, device=device)
     if priors.shape not in ((k,), (p, k)):

@@ -32,7 +32,7 @@ import torch
 from sweep.plan import Pack
 from sweep.spec import Evaluation, ImbalanceKind, Method, Selection, TrialSpec, derive_seed
 from workers.datasets import ArrayDataset, load_dataset
-from workers.engine import EvalSet, StageConfig, StageState, predict, train_stage
+from workers.engine import EvalSet, StageConfig, StageState, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
@@ -217,10 +217,9 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
     )
     selection = specs[0].selection
     select_on = None
-    if selection == Selection.VALIDATION:
-        val = _common_validation(md)
-        if val is not None:
-            select_on = EvalSet(x_train[val], y_train[val], "validation")
+    if selection == Selection.VALIDATION and all(len(m.validation) for m in md):
+        idx, labels = pad_members([m.validation for m in md], y_train)
+        select_on = EvalSet(x_train, labels, "validation", idx=idx)
     elif selection == Selection.TEST:
         select_on = EvalSet(x_test, y_test, "test")
     eval_every = recipe.eval_every
@@ -287,16 +286,6 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
             "latent_seconds": latent_seconds if s.latent or s.embeddings else 0.0,
         }
     return out, latent
-
-
-def _common_validation(md: list[MemberData]) -> np.ndarray | None:
-    """The validation split, when every member shares one (one training set per pack chunk)."""
-    vals = [m.validation for m in md if len(m.validation)]
-    if not vals:
-        return None
-    # Members of different training sets have different splits: use their union only if
-    # they coincide; otherwise each is judged on the first one (documented limitation).
-    return vals[0]
 
 
 def _failed(spec: TrialSpec, why: str) -> dict[str, Any]:
