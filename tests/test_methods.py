@@ -276,3 +276,21 @@ def test_zca_fitted_in_run_pack_whitens_the_members_own_subset(monkeypatch):
     strong = lam > 100 * ZCA_BIAS
     assert strong.sum() >= 6 and np.all(np.abs(got[strong] - 1) < 0.011)
     assert np.abs(white.mean(0)).max() < 1e-3  # centred on the subset
+
+
+def test_allcnn_with_dropout_gives_the_same_numbers_every_run_and_alone(monkeypatch):
+    """Dropout masks come from each member's own seeded stream, not torch's global state."""
+    y = torch.arange(10).repeat_interleave(40)
+    ds = ArrayDataset(name="cifar10", train_x=cifar_like(400, 1), train_y=y, test_x=cifar_like(50, 2),
+                      test_y=torch.arange(10).repeat(5), num_classes=10, source="synthetic", preprocess="scale")
+    g = expand({"name": "d", "dataset": "cifar10", "model": "allcnn",
+                "recipe": {"preset": "buda_cifar10", "iters": 3, "batch_size": 4, "checkpoint_every": 0},
+                "max_per_class": 30, "minority": "lowest", "imbalance": {"step": {"rho": [3], "mu": [0.5]}},
+                "methods": ["baseline", "oversampling"], "thresholding": [], "seed": 4})
+    first = rp.run_pack(Pack(g.specs), None, dataset=ds).tables["trials"]
+    torch.manual_seed(12345)  # the global stream plays no part
+    torch.rand(7)
+    second = rp.run_pack(Pack(g.specs), None, dataset=ds).tables["trials"]
+    assert [r["roc_auc"] for r in first] == [r["roc_auc"] for r in second]
+    alone = rp.run_pack(Pack(g.specs[1:]), None, dataset=ds).tables["trials"][0]
+    assert alone["roc_auc"] == pytest.approx(first[1]["roc_auc"], abs=1e-4)

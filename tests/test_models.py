@@ -117,6 +117,27 @@ def test_allcnn_dropout_is_per_member_and_off_in_eval() -> None:
     assert not torch.allclose(logits[0], logits[2])
 
 
+def test_allcnn_dropout_masks_are_the_members_own_alone_or_packed() -> None:
+    """Each member's masks come from its own seeded stream: a member trained in a pack
+    sees the same masks as alone, and a rerun sees the same masks again."""
+    pack = AllCNN(P, 10, (3, 16, 16))
+    pack.reset_parameters("xavier", SEEDS)
+    pack.seed_noise([100 + p for p in range(P)])
+    alone = AllCNN(1, 10, (3, 16, 16))
+    alone.reset_parameters("xavier", [SEEDS[2]])
+    alone.seed_noise([102])
+    x = _inputs("allcnn")
+    with torch.no_grad():
+        packed = pack.train()(x)[1]
+        single = alone.train()(x[2:3])[1]
+        torch.testing.assert_close(packed[2], single[0], atol=1e-5, rtol=1e-4)
+        state = pack.noise_state()
+        again = pack(x)[1]  # the streams moved on: other masks
+        assert not torch.allclose(again, packed)
+        pack.load_noise_state(state, x.device)  # a checkpoint restores them
+        torch.testing.assert_close(pack(x)[1], again)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_member_state_round_trip(name: str) -> None:
     pack = _make(name, P, SEEDS).train()

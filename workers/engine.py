@@ -183,8 +183,7 @@ def train_stage(
             checkpoint({"stage_state": state, "optimizer": opt.state(),
                         "samplers": [s.state() for s in samplers],
                         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None})
+                        "noise": model.noise_state()})
         if progress is not None:
             progress(it)
     _note_divergence(state, first_bad)

@@ -54,6 +54,46 @@ class PackedNet(nn.Module):
             if hasattr(m, "reset") and m is not self:
                 m.reset(init, gens)
 
+    # -- per-member noise (dropout) ------------------------------------------------------
+    def seed_noise(self, seeds: Sequence[int]) -> None:
+        """Seed each member's own random stream for dropout masks (default: 0..P-1).
+
+        A member's masks then depend on its seed alone, not on the pack around it or on
+        torch's global state: the same numbers alone or in any pack, run after run.
+        """
+        if len(seeds) != self.members:
+            raise ValueError(f"{len(seeds)} seeds for {self.members} members")
+        self._noise_seeds = [int(s) for s in seeds]
+        self._noise_generators: list[torch.Generator] | None = None
+
+    def _generators(self, device: torch.device) -> list[torch.Generator]:
+        gens = getattr(self, "_noise_generators", None)
+        if gens is None or gens[0].device != device:
+            seeds = getattr(self, "_noise_seeds", None) or list(range(self.members))
+            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+            self._noise_generators = gens
+        return gens
+
+    def noise_state(self) -> list[Tensor] | None:
+        """The members' dropout streams (for checkpoints); None before any was drawn from."""
+        gens = getattr(self, "_noise_generators", None)
+        return None if gens is None else [g.get_state() for g in gens]
+
+    def load_noise_state(self, states: list[Tensor], device: torch.device) -> None:
+        for g, st in zip(self._generators(device), states):
+            g.set_state(st)
+
+    def member_dropout(self, z: Tensor, rate: float) -> Tensor:
+        """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's stream."""
+        if not self.training or rate == 0:
+            return z
+        keep = 1.0 - rate
+        per = z.unflatten(1, (self.members, -1))  # [B, P, C, H, W], any memory layout
+        shape = (per.shape[0], *per.shape[2:])
+        masks = torch.stack([torch.empty(shape, device=z.device, dtype=z.dtype).bernoulli_(keep, generator=g)
+                             for g in self._generators(z.device)], dim=1)
+        return (per * masks).div_(keep).flatten(1, 2)
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for n in self.head_names for p in getattr(self, n).parameters()]
 
@@ -134,7 +174,8 @@ class AllCNN(PackedNet):
       fixed set) and report 9.75 % test error without augmentation, close to
       Springenberg's 9.08 % with dropout; without dropout All-CNN-C overfits
       CIFAR-10 well above that. Pass ``dropout=False`` for the plain network.
-      Dropout masks are drawn per element, so every member gets its own.
+      Dropout masks are drawn per element from each member's own random stream
+      (``seed_noise``), so every member gets its own, the same alone or in a pack.
     * Two-phase training fine-tunes "the two last convolutional layers with kernels
       of size 1": ``head_names = ("conv8", "fc")``.
 
@@ -159,7 +200,7 @@ class AllCNN(PackedNet):
         self.fc = PackedLinear(members, 192, num_classes)  # conv9 (1x1) after the pooling
 
     def _drop(self, z: Tensor, rate: float) -> Tensor:
-        return F.dropout(z, rate, self.training) if self.dropout else z
+        return self.member_dropout(z, rate) if self.dropout else z
 
     def body(self, x: Tensor) -> Tensor:
         z = self._drop(to_grouped(x, self.channels_last), 0.2)

@@ -185,6 +185,7 @@ def _new_model(specs: list[TrialSpec], ds: ArrayDataset, dev: torch.device) -> P
     model = build_model(s0.model, len(specs), ds.num_classes, tuple(ds.train_x.shape[1:]))
     # Same training set -> same initial weights for every method (paired comparisons).
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
+    model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
     return model.to(dev)
 
 
@@ -248,10 +249,8 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
         state, opt_state = resume["stage_state"], resume["optimizer"]
         if state.best_state is not None:  # saved from the device, loaded on the CPU
             state.best_state = {k: v.to(dev) for k, v in state.best_state.items()}
-        if resume.get("torch_rng") is not None:  # dropout masks continue as if never stopped
-            torch.set_rng_state(resume["torch_rng"])
-        if resume.get("cuda_rng") is not None and dev.type == "cuda":
-            torch.cuda.set_rng_state(resume["cuda_rng"], dev)
+        if resume.get("noise") is not None:  # dropout masks continue as if never stopped
+            model.load_noise_state(resume["noise"], dev)
         log.info("pack %s: stage %d resumes from iteration %d", ckpt.pack_id, stage, state.iteration)
     ckpt.stage = stage
     state = train_stage(model, samplers, x_train, y_train, transform, loss_fn, cfg, state, opt_state,
