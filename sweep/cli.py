@@ -211,6 +211,7 @@ def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str)
     from sweep.compact import compact_store
     from sweep.store import StoreError
 
+    _existing_store(store_dir)
     names = [t for t in tables.split(",") if t] if tables else None
     try:
         rows = compact_store(store_dir, out_dir, names, [c for c in drop_columns.split(",") if c])

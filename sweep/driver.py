@@ -56,6 +56,7 @@ MAX_RAY_TEMP_DIR_CHARS = 48
 CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
 KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
 KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
+NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with an NVIDIA GPU
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
 
 
@@ -112,6 +113,8 @@ def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int 
     if gpus_per_pack <= 0:
         return None
     if gpu_memory_gb is None:
+        if not os.path.exists(NVIDIA_DRIVER):
+            return None  # no GPU here: spares `sweep expand` the import of torch
         import torch
 
         if not torch.cuda.is_available():

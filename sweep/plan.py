@@ -11,9 +11,11 @@ the pack as a *rebuild* member, whose rows are not written again.
 from __future__ import annotations
 
 from collections import defaultdict
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from sweep.catalog import DATASETS, FOOTPRINTS
 from sweep.spec import TrialSpec, _hash
 
 # Networks per pack when the grid and the command line say nothing. On the CPU a pack
@@ -24,6 +26,13 @@ DEFAULT_CPU_PACK = 32
 DEFAULT_GPU_PACK = 256
 MEMORY_FRACTION = 0.7  # of the GPU's memory (per pack): the rest for the dataset and the allocator
 DEFAULT_GPU_MEMORY_BYTES = 16 * 2**30  # when neither the driver nor the user knows the GPU
+FLOAT_BYTES = 4
+# Per parameter: the weight, its gradient, the momentum buffer, and a best-state copy
+# when a selection keeps one.
+PARAMETER_COPIES = 4
+# Per layer output value of a batch: the value kept for backward, its gradient, and the
+# temporaries of functional ops between layers (ReLU, pooling, dropout); conservative.
+ACTIVATION_COPIES = 3
 
 PackSizer = Callable[[TrialSpec], int]
 
@@ -58,15 +67,22 @@ def pack_size(spec: TrialSpec, device: str, memory_bytes: int | None = None) -> 
 
     CPU: DEFAULT_CPU_PACK. GPU: as many members as fit in MEMORY_FRACTION of
     ``memory_bytes`` (the memory a pack may use: the GPU's times its share of it) by
-    ``workers.sizing``'s measured per-member need, at most DEFAULT_GPU_PACK.
+    :func:`member_training_bytes`, at most DEFAULT_GPU_PACK.
     """
     if not device.startswith("cuda"):
         return DEFAULT_CPU_PACK
-    from workers.sizing import member_training_bytes  # torch: only when sizing for a GPU
-
     per_member = member_training_bytes(spec.model, spec.dataset, spec.recipe.batch_size)
     budget = MEMORY_FRACTION * (memory_bytes or DEFAULT_GPU_MEMORY_BYTES)
     return max(1, min(DEFAULT_GPU_PACK, int(budget // per_member)))
+
+
+def member_training_bytes(model: str, dataset: str, batch_size: int) -> int:
+    """Bytes of device memory one network needs to train on ``batch_size`` images
+    (``sweep.catalog.FOOTPRINTS``: its parameters and layer outputs per image)."""
+    params, values_per_image = FOOTPRINTS[(model, dataset)]
+    image_values = math.prod(DATASETS[dataset].image_shape)  # the uint8 batch as float, transformed
+    return FLOAT_BYTES * (PARAMETER_COPIES * params + ACTIVATION_COPIES * (values_per_image + 2 * image_values)
+                          * batch_size)
 
 
 def pack_sizer(max_networks: int, device: str, memory_bytes: int | None = None) -> PackSizer:

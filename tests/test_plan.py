@@ -50,8 +50,7 @@ def test_plan_is_deterministic_and_round_trips():
 
 
 def test_gpu_packs_are_sized_from_memory_and_the_model():
-    from sweep.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, pack_size, pack_sizer
-    from workers.sizing import member_training_bytes
+    from sweep.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, member_training_bytes, pack_size, pack_sizer
 
     g = expand({"name": "m", "recipe": "buda_mnist", "repeats": 1, "experiments": [
         {"dataset": "mnist", "model": "lenet5", "methods": ["baseline", "oversampling"],
@@ -93,3 +92,13 @@ def test_specs_that_differ_in_a_pack_wide_setting_never_share_a_pack():
     ]})
     packs = plan_packs(g.specs, 100)
     assert len(g.specs) == 5 and len(packs) == 5  # one pack each, although all fit in one
+
+
+def test_the_catalogs_footprints_are_what_the_models_measure():
+    from sweep.catalog import FOOTPRINTS, MODELS
+    from workers.sizing import measure_footprint
+
+    pairs = {(m, d) for m, datasets in MODELS.items() for d in datasets}
+    assert set(FOOTPRINTS) == pairs
+    for model, dataset in sorted(pairs):
+        assert measure_footprint(model, dataset) == FOOTPRINTS[(model, dataset)], (model, dataset)
