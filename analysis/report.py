@@ -384,7 +384,7 @@ def _page(store: ResultStore, now: dt.datetime, trials: pd.DataFrame, figures: l
         f"{trials['network_id'].nunique() if not trials.empty else 0:,} trained networks. "
         f"{_esc(_points_sentence(figures))}</p>"
         + _counts_table(trials) + missing_html
-        + (f"<p class='note'>Not drawn: " + "; ".join(f"{_esc(f.title)} ({_esc(f.note)})" for f in skipped)
+        + ("<p class='note'>Not drawn: " + "; ".join(f"{_esc(f.title)} ({_esc(f.note)})" for f in skipped)
            + ".</p>" if skipped else "")
         + "</header>")
     body = "".join(_figure_section(f) for f in figures if f.figure is not None)

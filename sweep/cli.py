@@ -6,7 +6,6 @@ import json
 import logging
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import click

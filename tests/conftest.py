@@ -1,4 +1,6 @@
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -27,3 +29,14 @@ def small_mnist(mnist):
     return ArrayDataset(name="mnist", train_x=mnist.train_x[:2000], train_y=mnist.train_y[:2000],
                         test_x=mnist.test_x[:1000], test_y=mnist.test_y[:1000], num_classes=10,
                         source="mnist[:2000]", preprocess=mnist.preprocess)
+
+
+@pytest.fixture
+def ray_dir():
+    """A temp folder for an embedded Ray of the test's own (``--ray-temp-dir``), removed after.
+
+    Under /tmp with a short name: Ray's Unix socket paths must stay under 107 bytes.
+    """
+    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

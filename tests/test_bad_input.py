@@ -13,10 +13,8 @@ wrongly started would still end quickly and fail the assertions, not the time li
 
 import copy
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -81,13 +79,6 @@ def assert_nothing_started(store: Path) -> None:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture
-def ray_dir():
-    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

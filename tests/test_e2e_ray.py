@@ -1,9 +1,7 @@
 """A tiny sweep through the real CLI and Ray Tune: grid -> packs -> store -> query."""
 
 import json
-import shutil
 import subprocess
-import tempfile
 import sys
 from pathlib import Path
 
@@ -26,13 +24,6 @@ GRID = {
 def sweep(*args, check=True, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True,
                           cwd=cwd, check=check, timeout=600)
-
-
-@pytest.fixture
-def ray_dir():
-    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_grid_to_store_to_query_through_ray(tmp_path, mnist, ray_dir):

@@ -8,11 +8,9 @@ reach half its iterations SIGKILLs its own process, right after its checkpoint a
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,13 +44,6 @@ def sweep(*args, env=None, check=False):
 
 def kill_env(marker):
     return {**os.environ, "SWEEP_TEST_KILL_AT_FRACTION": "0.5", "SWEEP_TEST_KILL_MARKER": str(marker)}
-
-
-@pytest.fixture
-def ray_dir():
-    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -15,10 +15,8 @@ import json
 import math
 import os
 import pickle
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -81,13 +79,6 @@ def query(store: Path, sql: str, env: dict[str, str]) -> list[dict]:
     out = sweep("query", str(store), sql, "--format", "json", env=env)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-@pytest.fixture
-def ray_dir():
-    d = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray's socket paths must stay short
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.ray

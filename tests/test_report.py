@@ -13,9 +13,7 @@ import json
 import math
 import re
 import statistics
-import sys
 import threading
-import types
 from pathlib import Path
 
 import pandas as pd

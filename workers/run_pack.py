@@ -30,9 +30,9 @@ import pyarrow.compute as pc
 import torch
 
 from sweep.plan import Pack
-from sweep.spec import Evaluation, ImbalanceKind, Method, Selection, TrialSpec, derive_seed
+from sweep.spec import ImbalanceKind, Selection, TrialSpec, derive_seed
 from workers.datasets import ArrayDataset, load_dataset
-from workers.engine import EvalSet, StageConfig, StageState, pad_members, predict, train_stage
+from workers.engine import EvalSet, StageConfig, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
