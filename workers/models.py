@@ -118,6 +118,10 @@ class PackedNet(nn.Module):
                 t[p].copy_(state[k].reshape(t[p].shape))
 
 
+def _pool2(z: Tensor) -> Tensor:
+    return F.max_pool2d(z, 2)
+
+
 class LeNet5(PackedNet):
     """Caffe's LeNet-5 (Buda et al. Table 2): conv20-5 / pool / conv50-5 / pool / fc500 / relu / fc10."""
 
@@ -135,8 +139,8 @@ class LeNet5(PackedNet):
         self.fc2 = PackedLinear(members, 500, num_classes)
 
     def body(self, x: Tensor) -> Tensor:
-        z = F.max_pool2d(self.conv1(to_grouped(x)), 2)
-        z = F.max_pool2d(self.conv2(z), 2)
+        z = self.conv1(to_grouped(x), then=_pool2)
+        z = self.conv2(z, then=_pool2)
         return F.relu(self.fc1(from_grouped(z, self.members)))
 
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ member gets the same weights whether it trains alone or in a pack of 500.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +56,23 @@ class PackedConv2d(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, then: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """The convolution, followed by ``then`` (a per-channel op such as pooling) if given."""
         w = self.weight.reshape(self.members * self.c_out, self.c_in, self.kernel, self.kernel)
         b = None if self.bias is None else self.bias.reshape(-1)
         if x.device.type == "cpu" and self.c_in <= CPU_LOOP_MAX_C_IN and self.members > 1:
             # oneDNN's grouped kernels are ~3x slower per member than P plain convolutions
             # when each group has a single input channel (LeNet's conv1; measured on 2 cores).
-            # Same numbers either way; GPUs keep the one grouped launch.
+            # ``then`` runs per member before the outputs are joined: a smaller copy, and each
+            # member's activations stay in the CPU's caches. Same numbers either way; GPUs
+            # keep the one grouped launch.
             xs = x.split(self.c_in, dim=1)
             ws = w.split(self.c_out, dim=0)
             bs = [None] * self.members if b is None else b.split(self.c_out)
-            return torch.cat([F.conv2d(xi, wi, bi, self.stride, self.padding)
-                              for xi, wi, bi in zip(xs, ws, bs)], dim=1)
-        return F.conv2d(x, w, b, self.stride, self.padding, groups=self.members)
+            outs = [F.conv2d(xi, wi, bi, self.stride, self.padding) for xi, wi, bi in zip(xs, ws, bs)]
+            return torch.cat([then(o) for o in outs] if then else outs, dim=1)
+        z = F.conv2d(x, w, b, self.stride, self.padding, groups=self.members)
+        return then(z) if then else z
 
 
 class PackedLinear(nn.Module):
