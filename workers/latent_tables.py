@@ -65,10 +65,8 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
         transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
         idx, labels = pad_members([subsets[i] for i in chunk], y_train)
         fe_train = member_features(sub, transform, x_train, idx)
-        fe_test = member_features(sub, transform, x_test, torch.arange(x_test.shape[0]).expand(len(chunk), -1))
+        fe_test = member_features(sub, transform, x_test)  # one test set for all: no per-member copy
         head = sub.classifier()
-        if head is None:
-            raise ValueError(f"model {model_name} has no final linear layer W_C: no latent statistics")
         w, b = head.weight.detach().float(), head.bias.detach().float()
         pred_train, pred_test = _predictions(fe_train, w, b), _predictions(fe_test, w, b)
         ids = [specs[i].network_id for i in chunk]
@@ -94,9 +92,9 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     }
 
 
-def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor) -> Tensor:
-    """FE ``[P, N, F]`` (float32, no autocast) of member p on images ``x[idx[p]]``."""
-    _, fe = predict(model, x, transform, None, want_features=True, idx=idx.to(x.device))
+def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor | None = None) -> Tensor:
+    """FE ``[P, N, F]`` (float32, no autocast) of every member on ``x``, or of member p on ``x[idx[p]]``."""
+    _, fe = predict(model, x, transform, None, want_features=True, idx=idx)
     return fe
 
 
