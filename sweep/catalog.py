@@ -45,16 +45,16 @@ MODELS: dict[str, tuple[str, ...]] = {
 # Width of the penultimate features FE (Dablain et al.): what an embedding row holds.
 FEATURE_WIDTH: dict[str, int] = {"lenet5": 500, "allcnn": 192, "resnet32": 64, "resnet10": 512}
 
-# (model, dataset) -> (parameters of one network, layer output values per image), as
-# measured by workers.sizing.measure_footprint (a test keeps the two equal). Pack
-# planning turns these into bytes of GPU memory per network without importing torch.
+# (model, dataset) -> (parameters of one network, values autograd saves for the backward
+# pass per image), as measured by workers.sizing.measure_footprint (a test keeps the two
+# equal). Pack planning turns these into bytes of GPU memory per network without torch.
 FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
-    ("lenet5", "mnist"): (431_080, 15_230),
-    ("allcnn", "cifar10"): (1_369_738, 345_610),
-    ("allcnn", "svhn"): (1_369_738, 345_610),
-    ("allcnn", "celeba"): (1_368_194, 345_602),
-    ("resnet32", "cifar10"): (464_154, 606_218),
-    ("resnet32", "svhn"): (464_154, 606_218),
-    ("resnet32", "celeba"): (463_634, 606_210),
-    ("resnet10", "imagenet"): (5_418_792, 71_656),
+    ("lenet5", "mnist"): (431_080, 23_364),
+    ("allcnn", "cifar10"): (1_369_738, 422_592),
+    ("allcnn", "svhn"): (1_369_738, 422_592),
+    ("allcnn", "celeba"): (1_368_194, 422_592),
+    ("resnet32", "cifar10"): (464_154, 611_616),
+    ("resnet32", "svhn"): (464_154, 611_616),
+    ("resnet32", "celeba"): (463_634, 611_616),
+    ("resnet10", "imagenet"): (5_418_792, 84_608),
 }

@@ -30,8 +30,8 @@ FLOAT_BYTES = 4
 # Per parameter: the weight, its gradient, the momentum buffer, and a best-state copy
 # when a selection keeps one.
 PARAMETER_COPIES = 4
-# Per layer output value of a batch: the value kept for backward, its gradient, and the
-# temporaries of functional ops between layers (ReLU, pooling, dropout); conservative.
+# Per value saved for the backward pass: the value, its gradient, and the temporaries
+# of the step (conservative).
 ACTIVATION_COPIES = 3
 
 PackSizer = Callable[[TrialSpec], int]
@@ -78,7 +78,7 @@ def pack_size(spec: TrialSpec, device: str, memory_bytes: int | None = None) -> 
 
 def member_training_bytes(model: str, dataset: str, batch_size: int) -> int:
     """Bytes of device memory one network needs to train on ``batch_size`` images
-    (``sweep.catalog.FOOTPRINTS``: its parameters and layer outputs per image)."""
+    (``sweep.catalog.FOOTPRINTS``: its parameters and saved values per image)."""
     params, values_per_image = FOOTPRINTS[(model, dataset)]
     image_values = math.prod(DATASETS[dataset].image_shape)  # the uint8 batch as float, transformed
     return FLOAT_BYTES * (PARAMETER_COPIES * params + ACTIVATION_COPIES * (values_per_image + 2 * image_values)

@@ -3,9 +3,9 @@
 Pack planning (``sweep.plan.pack_size``) must run where torch is not wanted (the
 driver, ``sweep expand``), so it reads the catalog's table; a test checks the table
 against this measurement for every model and dataset. The model is run once on the CPU
-with one member and two images, and the sizes of every layer's output are summed: what
-autograd keeps for the backward pass, and what the backward pass allocates for the
-gradients, is of that order.
+(one member, two images, training mode) and every tensor autograd saves for the
+backward pass is counted once (parameters aside): that is what a training step keeps
+per image, whatever the layers fuse or compute functionally.
 """
 
 from __future__ import annotations
@@ -19,23 +19,19 @@ PROBE_IMAGES = 2  # BatchNorm needs more than one image per channel in training 
 
 
 def measure_footprint(model: str, dataset: str) -> tuple[int, int]:
-    """(parameters of one member, layer output values per image) of ``model`` on ``dataset``."""
+    """(parameters of one member, values saved for the backward pass per image)."""
     info = DATASETS[dataset]
     net = build_model(model, 1, info.num_classes, info.image_shape)
-    values = 0
+    params = {p.data_ptr() for p in net.parameters()}
+    saved: dict[tuple[int, int], int] = {}  # (storage pointer, offset) -> values, each tensor once
 
-    def count(_module: torch.nn.Module, _inputs: object, output: object) -> None:
-        nonlocal values
-        for t in output if isinstance(output, tuple) else (output,):
-            if isinstance(t, torch.Tensor):
-                values += t.numel()
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.data_ptr() not in params:
+            saved[(t.untyped_storage().data_ptr(), t.storage_offset())] = t.numel()
+        return t
 
-    hooks = [m.register_forward_hook(count) for m in net.modules() if not list(m.children())]
-    try:
-        net.train()
-        with torch.no_grad():
-            net(torch.zeros(1, PROBE_IMAGES, *info.image_shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sum(p.numel() for p in net.parameters()), values // PROBE_IMAGES
+    net.train()
+    x = torch.zeros(1, PROBE_IMAGES, *info.image_shape)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x)[1].sum()
+    return sum(p.numel() for p in net.parameters()), sum(saved.values()) // PROBE_IMAGES
