@@ -156,13 +156,16 @@ def _check_device(device: str, gpu: float) -> None:
                          "use --device cuda, or more --gpus-per-pack")
 
 
-def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> None:
-    """Everything that must hold before any pack starts; raises with a clear message."""
+def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> dict[str, Any]:
+    """Everything that must hold before any pack starts; raises with a clear message.
+
+    Returns the grid's datasets by name, loaded (an in-process runner can reuse them).
+    """
     store.check_writable()
     from workers.datasets import load_dataset
 
-    for name in sorted({s.dataset for s in grid.specs}):
-        load_dataset(name, data_dir)  # DatasetNotFound names where it looked
+    # DatasetNotFound names where it looked
+    return {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in grid.specs})}
 
 
 def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
@@ -190,7 +193,8 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
 
     _init_ray(options, cpu, gpu)
     try:
-        _check_resources(cpu, gpu, options.device or ("cuda" if gpu > 0 else "cpu"))
+        device = options.device or ("cuda" if gpu > 0 else "cpu")
+        _check_resources(cpu, gpu, device)
         # Saved only once the sweep can start: bad input leaves no sweep for `resume`.
         store.save_grid(grid)
         if progress:
@@ -207,7 +211,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 store_root=store.base_path if store.is_local else store.root,
                 grid_hash=grid.file_hash,
                 data_dir=os.path.abspath(options.data_dir) if options.data_dir else None,
-                device=options.device or ("cuda" if gpu > 0 else "cpu"),
+                device=device,
                 precision=options.precision,
                 threads=max(1, int(cpu)),
                 kill_hook=kill_hook,
@@ -228,14 +232,13 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             ),
         )
         results = tuner.fit()
-        failed_packs = [packs[callback.pack_index(r)] for r in results if r.error is not None]
-        errors = {packs[callback.pack_index(r)].pack_id: str(r.error) for r in results if r.error is not None}
+        failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
     failed = 0
-    for p in failed_packs:
-        store.record_failure(p, errors[p.pack_id], grid.name)
+    for p, error in failures:
+        store.record_failure(p, error, grid.name)
         failed += len(p.stored_specs)
     return SweepSummary(total, done, sum(len(p.stored_specs) for p in packs) - failed, failed,
                         len(packs), time.perf_counter() - t0)

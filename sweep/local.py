@@ -39,7 +39,7 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
     t0 = time.perf_counter()
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
-    preflight(grid, store, data_dir)
+    datasets = preflight(grid, store, data_dir)  # loaded once for all packs
     store.save_grid(grid)
     memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     packs, n_done = plan_for(grid, store, max_networks, dev.type, memory)
@@ -50,8 +50,8 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
         if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
             log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
             break
-        result = run_pack(pack, store, device=str(dev), data_dir=data_dir, grid_hash=grid.file_hash,
-                          precision=precision)  # type: ignore[arg-type]
+        result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash, precision=precision,  # type: ignore[arg-type]
+                          dataset=datasets[pack.specs[0].dataset])
         trained += result.networks - result.failed
         failed += result.failed
         n_done += result.networks

@@ -110,7 +110,7 @@ def test_members_split_into_chunks_give_the_same_statistics(stored, small_mnist,
     _, store, _ = stored
     grid = expand(GRID)
     monkeypatch.setattr(lt, "FE_CHUNK_BYTES", 1)  # every member in a chunk (a sub-model) of its own
-    alone = run_pack(Pack(grid.specs), None, dataset=small_mnist).tables["latent_stats"]
+    alone = run_pack(Pack(grid.specs), None, dataset=small_mnist).tables["latent_stats"].to_pandas()
     together = store.read_table("latent_stats").drop(columns=["grid"])
     keys = ["network_id", "split", "class", "statistic", "k", "feature"]
     a = alone.sort_values(keys).reset_index(drop=True)

@@ -51,12 +51,12 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     """The latent tables of the members of ``model`` whose specs ask for them.
 
     ``specs``, ``subsets`` (training-set indices) and ``transforms`` are per member of
-    ``model``. Members that diverged (non-finite weights) get no rows. Returns
-    ``{"latent_stats": DataFrame, "embeddings": pa.Table, "classifier_weights": pa.Table}``
-    (tables empty when no member asks).
+    ``model``. Members that diverged (non-finite weights) get no rows. Returns the Arrow
+    tables ``latent_stats``, ``embeddings`` and ``classifier_weights`` (empty when no
+    member asks).
     """
     wanted = [i for i, s in enumerate(specs) if s.latent or s.embeddings]
-    stats: list[pd.DataFrame] = []
+    stats: list[pa.Table] = []
     embeddings: list[pa.Table] = []
     weights: list[pa.Table] = []
     width = _feature_width(model)
@@ -74,7 +74,7 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
                 + latent_statistics(fe_test, w, b, y_test, "test", TOP)
                 + tp_fp_statistics(fe_train, labels, torch.where(labels >= 0, pred_train, -1),
                                    fe_test, y_test, pred_test, w, TOP, bias=b))
-        stats.append(compact_coverage(statistics_table(rows, ids)))
+        stats.append(pa.Table.from_pandas(compact_coverage(statistics_table(rows, ids)), preserve_index=False))
         for j, i in enumerate(chunk):
             if not specs[i].embeddings or not _finite(fe_train[j], fe_test[j], w[j], b[j]):
                 continue
@@ -85,11 +85,9 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
             embeddings.append(embedding_table(specs[i].network_id, trial, "test", np.arange(x_test.shape[0]),
                                               y_test, pred_test[j], fe_test[j]))
             weights.append(weight_table(specs[i].network_id, trial, w[j], b[j]))
-    return {
-        "latent_stats": pd.concat(stats, ignore_index=True) if stats else pd.DataFrame(),
-        "embeddings": pa.concat_tables(embeddings) if embeddings else pa.table({}),
-        "classifier_weights": pa.concat_tables(weights) if weights else pa.table({}),
-    }
+    return {name: pa.concat_tables(parts) if parts else pa.table({})
+            for name, parts in (("latent_stats", stats), ("embeddings", embeddings),
+                                ("classifier_weights", weights))}
 
 
 def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor | None = None) -> Tensor:

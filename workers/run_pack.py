@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -342,18 +341,13 @@ def _rows(pack: Pack, results: dict[str, dict[str, Any]], data: dict[str, Member
 
 def _stored_latent(pack: Pack, stages: list[dict[str, Any]]) -> dict[str, Any]:
     """The stages' latent tables, without the rows of rebuild members (stored before)."""
-    keep = sorted(s.network_id for s in pack.stored_specs)
-    out: dict[str, Any] = {}
+    keep = pa.array(sorted(s.network_id for s in pack.stored_specs), pa.string())
+    out: dict[str, pa.Table] = {}
     for name in ("latent_stats", "embeddings", "classifier_weights"):
-        parts = [t[name] for t in stages if len(t[name])]
-        if not parts:
-            continue
-        if isinstance(parts[0], pd.DataFrame):
-            frame = pd.concat(parts, ignore_index=True)
-            out[name] = frame[frame["network_id"].isin(keep)]
-        else:
+        parts = [t[name] for t in stages if t[name].num_rows]
+        if parts:
             table = pa.concat_tables(parts)
-            out[name] = table.filter(pc.is_in(table["network_id"], value_set=pa.array(keep, pa.string())))
+            out[name] = table.filter(pc.is_in(table["network_id"], value_set=keep))
     return out
 
 
@@ -382,9 +376,9 @@ class _Checkpoints:
     filesystems get no checkpoints (a restarted pack starts over).
     """
 
-    def __init__(self, store: Any, pack: Pack | str) -> None:
-        self.pack_id = pack if isinstance(pack, str) else pack.pack_id
-        self.members = None if isinstance(pack, str) else [s.network_id for s in pack.specs]
+    def __init__(self, store: Any, pack: Pack) -> None:
+        self.pack_id = pack.pack_id
+        self.members = [s.network_id for s in pack.specs]
         local = store is not None and getattr(store, "is_local", True)
         self.path = os.path.join(store.checkpoint_dir(), f"{self.pack_id}.pt") if local else None
         self.stage = 1
@@ -420,7 +414,7 @@ class _Checkpoints:
         except Exception as e:  # a damaged checkpoint costs time, never results
             log.warning("ignoring unreadable checkpoint %s: %s", self.path, e)
             return None
-        if self.members is not None and state.get("members") not in (None, self.members):
+        if state.get("members") not in (None, self.members):
             log.warning("ignoring checkpoint %s: it belongs to a pack with other members", self.path)
             return None
         log.info("pack %s resumes from its checkpoint at stage %d, iteration %d", self.pack_id, stage, it)
