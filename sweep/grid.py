@@ -372,6 +372,8 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
         raise err(key, "iters and batch_size must be >= 1", "")
     if r.init not in ("xavier", "kaiming"):
         raise err(key + ".init", f"unknown init {r.init!r}", "xavier, kaiming")
+    if not (r.bias_lr_factor > 0 and math.isfinite(r.bias_lr_factor)):
+        raise err(key + ".bias_lr_factor", f"{r.bias_lr_factor}", "a finite number > 0")
     if not 0 <= r.validation_fraction < 1:
         raise err(key + ".validation_fraction", f"{r.validation_fraction}", "0 <= fraction < 1")
     return r

@@ -16,6 +16,9 @@ RECIPES: dict[str, Recipe] = {
         lr_gamma=1e-4,  # lr = 0.01 * (1 + 1e-4 t)^-0.75
         lr_power=0.75,
         init="xavier",
+        # Caffe's LeNet (examples/mnist/lenet_train_test.prototxt), which Buda et al. train:
+        # biases at lr_mult 2, weights at 1; decay_mult 1 for both.
+        bias_lr_factor=2.0,
     ),
     # Buda et al. Sec. 3.3 (CIFAR-10, All-CNN): lr x0.1 at 40k/50k/60k; base lr is searched.
     "buda_cifar10": Recipe(

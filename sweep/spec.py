@@ -120,9 +120,19 @@ class Recipe:
     eval_every: int = 0  # iterations between curve points (0: final only)
     checkpoint_every: int = 0  # iterations between pack checkpoints (0: none)
     validation_fraction: float = 0.0  # carved per class from the training subset
+    # Learning rate of the conv/linear biases as a multiple of the weights' (Caffe's
+    # ``lr_mult`` of the second parameter blob; its LeNet example uses 2). BatchNorm's
+    # shift is not such a bias and keeps the base rate.
+    bias_lr_factor: float = 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
+
+
+# Recipe fields added after the first stored results, with the value they had implicitly
+# before. Identity leaves a field out while it holds that value, so every network that
+# existed before keeps its id (stores stay resumable) and a changed network gets a new one.
+RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0}
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,7 @@ class TrialSpec:
         for measured in ("evaluations", "latent", "embeddings"):
             d.pop(measured)
         # Recipes and imbalances are shared by many specs: convert each once.
-        d["recipe"], d["imbalance"] = _plain_shared(self.recipe), _plain_shared(self.imbalance)
+        d["recipe"], d["imbalance"] = _recipe_identity(self.recipe), _plain_shared(self.imbalance)
         return _plain(d)
 
     @cached_property  # specs are frozen; ids are asked for often
@@ -265,6 +275,16 @@ def _plain(obj: Any) -> Any:
 @lru_cache(maxsize=4096)
 def _plain_shared(obj: Any) -> Any:
     return _plain(obj)
+
+
+@lru_cache(maxsize=4096)
+def _recipe_identity(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as identity sees it: fields added later are left out at their old value."""
+    d = dict(_plain(recipe))
+    for name, old in RECIPE_FIELDS_ADDED.items():
+        if getattr(recipe, name) == old:
+            d.pop(name)
+    return d
 
 
 def canonical_json(obj: Any) -> str:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from sweep.grid import GridError, expand, load_grid
-from sweep.spec import Evaluation, ImbalanceKind, Method
+from sweep.spec import Evaluation, ImbalanceKind, Method, TrialSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,3 +153,29 @@ def test_every_shipped_grid_expands():
         g = load_grid(path)
         assert g.trained_networks > 0, path
         yaml.safe_load(path.read_text())
+
+
+def test_buda_mnist_recipe_trains_biases_at_twice_the_lr() -> None:
+    from sweep.recipes import RECIPES
+
+    assert RECIPES["buda_mnist"].bias_lr_factor == 2.0  # Caffe LeNet: lr_mult 2 on biases
+    assert all(r.bias_lr_factor == 1.0 for n, r in RECIPES.items() if n != "buda_mnist")
+
+
+def test_fields_added_later_leave_old_ids_unchanged() -> None:
+    """A recipe field at the value it implicitly had before is not part of the identity."""
+    g = expand({**MINI, "recipe": {"preset": "buda_mnist", "iters": 10, "bias_lr_factor": 1.0}})
+    s = g.specs[0]
+    assert "bias_lr_factor" not in s.identity()["recipe"]
+    doubled = expand({**MINI, "recipe": {"preset": "buda_mnist", "iters": 10}}).specs[0]
+    assert doubled.identity()["recipe"]["bias_lr_factor"] == 2
+    assert doubled.network_id != s.network_id
+    # A spec stored before the field existed reads back with the value it was trained with.
+    old = json.loads(s.to_json())
+    old["recipe"].pop("bias_lr_factor")
+    assert TrialSpec.from_dict(old).network_id == s.network_id
+
+
+def test_bad_bias_lr_factor_is_refused() -> None:
+    with pytest.raises(GridError, match="bias_lr_factor"):
+        expand({**MINI, "recipe": {"preset": "buda_mnist", "bias_lr_factor": 0}})

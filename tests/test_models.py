@@ -290,3 +290,35 @@ def test_tiny_training_run_learns() -> None:
         loss.sum().backward()
         opt.step(torch.full((2,), 0.05))
     assert (loss.detach() < 0.5 * first).all(), (first, loss)
+
+
+def _lenet(members: int) -> PackedNet:
+    model = build_model("lenet5", members, 10, (1, 28, 28))
+    model.reset_parameters("xavier", list(range(1, members + 1)))
+    return model.train()
+
+
+def test_bias_lr_factor_scales_only_conv_and_linear_biases() -> None:
+    """Caffe's lr_mult 2 on biases: their first step is exactly twice as long, weights unchanged."""
+    steps = {}
+    for factor in (1.0, 2.0):
+        model = _lenet(2)
+        for b in model.bias_parameters():  # zero-initialised: give them a gradient-free start
+            assert torch.count_nonzero(b) == 0
+        x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        y = torch.randint(0, 10, (2, 4), generator=torch.Generator().manual_seed(1))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        _, logits = model(x)
+        F.cross_entropy(logits.reshape(-1, 10), y.reshape(-1)).backward()
+        opt = PackedSGD(list(model.parameters()), 2, torch.full((2,), 0.9), torch.full((2,), 5e-4),
+                        torch.full((2,), factor), model.bias_parameters())
+        opt.step(torch.full((2,), 0.01))
+        steps[factor] = {n: (p.detach() - before[n]) for n, p in model.named_parameters()}
+    bias_names = {n for n, _ in _lenet(2).named_parameters() if n.endswith("bias")}
+    assert bias_names == {"conv1.bias", "conv2.bias", "fc1.bias", "fc2.bias"}
+    for n, step in steps[2.0].items():
+        if n in bias_names:
+            assert step.abs().sum() > 0, n
+            torch.testing.assert_close(step, 2 * steps[1.0][n], rtol=1e-6, atol=1e-12)
+        else:
+            assert torch.equal(step, steps[1.0][n]), n

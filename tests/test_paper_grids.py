@@ -126,3 +126,15 @@ def test_minority_choice_values_are_all_used_by_some_grid():
     used = {s.imbalance for p in GRIDS.glob("*.yaml") for s in load_grid(p).specs}
     assert used  # sanity; the choice values are checked per grid above
     assert {c.value for c in MinorityChoice} == {"random", "lowest", "highest"}
+
+
+def test_buda_mnist_slice_is_part_of_the_full_grid():
+    """The CPU slice trains the full grid's own networks (same ids), 21 per repeat."""
+    sl = load_grid(GRIDS / "buda_mnist_slice.yaml")
+    full = load_grid(GRIDS / "buda_mnist.yaml")
+    assert sl.name == full.name  # completion is per grid name: the full grid skips them
+    assert sl.trained_networks == 7 * 3 * 2 == 42
+    assert sl.evaluations == 2 * 42
+    full_ids = {s.network_id for s in full.specs}
+    assert {s.network_id for s in sl.specs} <= full_ids
+    assert all(s.recipe.iters == 10_000 and s.recipe.bias_lr_factor == 2.0 for s in sl.specs)

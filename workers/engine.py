@@ -69,6 +69,7 @@ class StageConfig:
     lr: Tensor  # [iters, P] on the device
     momentum: Tensor  # [P]
     weight_decay: Tensor  # [P]
+    bias_lr_factor: Tensor | None = None  # [P]: biases' lr as a multiple of the weights'
     head_only: bool = False  # phase 2 / classifier re-training: body frozen, eval mode
     eval_every: int = 0  # curve / selection points (0: none)
     select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
@@ -134,7 +135,7 @@ def train_stage(
     params = model.head_parameters() if cfg.head_only else list(model.parameters())
     for prm in model.parameters():
         prm.requires_grad_(not cfg.head_only or any(prm is h for h in params))
-    opt = PackedSGD(params, p, cfg.momentum, cfg.weight_decay)
+    opt = PackedSGD(params, p, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor, model.bias_parameters())
     if optimizer_state is not None:
         opt.load_state(optimizer_state, device)
     # Diverged members keep a zero learning rate; the mask lives on the device.

@@ -94,6 +94,10 @@ class PackedNet(nn.Module):
                              for g in self._generators(z.device)], dim=1)
         return (per * masks).div_(keep).flatten(1, 2)
 
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """The additive biases of convolutions and linear layers (Caffe's second blob)."""
+        return [m.bias for m in self.modules() if isinstance(m, (PackedConv2d, PackedLinear)) and m.bias is not None]
+
     def head_parameters(self) -> list[nn.Parameter]:
         return [p for n in self.head_names for p in getattr(self, n).parameters()]
 

@@ -231,6 +231,7 @@ def _run_stage(model: PackedNet, specs: list[TrialSpec], data: dict[str, MemberD
         lr=lr,
         momentum=torch.tensor([s.recipe.momentum for s in specs], device=dev),
         weight_decay=torch.tensor([s.recipe.weight_decay for s in specs], device=dev),
+        bias_lr_factor=torch.tensor([s.recipe.bias_lr_factor for s in specs], device=dev),
         head_only=head_only,
         eval_every=eval_every,
         select_on=select_on,
