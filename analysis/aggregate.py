@@ -1,5 +1,8 @@
 """Aggregation of the ``trials`` table over repeats: means with their spread and n.
 
+Floor: analysis (imports sweep.core and sweep.store only; reads results through
+analysis.load).
+
 Pure pandas on the DataFrame that :func:`analysis.load.load` returns; nothing here
 reads the store. Every number a figure or table shows comes from here, with the
 sample it rests on (``n``) and a 95% confidence interval from the t-distribution.
@@ -24,11 +27,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sweep.store.schema import Status
+
 CELL = ["grid", "dataset", "model", "imbalance", "rho", "mu"]
 PAIR_CELL = CELL + ["evaluation"]  # the brief's cell: arms compared within one evaluation
 ARM = ["method", "loss", "resample_ratio", "evaluation"]
 PAIR_KEY = ["repeat"]  # with CELL: one training set (methods of a repeat share its seed)
-STATUSES = ("ok", "diverged", "failed")
+STATUSES = tuple(str(s) for s in Status)
 BASELINE = "baseline"
 BASELINE_LOSS = "ce"
 CONFIDENCE = 0.95
@@ -135,7 +140,7 @@ def _ok_values(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows that count for a mean: status ok and a finite metric."""
     if metric not in trials.columns:
         raise KeyError(f"trials have no column {metric!r}")
-    ok = trials["status"].eq("ok") & np.isfinite(pd.to_numeric(trials[metric], errors="coerce"))
+    ok = trials["status"].eq(Status.OK) & np.isfinite(pd.to_numeric(trials[metric], errors="coerce"))
     return trials.loc[ok.fillna(False)]
 
 
@@ -154,7 +159,7 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], metric: str = "roc_auc") 
         return pd.DataFrame(columns=by + ["n", "mean", "std", "ci_low", "ci_high", "n_rows",
                                           "n_ok", "n_diverged", "n_failed", "n_missing"])
     df = trials.assign(
-        _value=pd.to_numeric(trials[metric], errors="coerce").where(trials["status"].eq("ok")),
+        _value=pd.to_numeric(trials[metric], errors="coerce").where(trials["status"].eq(Status.OK)),
         **{f"_{s}": trials["status"].eq(s) for s in STATUSES},
     )
     df["_value"] = df["_value"].where(np.isfinite(df["_value"]))
@@ -194,7 +199,7 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
     if "val_balanced_accuracy" in raw.columns and "selection" in raw.columns:
         val = pd.to_numeric(raw["val_balanced_accuracy"], errors="coerce")
         crit = val.where(raw["selection"].eq("validation") & val.notna(), crit)
-    ranked = raw.assign(_ok=raw["status"].eq("ok"), _crit=crit.fillna(-np.inf))
+    ranked = raw.assign(_ok=raw["status"].eq(Status.OK), _crit=crit.fillna(-np.inf))
     ranked = ranked.sort_values(["_ok", "_crit"], ascending=False, kind="stable")
     winners = ranked.drop_duplicates(group, keep="first")["network_id"]
     return trials[trials["network_id"].isin(set(winners))]

@@ -1,5 +1,10 @@
 """Buda et al.'s figures (Figs. 3-8), drawn with plotly from the results store's tables.
 
+Floor: analysis (imports sweep.core and sweep.store only; reads results through
+analysis.load).
+It is longer than 400 lines because it holds one builder per figure of Buda et al.
+(Figs. 3-8) over one shared preparation step.
+
 Each figure shows, per point, the mean over repeats with a 95% t-interval (a band,
 or error bars where a line has a single point) and says in its hover how many
 networks the point rests on. An arm (method x evaluation) has one colour in every
@@ -29,6 +34,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.aggregate import CELL, select_lr_runs, summarize, with_labels
+from sweep.store.schema import Status
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +433,7 @@ def _fig8(curves: pd.DataFrame, trials: pd.DataFrame, dataset: str | None, model
     if metric not in curves.columns:
         raise _Absent(f"curves have no {metric}")
     nets = _base_rows(trials, dataset, model, grid, "roc_auc" if "roc_auc" in trials.columns else metric, None)
-    nets = nets[nets["evaluation"].eq("raw") & nets["status"].eq("ok")]
+    nets = nets[nets["evaluation"].eq("raw") & nets["status"].eq(Status.OK)]
     nets = _full_resampling(nets)
     cols = ["network_id", "experiment", "arm", "arm_base"] + CELL
     nets = nets[[c for c in cols if c in nets.columns]].drop_duplicates("network_id")
@@ -439,7 +445,7 @@ def _fig8(curves: pd.DataFrame, trials: pd.DataFrame, dataset: str | None, model
     data = data[np.isfinite(pd.to_numeric(data[metric], errors="coerce"))]
     if data.empty:
         raise _Absent(f"no finite {metric} in the curves")
-    stats = summarize(data.assign(status="ok"), ["experiment", "cell_label", "arm", "arm_base", "split", "iter"],
+    stats = summarize(data.assign(status=str(Status.OK)), ["experiment", "cell_label", "arm", "arm_base", "split", "iter"],
                       metric)
     return _fig8_draw(stats, metric)
 

@@ -1,5 +1,10 @@
 """Figures and tables of Dablain et al.'s latent statistics, from the ``latent_stats`` table.
 
+Floor: analysis (imports sweep.core and sweep.store only; reads results through
+analysis.load).
+It is longer than 400 lines because it holds one builder per figure and table of Dablain
+et al. over one shared preparation step.
+
 Input: the tidy frame written by :func:`workers.latent.statistics_table`
 (``network_id, split, class, statistic, k, feature, value``), usually joined with
 network-level columns of ``trials`` by :func:`join_trials` (dataset, method,

@@ -1,7 +1,12 @@
 """One self-contained HTML report of a results store: the papers' figures on our data.
 
+Floor: analysis (imports sweep.core and sweep.store only; reads results through
+analysis.load).
+It is longer than 400 lines because the page's HTML pieces (tables, CSS, the script that
+marks rendering for tests) live beside the one function that assembles them.
+
 ``write_report(store_root, out_path)`` reads committed packs only (through
-:class:`sweep.store.ResultStore`), so it can run while a sweep is still writing; the
+:class:`analysis.load.Results`), so it can run while a sweep is still writing; the
 header then says what is not there yet. The file embeds plotly.js once and every
 figure as JSON, so it opens offline in any browser.
 
@@ -27,7 +32,8 @@ from plotly.offline import get_plotlyjs
 
 from analysis.aggregate import CELL, best_methods, summarize, with_labels
 from analysis.figures import FigureResult, buda_figures, color_of, figure_points, prepare
-from sweep.store import ResultStore, StoreError
+from analysis.load import Results
+from sweep.store.schema import CURVES, LATENT_STATS, TRIALS, Status, StoreError, spec_columns
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +45,9 @@ TRIAL_COLUMNS = [
     "status", "roc_auc", "accuracy", "balanced_accuracy", "val_balanced_accuracy", "created_at",
 ]
 CURVE_COLUMNS = ["network_id", "iter", "split", "accuracy"]
+# What the completeness table needs of each evaluation a saved grid asks for.
+EXPECTED_COLUMNS = ["trial_id", "grid", "dataset", "model", "imbalance", "rho", "mu", "method", "loss",
+                    "resample_ratio", "evaluation", "repeat", "network_id"]
 SUMMARY_METRIC = "roc_auc"
 _MAX_LISTED_CELLS = 12
 
@@ -68,23 +77,23 @@ def _filters(dataset: str | None, model: str | None, grid: str | None) -> list[t
     return f or None
 
 
-def _read_trials(store: ResultStore, filters: list[tuple] | None) -> pd.DataFrame:
+def _read_trials(store: Results, filters: list[tuple] | None) -> pd.DataFrame:
     try:
-        return store.read_table("trials", columns=TRIAL_COLUMNS + ["grid"], filters=filters)
+        return store.table(TRIALS, columns=TRIAL_COLUMNS + ["grid"], filters=filters)
     except StoreError as exc:
         # Hand-written or older stores may lack optional columns: read what there is.
         if "has no column" not in str(exc):
             raise
-        df = store.read_table("trials", filters=filters)
+        df = store.table(TRIALS, filters=filters)
         return df[[c for c in TRIAL_COLUMNS + ["grid"] if c in df.columns]]
 
 
-def _read_curves(store: ResultStore, trials: pd.DataFrame, grid: str | None) -> pd.DataFrame | None:
-    if "curves" not in store.table_names() or trials.empty:
+def _read_curves(store: Results, trials: pd.DataFrame, grid: str | None) -> pd.DataFrame | None:
+    if not store.has(CURVES) or trials.empty:
         return None
     filters = [("grid", "==", grid)] if grid is not None else None
     try:
-        curves = store.read_table("curves", columns=CURVE_COLUMNS + ["grid"], filters=filters)
+        curves = store.table(CURVES, columns=CURVE_COLUMNS + ["grid"], filters=filters)
     except StoreError as exc:
         log.warning("curves not read: %s", exc)
         return None
@@ -92,7 +101,7 @@ def _read_curves(store: ResultStore, trials: pd.DataFrame, grid: str | None) -> 
     return curves[curves["network_id"].isin(set(trials["network_id"]))]
 
 
-def _expected(store: ResultStore, grids: Sequence[str], dataset: str | None,
+def _expected(store: Results, grids: Sequence[str], dataset: str | None,
               model: str | None) -> pd.DataFrame | None:
     """Every evaluation the saved grid files ask for (None when no grid was saved)."""
     try:
@@ -102,18 +111,10 @@ def _expected(store: ResultStore, grids: Sequence[str], dataset: str | None,
         return None
     if not saved:
         return None
-    rows = []
-    for g in saved:
-        for s in g.specs:
-            if (dataset is not None and s.dataset != dataset) or (model is not None and s.model != model):
-                continue
-            for e in s.evaluations:
-                rows.append((s.trial_id(e), g.name, s.dataset, s.model, str(s.imbalance.kind),
-                             float(s.imbalance.rho), s.imbalance.mu, str(s.method), str(s.loss),
-                             float(s.resample_ratio), str(e), s.repeat, s.network_id))
-    return pd.DataFrame(rows, columns=["trial_id", "grid", "dataset", "model", "imbalance", "rho", "mu",
-                                       "method", "loss", "resample_ratio", "evaluation", "repeat",
-                                       "network_id"])
+    rows = [{**spec_columns(s, e), "grid": g.name} for g in saved for s in g.specs
+            if (dataset is None or s.dataset == dataset) and (model is None or s.model == model)
+            for e in s.evaluations]
+    return pd.DataFrame(rows, columns=EXPECTED_COLUMNS)
 
 
 # -- completeness ------------------------------------------------------------------
@@ -171,8 +172,8 @@ def _counts_table(trials: pd.DataFrame) -> str:
         rows.append(
             f"<tr><td>{_esc(grid)}</td><td>{', '.join(sorted(map(str, df['dataset'].unique())))}</td>"
             f"<td>{df['network_id'].nunique():,}</td><td>{len(df):,}</td>"
-            + "".join(f"<td>{int(status.get(s, 0)):,}</td>" for s in ("ok", "diverged", "failed"))
-            + f"<td>{int(nets.get('diverged', 0) + nets.get('failed', 0)):,}</td></tr>")
+            + "".join(f"<td>{int(status.get(s, 0)):,}</td>" for s in Status)
+            + f"<td>{int(nets.get(Status.DIVERGED, 0) + nets.get(Status.FAILED, 0)):,}</td></tr>")
     return ("<table class='counts'><thead><tr><th>grid</th><th>dataset</th><th>networks</th>"
             "<th>evaluations</th><th>ok</th><th>diverged</th><th>failed</th>"
             "<th>networks not ok</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
@@ -297,13 +298,13 @@ _RENDER = """
 
 
 # -- latent figures (Dablain) --------------------------------------------------------
-def _latent_results(store: ResultStore, grid: str | None, trials: pd.DataFrame) -> list[FigureResult]:
+def _latent_results(store: Results, grid: str | None, trials: pd.DataFrame) -> list[FigureResult]:
     """Dablain's figures and tables from ``latent_stats``, for the networks of ``trials``."""
-    if "latent_stats" not in store.table_names() or trials.empty:
+    if not store.has(LATENT_STATS) or trials.empty:
         return []
     from analysis.latent_figures import dablain_figures
 
-    latent = store.read_table("latent_stats", filters=[("grid", "==", grid)] if grid else None)
+    latent = store.table(LATENT_STATS, filters=[("grid", "==", grid)] if grid else None)
     latent = latent[latent["network_id"].isin(set(trials["network_id"]))]
     if latent.empty:
         return []
@@ -312,7 +313,7 @@ def _latent_results(store: ResultStore, grid: str | None, trials: pd.DataFrame) 
     # a list column the rest of the report never reads: fetched for these networks only.
     ids = sorted(set(latent["network_id"]))
     try:
-        counts = store.read_table("trials", columns=["network_id", "class_counts"],
+        counts = store.table(TRIALS, columns=["network_id", "class_counts"],
                                   filters=[("network_id", "in", ids)]).drop_duplicates("network_id")
         nets = nets.merge(counts, on="network_id", how="left")
     except StoreError:  # rows written without class counts: majority = class 0, minority = the last
@@ -338,7 +339,7 @@ def write_report(store_root: str, out_path: str, *, dataset: str | None = None, 
     data is absent are listed with the reason instead of drawn.
     """
     start = time.perf_counter()
-    store = ResultStore(store_root)
+    store = Results(store_root)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     raw = _read_trials(store, _filters(dataset, model, grid))
     # Losing runs of a learning-rate search are stored and counted, but not plotted.
@@ -368,7 +369,7 @@ def write_report(store_root: str, out_path: str, *, dataset: str | None = None, 
     )
 
 
-def _page(store: ResultStore, now: dt.datetime, trials: pd.DataFrame, figures: list[FigureResult],
+def _page(store: Results, now: dt.datetime, trials: pd.DataFrame, figures: list[FigureResult],
           missing_html: str, best: pd.DataFrame, selection: tuple[str | None, str | None, str | None]) -> str:
     drawn = [f for f in figures if f.figure is not None]
     chosen = ", ".join(f"{k} = {v}" for k, v in zip(("dataset", "model", "grid"), selection) if v)

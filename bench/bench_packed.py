@@ -17,12 +17,9 @@ iteration except evaluation, which is timed apart (``predict``) and reported as 
 share of a network's total time.
 
 Data are random (uint8 images, uniform labels) of the model's input shape: speed does
-not depend on the pixels. Recipes (per model, the papers' settings):
-
-* lenet5: MNIST-shaped 1x28x28, 10 classes, batch 64, SGD momentum 0.9, weight decay
-  5e-4, lr = 0.01 * (1 + 1e-4 t)^-0.75 (Caffe "inv"; Buda et al.), Xavier init;
-* allcnn: 3x32x32, batch 256, momentum 0.9, weight decay 1e-3, lr 0.05, dropout on;
-* resnet32: 3x32x32, batch 128, momentum 0.9, weight decay 2e-4, lr 0.1, Kaiming init.
+not depend on the pixels. Recipes are the sweep's own presets (sweep.core.recipes), with
+their lr schedules (workers.optim): lenet5 on MNIST-shaped images under ``buda_mnist``,
+allcnn under ``buda_cifar10`` (dropout on), resnet32 under ``ldam_drw``.
 
 ``--precision bf16`` trains under autocast(bfloat16) as ``run_pack`` does (and on CUDA,
 like run_pack, allows TF32 unless fp32 is asked for). Timings start after
@@ -58,7 +55,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from sweep.core.catalog import DATASETS  # noqa: E402
+from sweep.core.recipes import RECIPES as PAPER_RECIPES  # noqa: E402
+from sweep.core.spec import Recipe  # noqa: E402
+from workers.devices import set_precision  # noqa: E402
 from workers.engine import StageConfig, predict, train_stage  # noqa: E402
+from workers.optim import lr_table  # noqa: E402
 from workers.latent_tables import latent_tables  # noqa: E402
 from workers.losses import PackedLoss  # noqa: E402
 from workers.models import build_model  # noqa: E402
@@ -73,37 +75,33 @@ TEST_IMAGES = 10_000  # a network's final test-set evaluation (MNIST / CIFAR-10 
 
 @dataclass(frozen=True)
 class ModelRecipe:
-    in_shape: tuple[int, int, int]
-    classes: int
-    batch_size: int
-    momentum: float
-    weight_decay: float
-    base_lr: float
-    lr_policy: str  # "inv" (Caffe: base*(1+gamma*t)^-power) or "constant"
-    init: str
+    """A model with the dataset shape and the paper recipe it is benchmarked under."""
+
+    dataset: str
+    recipe: Recipe
+
+    @property
+    def in_shape(self) -> tuple[int, int, int]:
+        return DATASETS[self.dataset].image_shape
+
+    @property
+    def classes(self) -> int:
+        return DATASETS[self.dataset].num_classes
+
+    def __getattr__(self, name: str):  # batch_size, momentum, weight_decay, base_lr, lr_policy, init
+        return getattr(self.recipe, name)
 
 
 RECIPES = {
-    "lenet5": ModelRecipe((1, 28, 28), 10, 64, 0.9, 5e-4, 0.01, "inv", "xavier"),
-    "allcnn": ModelRecipe((3, 32, 32), 10, 256, 0.9, 1e-3, 0.05, "constant", "xavier"),
-    "resnet32": ModelRecipe((3, 32, 32), 10, 128, 0.9, 2e-4, 0.1, "constant", "kaiming"),
+    "lenet5": ModelRecipe("mnist", PAPER_RECIPES["buda_mnist"]),
+    "allcnn": ModelRecipe("cifar10", PAPER_RECIPES["buda_cifar10"]),
+    "resnet32": ModelRecipe("cifar10", PAPER_RECIPES["ldam_drw"]),
 }
-INV_GAMMA, INV_POWER = 1e-4, 0.75  # Buda et al. / Caffe lenet_solver
 
 
 def lr_column(r: ModelRecipe, iters: int) -> np.ndarray:
-    t = np.arange(iters, dtype=np.float64)
-    if r.lr_policy == "inv":
-        return (r.base_lr * (1.0 + INV_GAMMA * t) ** -INV_POWER).astype(np.float32)
-    return np.full(iters, r.base_lr, dtype=np.float32)
-
-
-def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """As workers.run_pack: TF32 allowed on CUDA unless fp32; bf16 means autocast(bfloat16)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
-        torch.backends.cudnn.allow_tf32 = precision != "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    """The recipe's own schedule (workers.optim), as the sweep trains it."""
+    return lr_table([r.recipe], [r.recipe.base_lr], iters)[:, 0]
 
 
 def sync(device: torch.device) -> None:
@@ -134,7 +132,8 @@ class Bench:
         lr = torch.from_numpy(np.repeat(lr_column(self.r, iters)[:, None], self.members, 1)).to(self.device)
         full = lambda v: torch.full((self.members,), v, device=self.device)  # noqa: E731
         return StageConfig(iters=iters, batch_size=self.r.batch_size, lr=lr, momentum=full(self.r.momentum),
-                           weight_decay=full(self.r.weight_decay), autocast_dtype=self.autocast)
+                           weight_decay=full(self.r.weight_decay), bias_lr_factor=full(self.r.bias_lr_factor),
+                           autocast_dtype=self.autocast)
 
     def train_seconds(self, iters: int) -> float:
         cfg = self.cfg(iters)
@@ -171,7 +170,7 @@ class Bench:
 
 def _latent_spec(model_name: str):
     """A spec that asks for latent statistics (its other fields do not matter to the pass)."""
-    from sweep.grid import expand
+    from sweep.core.grid import expand
 
     dataset = "mnist" if model_name == "lenet5" else "cifar10"
     return dataclasses.replace(expand({"dataset": dataset, "model": model_name, "recipe": "buda_mnist"})
@@ -180,8 +179,8 @@ def _latent_spec(model_name: str):
 
 def buda_mnist_mean_subset() -> float:
     """Mean training-subset size over the training sets of grids/buda_mnist.yaml."""
-    from sweep.grid import load_grid
-    from workers.imbalance import class_counts
+    from sweep.core.grid import load_grid
+    from sweep.core.counts import class_counts
 
     sets = {s.training_set_key: s for s in load_grid(REPO / "grids" / "buda_mnist.yaml").specs}
     return float(np.mean([class_counts(s.imbalance, 10, 5_000).sum() for s in sets.values()]))

@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.report import write_report  # noqa: E402
-from sweep.grid import load_grid  # noqa: E402
-from sweep.plan import plan_packs  # noqa: E402
-from sweep.store import ResultStore  # noqa: E402
+from sweep.core.grid import load_grid  # noqa: E402
+from sweep.core.plan import plan_packs  # noqa: E402
+from sweep.store.results import ResultStore  # noqa: E402
 
 # Synthetic effects (fractions of ROC AUC) roughly in the shape of the paper's MNIST results.
 METHOD_EFFECT = {"baseline": 1.0, "oversampling": 0.3, "undersampling": 1.3,

@@ -20,8 +20,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sweep.grid import load_grid  # noqa: E402
-from sweep.plan import Pack  # noqa: E402
+from sweep.core.grid import load_grid  # noqa: E402
+from sweep.core.plan import Pack  # noqa: E402
 from workers.run_pack import run_pack  # noqa: E402
 
 MAX_ERROR = 0.011

@@ -37,8 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from sweep.grid import load_grid  # noqa: E402
-from sweep.store import ResultStore  # noqa: E402
+from sweep.core.grid import load_grid  # noqa: E402
+from sweep.store.results import ResultStore  # noqa: E402
 
 TABLES = ("trials", "class_metrics", "curves")
 DROP = ("spec_json",)

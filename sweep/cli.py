@@ -1,4 +1,9 @@
-"""The ``sweep`` command: expand, run, resume, status, query, report."""
+"""The ``sweep`` command: expand, run, resume, status, query, compact, report.
+
+Floor: sweep.cli, the top (may import everything). Heavy modules (pyarrow, torch, Ray)
+are imported inside the commands that need them, so ``sweep --help`` and ``sweep expand``
+start fast.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ from typing import Any
 
 import click
 
-from sweep.grid import Grid, GridError, load_grid
+from sweep.core.catalog import PRECISIONS
+from sweep.core.errors import UserError
+from sweep.core.grid import Grid, load_grid
 
-PRECISION_CHOICES = ["fp32", "tf32", "bf16"]
 
 
 def main() -> None:
@@ -23,7 +29,18 @@ def main() -> None:
         sys.exit(130)
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every command's :class:`UserError` (bad grid, option, store, dataset, query) becomes
+    one line on stderr and exit status 1; other exceptions keep their traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:
     """Grid sweeps of CNNs trained on imbalanced data (Buda et al.; Dablain et al.)."""
@@ -31,23 +48,12 @@ def cli(verbose: int) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
 
 
-def _grid(path: str) -> Grid:
-    try:
-        return load_grid(path)
-    except GridError as e:
-        raise click.ClickException(str(e)) from None
-
-
 def _existing_store(store_dir: str) -> None:
     """Commands that read a store refuse one that is not there: read as an empty store, a
     mistyped path would say "no sweep recorded" (or give empty results) and exit 0."""
-    from sweep.store import ResultStore, StoreError
+    from sweep.store.results import ResultStore
 
-    try:
-        found = ResultStore(store_dir).exists()
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
-    if not found:
+    if not ResultStore(store_dir).exists():
         raise click.ClickException(f"results store {store_dir} not found (no such folder)")
 
 
@@ -62,11 +68,11 @@ def _existing_store(store_dir: str) -> None:
 def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
            gpu_memory_gb: float | None) -> None:
     """Count what a grid file trains and evaluates, without training anything."""
-    from sweep.driver import pack_memory_bytes
-    from sweep.plan import pack_sizer, plan_packs
-    from sweep.sizes import estimate_store_bytes
+    from sweep.prepare import pack_memory_bytes
+    from sweep.core.plan import pack_sizer, plan_packs
+    from sweep.core.sizes import estimate_store_bytes
 
-    g = _grid(grid_file)
+    g = load_grid(grid_file)
     device = device or ("cuda" if g.gpu_per_pack > 0 else "cpu")
     if max_networks < 0 or (gpu_memory_gb is not None and gpu_memory_gb <= 0):
         raise click.ClickException("--max-networks must be >= 0 and --gpu-memory-gb > 0")
@@ -112,7 +118,7 @@ def _run_options(f: Any) -> Any:
                      help="GPU memory per GPU for sizing packs (default: this machine's GPU, else 16)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where datasets are."),
         click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
-        click.option("--precision", type=click.Choice(PRECISION_CHOICES), default="fp32"),
+        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32"),
         click.option("--retries", type=int, default=2, help="Retries of a failed pack."),
         click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use."),
         click.option("--ray-temp-dir", default=None, help="Embedded Ray: its temp folder."),
@@ -129,7 +135,7 @@ def _run_options(f: Any) -> Any:
 @_run_options
 def run(grid_file: str, store_dir: str, **kw: Any) -> None:
     """Train and evaluate every network of GRID_FILE not yet in the store."""
-    _launch([_grid(grid_file)], store_dir, **kw)
+    _launch([load_grid(grid_file)], store_dir, **kw)
 
 
 @cli.command()
@@ -137,22 +143,18 @@ def run(grid_file: str, store_dir: str, **kw: Any) -> None:
 @_run_options
 def resume(store_dir: str, **kw: Any) -> None:
     """Continue every sweep recorded in a store: train exactly what is missing."""
-    from sweep.store import ResultStore, StoreError
+    from sweep.store.results import ResultStore
 
     _existing_store(store_dir)
-    try:
-        grids = ResultStore(store_dir).saved_grids()
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    grids = ResultStore(store_dir).saved_grids()
     if not grids:
         raise click.ClickException(f"{store_dir}: no sweep recorded in this store (start one with `sweep run`)")
     _launch(grids, store_dir, **kw)
 
 
 def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
-    from sweep.driver import RunOptions, SweepError, run_sweep
-    from sweep.store import StoreError
-    from workers.datasets import DatasetNotFound
+    from sweep.driver import run_sweep
+    from sweep.prepare import RunOptions
 
     options = RunOptions(**kw)
     for g in grids:
@@ -171,8 +173,6 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
 
         try:
             summary = run_sweep(g, store_dir, options, progress)
-        except (SweepError, StoreError, DatasetNotFound, GridError) as e:
-            raise click.ClickException(str(e)) from None
         finally:
             if bar is not None:
                 bar.close()
@@ -189,14 +189,10 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
 def status(store_dir: str, as_json: bool) -> None:
     """Done / failed / pending networks by grid and method, errors, throughput, time left."""
-    from sweep.status import format_status, store_status, to_json
-    from sweep.store import StoreError
+    from sweep.store.status import format_status, store_status, to_json
 
     _existing_store(store_dir)
-    try:
-        info = store_status(store_dir)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    info = store_status(store_dir)
     click.echo(to_json(info) if as_json else format_status(info))
 
 
@@ -207,15 +203,11 @@ def status(store_dir: str, as_json: bool) -> None:
 @click.option("--drop-columns", default="", help="Comma-separated columns to leave out, e.g. spec_json.")
 def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str) -> None:
     """Rewrite a store's committed rows as one file per table and grid in a new store."""
-    from sweep.compact import compact_store
-    from sweep.store import StoreError
+    from sweep.store.compact import compact_store
 
     _existing_store(store_dir)
     names = [t for t in tables.split(",") if t] if tables else None
-    try:
-        rows = compact_store(store_dir, out_dir, names, [c for c in drop_columns.split(",") if c])
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    rows = compact_store(store_dir, out_dir, names, [c for c in drop_columns.split(",") if c])
     click.echo(f"compacted {store_dir} into {out_dir}: " + ", ".join(f"{t} {n:,} rows" for t, n in rows.items()))
 
 
@@ -225,13 +217,10 @@ def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 def query(store_dir: str, sql: str, fmt: str) -> None:
     """Run SQL over the store's tables (trials, class_metrics, curves, ...)."""
-    from sweep.query import QueryError, format_result, query as run_query
+    from sweep.store.query import format_result, query as run_query
 
     _existing_store(store_dir)
-    try:
-        click.echo(format_result(run_query(store_dir, sql), fmt))
-    except QueryError as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(format_result(run_query(store_dir, sql), fmt))
 
 
 @cli.command()
@@ -243,13 +232,9 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
 def report(store_dir: str, out_path: str, dataset: str | None, model: str | None, grid: str | None) -> None:
     """Write the papers' figures from the store to one offline HTML file."""
     from analysis.report import write_report
-    from sweep.store import StoreError
 
     _existing_store(store_dir)
-    try:
-        summary = write_report(store_dir, out_path, dataset=dataset, model=model, grid=grid)
-    except StoreError as e:
-        raise click.ClickException(str(e)) from None
+    summary = write_report(store_dir, out_path, dataset=dataset, model=model, grid=grid)
     click.echo(f"wrote {summary.out_path}: {summary.networks:,} networks, {len(summary.figures)} figures "
                f"({len(summary.skipped)} skipped for lack of data) in {summary.seconds:.1f} s")
 

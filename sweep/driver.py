@@ -1,5 +1,8 @@
 """The Ray Tune driver: one Tune trial per pack.
 
+Floor: sweep.driver, a runner (imports sweep.prepare and the floors below; the only
+module that imports Ray).
+
 Embedded local Ray by default; an existing cluster with ``address`` (or
 ``RAY_ADDRESS``), the store then on a path every node sees. Ray is imported lazily:
 expanding, querying and the worker never need it.
@@ -39,15 +42,15 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.grid import Grid
-from sweep.plan import Pack, pack_sizer, plan_packs
-from sweep.store import ResultStore
+from sweep.core.grid import Grid
+from sweep.core.plan import Pack
+from sweep.prepare import RunOptions, SweepError, check_options, pack_memory_bytes, plan_for, preflight
+from sweep.store.results import ResultStore
 
 log = logging.getLogger(__name__)
 
@@ -56,28 +59,6 @@ MAX_RAY_TEMP_DIR_CHARS = 48
 CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
 KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
 KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
-NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with an NVIDIA GPU
-DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
-
-
-class SweepError(RuntimeError):
-    """A sweep cannot start or did not finish; the message says why."""
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    address: str | None = None  # Ray cluster address; None: RAY_ADDRESS or embedded
-    cpus_per_pack: float | None = None  # None: the grid's resources.cpu
-    gpus_per_pack: float | None = None  # None: the grid's resources.gpu
-    max_concurrent: int = 0  # packs running at once (0: as many as resources allow)
-    max_networks: int = 0  # per pack (0: the grid's, else sized for the device)
-    gpu_memory_gb: float | None = None  # per GPU, for pack sizing (None: the driver's GPU, if any)
-    data_dir: str | None = None
-    device: str | None = None  # worker device; None: cuda when the pack has a GPU
-    precision: str = "fp32"
-    retries: int = 2  # Ray Tune retries of a failed pack
-    num_cpus: int | None = None  # embedded Ray only: CPUs it may use
-    ray_temp_dir: str | None = None  # embedded Ray only
 
 
 @dataclass(frozen=True)
@@ -91,81 +72,6 @@ class SweepSummary:
 
 
 ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
-
-
-def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str = "cpu",
-             memory_bytes: int | None = None) -> tuple[list[Pack], int]:
-    """Packs for the grid's networks that the store does not hold yet, and how many it holds.
-
-    Pack sizes: ``max_networks``, else the grid's ``pack.max_networks``, else sized for
-    the device (``memory_bytes``: the GPU memory one pack may use).
-    """
-    # Per grid: a grid's results stay complete on their own even if another grid shares networks.
-    done = store.completed_network_ids(grid=grid.name)
-    sizer = pack_sizer(max_networks or grid.max_networks_per_pack, device, memory_bytes)
-    packs = plan_packs(grid.specs, sizer, done)
-    return packs, sum(1 for s in grid.specs if s.network_id in done)
-
-
-def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int | None:
-    """GPU memory one pack may use: its share of the GPU (``--gpu-memory-gb``, else the
-    driver's own GPU when it has one; None: unknown, ``sweep.plan`` assumes a small GPU)."""
-    if gpus_per_pack <= 0:
-        return None
-    if gpu_memory_gb is None:
-        if not os.path.exists(NVIDIA_DRIVER):
-            return None  # no GPU here: spares `sweep expand` the import of torch
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        total = torch.cuda.get_device_properties(0).total_memory
-    else:
-        total = gpu_memory_gb * 2**30
-    return int(total * min(1.0, gpus_per_pack))  # a pack trains on one device
-
-
-def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
-    """The CPUs and GPUs per pack, once every option value is one a sweep can run with.
-
-    Pure (no store, no Ray), so it runs before anything is created. The grid's own
-    values are checked by ``sweep.grid``; these messages name the command-line option.
-    """
-    cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
-    gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
-    counts = (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu), ("--max-concurrent", options.max_concurrent),
-              ("--retries", options.retries), ("--max-networks", options.max_networks))
-    for flag, value in counts:
-        if value < 0:
-            raise SweepError(f"{flag} {value:g}: cannot be negative")
-    if options.gpu_memory_gb is not None and options.gpu_memory_gb <= 0:
-        raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
-    if options.device is not None:
-        _check_device(options.device, gpu)
-    return cpu, gpu
-
-
-def _check_device(device: str, gpu: float) -> None:
-    """A device every worker could use; otherwise each pack would fail only inside Ray, after its retries."""
-    m = DEVICE_RE.fullmatch(device)
-    if m is None:
-        raise SweepError(f"--device {device!r}: not a worker device (allowed: cpu, cuda, cuda:N, auto)")
-    visible = max(1, int(gpu))  # Ray shows a pack only the GPUs it holds (CUDA_VISIBLE_DEVICES)
-    if gpu > 0 and m.group(1) is not None and int(m.group(1)) >= visible:
-        raise SweepError(f"--device {device}: a pack holding {gpu:g} GPU sees only cuda:0..cuda:{visible - 1}; "
-                         "use --device cuda, or more --gpus-per-pack")
-
-
-def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> dict[str, Any]:
-    """Everything that must hold before any pack starts; raises with a clear message.
-
-    Returns the grid's datasets by name, loaded (an in-process runner can reuse them).
-    """
-    store.check_writable()
-    from workers.datasets import load_dataset
-
-    # DatasetNotFound names where it looked
-    return {name: load_dataset(name, data_dir) for name in sorted({s.dataset for s in grid.specs})}
 
 
 def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),

@@ -1,6 +1,7 @@
 """Run a grid's packs one after another in this process, without Ray.
 
-For a single GPU box (or a machine without Ray): the same checks, store, plan and
+Floor: sweep.local, a runner (imports sweep.prepare and everything below it; never
+Ray). For a single GPU box (or a machine without Ray): the same checks, store, plan and
 resume semantics as ``sweep run``; packs are trained in repeat-major order, so a run
 cut short (``max_packs``, ``max_seconds``, a kill) leaves whole repeats but for the
 last pack's. Needs only torch, numpy, pyarrow, pandas and pyyaml:
@@ -17,8 +18,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from sweep.grid import Grid, GridError, load_grid
-from sweep.store import ResultStore, StoreError
+import torch
+
+from sweep.core.catalog import PRECISIONS
+from sweep.core.errors import UserError
+from sweep.core.grid import Grid, load_grid
+from sweep.prepare import plan_for, preflight
+from sweep.store.results import ResultStore
+from workers.devices import resolve_device
+from workers.run_pack import run_pack
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +39,6 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
     ``max_packs`` / ``max_seconds`` (0: no limit) stop before starting another pack; a
     started pack always finishes and is stored.
     """
-    import torch
-
-    from sweep.driver import plan_for, preflight
-    from workers.run_pack import resolve_device, run_pack
-
     t0 = time.perf_counter()
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
@@ -62,9 +65,6 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
 
 
 def main(argv: list[str] | None = None) -> int:
-    from workers.datasets import DatasetNotFound
-    from workers.run_pack import PRECISIONS, resolve_device
-
     ap = argparse.ArgumentParser(prog="python -m sweep.local", description=__doc__.split("\n\n")[0])
     ap.add_argument("grid", help="grid file")
     ap.add_argument("--store", required=True, help="results store folder")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(a.grid)
         resolve_device(a.device)  # RuntimeError: no CUDA here
-    except (GridError, RuntimeError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     try:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
             precision=a.precision, max_packs=a.max_packs, max_seconds=a.max_seconds,
             progress=lambda done, total: log.info("%d of %d networks stored", done, total))
-    except (StoreError, DatasetNotFound) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{grid.name}: {trained} networks trained, {failed} failed, in {seconds:.0f} s; results in {a.store}")

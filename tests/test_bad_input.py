@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.grid import load_grid
-from sweep.store import ResultStore
+from sweep.core.grid import load_grid
+from sweep.store.results import ResultStore
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from sweep.grid import expand
-from sweep.plan import Pack
-from sweep.store import ResultStore
+from sweep.core.grid import expand
+from sweep.core.plan import Pack
+from sweep.store.results import ResultStore
 from workers.run_pack import run_pack
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweep.grid import GridError, expand, load_grid
-from sweep.spec import Evaluation, ImbalanceKind, Method, TrialSpec
+from sweep.core.grid import GridError, expand, load_grid
+from sweep.core.spec import Evaluation, ImbalanceKind, Method, TrialSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_every_shipped_grid_expands():
 
 
 def test_buda_mnist_recipe_trains_biases_at_twice_the_lr() -> None:
-    from sweep.recipes import RECIPES
+    from sweep.core.recipes import RECIPES
 
     assert RECIPES["buda_mnist"].bias_lr_factor == 2.0  # Caffe LeNet: lr_mult 2 on biases
     assert all(r.bias_lr_factor == 1.0 for n, r in RECIPES.items() if n != "buda_mnist")

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from sweep.spec import Imbalance, ImbalanceKind, Method
-from workers.imbalance import class_counts, draw_subset, resample, resampled_counts
+from sweep.core.spec import Imbalance, ImbalanceKind, Method
+from sweep.core.counts import class_counts, resampled_counts
+from workers.imbalance import draw_subset, resample
 
 
 def test_step_counts():

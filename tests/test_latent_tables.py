@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from analysis.latent_figures import complete_coverage
-from sweep.grid import expand
-from sweep.plan import Pack
-from sweep.query import query
-from sweep.spec import Evaluation
-from sweep.store import ResultStore
+from sweep.core.grid import expand
+from sweep.core.plan import Pack
+from sweep.store.query import query
+from sweep.core.spec import Evaluation
+from sweep.store.results import ResultStore
 from workers import latent_tables as lt
 from workers.latent import STATISTICS, latent_statistics
 from workers.members import member_data

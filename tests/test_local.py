@@ -1,6 +1,6 @@
-from sweep.grid import expand
+from sweep.core.grid import expand
 from sweep.local import run_local
-from sweep.store import ResultStore
+from sweep.store.results import ResultStore
 
 DOC = {
     "name": "loc", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 5},

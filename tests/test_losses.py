@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sweep.spec import Loss
+from sweep.core.spec import Loss
 from workers.losses import PackedLoss, class_balanced_weights, ldam_margins
 
 # Two members, three classes, two samples each.

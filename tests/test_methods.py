@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import workers.run_pack as rp
-from sweep.grid import expand
-from sweep.plan import Pack
-from sweep.spec import Method
+from sweep.core.grid import expand
+from sweep.core.plan import Pack
+from sweep.core.spec import Method
 from workers.datasets import ArrayDataset
 from workers.members import member_data
 from workers.samplers import EpochSampler

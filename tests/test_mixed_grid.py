@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import yaml
 
-from sweep.grid import load_grid
+from sweep.core.grid import load_grid
 from workers import datasets
 from workers.datasets import load_dataset
 
@@ -150,8 +150,8 @@ def test_a_pack_that_fails_before_reporting_is_still_mapped_to_its_pack():
 
     pytest.importorskip("ray.tune")
     from sweep.driver import _ProgressCallback
-    from sweep.grid import expand
-    from sweep.plan import plan_packs
+    from sweep.core.grid import expand
+    from sweep.core.plan import plan_packs
 
     specs = expand({**GRID, "experiments": GRID["experiments"][:1]}).specs
     packs = plan_packs(specs, 1)

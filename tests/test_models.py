@@ -70,7 +70,7 @@ def test_shapes_and_registry(name: str) -> None:
 
 
 def test_feature_widths_match_catalog() -> None:
-    from sweep.catalog import FEATURE_WIDTH
+    from sweep.core.catalog import FEATURE_WIDTH
     for name, (_, _, _, width) in CASES.items():
         assert FEATURE_WIDTH[name] == width
 

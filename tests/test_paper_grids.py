@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep.grid import GridError, expand, load_grid
-from sweep.spec import Evaluation, ImbalanceKind, Loss, Method, MinorityChoice, Selection
+from sweep.core.grid import GridError, expand, load_grid
+from sweep.core.spec import Evaluation, ImbalanceKind, Loss, Method, MinorityChoice, Selection
 
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 

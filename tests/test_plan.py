@@ -1,8 +1,8 @@
 import pytest
 
-from sweep.grid import expand
-from sweep.plan import Pack, plan_packs
-from sweep.spec import Method
+from sweep.core.grid import expand
+from sweep.core.plan import Pack, plan_packs
+from sweep.core.spec import Method
 
 DOC = {
     "name": "p", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 10},
@@ -50,7 +50,7 @@ def test_plan_is_deterministic_and_round_trips():
 
 
 def test_gpu_packs_are_sized_from_memory_and_the_model():
-    from sweep.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, member_training_bytes, pack_size, pack_sizer
+    from sweep.core.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, member_training_bytes, pack_size, pack_sizer
 
     g = expand({"name": "m", "recipe": "buda_mnist", "repeats": 1, "experiments": [
         {"dataset": "mnist", "model": "lenet5", "methods": ["baseline", "oversampling"],
@@ -95,7 +95,7 @@ def test_specs_that_differ_in_a_pack_wide_setting_never_share_a_pack():
 
 
 def test_the_catalogs_footprints_are_what_the_models_measure():
-    from sweep.catalog import FOOTPRINTS, MODELS
+    from sweep.core.catalog import FOOTPRINTS, MODELS
     from workers.sizing import measure_footprint
 
     pairs = {(m, d) for m, datasets in MODELS.items() for d in datasets}

@@ -26,7 +26,7 @@ from analysis import figures as F
 from analysis.aggregate import (best_methods, method_label, paired_vs_baseline, select_lr_runs,
                                 summarize, with_labels)
 from analysis.report import ReportSummary, write_report
-from sweep.store import ResultStore
+from sweep.store.results import ResultStore
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 # t quantiles 0.975 in closed form: df=1 is Cauchy, df=2 has t = a*sqrt(2/(1-a^2)), a = 2p-1
@@ -460,7 +460,7 @@ def test_report_names_cells_with_fewer_repeats_and_failures(tmp_path):
 
 
 def test_report_with_saved_grid_counts_exactly_what_is_missing(tmp_path):
-    from sweep.grid import load_grid
+    from sweep.core.grid import load_grid
 
     grid_file = tmp_path / "tiny.yaml"
     grid_file.write_text(

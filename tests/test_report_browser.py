@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from analysis.report import write_report
-from sweep.store import ResultStore
+from sweep.store.results import ResultStore
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

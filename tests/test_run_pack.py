@@ -3,10 +3,10 @@ import dataclasses
 import pytest
 import torch
 
-from sweep.grid import expand
-from sweep.plan import Pack, plan_packs
-from sweep.spec import Method
-from sweep.store import ResultStore
+from sweep.core.grid import expand
+from sweep.core.plan import Pack, plan_packs
+from sweep.core.spec import Method
+from sweep.store.results import ResultStore
 from workers.run_pack import run_pack
 
 
@@ -78,21 +78,16 @@ def test_a_diverging_member_is_marked_and_the_others_finish(small_mnist):
     assert rows[(g.specs[1].network_id, "raw")]["roc_auc"] > 0.5
 
 
-def test_two_phase_changes_only_the_output_layer_from_phase1_weights(small_mnist, monkeypatch):
-    import workers.run_pack as rp
-
+def test_two_phase_changes_only_the_output_layer_from_phase1_weights(small_mnist):
     g = grid(methods=["oversampling", "two_phase_over"])
     captured = {}
-    real = rp._run_stage
 
-    def spy(model, specs, *a, **kw):
-        before = model.member_state(0) if kw["head_only"] else None
-        out = real(model, specs, *a, **kw)
-        captured[kw["head_only"]] = (before, model.member_state(0))
-        return out
+    def observe(plan, model, when):
+        captured[(plan.head_only, when)] = model.member_state(0)
 
-    monkeypatch.setattr(rp, "_run_stage", spy)
-    run_pack(Pack(g.specs), None, dataset=small_mnist)
+    run_pack(Pack(g.specs), None, dataset=small_mnist, observer=observe)
+    captured[False] = (captured[(False, "start")], captured[(False, "end")])
+    captured[True] = (captured[(True, "start")], captured[(True, "end")])
     phase1_after = captured[False][1]
     phase2_before, phase2_after = captured[True]
     for k in phase1_after:

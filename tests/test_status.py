@@ -9,10 +9,10 @@ import yaml
 from click.testing import CliRunner
 
 from sweep.cli import cli
-from sweep.grid import expand, load_grid
-from sweep.plan import Pack
-from sweep.status import TRIAL_COLUMNS, format_status, summarize
-from sweep.store import ResultStore
+from sweep.core.grid import expand, load_grid
+from sweep.core.plan import Pack
+from sweep.store.status import TRIAL_COLUMNS, format_status, summarize
+from sweep.store.results import ResultStore
 
 DOC = {
     "name": "st", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 10},

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from analysis.load import load, load_all
-from sweep.provenance import provenance
-from sweep.query import query
-from sweep.store import ResultStore, StoreError, new_attempt
+from sweep.store.provenance import provenance
+from sweep.store.query import query
+from sweep.store.results import ResultStore, StoreError, new_attempt
 
 REPO = Path(__file__).resolve().parents[1]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -265,7 +265,7 @@ _KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import numpy as np, pyarrow as pa
-    from sweep.store import ResultStore
+    from sweep.store.results import ResultStore
 
     root, marker = sys.argv[1], Path(sys.argv[2])
     real = ResultStore._commit_file
@@ -376,7 +376,7 @@ methods: [baseline, oversampling]
 
 
 def test_save_grid_and_saved_grids(tmp_path):
-    from sweep.grid import load_grid
+    from sweep.core.grid import load_grid
 
     path = tmp_path / "tiny-file.yaml"
     path.write_text(GRID_YAML)
@@ -400,8 +400,8 @@ def test_saved_grids_broken_copy(tmp_path):
 
 
 def test_record_failure(tmp_path):
-    from sweep.grid import expand
-    from sweep.plan import plan_packs
+    from sweep.core.grid import expand
+    from sweep.core.plan import plan_packs
 
     grid = expand(__import__("yaml").safe_load(GRID_YAML))
     (pack,) = plan_packs(grid.specs, 10)
@@ -427,3 +427,30 @@ def test_write_pack_grid_name_with_space(tmp_path):
     assert set(store.read_table("trials")["grid"]) == {"Buda MNIST+x"}
     assert set(store.read_table("curves")["grid"]) == {"Buda MNIST+x"}
     assert query(str(tmp_path), "select distinct grid from trials")["grid"].tolist() == ["Buda MNIST+x"]
+
+
+def test_every_table_is_deduplicated_like_trials(tmp_path):
+    """Two runs of the same networks (concurrent, or a rerun) leave both packs' files; every
+    table reads the rows of the pack whose trials rows are the latest, in Python and SQL."""
+    import datetime as dt
+
+    store = ResultStore(str(tmp_path))
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+
+    def write(pack: str, at: dt.datetime, auc: float) -> None:
+        trials = [{"trial_id": f"t{i}", "network_id": f"n{i}", "status": "ok", "roc_auc": auc,
+                   "created_at": at} for i in range(2)]
+        classes = [{"trial_id": f"t{i}", "network_id": f"n{i}", "class": c, "accuracy": auc}
+                   for i in range(2) for c in range(3)]
+        store.write_pack(pack, "g", {"trials": trials, "class_metrics": classes})
+
+    write("first", t0, 0.6)
+    write("second", t0 + dt.timedelta(seconds=1), 0.9)
+    # A table of networks that have no trials rows at all is read whole.
+    store.write_pack("side", "g", {"curves": [{"network_id": "other", "iter": 1}]})
+    cm = store.read_table("class_metrics")
+    assert len(cm) == 6 and set(cm["accuracy"]) == {0.9}
+    assert len(store.read_table("curves")) == 1
+    sql = query(store.root, "select count(*) as n, min(accuracy) as lo from class_metrics")
+    assert sql["n"][0] == 6 and sql["lo"][0] == 0.9
+    assert query(store.root, "select count(*) as n from curves")["n"][0] == 1

@@ -1,5 +1,10 @@
 """Datasets as whole uint8 tensors in memory: ``load_dataset(name) -> ArrayDataset``.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+It is longer than 400 lines because it holds one short loader per dataset format (MNIST,
+CIFAR-10, SVHN, CelebA, image folders) and their shared cache; splitting them would
+scatter the one lookup order they share.
+
 A worker keeps the full training and test sets on its device; an imbalanced
 training subset is only an index array into ``train_x`` (see workers.imbalance).
 Images stay uint8 ``[N, C, H, W]`` here; the input transform that turns them into
@@ -53,7 +58,8 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from sweep.catalog import DATASETS
+from sweep.core.catalog import DATASETS
+from sweep.core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +145,7 @@ class ArrayDataset:
         return int(c), int(h), int(w)
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(UserError, FileNotFoundError):
     """No copy of a dataset was found; the message lists every place looked and the fixes."""
 
     def __init__(self, name: str, looked: Sequence[str], how: str) -> None:

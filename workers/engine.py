@@ -1,5 +1,7 @@
 """The training loop of one stage of a pack: all members step together.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 A stage trains a packed model for a fixed number of iterations. Each member has its
 own sampler, learning-rate column, loss settings and input transform; the loop
 issues one forward/backward per step for all of them. Divergence (a non-finite
@@ -91,7 +93,18 @@ class StageState:
     train_seconds: float = 0.0
 
 
-Checkpointer = Callable[[dict[str, Any]], None]
+@dataclass
+class StageSnapshot:
+    """What a stage needs to continue exactly where it was (a checkpoint's payload)."""
+
+    stage_state: StageState
+    optimizer: list[Tensor | None]
+    samplers: list[dict[str, Any]]
+    model: dict[str, Tensor]  # state_dict on the CPU
+    noise: list[Tensor] | None  # the members' dropout streams
+
+
+Checkpointer = Callable[[StageSnapshot], None]
 
 
 def predict(model: PackedNet, x: Tensor, transform: Any, autocast_dtype: torch.dtype | None = None,
@@ -181,10 +194,9 @@ def train_stage(
             _note_divergence(state, first_bad)
             # Saved before progress is reported: whoever sees iteration ``it`` reported can
             # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
-            checkpoint({"stage_state": state, "optimizer": opt.state(),
-                        "samplers": [s.state() for s in samplers],
-                        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                        "noise": model.noise_state()})
+            checkpoint(StageSnapshot(state, opt.state(), [s.state() for s in samplers],
+                                     {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                     model.noise_state()))
         if progress is not None:
             progress(it)
     _note_divergence(state, first_bad)

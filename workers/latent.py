@@ -1,5 +1,10 @@
 """Dablain et al. latent statistics of trained networks, batched over a pack's members.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+It is longer than 400 lines because the statistics share one chunked, memory-bounded
+pass over the members and its ranking helpers; apart they would have to be kept in step
+by hand.
+
 Dablain, Jacobson, Bellinger, Roberts, Chawla, "Understanding CNN fragility when
 learning with imbalanced data" (referred to below as "the paper", sections as §).
 

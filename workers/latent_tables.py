@@ -1,5 +1,7 @@
 """From a trained pack to Dablain et al.'s tables: ``latent_stats``, ``embeddings``, ``classifier_weights``.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 For every member whose spec asks for it (``latent``), the worker runs the trained
 network once more in full precision (no autocast, whatever the training precision)
 over two splits:
@@ -35,7 +37,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from sweep.spec import Evaluation, TrialSpec
+from sweep.core.spec import Evaluation, TrialSpec
 from workers.engine import pad_members, predict
 from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
 from workers.models import PackedNet, build_model

@@ -1,5 +1,7 @@
 """Training losses for a pack of P networks trained side by side.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Every tensor here has a leading member dimension P. One :class:`PackedLoss` is
 built per pack and called every training step; members of one pack may use
 different losses (cross-entropy, focal, LDAM) and different deferred
@@ -27,10 +29,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sweep.spec import Loss
+from sweep.core.spec import Loss
 
 if TYPE_CHECKING:  # pragma: no cover
-    from sweep.spec import TrialSpec
+    from sweep.core.spec import TrialSpec
 
 __all__ = ["class_balanced_weights", "ldam_margins", "PackedLoss"]
 

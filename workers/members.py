@@ -1,5 +1,7 @@
 """From a TrialSpec to the index sets its network trains, validates and is judged on.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 All draws are seeded from the spec: the imbalanced subset from the training-set
 seed (shared by every method on that set, so methods are compared on the same
 images), the re-sampling and the batch order from the network's own id.
@@ -10,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
-from sweep.catalog import DATASETS
-from sweep.spec import Method, TrialSpec, derive_seed
-from workers.imbalance import class_counts, draw_subset, resample, resampled_counts
+from sweep.core.catalog import DATASETS
+from sweep.core.spec import Method, TrialSpec, derive_seed
+from sweep.core.counts import class_counts, resampled_counts
+from workers.imbalance import draw_subset, resample
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """Evaluation metrics for a pack of P networks, batched over members.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Every function takes scores with a leading member dimension P, ``[P, N, K]``,
 and returns one value per member (or per member and class). Labels are either
 shared by all members, ``[N]``, or per member, ``[P, N]``.

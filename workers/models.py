@@ -1,5 +1,7 @@
 """Packed models: P networks of one architecture trained as one module.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Every model splits into ``body`` (frozen in two-phase phase 2 and in classifier
 re-training) and ``head`` (the output layer(s) those stages train). ``forward``
 returns the penultimate features FE (after ReLU, Dablain et al.) and the logits,

@@ -1,5 +1,7 @@
 """SGD with momentum for packed parameters, and learning-rate tables.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Every member has its own learning rate at every iteration (lr searches, two-phase
 factors, different schedules in one pack), so the step takes a ``[P]`` vector.
 The update is PyTorch's SGD (buf = m*buf + g + wd*w; w -= lr*buf), applied to
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sweep.spec import LrPolicy, Recipe
+from sweep.core.spec import LrPolicy, Recipe
 
 
 def lr_at(recipe: Recipe, base_lr: float, t: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Layers that hold P independent networks ("members") as one stacked module.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Every parameter has a leading member dimension P. Convolutions run as one grouped
 convolution (groups = P) over activations laid out ``[B, P*C, H, W]``; linear layers
 run as one batched matrix product over ``[P, B, F]``. One kernel launch per layer

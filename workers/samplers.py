@@ -1,5 +1,7 @@
 """Per-network mini-batch index streams.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Each network walks its own index set (the imbalanced, possibly re-sampled subset)
 in epochs, reshuffled every epoch from its own generator, like Caffe reading a
 shuffled database. Streams are produced in chunks of iterations and stacked over

@@ -1,6 +1,8 @@
-"""Measures what ``sweep.catalog.FOOTPRINTS`` records: a model's size in values.
+"""Measures what ``sweep.core.catalog.FOOTPRINTS`` records: a model's size in values.
 
-Pack planning (``sweep.plan.pack_size``) must run where torch is not wanted (the
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
+Pack planning (``sweep.core.plan.pack_size``) must run where torch is not wanted (the
 driver, ``sweep expand``), so it reads the catalog's table; a test checks the table
 against this measurement for every model and dataset. The model is run once on the CPU
 (one member, two images, training mode) and every tensor autograd saves for the
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sweep.catalog import DATASETS
+from sweep.core.catalog import DATASETS
 from workers.models import build_model
 
 PROBE_IMAGES = 2  # BatchNorm needs more than one image per channel in training mode

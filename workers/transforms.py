@@ -1,5 +1,7 @@
 """Input transforms fitted on a training subset, applied to uint8 batches on any device.
 
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
 Each network of a pack trains on its own (imbalanced, re-sampled) subset, so a fitted
 transform (mean, std, whitening matrix) belongs to one member. ``fit_transform`` fits
 one; ``stack_transforms`` stacks a pack's into a ``PackedTransform`` whose ``apply``

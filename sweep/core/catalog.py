@@ -1,4 +1,7 @@
-"""What the expander must know about datasets and models, without loading any data."""
+"""What the expander must know about datasets and models, without loading any data.
+
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+"""
 
 from __future__ import annotations
 
@@ -58,3 +61,7 @@ FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
     ("resnet32", "celeba"): (463_634, 611_616),
     ("resnet10", "imagenet"): (5_418_792, 84_608),
 }
+
+# Arithmetic precisions a pack can train in (workers.devices.set_precision applies them):
+# fp32; tf32 (fp32 storage, TF32 matmuls and convolutions on CUDA); bf16 (autocast).
+PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")

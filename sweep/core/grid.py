@@ -1,5 +1,7 @@
 """Grid files: parsing, validation and expansion into TrialSpecs.
 
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+
 A grid file is YAML. Top-level keys are defaults for every experiment; an optional
 ``experiments:`` list holds blocks that override them (a grid may mix datasets and
 models). Every key is checked: an unknown key or value raises :class:`GridError`
@@ -15,7 +17,6 @@ import dataclasses
 import hashlib
 import itertools
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sweep.catalog import DATASETS, MODELS
-from sweep.recipes import RECIPES
-from sweep.spec import (
+from sweep.core.catalog import DATASETS, MODELS
+from sweep.core.counts import class_counts
+from sweep.core.grid_checks import GridError, _choice, _choices, _Errors, _int, _list, _num
+from sweep.core.recipes import RECIPES
+from sweep.core.spec import (
     Evaluation,
     Imbalance,
+    LrPolicy,
     ImbalanceKind,
     Loss,
     Method,
@@ -37,10 +41,6 @@ from sweep.spec import (
     TrialSpec,
     derive_seed,
 )
-
-
-class GridError(ValueError):
-    """A grid file is malformed or contradictory."""
 
 
 EXPERIMENT_KEYS = {
@@ -80,7 +80,6 @@ IMBALANCE_PARAMS = {
     ImbalanceKind.NONE: set(),
 }
 DEFAULT_THRESHOLDED = (Method.BASELINE, Method.OVERSAMPLING, Method.UNDERSAMPLING)
-METHOD_ORDER = {m: i for i, m in enumerate(Method)}  # phase-1 methods before their dependents
 
 
 @dataclass(frozen=True)
@@ -313,7 +312,6 @@ def _epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes:
     Milestones, warm-up and the DRW start keep their fraction of the budget, so a recipe
     written for 200 epochs (LDAM-DRW) keeps its shape for any set size.
     """
-    from workers.imbalance import class_counts  # numpy only; no torch import
 
     n = int(class_counts(imb, num_classes, n_max).sum())
     iters = max(1, round(epochs * math.ceil(n / recipe.batch_size)))
@@ -349,7 +347,6 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
         cur = getattr(base, k)
         try:
             if k == "lr_policy":
-                from sweep.spec import LrPolicy
                 typed[k] = LrPolicy(v)
             elif k == "lr_milestones":
                 typed[k] = tuple(int(x) for x in v)
@@ -377,79 +374,3 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
     if not 0 <= r.validation_fraction < 1:
         raise err(key + ".validation_fraction", f"{r.validation_fraction}", "0 <= fraction < 1")
     return r
-
-
-class _Errors:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def __call__(self, key: str, problem: str, allowed: str) -> GridError:
-        where = f"{self.source}: {key}: " if key else f"{self.source}: "
-        return GridError(where + problem + (f" (allowed: {allowed})" if allowed else ""))
-
-    def unknown_keys(self, d: dict[str, Any], allowed: Iterable[str], where: str) -> None:
-        allowed = set(allowed)
-        for k in d:
-            if k not in allowed:
-                raise self(f"{where}.{k}" if where else str(k), "unknown key",
-                           ", ".join(sorted(allowed)) or "no keys")
-
-
-def _choice(err: _Errors, d: dict, key: str, allowed: Iterable[str], p: str,
-            default: Any = None, required: bool = False) -> Any:
-    allowed = list(allowed)
-    if key not in d or d[key] is None:
-        if required:
-            raise err(p + key, "missing", ", ".join(allowed))
-        return default
-    v = d[key]
-    if v not in allowed:
-        raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
-    return v
-
-
-def _choices(err: _Errors, d: dict, key: str, allowed: list[str], p: str, default: list[str],
-             allow_empty: bool = False) -> list[str]:
-    if allow_empty and d.get(key) == []:
-        return []  # e.g. `thresholding: []`: no thresholded evaluations
-    vals = _list(err, d, key, default, p)
-    seen = []
-    for v in vals:
-        if v not in allowed:
-            raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
-        if v in seen:
-            raise err(p + key, f"{v!r} is listed twice", "each value once")
-        seen.append(v)
-    return seen
-
-
-def _list(err: _Errors, d: dict, key: str, default: Any, p: str, required: bool = False) -> list:
-    if key not in d or d[key] is None:
-        if required:
-            raise err(p + key, "missing", "a list of values")
-        return list(default)
-    v = d[key]
-    if not isinstance(v, list):
-        v = [v]
-    if not v:
-        raise err(p + key, "empty list", "at least one value")
-    for x in v:
-        if isinstance(x, bool) or not isinstance(x, (int, float, str)):
-            raise err(p + key, f"bad value {x!r}", "numbers or names")
-    if key not in ("methods", "thresholding", "losses") and any(isinstance(x, str) for x in v):
-        raise err(p + key, f"{v}: expected numbers", "numbers")
-    return v
-
-
-def _num(err: _Errors, d: dict, key: str, default: float, p: str = "") -> float:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise err(p + key, f"bad value {v!r}", "a number")
-    return v
-
-
-def _int(err: _Errors, d: dict, key: str, default: int, p: str = "") -> int:
-    v = d.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise err(p + key, f"bad value {v!r}", "an integer")
-    return v

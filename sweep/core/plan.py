@@ -1,5 +1,7 @@
 """Packs: specs trained together in one process on one device.
 
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+
 A Pack is the unit Ray Tune schedules. Its members share a dataset, model, batch
 size and iteration count, so one stacked network trains them all. A two-phase
 network always sits in the same pack as its phase-1 network (never trained
@@ -15,8 +17,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from sweep.catalog import DATASETS, FOOTPRINTS
-from sweep.spec import TrialSpec, _hash
+from sweep.core.catalog import DATASETS, FOOTPRINTS
+from sweep.core.spec import METHOD_ORDER, TrialSpec, _hash
 
 # Networks per pack when the grid and the command line say nothing. On the CPU a pack
 # much larger than this just makes one Tune trial slow without raising throughput; on a
@@ -78,7 +80,7 @@ def pack_size(spec: TrialSpec, device: str, memory_bytes: int | None = None) -> 
 
 def member_training_bytes(model: str, dataset: str, batch_size: int) -> int:
     """Bytes of device memory one network needs to train on ``batch_size`` images
-    (``sweep.catalog.FOOTPRINTS``: its parameters and saved values per image)."""
+    (``sweep.core.catalog.FOOTPRINTS``: its parameters and saved values per image)."""
     params, values_per_image = FOOTPRINTS[(model, dataset)]
     image_values = math.prod(DATASETS[dataset].image_shape)  # the uint8 batch as float, transformed
     return FLOAT_BYTES * (PARAMETER_COPIES * params + ACTIVATION_COPIES * (values_per_image + 2 * image_values)
@@ -147,8 +149,6 @@ def _families(unit: list[TrialSpec]) -> list[list[TrialSpec]]:
     A family is never split across packs; it is at most a few networks, so a pack may
     exceed ``max_networks`` by less than one family only when a family alone is larger.
     """
-    from sweep.grid import METHOD_ORDER
-
     ordered = sorted(unit, key=lambda s: (s.parent is not None, METHOD_ORDER[s.method], s.network_id))
     families: dict[str, list[TrialSpec]] = {}
     for s in ordered:

@@ -1,8 +1,11 @@
-"""Named training recipes from the papers. A grid names one and may override fields."""
+"""Named training recipes from the papers. A grid names one and may override fields.
+
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+"""
 
 from __future__ import annotations
 
-from sweep.spec import LrPolicy, Recipe
+from sweep.core.spec import LrPolicy, Recipe
 
 RECIPES: dict[str, Recipe] = {
     # Buda et al. Sec. 3.3 (MNIST, LeNet-5): 10,000 iterations whatever the set size.

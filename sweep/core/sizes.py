@@ -1,5 +1,7 @@
 """Rough sizes of what a grid will write to the store (`sweep expand` prints them).
 
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+
 Bytes per row are compressed Parquet (zstd) as measured on the demo store
 (`sweep run grids/demo.yaml`, 2026-11-27): 30 LeNet-5s, 60 trials rows (45 KB),
 76,358 latent_stats rows (615 KB), 51,000 embedding rows of 500 floats (57 MB).
@@ -9,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sweep.catalog import DATASETS, FEATURE_WIDTH
-from sweep.spec import TrialSpec
+from sweep.core.catalog import DATASETS, FEATURE_WIDTH
+from sweep.core.counts import class_counts
+from sweep.core.spec import TrialSpec
 
 TRIAL_ROW_BYTES = 750  # spec_json dominates
 CLASS_ROW_BYTES = 40
@@ -33,7 +36,6 @@ def latent_rows(num_classes: int, width: int) -> int:
 
 def embedding_images(spec: TrialSpec) -> int:
     """Images whose FE a network with ``embeddings`` stores: its training subset and the test set."""
-    from workers.imbalance import class_counts  # numpy only; no torch import
 
     info = DATASETS[spec.dataset]
     n_max = min(spec.imbalance.max_per_class or info.train_per_class, info.max_cap)

@@ -1,8 +1,10 @@
 """Trial specifications: the frozen, hashable description of one network.
 
+Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no store).
+
 A ``TrialSpec`` is everything needed to train one network and to understand a
 row of the results store without the grid file it came from. Specs are built
-only by :func:`sweep.grid.expand`; their ids are hashes of their canonical JSON,
+only by :func:`sweep.core.grid.expand`; their ids are hashes of their canonical JSON,
 so the same grid point has the same id on any machine and in any order.
 
 One trained network is evaluated in one or more ways (``Evaluation``): the raw
@@ -49,6 +51,8 @@ class Method(StrEnum):
         """Which re-sampling of the training set this method trains on."""
         return _SAMPLING.get(self, self)
 
+
+METHOD_ORDER = {m: i for i, m in enumerate(Method)}  # phase-1 methods before their dependents
 
 _PHASE1 = {
     Method.TWO_PHASE_OVER: Method.OVERSAMPLING,

@@ -1,5 +1,7 @@
 """Compaction: a store's committed rows rewritten as one file per table and grid.
 
+Floor: sweep.store (where results live; imports sweep.core only, no torch).
+
 A sweep writes one file per pack and table, so a 22,500-network grid leaves hundreds
 of small files; reading them is slower than reading one, and a machine that can only
 hand back a few files (a lent GPU box) cannot return them. ``compact_store`` copies the
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sweep.store import TRIALS, ResultStore, StoreError
+from sweep.store.results import TRIALS, ResultStore, StoreError
 
 COMPACT_PACK_ID = "compacted"
 

@@ -1,4 +1,7 @@
-"""Provenance stamped on every stored row: which code, which grid file, which machine."""
+"""Provenance stamped on every stored row: which code, which grid file, which machine.
+
+Floor: sweep.store (where results live; imports sweep.core only, no torch).
+"""
 
 from __future__ import annotations
 

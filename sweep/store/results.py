@@ -1,5 +1,10 @@
 """The results store: Parquet tables, hive-partitioned by grid, written one pack at a time.
 
+Floor: sweep.store (where results live; imports sweep.core only, no torch).
+It is longer than 400 lines because the write protocol (temporary files, commit order,
+clean-up) and the read rules (committed files only, latest row per trial) are one
+contract and are checked together.
+
 Layout (see docs/store.md)::
 
     ROOT/<table>/grid=<grid>/<pack_id>-<attempt>.parquet
@@ -30,7 +35,6 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Union
 
 import pandas as pd
 import pyarrow as pa
@@ -39,20 +43,28 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from sweep.grid import Grid
-    from sweep.plan import Pack
+from sweep.core.grid import Grid, GridError, expand
+from sweep.core.plan import Pack
+from sweep.store.rows import (
+    FILE_COL,
+    Filters,
+    TableData,
+    check_columns,
+    drop_partition_column,
+    filters as parse_filters,
+    latest_rows,
+    prepare_trials,
+    reason,
+    rows_of_latest_packs,
+    to_arrow,
+    union,
+)
+from sweep.store.schema import COMPLETED, PARTITION, TRIALS, Measurement, StoreError, trial_row
 
 log = logging.getLogger(__name__)
 
-TRIALS = "trials"
 CHECKPOINTS = "_checkpoints"
 GRIDS = "_grids"
-COMPLETED_STATUSES = ("ok", "diverged")
-PARTITION = "grid"
-
-TableData = Union[pd.DataFrame, pa.Table, Sequence[Mapping[str, Any]]]
-Filters = Union[ds.Expression, Sequence[Any], None]
 
 _TMP_SUFFIX = ".tmp"
 _PROBE_PREFIX = ".write-probe-"
@@ -60,21 +72,10 @@ _PROBE_PREFIX = ".write-probe-"
 # or space (dot/underscore files are hidden from readers), nothing a hive partition value
 # would need to escape (% and =), no control characters, no trailing space.
 _NAME_RE = re.compile(r"^[^./\\%=_\s][^/\\%=\x00-\x1f]*(?<!\s)$")
-# Table names are also SQL view names in sweep.query.
+# Table names are also SQL view names in sweep.store.query.
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
-_CREATED_AT_TYPE = pa.timestamp("us", tz="UTC")
-# The commit marker written when a pack has no trial rows but other tables have rows.
-_MARKER_SCHEMA = pa.schema(
-    [("trial_id", pa.string()), ("network_id", pa.string()), ("status", pa.string()),
-     ("created_at", _CREATED_AT_TYPE)]
-)
-_FILE_COL = "__store_file"  # internal: which file a scanned row came from
 _MAX_IO_THREADS = 16
-
-
-class StoreError(RuntimeError):
-    """A results store cannot be read or written; the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,7 @@ class ResultStore:
             with self._fs.open_output_stream(probe) as out:
                 out.write(b"probe")
         except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"results store {self.root} is not writable: {_reason(exc)}") from exc
+            raise StoreError(f"results store {self.root} is not writable: {reason(exc)}") from exc
         finally:
             self._remove_quietly(probe)
 
@@ -157,7 +158,7 @@ class ResultStore:
                 raise  # KeyboardInterrupt and friends: clean up, then let them through
             raise StoreError(
                 f"results store {self.root}: writing pack {pack_id} (grid {grid}) failed "
-                f"at {where}: {_reason(exc)}"
+                f"at {where}: {reason(exc)}"
             ) from exc
         log.debug("stored pack %s of grid %s as %s (%s)", pack_id, grid, stem, ", ".join(order))
 
@@ -165,12 +166,12 @@ class ResultStore:
         prepared: dict[str, pa.Table] = {}
         for name, data in tables.items():
             _check_name("table name", name, _TABLE_RE)
-            table = _drop_partition_column(_to_arrow(name, data))
+            table = drop_partition_column(to_arrow(name, data))
             if table.num_rows or name == TRIALS:
                 prepared[name] = table
         if not any(t.num_rows for t in prepared.values()):
             return {}
-        prepared[TRIALS] = _prepare_trials(prepared.get(TRIALS))
+        prepared[TRIALS] = prepare_trials(prepared.get(TRIALS))
         return prepared
 
     def _write_file(self, table: pa.Table, path: str) -> None:
@@ -240,7 +241,7 @@ class ResultStore:
         log.warning("could not remove %s %s", what, path)
         return 0
 
-    def record_failure(self, pack: "Pack", error: str, grid: str) -> None:
+    def record_failure(self, pack: Pack, error: str, grid: str) -> None:
         """Store a pack that finally failed: ``failed`` trial rows and one ``failures`` row
         per network. Trials already completed in this grid are left alone (a pack that
         stored its rows and failed afterwards must not be masked by a later failed row).
@@ -255,10 +256,10 @@ class ResultStore:
             failures.append({"network_id": spec.network_id, "pack_id": pack.pack_id,
                              "error": error, "created_at": now, "spec_json": spec.to_json()})
             for e in todo:
-                trials.append(_failed_trial_row(spec, e, pack.pack_id, error, now))
+                trials.append(trial_row(spec, e, pack.pack_id, Measurement.failed(error), now))
         self.write_pack(pack.pack_id, grid, {"trials": trials, "failures": failures})
 
-    def save_grid(self, grid: "Grid") -> None:
+    def save_grid(self, grid: Grid) -> None:
         """Keep a copy of the grid file as ``_grids/<name>.yaml``, for ``sweep resume``.
 
         The copy of a grid run earlier under the same name is replaced. A grid that was
@@ -283,13 +284,11 @@ class ResultStore:
             self._fs.move(tmp, final)
         except (OSError, pa.ArrowException) as exc:
             self._remove_quietly(tmp)
-            raise StoreError(f"results store {self.root}: cannot save grid to {final}: {_reason(exc)}") from exc
+            raise StoreError(f"results store {self.root}: cannot save grid to {final}: {reason(exc)}") from exc
 
-    def saved_grids(self) -> list["Grid"]:
+    def saved_grids(self) -> list[Grid]:
         """The grids saved by :meth:`save_grid`, expanded again, sorted by name."""
         import yaml
-
-        from sweep.grid import GridError, expand
 
         grids = []
         for info in self._list(_join(self._base, GRIDS), recursive=False):
@@ -303,7 +302,7 @@ class ResultStore:
                 grids.append(expand(doc, source=info.path, file_hash=hashlib.sha256(raw).hexdigest()))
             except (OSError, pa.ArrowException, yaml.YAMLError, GridError) as exc:
                 raise StoreError(f"results store {self.root}: saved grid {info.path} "
-                                 f"cannot be loaded: {_reason(exc)}") from exc
+                                 f"cannot be loaded: {reason(exc)}") from exc
         return sorted(grids, key=lambda g: g.name)
 
     # -- reading ---------------------------------------------------------------
@@ -312,7 +311,7 @@ class ResultStore:
         try:
             info = self._fs.get_file_info(self._base)
         except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"results store {self.root}: cannot open: {_reason(exc)}") from exc
+            raise StoreError(f"results store {self.root}: cannot open: {reason(exc)}") from exc
         if info.type == pafs.FileType.NotFound:
             return False
         if info.type != pafs.FileType.Directory:
@@ -322,6 +321,11 @@ class ResultStore:
     def table_names(self) -> list[str]:
         """Tables with at least one committed file, sorted."""
         return [t for t in self._table_dirs() if self.files(t)]
+
+    def columns(self, table: str) -> list[str]:
+        """The columns of ``table`` over all its committed files (with ``grid``)."""
+        files = self._committed_files(table)
+        return list(self._schema(table, files).names) if files else []
 
     def files(self, table: str) -> list[str]:
         """Paths of ``table``'s files that belong to committed packs, sorted."""
@@ -349,30 +353,44 @@ class ResultStore:
         A table that does not exist gives an empty DataFrame.
         """
         _check_name("table name", name, _TABLE_RE)
-        expr, filter_cols = _filters(filters)
+        expr, filter_cols = parse_filters(filters)
         files = self._committed_files(name)
         if not files:
             return pd.DataFrame(columns=list(columns) if columns else None)
         schema = self._schema(name, files)
         want = list(schema.names) if columns is None else list(columns)
-        _check_columns(self.root, name, schema, want)
+        check_columns(self.root, name, schema, want)
         if name != TRIALS:
-            return self._scan(files, schema, want, expr).drop_columns([_FILE_COL]).to_pandas()
+            # Two runs of the same networks (concurrent, or a rerun) leave two packs' rows:
+            # keep those of the pack whose trials rows are the latest, as for trials.
+            extra = ["grid", "network_id"] if "network_id" in schema.names else []
+            table = self._scan(files, schema, union(want, extra), expr)
+            return rows_of_latest_packs(table, self._latest_trials()).select(want).to_pandas()
         needed = want if filter_cols is not None else list(schema.names)
         keys = ["grid", "trial_id", "created_at"]
-        table = _latest_rows(self._scan(files, schema, _union(needed, filter_cols or (), keys)))
+        table = latest_rows(self._scan(files, schema, union(needed, filter_cols or (), keys)))
         if expr is not None:
             table = table.filter(expr)
         return table.select(want).to_pandas()
 
+    def _latest_trials(self) -> pa.Table:
+        """grid, network_id and source file of the latest row of every trial."""
+        files = self._committed_files(TRIALS)
+        schema = self._schema(TRIALS, files) if files else None
+        if schema is None or "network_id" not in schema.names:
+            return pa.table({"grid": pa.array([], pa.string()), "network_id": pa.array([], pa.string()),
+                             FILE_COL: pa.array([], pa.string())})
+        cols = [c for c in ("grid", "trial_id", "network_id", "created_at") if c in schema.names]
+        return latest_rows(self._scan(files, schema, cols), keep_file=True)
+
     def completed_trial_ids(
-        self, statuses: Iterable[str] = COMPLETED_STATUSES, grid: str | None = None
+        self, statuses: Iterable[str] = COMPLETED, grid: str | None = None
     ) -> set[str]:
         """Trial ids whose latest row has a status in ``statuses`` (in ``grid``, if given)."""
         return self._completed("trial_id", statuses, grid)
 
     def completed_network_ids(
-        self, statuses: Iterable[str] = COMPLETED_STATUSES, grid: str | None = None
+        self, statuses: Iterable[str] = COMPLETED, grid: str | None = None
     ) -> set[str]:
         """Network ids with at least one latest trial row whose status is in ``statuses``."""
         return self._completed("network_id", statuses, grid)
@@ -389,7 +407,7 @@ class ResultStore:
         if column not in schema.names or "status" not in schema.names:
             return set()
         cols = [c for c in ("grid", "trial_id", "created_at", "status", column) if c in schema.names]
-        table = _latest_rows(self._scan(files, schema, list(dict.fromkeys(cols))))
+        table = latest_rows(self._scan(files, schema, list(dict.fromkeys(cols))))
         wanted = pa.array(sorted(set(statuses)), pa.string())
         mask = pc.is_in(table["status"].cast(pa.string()), value_set=wanted)
         ids = table.filter(mask)[column].drop_null().cast(pa.string())
@@ -404,7 +422,7 @@ class ResultStore:
         try:
             return self._fs.get_file_info(selector)
         except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"results store {self.root}: cannot list {path}: {_reason(exc)}") from exc
+            raise StoreError(f"results store {self.root}: cannot list {path}: {reason(exc)}") from exc
 
     def _table_dirs(self) -> list[str]:
         names = [
@@ -452,7 +470,7 @@ class ResultStore:
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(
                 f"results store {self.root}: table {table} has files that cannot be combined "
-                f"(incompatible column types or unreadable file): {_reason(exc)}"
+                f"(incompatible column types or unreadable file): {reason(exc)}"
             ) from exc
 
     def _factory(self, table: str, files: list[_DataFile]) -> ds.FileSystemDatasetFactory:
@@ -477,20 +495,20 @@ class ResultStore:
 
         def one(fragment: ds.Fragment) -> pa.Table:
             part = fragment.to_table(schema=schema, columns=cols, filter=expr, use_threads=False)
-            return part.append_column(_FILE_COL, pa.array([fragment.path] * part.num_rows, pa.string()))
+            return part.append_column(FILE_COL, pa.array([fragment.path] * part.num_rows, pa.string()))
 
         try:
             with ThreadPoolExecutor(min(_MAX_IO_THREADS, len(fragments))) as pool:
                 parts = list(pool.map(one, fragments))
         except (OSError, pa.ArrowException) as exc:
             table_name = files[0].table
-            raise StoreError(f"results store {self.root}: cannot read {table_name}: {_reason(exc)}") from exc
+            raise StoreError(f"results store {self.root}: cannot read {table_name}: {reason(exc)}") from exc
         table = pa.concat_tables(parts)
         # A key column that no file has (files written by hand) reads as nulls.
         for c in columns:
             if c not in table.column_names:
                 table = table.append_column(c, pa.nulls(table.num_rows))
-        return table.select(list(dict.fromkeys(columns)) + [_FILE_COL])
+        return table.select(list(dict.fromkeys(columns)) + [FILE_COL])
 
 
 # -- helpers -------------------------------------------------------------------
@@ -506,7 +524,7 @@ def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
     try:
         fs, path = pafs.FileSystem.from_uri(root)
     except (OSError, pa.ArrowException, ValueError) as exc:
-        raise StoreError(f"results store {root}: cannot open: {_reason(exc)}") from exc
+        raise StoreError(f"results store {root}: cannot open: {reason(exc)}") from exc
     return fs, path.rstrip("/") or "/"
 
 
@@ -519,113 +537,8 @@ def _mtime(info: pafs.FileInfo) -> float | None:
     return None if mtime is None else mtime.timestamp()
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0] if len(text) > 300 else text
-
-
 def _check_name(what: str, value: str, pattern: re.Pattern[str]) -> None:
     if not isinstance(value, str) or not pattern.match(value):
         raise ValueError(f"invalid {what} {value!r}: must match {pattern.pattern}")
 
 
-def _check_columns(root: str, table: str, schema: pa.Schema, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise StoreError(
-            f"results store {root}: table {table} has no column(s) {', '.join(missing)}; "
-            f"it has {', '.join(schema.names)}"
-        )
-
-
-def _to_arrow(name: str, data: TableData) -> pa.Table:
-    try:
-        if isinstance(data, pa.Table):
-            return data
-        if isinstance(data, pa.RecordBatch):
-            return pa.Table.from_batches([data])
-        if isinstance(data, pd.DataFrame):
-            return pa.Table.from_pandas(data, preserve_index=False)
-        if isinstance(data, (list, tuple)):
-            return pa.Table.from_pylist(list(data))
-    except (pa.ArrowException, TypeError, ValueError) as exc:
-        raise StoreError(f"table {name} cannot be converted to Arrow: {_reason(exc)}") from exc
-    raise TypeError(f"table {name}: expected a DataFrame, pyarrow Table or list of dicts, "
-                    f"got {type(data).__name__}")
-
-
-def _drop_partition_column(table: pa.Table) -> pa.Table:
-    # The grid is the hive partition: a copy inside the files would clash with it on read.
-    if PARTITION in table.column_names:
-        table = table.drop_columns([PARTITION])
-    # from_pandas records the pandas index/dtypes; readers rebuild frames themselves.
-    return table.replace_schema_metadata(None)
-
-
-def _prepare_trials(table: pa.Table | None) -> pa.Table:
-    """Check the columns resume and dedupe rely on; stamp created_at when missing."""
-    if table is None or (table.num_rows == 0 and "trial_id" not in table.column_names):
-        return _MARKER_SCHEMA.empty_table()
-    if table.num_rows:
-        missing = [c for c in ("trial_id", "status") if c not in table.column_names]
-        if missing:
-            raise ValueError(f"trials table is missing column(s) {', '.join(missing)}")
-    if "created_at" not in table.column_names:
-        now = _dt.datetime.now(_dt.timezone.utc)
-        return table.append_column("created_at", pa.array([now] * table.num_rows, _CREATED_AT_TYPE))
-    created = table["created_at"]
-    if pa.types.is_timestamp(created.type) and created.type != _CREATED_AT_TYPE:
-        # One type across files; naive timestamps are taken to be UTC.
-        idx = table.column_names.index("created_at")
-        table = table.set_column(idx, "created_at", created.cast(_CREATED_AT_TYPE))
-    return table
-
-
-def _failed_trial_row(spec: Any, evaluation: Any, pack_id: str, error: str,
-                      now: _dt.datetime) -> dict[str, Any]:
-    """What is known of a trial that never produced results: its spec, status and error."""
-    return {
-        "trial_id": spec.trial_id(evaluation), "network_id": spec.network_id,
-        "parent_id": spec.parent_id, "pack_id": pack_id, "evaluation": str(evaluation),
-        "dataset": spec.dataset, "model": spec.model, "method": str(spec.method),
-        "loss": str(spec.loss), "imbalance": str(spec.imbalance.kind),
-        "rho": float(spec.imbalance.rho), "mu": spec.imbalance.mu,
-        "resample_ratio": float(spec.resample_ratio), "repeat": spec.repeat, "seed": spec.seed,
-        "lr_run": spec.lr_run, "status": "failed", "error": error, "created_at": now,
-        "spec_json": spec.to_json(),
-    }
-
-
-def _filters(filters: Filters) -> tuple[ds.Expression | None, set[str] | None]:
-    """The filter as an Expression and the columns it uses (None: unknown)."""
-    if filters is None:
-        return None, set()
-    if isinstance(filters, ds.Expression):
-        return filters, None
-    filters = list(filters)
-    if not filters:
-        return None, set()
-    clauses = [filters] if isinstance(filters[0], tuple) else [list(c) for c in filters]
-    return pq.filters_to_expression(clauses), {t[0] for c in clauses for t in c}
-
-
-def _union(*groups: Iterable[str]) -> list[str]:
-    return list(dict.fromkeys(c for g in groups for c in g))
-
-
-def _latest_rows(table: pa.Table) -> pa.Table:
-    """Per (grid, trial_id): the row with the latest created_at, then the latest attempt."""
-    keys = pd.DataFrame({
-        "grid": table["grid"].to_pandas(),
-        "trial_id": table["trial_id"].to_pandas(),
-        "created_at": table["created_at"].to_pandas(),
-        "attempt": [_attempt_of(p) for p in table[_FILE_COL].to_pylist()],
-    })
-    ordered = keys.sort_values(["created_at", "attempt"], na_position="first", kind="stable")
-    winners = ordered.drop_duplicates(["grid", "trial_id"], keep="last").index
-    return table.take(pa.array(sorted(winners), pa.int64())).drop_columns([_FILE_COL])
-
-
-def _attempt_of(path: str) -> str:
-    stem = posixpath.basename(path)[: -len(".parquet")]
-    return stem.rsplit("-", 1)[-1]

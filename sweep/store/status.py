@@ -1,5 +1,7 @@
 """``sweep status``: where the sweeps of a store stand. Pure functions over the store.
 
+Floor: sweep.store (where results live; imports sweep.core only, no torch).
+
 A network of a saved grid (``_grids/``) is
 
 * **done** when one of its latest trial rows is ``ok`` or ``diverged`` (what resume skips);
@@ -22,14 +24,14 @@ import json
 import math
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 
-from sweep.store import COMPLETED_STATUSES, ResultStore
+from sweep.store.results import ResultStore
+from sweep.store.schema import COMPLETED, FAILURES, TRIALS, Status
 
-if TYPE_CHECKING:
-    from sweep.grid import Grid
+from sweep.core.grid import Grid
 
 TRIAL_COLUMNS = ["network_id", "pack_id", "method", "status", "error", "created_at", "train_seconds",
                  "eval_seconds", "latent_seconds"]
@@ -40,8 +42,8 @@ def store_status(store_root: str) -> dict[str, Any]:
     """Read a store and its saved grids and summarize them (see :func:`summarize`)."""
     store = ResultStore(store_root)
     grids = store.saved_grids()
-    trials = _read(store, "trials", TRIAL_COLUMNS)
-    failures = _read(store, "failures", FAILURE_COLUMNS)
+    trials = _read(store, TRIALS, TRIAL_COLUMNS)
+    failures = _read(store, FAILURES, FAILURE_COLUMNS)
     out = summarize(grids, trials, failures)
     out["store"] = store.root
     return out
@@ -57,7 +59,7 @@ def _read(store: ResultStore, table: str, columns: list[str]) -> pd.DataFrame:
     return df[[*columns, "grid"]]
 
 
-def summarize(grids: Sequence["Grid"], trials: pd.DataFrame, failures: pd.DataFrame) -> dict[str, Any]:
+def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFrame) -> dict[str, Any]:
     """Counts by grid and method, grouped errors, throughput and time left.
 
     ``trials`` holds the latest row per (grid, trial_id) as ``ResultStore.read_table``
@@ -69,8 +71,8 @@ def summarize(grids: Sequence["Grid"], trials: pd.DataFrame, failures: pd.DataFr
     for g in sorted(grids, key=lambda g: g.name):
         t = trials[trials["grid"] == g.name]
         f = failures[failures["grid"] == g.name]
-        done_ids = set(t.loc[t["status"].isin(COMPLETED_STATUSES), "network_id"])
-        failed_ids = (set(t.loc[t["status"] == "failed", "network_id"]) | set(f["network_id"])) - done_ids
+        done_ids = set(t.loc[t["status"].isin(COMPLETED), "network_id"])
+        failed_ids = (set(t.loc[t["status"] == Status.FAILED, "network_id"]) | set(f["network_id"])) - done_ids
         by_method: dict[str, Counter] = defaultdict(Counter)
         method_of = {}
         for s in g.specs:
@@ -87,7 +89,7 @@ def summarize(grids: Sequence["Grid"], trials: pd.DataFrame, failures: pd.DataFr
         report_grids.append(row)
         totals.update(counts)
         errors.extend(_errors(g.name, t, f, failed_ids & set(method_of), method_of))
-    throughput = _throughput(trials[trials["status"].isin(COMPLETED_STATUSES)])
+    throughput = _throughput(trials[trials["status"].isin(COMPLETED)])
     left = totals["failed"] + totals["pending"]
     rate = throughput["networks_per_hour"]
     eta = None if not left else (left / rate if rate else None)
@@ -104,7 +106,7 @@ def _errors(grid: str, trials: pd.DataFrame, failures: pd.DataFrame, failed_ids:
     """The most recent error of each failed network, grouped by message (most networks first)."""
     rows = pd.concat([
         failures.loc[failures["network_id"].isin(failed_ids), ["network_id", "error", "created_at"]],
-        trials.loc[trials["network_id"].isin(failed_ids) & (trials["status"] == "failed"),
+        trials.loc[trials["network_id"].isin(failed_ids) & (trials["status"] == Status.FAILED),
                    ["network_id", "error", "created_at"]],
     ], ignore_index=True)
     if rows.empty:

@@ -1,0 +1,60 @@
+"""Class-count arithmetic: how many images of each class a training set has.
+
+Floor: sweep.core (pure: numpy only; no torch, no store). Grid expansion, size
+estimates and the workers all ask these numbers; the workers draw the images.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from sweep.core.spec import Imbalance, ImbalanceKind, Method
+
+def class_counts(imbalance: Imbalance, num_classes: int, n_max: int) -> np.ndarray:
+    """Per-class training counts (indexed by label) for an imbalance and a majority count.
+
+    ``n_max`` is the count of the largest class (Buda: 5,000 on MNIST after capping).
+    Counts are rounded to the nearest integer and never below 1.
+    """
+    counts = np.full(num_classes, n_max, dtype=np.int64)
+    kind, rho = imbalance.kind, float(imbalance.rho)
+    if rho < 1:
+        raise ValueError(f"imbalance ratio rho must be >= 1, got {rho}")
+    if kind == ImbalanceKind.NONE:
+        return counts
+    if kind == ImbalanceKind.STEP:
+        minority = max(1, round(n_max / rho))
+        counts[list(imbalance.classes)] = minority
+        return counts
+    order = list(imbalance.classes)  # labels from most to fewest examples
+    if sorted(order) != list(range(num_classes)):
+        raise ValueError(f"{kind} imbalance needs an order of all {num_classes} labels, got {order}")
+    positions = np.arange(num_classes, dtype=np.float64) / (num_classes - 1)
+    if kind == ImbalanceKind.LINEAR:
+        # Constant difference between consecutive classes, from n_max down to n_max/rho.
+        n_min = n_max / rho
+        ranked = n_max - positions * (n_max - n_min)
+    elif kind == ImbalanceKind.EXPONENTIAL:
+        ranked = n_max * rho ** (-positions)
+    else:  # pragma: no cover - enum is closed
+        raise ValueError(f"unknown imbalance kind {kind!r}")
+    counts[order] = np.maximum(1, np.round(ranked)).astype(np.int64)
+    return counts
+
+def resampled_counts(counts: np.ndarray, method: Method, ratio: float = 1.0) -> np.ndarray:
+    """Per-class counts after re-sampling to leave an imbalance of at most ``ratio``.
+
+    Over-sampling raises every class to at least max/ratio; under-sampling lowers every
+    class to at most min*ratio (Buda Fig. 7's partial levels; ratio 1 = full balance).
+    """
+    if ratio < 1:
+        raise ValueError(f"resample ratio must be >= 1, got {ratio}")
+    if method == Method.OVERSAMPLING:
+        floor = math.ceil(counts.max() / ratio)
+        return np.maximum(counts, floor)
+    if method == Method.UNDERSAMPLING:
+        ceiling = int(counts[counts > 0].min() * ratio)
+        return np.minimum(counts, ceiling)
+    return counts.copy()

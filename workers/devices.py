@@ -1,0 +1,46 @@
+"""Which device a pack trains on and in which precision.
+
+Floor: workers (torch; imports sweep.core only). run_pack, the local runner and
+the benchmarks set devices and precision up through these functions only.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from sweep.core.catalog import PRECISIONS
+from sweep.core.errors import UserError
+
+Precision = Literal["fp32", "tf32", "bf16"]  # sweep.core.catalog.PRECISIONS
+
+
+class DeviceUnavailable(UserError, RuntimeError):
+    """The device asked for is not on this machine."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N``, or None / ``auto`` (cuda when there is one)."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailable(f"device {device!r} requested but CUDA is not available on this machine")
+    return d
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def set_precision(precision: str, dev: torch.device) -> torch.dtype | None:
+    """Allow TF32 on CUDA unless fp32 is asked for; bf16 means autocast(bfloat16) (returned)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (allowed: {', '.join(PRECISIONS)})")
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
+        torch.backends.cudnn.allow_tf32 = precision != "fp32"
+    return torch.bfloat16 if precision == "bf16" else None

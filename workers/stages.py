@@ -1,0 +1,67 @@
+"""The stages of a pack, planned from its specs alone: which networks train together,
+how, and when they are evaluated. Pure: no torch, no data.
+
+Floor: workers (imports sweep.core only here). A pack has up to two stages:
+
+1. every network that starts from scratch (baseline, over-/under-sampling, ...);
+2. networks that start from a stage-1 network (two-phase phase 2, classifier
+   re-training): the body is copied from the parent and frozen, only the head trains,
+   at the parent's base lr times ``phase2_lr_factor``.
+
+Which stage-2 networks really run is decided after stage 1 (a diverged parent fails its
+dependents); the settings are decided here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sweep.core.plan import Pack
+from sweep.core.spec import Selection, TrialSpec
+
+DEFAULT_SELECT_POINTS = 20  # evaluation points when a selection needs them and none are set
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    number: int  # 1: from scratch; 2: from a stage-1 parent
+    specs: tuple[TrialSpec, ...]
+    head_only: bool  # body frozen (eval mode), only the head trains
+    lr_factors: tuple[float, ...]  # per member: multiplies the recipe's base lr
+    iters: int
+    batch_size: int
+    selection: Selection  # which state a member reports: final, best on validation, best on test
+    eval_every: int  # iterations between evaluation points (curves and/or selection; 0: none)
+    curves: bool  # record learning curves (the recipe's eval_every > 0)
+    checkpoint_every: int  # iterations between pack checkpoints (0: none)
+
+    @property
+    def base_lrs(self) -> list[float]:
+        return [s.recipe.base_lr * f for s, f in zip(self.specs, self.lr_factors)]
+
+
+def plan_stages(pack: Pack) -> list[StagePlan]:
+    """The pack's stages in the order they run (stage 1 first; either may be absent)."""
+    stage1 = tuple(s for s in pack.specs if s.parent is None)
+    stage2 = tuple(s for s in pack.specs if s.parent is not None)
+    plans = []
+    for number, specs in ((1, stage1), (2, stage2)):
+        if specs:
+            plans.append(stage_plan(number, specs))
+    return plans
+
+
+def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
+    """One stage's settings; every pack-wide setting is part of the specs' pack key."""
+    r = specs[0].recipe
+    selection = specs[0].selection
+    eval_every = r.eval_every
+    if selection != Selection.FINAL and eval_every == 0:
+        eval_every = max(1, r.iters // DEFAULT_SELECT_POINTS)
+    head_only = number == 2
+    return StagePlan(
+        number=number, specs=specs, head_only=head_only,
+        lr_factors=tuple(s.recipe.phase2_lr_factor if head_only else 1.0 for s in specs),
+        iters=r.iters, batch_size=r.batch_size, selection=selection, eval_every=eval_every,
+        curves=r.eval_every > 0, checkpoint_every=r.checkpoint_every,
+    )
