@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sweep.query import QueryError, format_result, query
-from sweep.store import ResultStore, StoreError, new_attempt
+from sweep.store.query import QueryError, format_result, query
+from sweep.store.results import ResultStore, StoreError, new_attempt
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
@@ -111,3 +111,37 @@ def test_format_result_json(store):
     assert records[0]["created_at"].startswith("2026-01-01T00:00:00")
     with pytest.raises(ValueError, match="unknown format"):
         format_result(df, "xml")  # type: ignore[arg-type]
+
+
+def _snapshot(root) -> dict:
+    from pathlib import Path
+
+    return {str(p): p.read_bytes() for p in Path(root).rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("sql", [
+    "COPY (SELECT 'forged' AS trial_id, 0.5 AS roc_auc) TO '{file}' (FORMAT parquet, USE_TMP_FILE false)",
+    "COPY trials TO '{root}/stolen.csv'",
+    "ATTACH '{root}/x.db' AS x",
+    "EXPORT DATABASE '{root}/dump'",
+    "CREATE TABLE t AS SELECT 1",
+    "SELECT 1; DROP VIEW trials",
+    "INSTALL httpfs",
+    "SET enable_external_access = true",
+])
+def test_query_refuses_every_statement_that_is_not_a_read(store, sql):
+    before = _snapshot(store.root)
+    target = store.files("trials")[0]
+    with pytest.raises(QueryError, match="only reads"):
+        query(store.root, sql.format(file=target, root=store.root))
+    assert _snapshot(store.root) == before  # not a byte of the store changed
+
+
+def test_query_cannot_read_files_outside_the_store(store, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside") / "secret.csv"
+    outside.write_text("a\n1\n")
+    with pytest.raises(QueryError, match="disabled|Permission"):
+        query(store.root, f"SELECT * FROM read_csv('{outside}')")
+    # Reading the store's own tables, with SHOW / DESCRIBE / EXPLAIN, still works.
+    assert len(query(store.root, "SHOW TABLES")) == 2
+    assert len(query(store.root, "EXPLAIN SELECT count(*) FROM trials")) >= 1

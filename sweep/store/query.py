@@ -1,6 +1,9 @@
-"""SQL over a results store with DuckDB: one view per table, ``trials`` deduplicated.
+"""SQL over a results store with DuckDB: one view per table, ``trials`` deduplicated,
+read-only.
 
-Views read only the files of committed packs (see :mod:`sweep.store`), so temporary
+Floor: sweep.store (where results live; imports sweep.core only, no torch).
+
+Views read only the files of committed packs (see :mod:`sweep.store.results`), so temporary
 dot-files and the leftovers of a crashed pack never show up. The ``trials`` view keeps
 the latest row per (grid, trial_id), exactly as :meth:`ResultStore.read_table` does.
 """
@@ -13,13 +16,17 @@ from typing import Literal
 import duckdb
 import pandas as pd
 
-from sweep.store import TRIALS, ResultStore, StoreError
+from sweep.store.results import TRIALS, ResultStore, StoreError
 
 Format = Literal["table", "csv", "json"]
 _FILE_COL = "__store_file"
 # The attempt token of a data file name <pack_id>-<attempt>.parquet: the later-written
-# file wins a created_at tie, as in sweep.store._latest_rows.
+# file wins a created_at tie, as in sweep.store.results._latest_rows.
 _ATTEMPT_SQL = rf"regexp_extract({_FILE_COL}, '-([^-/]*)\.parquet$', 1)"
+
+
+# Statements a query may consist of: SELECT (with SHOW, DESCRIBE, SUMMARIZE) and EXPLAIN.
+READ_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
 
 
 class QueryError(StoreError):
@@ -36,34 +43,83 @@ def query(root: str, sql: str) -> pd.DataFrame:
     try:
         con.execute("SET TimeZone = 'UTC'")  # timestamps come back as stored, not local time
         tables = _create_views(con, store)
+        _check_read_only(con, sql, root)
         return _run(con, sql, root, tables)
     finally:
         con.close()
 
 
+def _read_only_connection(con: duckdb.DuckDBPyConnection, files: list[str]) -> None:
+    """No file access but reading the store's committed files; settings locked.
+
+    A query cannot write anywhere else (COPY ... TO, ATTACH, EXPORT), read files outside
+    the store's tables, load extensions, or turn this off again. Writing over an allowed
+    file is still possible to DuckDB, which is why only reading statements run at all
+    (:func:`_check_read_only`).
+    """
+    con.execute("SET allowed_paths = [" + ", ".join(_literal(f) for f in files) + "]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _check_read_only(con: duckdb.DuckDBPyConnection, sql: str, root: str) -> None:
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise QueryError(f"query against results store {root} failed: {exc}") from exc
+    for st in statements:
+        if st.type not in READ_STATEMENTS:
+            kind = str(st.type).rsplit(".", 1)[-1]
+            raise QueryError(f"sweep query only reads: a {kind} statement is refused (results store "
+                             f"{root} is changed only by sweep run, resume and compact)")
+
+
 def _create_views(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list[str]:
+    files = {table: store.files(table) for table in store.table_names()}
+    _read_only_connection(con, [f for fs in files.values() for f in fs])
+    trials = files.get(TRIALS, [])
+    # Other tables keep the rows of the pack whose trials rows are the latest for their
+    # network (ResultStore.read_table's rule), when both sides know the network.
+    latest = _latest_sql(trials) if trials and "network_id" in store.columns(TRIALS) else None
     tables = []
-    for table in store.table_names():
-        files = store.files(table)
-        if files:
-            con.execute(_view_sql(table, files))
-            tables.append(table)
+    for table, paths in files.items():
+        if not paths:
+            continue
+        if table == TRIALS:
+            sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM ({_latest_rows_sql(paths)})"
+        elif latest is not None and "network_id" in store.columns(table):
+            sql = (f"WITH latest AS ({latest}) SELECT r.* EXCLUDE ({_FILE_COL}) FROM {_source(paths)} AS r "
+                   f"WHERE r.network_id IS NULL OR NOT EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid "
+                   f"AND l.network_id = r.network_id) OR EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid "
+                   f"AND l.network_id = r.network_id AND l.stem = {_stem_sql('r.' + _FILE_COL)})")
+        else:
+            sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM {_source(paths)}"
+        con.execute(f'CREATE VIEW "{table}" AS {sql}')
+        tables.append(table)
     return tables
 
 
-def _view_sql(table: str, files: list[str]) -> str:
+def _source(files: list[str]) -> str:
     listing = ", ".join(_literal(f) for f in files)
-    source = (
-        f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
-        f"hive_types = {{'grid': VARCHAR}}, filename = '{_FILE_COL}')"
-    )
-    if table != TRIALS:
-        return f'CREATE VIEW "{table}" AS SELECT * EXCLUDE ({_FILE_COL}) FROM {source}'
-    return (
-        f'CREATE VIEW "{table}" AS SELECT * EXCLUDE ({_FILE_COL}) FROM {source} '
-        f"QUALIFY row_number() OVER (PARTITION BY grid, trial_id "
-        f"ORDER BY created_at DESC NULLS LAST, {_ATTEMPT_SQL} DESC) = 1"
-    )
+    return (f"read_parquet([{listing}], hive_partitioning = true, union_by_name = true, "
+            f"hive_types = {{'grid': VARCHAR}}, filename = '{_FILE_COL}')")
+
+
+def _latest_rows_sql(trial_files: list[str]) -> str:
+    """The latest row per (grid, trial_id), with its source file."""
+    return (f"SELECT * FROM {_source(trial_files)} QUALIFY row_number() OVER (PARTITION BY grid, trial_id "
+            f"ORDER BY created_at DESC NULLS LAST, {_ATTEMPT_SQL} DESC) = 1")
+
+
+def _latest_sql(trial_files: list[str]) -> str:
+    return (f"SELECT DISTINCT grid, network_id, {_stem_sql(_FILE_COL)} AS stem "
+            f"FROM ({_latest_rows_sql(trial_files)})")
+
+
+def _stem_sql(column: str) -> str:
+    return rf"regexp_extract({column}, '([^/]*)\.parquet$', 1)"
 
 
 def _literal(text: str) -> str:
