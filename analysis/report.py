@@ -17,8 +17,10 @@ done, and ``data-errors`` holds any script error (a JSON list).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import html
+import os
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +35,7 @@ from plotly.offline import get_plotlyjs
 from analysis.aggregate import CELL, best_methods, summarize, with_labels
 from analysis.figures import FigureResult, buda_figures, color_of, figure_points, prepare
 from analysis.load import Results
+from sweep.core.errors import UserError
 from sweep.store.schema import CURVES, LATENT_STATS, TRIALS, Status, StoreError, spec_columns
 
 log = logging.getLogger(__name__)
@@ -331,6 +334,35 @@ def _latent_results(store: Results, grid: str | None, trials: pd.DataFrame) -> l
 
 
 # -- the report ----------------------------------------------------------------------
+class ReportError(UserError, OSError):
+    """The report cannot be written where it was asked for."""
+
+
+def _check_writable(out_path: str) -> None:
+    """Refuse an output path that cannot be written before reading a whole store for it."""
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if os.path.isdir(out_path):
+        raise ReportError(f"cannot write the report to {out_path}: it is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise ReportError(f"cannot write the report to {out_path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK) or (os.path.exists(out_path) and not os.access(out_path, os.W_OK)):
+        raise ReportError(f"cannot write the report to {out_path}: permission denied")
+
+
+def _write_page(out_path: str, page: str) -> None:
+    """Write to a temporary file beside ``out_path``, then rename: no half-written report."""
+    tmp = f"{out_path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise ReportError(f"cannot write the report to {out_path}: {exc.strerror or exc} "
+                          f"({len(page.encode()):,} bytes)") from exc
+
+
 def write_report(store_root: str, out_path: str, *, dataset: str | None = None, model: str | None = None,
                  grid: str | None = None) -> ReportSummary:
     """Write one self-contained HTML report of ``store_root`` to ``out_path``.
@@ -339,6 +371,7 @@ def write_report(store_root: str, out_path: str, *, dataset: str | None = None, 
     data is absent are listed with the reason instead of drawn.
     """
     start = time.perf_counter()
+    _check_writable(out_path)
     store = Results(store_root)
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     raw = _read_trials(store, _filters(dataset, model, grid))
@@ -355,8 +388,7 @@ def write_report(store_root: str, out_path: str, *, dataset: str | None = None, 
 
     page = _page(store, now, raw, figures, _missing_html(incomplete, missing, expected, grids), best,
                  (dataset, model, grid))
-    with open(out_path, "w", encoding="utf-8") as fh:
-        fh.write(page)
+    _write_page(out_path, page)
     status = raw["status"].value_counts().to_dict() if not raw.empty else {}
     return ReportSummary(
         out_path=str(out_path), store_root=str(store_root), generated_at=now.isoformat(),

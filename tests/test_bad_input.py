@@ -301,3 +301,29 @@ def test_reading_a_store_that_is_a_regular_file_is_a_one_line_error(tmp_path, co
     res = sweep(command[0], str(afile), *command[1:])
     assert_refused(res, f"Error: results store {afile} is not a folder")
     assert res.stderr.strip().count("\n") == 0
+
+
+# -- 7. names that become paths, outputs that cannot be written, options not applied ------
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "x=y", "_private"])
+def test_a_grid_name_that_would_become_a_bad_path_is_refused_when_read(tmp_path, name):
+    res = sweep("run", str(grid_file(tmp_path, {"name": name})), "--store", str(tmp_path / "s"),
+                "--num-cpus", "1")
+    assert_refused(res, "name:", repr(name), "becomes a folder name")
+    assert not (tmp_path / "s").exists()  # refused before the store, Ray or the data
+
+
+def test_report_to_a_path_that_cannot_be_written_is_a_one_line_error(tmp_path, stored):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile" / "report.html", tmp_path / "no-such-folder" / "report.html", tmp_path):
+        res = sweep("report", str(stored), "-o", str(out))
+        assert_refused(res, f"cannot write the report to {out}")
+        assert res.stderr.strip().count("\n") == 0
+
+
+def test_an_empty_data_dir_is_refused_not_replaced_by_the_bundled_mnist(tmp_path):
+    (tmp_path / "empty").mkdir()
+    res = sweep("run", str(grid_file(tmp_path)), "--store", str(tmp_path / "s"), "--data-dir",
+                str(tmp_path / "empty"), "--num-cpus", "1")
+    assert_refused(res, "'mnist'", str(tmp_path / "empty"))
+    assert_nothing_started(tmp_path / "s")

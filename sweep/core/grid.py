@@ -26,7 +26,7 @@ import yaml
 
 from sweep.core.catalog import DATASETS, MODELS
 from sweep.core.counts import class_counts
-from sweep.core.grid_checks import GridError, _choice, _choices, _Errors, _int, _list, _num
+from sweep.core.grid_checks import PATH_SEGMENT_RE, GridError, _choice, _choices, _Errors, _int, _list, _num
 from sweep.core.recipes import RECIPES
 from sweep.core.spec import (
     Evaluation,
@@ -122,6 +122,9 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
         raise err("", "the grid must be a YAML mapping", "top-level keys: " + ", ".join(TOP_KEYS))
     err.unknown_keys(doc, TOP_KEYS, "")
     name = doc.get("name") or Path(source).stem
+    if not isinstance(name, str) or not PATH_SEGMENT_RE.match(name):
+        raise err("name", f"{name!r} cannot name a grid: it becomes a folder name in the store",
+                  "no / \\ % = or control characters; not starting with . _ or a space")
     seed = _int(err, doc, "seed", 0)
     res = doc.get("resources", {}) or {}
     if not isinstance(res, dict):

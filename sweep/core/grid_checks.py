@@ -7,10 +7,18 @@ Floor: sweep.core (pure; no torch, no store).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
 from sweep.core.errors import UserError
+
+
+# Names that become path segments of the store (grid names; pack ids): no separators, no
+# leading dot/underscore or space (dot/underscore files are hidden from readers), nothing a
+# hive partition value would need to escape (% and =), no control characters, no trailing
+# space.
+PATH_SEGMENT_RE = re.compile(r"^[^./\\%=_\s][^/\\%=\x00-\x1f]*(?<!\s)$")
 
 
 class GridError(UserError, ValueError):

@@ -44,6 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from sweep.core.grid import Grid, GridError, expand
+from sweep.core.grid_checks import PATH_SEGMENT_RE
 from sweep.core.plan import Pack
 from sweep.store.rows import (
     FILE_COL,
@@ -68,10 +69,7 @@ GRIDS = "_grids"
 
 _TMP_SUFFIX = ".tmp"
 _PROBE_PREFIX = ".write-probe-"
-# Grid names and pack ids become path segments: no separators, no leading dot/underscore
-# or space (dot/underscore files are hidden from readers), nothing a hive partition value
-# would need to escape (% and =), no control characters, no trailing space.
-_NAME_RE = re.compile(r"^[^./\\%=_\s][^/\\%=\x00-\x1f]*(?<!\s)$")
+_NAME_RE = PATH_SEGMENT_RE  # grid names and pack ids become path segments
 # Table names are also SQL view names in sweep.store.query.
 _TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
