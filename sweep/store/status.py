@@ -7,6 +7,8 @@ A network of a saved grid (``_grids/``) is
 * **done** when one of its latest trial rows is ``ok`` or ``diverged`` (what resume skips);
 * **failed** when it is not done and its pack finally failed (a ``failed`` trial row or
   a ``failures`` row): ``sweep resume`` trains it again;
+* of the done ones, **diverged** when its loss became non-finite (counted apart: resume
+  does not retrain it, training again would diverge again);
 * **pending** otherwise: never started, or killed before its pack was stored.
 
 ``done + failed + pending`` is the grid's number of trained networks. Errors are the
@@ -72,6 +74,8 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
         t = trials[trials["grid"] == g.name]
         f = failures[failures["grid"] == g.name]
         done_ids = set(t.loc[t["status"].isin(COMPLETED), "network_id"])
+        # Done, but its loss became non-finite: resume will not retrain it (same numbers again).
+        diverged_ids = set(t.loc[t["status"] == Status.DIVERGED, "network_id"])
         failed_ids = (set(t.loc[t["status"] == Status.FAILED, "network_id"]) | set(f["network_id"])) - done_ids
         by_method: dict[str, Counter] = defaultdict(Counter)
         method_of = {}
@@ -81,6 +85,7 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
             state = "done" if s.network_id in done_ids else "failed" if s.network_id in failed_ids else "pending"
             by_method[m]["total"] += 1
             by_method[m][state] += 1
+            by_method[m]["diverged"] += s.network_id in diverged_ids
         counts = Counter()
         for c in by_method.values():
             counts.update(c)
@@ -98,7 +103,7 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
 
 
 def _counts(c: Counter) -> dict[str, int]:
-    return {k: int(c.get(k, 0)) for k in ("total", "done", "failed", "pending")}
+    return {k: int(c.get(k, 0)) for k in ("total", "done", "diverged", "failed", "pending")}
 
 
 def _errors(grid: str, trials: pd.DataFrame, failures: pd.DataFrame, failed_ids: set[str],
@@ -158,11 +163,12 @@ def format_status(status: dict[str, Any]) -> str:
         return f"{status.get('store', 'store')}: no sweep recorded (start one with `sweep run`)"
     width = max(len("method"), *(len(m) for g in status["grids"] for m in g["by_method"]))
     for g in status["grids"]:
-        lines.append(f"grid {g['grid']}: {g['done']:,} done, {g['failed']:,} failed, {g['pending']:,} pending "
-                     f"of {g['total']:,} networks")
-        lines.append(f"  {'method':<{width}}  {'done':>7}  {'failed':>7}  {'pending':>7}  {'total':>7}")
+        lines.append(f"grid {g['grid']}: {g['done']:,} done ({g['diverged']:,} of them diverged), "
+                     f"{g['failed']:,} failed, {g['pending']:,} pending of {g['total']:,} networks")
+        lines.append(f"  {'method':<{width}}  {'done':>7}  {'diverged':>8}  {'failed':>7}  {'pending':>7}  {'total':>7}")
         for m, c in g["by_method"].items():
-            lines.append(f"  {m:<{width}}  {c['done']:>7,}  {c['failed']:>7,}  {c['pending']:>7,}  {c['total']:>7,}")
+            lines.append(f"  {m:<{width}}  {c['done']:>7,}  {c['diverged']:>8,}  {c['failed']:>7,}  "
+                         f"{c['pending']:>7,}  {c['total']:>7,}")
     if status["errors"]:
         lines.append("errors (most recent per failed network):")
         for e in status["errors"]:
