@@ -116,7 +116,7 @@ def test_status_command_reads_the_store(tmp_path):
     assert info["totals"] == {"total": 6, "done": 2, "diverged": 0, "failed": 1, "pending": 3}
     assert info["errors"][0]["error"] == "ValueError: boom"
     res = runner.invoke(cli, ["status", str(tmp_path / "store")])
-    assert res.exit_code == 0 and "grid st: 2 done, 1 failed, 3 pending of 6 networks" in res.output
+    assert res.exit_code == 0 and "grid st: 2 done (0 of them diverged), 1 failed, 3 pending of 6 networks" in res.output
     assert "ValueError: boom" in res.output
 
 
