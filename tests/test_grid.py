@@ -179,3 +179,15 @@ def test_fields_added_later_leave_old_ids_unchanged() -> None:
 def test_bad_bias_lr_factor_is_refused() -> None:
     with pytest.raises(GridError, match="bias_lr_factor"):
         expand({**MINI, "recipe": {"preset": "buda_mnist", "bias_lr_factor": 0}})
+
+
+def test_a_grid_of_millions_is_refused_before_any_spec_is_built(monkeypatch):
+    huge = {**MINI, "repeats": 2_000_000}
+    # Refused by counting (building 40M specs would take hours and tens of GB).
+    with pytest.raises(GridError, match=r"at least 40,000,000 networks.*SWEEP_MAX_GRID_NETWORKS"):
+        expand(huge)
+    monkeypatch.setenv("SWEEP_MAX_GRID_NETWORKS", "10")
+    with pytest.raises(GridError, match="limit of 10"):
+        expand(MINI)
+    monkeypatch.setenv("SWEEP_MAX_GRID_NETWORKS", "100")
+    assert expand(MINI).trained_networks == 5 * 3 * 4  # cells x repeats x methods, under the limit

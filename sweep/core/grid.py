@@ -26,7 +26,18 @@ import yaml
 
 from sweep.core.catalog import DATASETS, MODELS
 from sweep.core.counts import class_counts
-from sweep.core.grid_checks import PATH_SEGMENT_RE, GridError, _choice, _choices, _Errors, _int, _list, _num
+from sweep.core.grid_checks import (
+    MAX_NETWORKS_ENV,
+    PATH_SEGMENT_RE,
+    GridError,
+    _choice,
+    _choices,
+    _Errors,
+    _int,
+    _list,
+    _num,
+    max_networks_per_grid,
+)
 from sweep.core.recipes import RECIPES
 from sweep.core.spec import (
     Evaluation,
@@ -147,7 +158,8 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
         if not isinstance(block, dict):
             raise err(prefix.rstrip("."), "expected a mapping", "")
         err.unknown_keys(block, EXPERIMENT_KEYS, prefix.rstrip("."))
-        specs.extend(_expand_experiment(err, prefix, defaults | block, seed, name, i))
+        specs.extend(_expand_experiment(err, prefix, defaults | block, seed, name, i, len(specs),
+                                        max_networks_per_grid()))
     ids = [s.network_id for s in specs]
     if len(set(ids)) != len(ids):
         raise err("experiments", "two experiments produce the same networks", "make them differ")
@@ -172,7 +184,8 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
 
 
 def _expand_experiment(
-    err: "_Errors", p: str, cfg: dict[str, Any], grid_seed: int, grid_name: str, index: int
+    err: "_Errors", p: str, cfg: dict[str, Any], grid_seed: int, grid_name: str, index: int,
+    already: int = 0, max_networks: int = 10**6,
 ) -> list[TrialSpec]:
     dataset = _choice(err, cfg, "dataset", DATASETS, p, required=True)
     model = _choice(err, cfg, "model", MODELS, p, required=True)
@@ -223,6 +236,16 @@ def _expand_experiment(
         if epochs <= 0:
             raise err(p + "epochs", f"{epochs}: must be > 0", "")
 
+    def ratios_of(method: Method) -> list[float]:
+        resampled = (Method.OVERSAMPLING, Method.UNDERSAMPLING)
+        return ratios if method.sampling in resampled or method.phase1 in resampled else [1.0]
+
+    # Counted before any spec is built: a grid of millions is refused in milliseconds.
+    count = len(imbalances) * repeats * len(losses) * len(lrs) * lr_runs * sum(len(ratios_of(m)) for m in methods)
+    if count + already > max_networks:
+        raise err(p + "repeats", f"the grid trains at least {count + already:,} networks, more than the limit of "
+                  f"{max_networks:,}", f"fewer values, or raise the limit with {MAX_NETWORKS_ENV}")
+
     specs: list[TrialSpec] = []
     for kind, rho, mu in imbalances:
         for repeat in range(repeats):
@@ -235,8 +258,7 @@ def _expand_experiment(
             if "epochs" in cfg:
                 r = _epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
             for loss, lr, lr_run, method in itertools.product(losses, lrs, range(lr_runs), methods):
-                for ratio in (ratios if method.sampling in (Method.OVERSAMPLING, Method.UNDERSAMPLING)
-                              or method.phase1 in (Method.OVERSAMPLING, Method.UNDERSAMPLING) else [1.0]):
+                for ratio in ratios_of(method):
                     evals = (Evaluation.RAW, Evaluation.THRESHOLD) if method in thresholded else (Evaluation.RAW,)
                     specs.append(TrialSpec(
                         dataset=dataset, model=model,

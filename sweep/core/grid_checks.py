@@ -7,6 +7,7 @@ Floor: sweep.core (pure; no torch, no store).
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -21,8 +22,22 @@ from sweep.core.errors import UserError
 PATH_SEGMENT_RE = re.compile(r"^[^./\\%=_\s][^/\\%=\x00-\x1f]*(?<!\s)$")
 
 
+MAX_NETWORKS_ENV = "SWEEP_MAX_GRID_NETWORKS"
+DEFAULT_MAX_NETWORKS = 1_000_000  # Buda et al.'s largest grid: 22,500
+
+
 class GridError(UserError, ValueError):
     """A grid file is malformed or contradictory."""
+
+
+def max_networks_per_grid() -> int:
+    """The most networks one grid may expand to (``SWEEP_MAX_GRID_NETWORKS``, default 1,000,000):
+    each spec costs about 2 kB and a millisecond to build; a typo should not cost gigabytes."""
+    raw = os.environ.get(MAX_NETWORKS_ENV, "")
+    try:
+        return int(raw) if raw else DEFAULT_MAX_NETWORKS
+    except ValueError:
+        raise GridError(f"{MAX_NETWORKS_ENV}={raw!r}: expected a whole number") from None
 
 
 class _Errors:
