@@ -140,13 +140,22 @@ def run(grid_file: str, store_dir: str, **kw: Any) -> None:
 
 @cli.command()
 @click.argument("store_dir")
+@click.option("--repair", is_flag=True, help="Move damaged files aside (to _damaged/) and train their networks again.")
 @_run_options
-def resume(store_dir: str, **kw: Any) -> None:
+def resume(store_dir: str, repair: bool, **kw: Any) -> None:
     """Continue every sweep recorded in a store: train exactly what is missing."""
     from sweep.store.results import ResultStore
 
     _existing_store(store_dir)
-    grids = ResultStore(store_dir).saved_grids()
+    store = ResultStore(store_dir)
+    if repair:
+        damage = store.verify()
+        moved = store.quarantine(damage)
+        nets = len({n for d in damage for n in d.network_ids})
+        click.echo(f"repair: {len(damage)} damaged file(s); {moved} files of their pack writes moved to "
+                   f"{store_dir}/_damaged; {nets} networks will be trained again" if damage
+                   else "repair: no damaged file")
+    grids = store.saved_grids()
     if not grids:
         raise click.ClickException(f"{store_dir}: no sweep recorded in this store (start one with `sweep run`)")
     _launch(grids, store_dir, **kw)
@@ -194,6 +203,30 @@ def status(store_dir: str, as_json: bool) -> None:
     _existing_store(store_dir)
     info = store_status(store_dir)
     click.echo(to_json(info) if as_json else format_status(info))
+
+
+@cli.command()
+@click.argument("store_dir")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
+def verify(store_dir: str, as_json: bool) -> None:
+    """Check every committed file against the checksum recorded when it was written."""
+    from sweep.store.integrity import summarize_damage
+    from sweep.store.results import ResultStore
+
+    _existing_store(store_dir)
+    damage = ResultStore(store_dir).verify()
+    if as_json:
+        click.echo(json.dumps(summarize_damage(damage)))
+    else:
+        for d in damage:
+            click.echo(d.describe())
+            if d.network_ids:
+                click.echo("  networks: " + ", ".join(d.network_ids))
+        click.echo(f"{store_dir}: {len(damage)} damaged file(s)" + (
+            f"; `sweep resume {store_dir} --repair` moves their pack writes aside and trains their networks again"
+            if damage else ", every committed file is as written"))
+    if damage:
+        sys.exit(1)
 
 
 @cli.command()

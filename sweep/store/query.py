@@ -39,6 +39,7 @@ def query(root: str, sql: str) -> pd.DataFrame:
     if not store.is_local:
         raise QueryError(f"results store {root}: SQL queries of remote stores (URIs) are not "
                          "supported by query yet; copy the store to a local folder first")
+    store.check_intact()  # every damaged file named at once, before DuckDB reads any
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET TimeZone = 'UTC'")  # timestamps come back as stored, not local time

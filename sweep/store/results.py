@@ -25,6 +25,7 @@ to the later attempt.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import logging
 import os
@@ -35,6 +36,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import pandas as pd
 import pyarrow as pa
@@ -46,6 +48,16 @@ import pyarrow.parquet as pq
 from sweep.core.grid import Grid, GridError, expand
 from sweep.core.grid_checks import PATH_SEGMENT_RE
 from sweep.core.plan import Pack
+from sweep.store.integrity import (
+    DAMAGED,
+    MANIFESTS,
+    Damage,
+    Manifest,
+    check_file,
+    digest,
+    manifest_record,
+    network_ids_of,
+)
 from sweep.store.rows import (
     FILE_COL,
     Filters,
@@ -92,9 +104,16 @@ class _DataFile:
 class ResultStore:
     """A folder (local path or pyarrow filesystem URI) of hive-partitioned Parquet tables."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, on_damage: Literal["raise", "skip"] = "raise") -> None:
+        """``on_damage``: a committed file that fails its checksum raises StoreError when
+        read ("raise"), or its whole pack write is left out as if never stored ("skip":
+        what ``sweep status`` shows and ``resume --repair`` retrains)."""
+        if on_damage not in ("raise", "skip"):
+            raise ValueError(f"on_damage must be 'raise' or 'skip', got {on_damage!r}")
         self.root = str(root)
+        self.on_damage = on_damage
         self._fs, self._base = _resolve(self.root)
+        self._checked: dict[tuple[str, float | None], Damage | None] = {}  # (path, mtime) -> damage
 
     def __repr__(self) -> str:
         return f"ResultStore({self.root!r})"
@@ -137,13 +156,26 @@ class ResultStore:
         temps: list[str] = []
         placed: list[str] = []
         where = self._base  # for the error message: the file being written or renamed
+        need = 0  # bytes this write puts on disk, for a full disk's message
         try:
             for name in order:
                 folder = self._partition_dir(name, grid)
                 self._fs.create_dir(folder, recursive=True)
                 where = _join(folder, f".{stem}.parquet{_TMP_SUFFIX}")
                 temps.append(where)
+                need += prepared[name].nbytes
                 self._write_file(prepared[name], where)
+            # The manifest is in place before any data file: a committed file always has one.
+            manifest = Manifest(pack_id, grid, stem, {n: digest(self._fs, t) for n, t in zip(order, temps)},
+                                tuple(sorted({i for t in prepared.values() for i in network_ids_of(t)})))
+            folder = self._partition_dir(MANIFESTS, grid)
+            self._fs.create_dir(folder, recursive=True)
+            where = _join(folder, f".{stem}.json{_TMP_SUFFIX}")
+            temps.append(where)
+            with self._fs.open_output_stream(where) as out:
+                out.write(manifest.to_json())
+            placed.append(_join(folder, f"{stem}.json"))
+            self._commit_file(where, placed[-1])
             for name, tmp in zip(order, temps):
                 where = _join(self._partition_dir(name, grid), f"{stem}.parquet")
                 placed.append(where)  # before the move: a move that fails halfway is undone too
@@ -154,9 +186,12 @@ class ResultStore:
                 self._remove_quietly(path)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: clean up, then let them through
+            full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
             raise StoreError(
                 f"results store {self.root}: writing pack {pack_id} (grid {grid}) failed "
                 f"at {where}: {reason(exc)}"
+                + (f"; the pack needs about {need:,} bytes there (nothing was stored, "
+                   f"everything stored before is intact)" if full else "")
             ) from exc
         log.debug("stored pack %s of grid %s as %s (%s)", pack_id, grid, stem, ", ".join(order))
 
@@ -230,6 +265,12 @@ class ResultStore:
             name = posixpath.basename(info.path)
             if name.startswith(".") and name.endswith(_TMP_SUFFIX) and old(_mtime(info)):
                 removed += self._remove_logged(info.path, "temporary grid copy")
+        for info in self._list_partition_files(MANIFESTS):  # manifests of writes never committed
+            name = posixpath.basename(info.path)
+            grid = posixpath.basename(posixpath.dirname(info.path)).split("=", 1)[1]
+            orphan = name.endswith(".json") and (grid, name[: -len(".json")]) not in committed
+            if (orphan or name.endswith(_TMP_SUFFIX)) and old(_mtime(info)):
+                removed += self._remove_logged(info.path, "uncommitted manifest")
         return removed
 
     def _remove_logged(self, path: str, what: str) -> int:
@@ -454,11 +495,91 @@ class ResultStore:
         return {f.key for f in self._data_files(TRIALS)}
 
     def _committed_files(self, table: str) -> list[_DataFile]:
+        """The table's files of committed pack writes, checked against their manifests."""
         files = self._data_files(table)
-        if table == TRIALS or not files:
+        if table != TRIALS and files:
+            committed = self._committed_keys()
+            files = [f for f in files if f.key in committed]
+        damage = self._damage_among(files)
+        if not damage:
             return files
+        if self.on_damage == "raise":
+            raise self._damage_error(damage)
+        bad = {self._stem_key(d) for d in self.verify()}  # a damaged write is left out whole
+        return [f for f in files if f.key not in bad]
+
+    @staticmethod
+    def _stem_key(d: Damage) -> tuple[str, str]:
+        return (d.grid, d.stem)
+
+    def _manifest(self, grid: str, stem: str) -> Manifest | None:
+        path = _join(self._partition_dir(MANIFESTS, grid), f"{stem}.json")
+        try:
+            with self._fs.open_input_stream(path) as fh:
+                return Manifest.from_json(fh.read())
+        except FileNotFoundError:
+            return None  # written before manifests existed
+        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
+            raise StoreError(f"results store {self.root}: manifest {path} is unreadable: {reason(exc)}") from exc
+
+    def _damage_among(self, files: list[_DataFile]) -> list[Damage]:
+        """The damaged ones of ``files``; each file is checked once per store object."""
+        damage = []
+        for f in files:
+            key = (f.path, f.mtime)
+            if key not in self._checked:
+                try:
+                    manifest = self._manifest(f.grid, f.stem)
+                    problem = check_file(self._fs, f.path, manifest_record(manifest, f.table))
+                except StoreError as exc:
+                    manifest, problem = None, str(exc)
+                ids = manifest.network_ids if manifest is not None else ()
+                self._checked[key] = None if problem is None else Damage(f.table, f.grid, f.stem, f.path, problem, ids)
+            if self._checked[key] is not None:
+                damage.append(self._checked[key])
+        return damage
+
+    def _damage_error(self, damage: list[Damage]) -> StoreError:
+        lines = "\n  ".join(d.describe() for d in damage[:5])
+        more = f"\n  ... and {len(damage) - 5} more" if len(damage) > 5 else ""
+        return StoreError(f"results store {self.root}: {len(damage)} damaged file(s), not read:\n  {lines}{more}"
+                          f"\n`sweep verify {self.root}` lists them all; `sweep resume {self.root} --repair` "
+                          "moves them aside and trains their networks again")
+
+    def check_intact(self) -> None:
+        """Raise StoreError naming every damaged committed file (when ``on_damage`` is "raise")."""
+        damage = self.verify()
+        if damage and self.on_damage == "raise":
+            raise self._damage_error(damage)
+
+    def verify(self) -> list[Damage]:
+        """Every committed file that is not what its pack wrote (checksum, size, or unreadable)."""
         committed = self._committed_keys()
-        return [f for f in files if f.key in committed]
+        damage = []
+        for table in self._table_dirs():
+            files = [f for f in self._data_files(table) if table == TRIALS or f.key in committed]
+            damage.extend(self._damage_among(files))
+        return damage
+
+    def quarantine(self, damage: list[Damage]) -> int:
+        """Move every file of the damaged pack writes (all tables and the manifest) to
+        ``_damaged/<grid>/<stem>/``: their networks read as never stored, nothing is deleted.
+        Returns the number of files moved."""
+        moved = 0
+        for grid, stem in sorted({self._stem_key(d) for d in damage}):
+            target = _join(self._base, DAMAGED, grid, stem)
+            self._fs.create_dir(target, recursive=True)
+            sources = [f.path for t in self._table_dirs() for f in self._data_files(t) if f.key == (grid, stem)]
+            sources.append(_join(self._partition_dir(MANIFESTS, grid), f"{stem}.json"))
+            for src in sources:
+                if self._fs.get_file_info(src).type != pafs.FileType.File:
+                    continue
+                table = posixpath.basename(posixpath.dirname(posixpath.dirname(src)))
+                self._fs.move(src, _join(target, f"{table}-{posixpath.basename(src)}"))
+                moved += 1
+                log.warning("moved damaged %s to %s", src, target)
+        self._checked.clear()
+        return moved
 
     def _schema(self, table: str, files: list[_DataFile]) -> pa.Schema:
         """The union (by name, types promoted) of all files' schemas, plus ``grid``."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import pandas as pd
 
+from sweep.store.integrity import summarize_damage
 from sweep.store.results import ResultStore
 from sweep.store.schema import COMPLETED, FAILURES, TRIALS, Status
 
@@ -42,12 +43,15 @@ FAILURE_COLUMNS = ["network_id", "error", "created_at"]
 
 def store_status(store_root: str) -> dict[str, Any]:
     """Read a store and its saved grids and summarize them (see :func:`summarize`)."""
-    store = ResultStore(store_root)
+    # Damaged pack writes are counted as not stored (what `resume --repair` retrains) and listed.
+    store = ResultStore(store_root, on_damage="skip")
     grids = store.saved_grids()
+    damage = store.verify()
     trials = _read(store, TRIALS, TRIAL_COLUMNS)
     failures = _read(store, FAILURES, FAILURE_COLUMNS)
     out = summarize(grids, trials, failures)
     out["store"] = store.root
+    out["damage"] = summarize_damage(damage)
     return out
 
 
@@ -175,6 +179,12 @@ def format_status(status: dict[str, Any]) -> str:
             methods = ", ".join(f"{m} {n}" for m, n in e["methods"].items())
             lines.append(f"  [{e['grid']}] {e['networks']} networks ({methods}), last {e['last_at']}:")
             lines.append(f"    {_one_line(e['error'])}")
+    damage = status.get("damage") or {"damaged_files": 0}
+    if damage["damaged_files"]:
+        lines.append(f"DAMAGED: {damage['damaged_files']} file(s) holding {damage['networks']} networks are not "
+                     f"what was written; they count as not stored (`sweep verify` lists them, "
+                     f"`sweep resume --repair` trains them again):")
+        lines.extend(f"  {f['path']}: {f['problem']}" for f in damage["files"][:10])
     tp = status["throughput"]
     if tp["networks_per_hour"]:
         lines.append(f"throughput: {tp['networks_per_hour']:,.1f} networks/hour "

@@ -1,0 +1,149 @@
+"""Checksummed stores: a damaged file is named, never read as different numbers, and repaired."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from sweep.cli import cli
+from sweep.store.query import query
+from sweep.store.results import ResultStore
+from sweep.store.schema import StoreError
+from sweep.store.status import store_status
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(store: ResultStore, pack: str, nets: list[str], auc: float = 0.987) -> None:
+    trials = [{"trial_id": f"t-{n}", "network_id": n, "status": "ok", "roc_auc": auc} for n in nets]
+    classes = [{"trial_id": f"t-{n}", "network_id": n, "class": c, "accuracy": auc} for n in nets for c in range(10)]
+    store.write_pack(pack, "g", {"trials": trials, "class_metrics": classes})
+
+
+def _file(root: Path, table: str, pack: str) -> Path:
+    (path,) = (root / table / "grid=g").glob(f"{pack}-*.parquet")
+    return path
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def damaged(tmp_path: Path) -> tuple[Path, Path, Path]:
+    store = ResultStore(str(tmp_path / "s"))
+    _write(store, "good", ["n1", "n2"])
+    _write(store, "flip", ["n3"])
+    _write(store, "cut", ["n4", "n5"])
+    flipped = _file(tmp_path / "s", "trials", "flip")
+    _flip_byte(flipped)
+    cut = _file(tmp_path / "s", "class_metrics", "cut")
+    cut.write_bytes(cut.read_bytes()[:-40])
+    return tmp_path / "s", flipped, cut
+
+
+def test_reads_refuse_a_damaged_file_and_name_it(damaged) -> None:
+    root, flipped, cut = damaged
+    store = ResultStore(str(root))
+    with pytest.raises(StoreError, match="damaged") as info:
+        store.read_table("trials")
+    assert str(flipped) in str(info.value) and "checksum" in str(info.value)
+    with pytest.raises(StoreError, match="truncated"):
+        store.read_table("class_metrics")
+    with pytest.raises(StoreError, match=str(flipped)):
+        query(str(root), "select avg(roc_auc) from trials")
+
+
+def test_verify_names_every_damaged_file_and_its_networks(damaged) -> None:
+    root, flipped, cut = damaged
+    damage = {d.path: d for d in ResultStore(str(root)).verify()}
+    assert set(damage) == {str(flipped), str(cut)}
+    assert damage[str(flipped)].network_ids == ("n3",)
+    assert damage[str(cut)].network_ids == ("n4", "n5")
+    out = CliRunner().invoke(cli, ["verify", str(root), "--json"])
+    assert out.exit_code == 1
+    report = json.loads(out.output)
+    assert report["damaged_files"] == 2 and report["networks"] == 3
+    clean = CliRunner().invoke(cli, ["verify", str(root.parent / "clean")])
+    assert clean.exit_code == 1 and "not found" in clean.output  # a store that is not there
+
+
+def test_status_counts_damaged_writes_as_not_stored(damaged) -> None:
+    root, flipped, _ = damaged
+    info = store_status(str(root))
+    assert info["damage"]["damaged_files"] == 2 and info["damage"]["networks"] == 3
+    # Only the intact pack's rows are read: n3 (trials damaged) and n4, n5 (class_metrics) are left out.
+    skip = ResultStore(str(root), on_damage="skip")
+    assert set(skip.read_table("trials")["network_id"]) == {"n1", "n2"}
+    assert set(skip.read_table("class_metrics")["network_id"]) == {"n1", "n2"}
+
+
+def test_quarantine_moves_damaged_writes_aside_and_deletes_nothing(damaged) -> None:
+    root, flipped, cut = damaged
+    before = sorted(p.stat().st_size for p in root.rglob("*.parquet"))
+    store = ResultStore(str(root))
+    moved = store.quarantine(store.verify())
+    assert moved == 6  # two pack writes: trials, class_metrics and manifest each
+    assert not flipped.exists() and not cut.exists()
+    assert sorted(p.stat().st_size for p in root.rglob("*.parquet")) == before  # moved, not removed
+    assert all("_damaged" in p.parts for p in root.rglob("*.parquet") if p.name.startswith(("flip", "cut"))
+               or "-flip-" in p.name or "-cut-" in p.name)
+    assert ResultStore(str(root)).verify() == []
+    assert set(ResultStore(str(root)).read_table("trials")["network_id"]) == {"n1", "n2"}
+
+
+def test_a_file_without_manifest_is_checked_for_readability(tmp_path: Path) -> None:
+    """Stores written before checksums: a truncated file is still caught, not skipped."""
+    root = tmp_path / "old"
+    _write(ResultStore(str(root)), "p", ["n1"])
+    for m in (root / "_manifests").rglob("*.json"):
+        m.unlink()
+    assert ResultStore(str(root)).verify() == []
+    path = _file(root, "trials", "p")
+    path.write_bytes(path.read_bytes()[:100])
+    (d,) = ResultStore(str(root)).verify()
+    assert d.path == str(path) and "unreadable" in d.problem
+
+
+GRID = {
+    "name": "fix", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 3},
+    "max_per_class": 50, "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
+    "methods": ["baseline", "oversampling"], "thresholding": [], "repeats": 2, "seed": 3,
+    "resources": {"cpu": 1, "gpu": 0}, "pack": {"max_networks": 2},
+}
+
+
+@pytest.mark.ray
+def test_resume_repair_trains_exactly_the_damaged_networks(tmp_path: Path, ray_dir: str) -> None:
+    grid = tmp_path / "fix.yaml"
+    grid.write_text(yaml.safe_dump(GRID))
+    store = tmp_path / "store"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
+
+    def sweep(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sweep.cli", *args, "--num-cpus", "2", "--ray-temp-dir",
+                               ray_dir, "-q"], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+
+    first = sweep("run", str(grid), "--store", str(store))
+    assert first.returncode == 0, first.stderr
+    files = sorted((store / "trials" / "grid=fix").glob("*.parquet"))
+    assert len(files) == 2  # two packs of two networks
+    _flip_byte(files[0])
+    damaged_nets = {d for d in ResultStore(str(store)).verify()[0].network_ids}
+    refused = sweep("resume", str(store))
+    assert refused.returncode == 1 and "damaged" in refused.stderr and "--repair" in refused.stderr
+    repaired = sweep("resume", str(store), "--repair")
+    assert repaired.returncode == 0, repaired.stderr
+    assert "2 networks trained" in repaired.stdout and "2 already stored" in repaired.stdout
+    after = ResultStore(str(store)).read_table("trials")
+    assert len(after) == 4 and damaged_nets <= set(after["network_id"])
+    assert ResultStore(str(store)).verify() == []
