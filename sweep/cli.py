@@ -24,7 +24,7 @@ from sweep.core.grid import Grid, load_grid
 def main() -> None:
     try:
         cli(standalone_mode=True)
-    except KeyboardInterrupt:  # pragma: no cover - interactive
+    except KeyboardInterrupt:
         click.echo("interrupted: finished packs are stored; `sweep resume` continues", err=True)
         sys.exit(130)
 
@@ -188,6 +188,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
         click.echo(f"{g.name}: {summary.trained} networks trained in {summary.packs} packs "
                    f"({summary.already_done} already stored, {summary.failed} failed) in "
                    f"{summary.seconds:.0f} s; results in {store_dir}")
+        if summary.not_finished:
+            raise click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not stored; "
+                                       f"`sweep resume {store_dir}` continues")
         if summary.failed:
             raise click.ClickException(f"{summary.failed} networks failed: see `sweep status {store_dir}`; "
                                        f"`sweep resume {store_dir}` retries them")

@@ -49,7 +49,7 @@ from typing import Any
 
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
-from sweep.prepare import RunOptions, SweepError, check_options, pack_memory_bytes, plan_for, preflight
+from sweep.prepare import RunOptions, SweepError, check_address, check_options, pack_memory_bytes, plan_for, preflight
 from sweep.store.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class SweepSummary:
     failed: int
     packs: int
     seconds: float
+    # Networks of this run's plan neither stored nor recorded as failed when it ended: the
+    # run was interrupted (Ctrl-C, a stopped cluster); `sweep resume` trains them.
+    not_finished: int = 0
 
 
 ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
@@ -78,6 +81,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
               progress: ProgressFn | None = None) -> SweepSummary:
     t0 = time.perf_counter()
     cpu, gpu = check_options(grid, options)  # first: a bad value creates no store, loads no data
+    check_address(options.address or os.environ.get("RAY_ADDRESS"))
     store = ResultStore(store_root)
     preflight(grid, store, options.data_dir)
     # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
@@ -137,8 +141,12 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 callbacks=[callback],
             ),
         )
-        results = tuner.fit()
-        failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
+        try:
+            results = tuner.fit()
+            # Tune stops on Ctrl-C and returns: a trial that never finished has no error.
+            failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
+        except KeyboardInterrupt:  # a second Ctrl-C: what is stored stays stored
+            failures = []
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
@@ -146,8 +154,11 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     for p, error in failures:
         store.record_failure(p, error, grid.name)
         failed += len(p.stored_specs)
-    return SweepSummary(total, done, sum(len(p.stored_specs) for p in packs) - failed, failed,
-                        len(packs), time.perf_counter() - t0)
+    # What this run really stored, read back: never what it meant to.
+    planned = {s.network_id for p in packs for s in p.stored_specs}
+    stored = len(planned & store.completed_network_ids(grid=grid.name))
+    return SweepSummary(total, done, stored, failed, len(packs), time.perf_counter() - t0,
+                        not_finished=len(planned) - stored - failed)
 
 
 def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, grid_hash: str,

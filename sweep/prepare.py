@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from sweep.core.plan import Pack, pack_sizer, plan_packs
 from sweep.store.results import ResultStore
 
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with an NVIDIA GPU
+ADDRESS_TIMEOUT_SECONDS = 10.0  # for a cluster address to accept a connection
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
 
 
@@ -93,6 +95,26 @@ def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
     if options.device is not None:
         _check_device(options.device, gpu)
     return cpu, gpu
+
+
+def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_SECONDS) -> None:
+    """A cluster address that answers; Ray's own connect waits minutes for one that does not.
+
+    ``host:port`` and ``ray://host:port`` are tried with a TCP connect; ``auto`` and
+    ``local`` are Ray's to resolve.
+    """
+    if not address or address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise SweepError(f"--address {address!r}: expected host:port, ray://host:port, auto or local")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise SweepError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s: "
+                         f"{exc.strerror or exc}; is `ray start --head` running there?") from None
 
 
 def _check_device(device: str, gpu: float) -> None:

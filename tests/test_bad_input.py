@@ -327,3 +327,10 @@ def test_an_empty_data_dir_is_refused_not_replaced_by_the_bundled_mnist(tmp_path
                 str(tmp_path / "empty"), "--num-cpus", "1")
     assert_refused(res, "'mnist'", str(tmp_path / "empty"))
     assert_nothing_started(tmp_path / "s")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:9", "ray://127.0.0.1:9"])
+def test_a_cluster_address_that_does_not_answer_is_a_clear_error(tmp_path, address):
+    res = sweep("run", str(grid_file(tmp_path)), "--store", str(tmp_path / "s"), "--address", address)
+    assert_refused(res, f"cannot reach the Ray cluster at {address}")
+    assert_nothing_started(tmp_path / "s")

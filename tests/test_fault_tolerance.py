@@ -148,7 +148,7 @@ def test_a_finally_failed_pack_is_recorded_and_resume_continues_it(tmp_path, gri
     assert run.returncode != 0 and marker.exists()
     assert "2 networks failed" in run.stderr and "sweep resume" in run.stderr
     status = json.loads(sweep("status", str(store), "--json", check=True).stdout)
-    assert status["totals"] == {"total": 4, "done": 2, "failed": 2, "pending": 0}
+    assert status["totals"] == {"total": 4, "done": 2, "diverged": 0, "failed": 2, "pending": 0}
     assert len(status["errors"]) == 1 and status["errors"][0]["networks"] == 2
     assert list((store / "_checkpoints").glob("*.pt"))  # kept for the retry
     again = sweep("resume", str(store), *common)
@@ -157,7 +157,7 @@ def test_a_finally_failed_pack_is_recorded_and_resume_continues_it(tmp_path, gri
     trials = assert_exactly_once(store)
     assert sorted(trials.groupby("pack_id")["resumed_from_iter"].max()) == [0, 20]
     status = json.loads(sweep("status", str(store), "--json", check=True).stdout)
-    assert status["totals"] == {"total": 4, "done": 4, "failed": 0, "pending": 0}
+    assert status["totals"] == {"total": 4, "done": 4, "diverged": 0, "failed": 0, "pending": 0}
     assert status["errors"] == [] and status["eta_hours"] is None
     assert status["throughput"]["networks"] == 4 and status["throughput"]["networks_per_hour"] > 0
 
@@ -190,4 +190,35 @@ def test_a_killed_driver_is_resumed_from_the_store(tmp_path, grid_file, mnist, r
     again = sweep("resume", str(store), "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "2 networks trained in 1 packs (2 already stored, 0 failed)" in again.stdout
+    assert_exactly_once(store)
+
+
+@pytest.mark.ray
+def test_ctrl_c_says_interrupted_counts_the_store_and_exits_non_zero(tmp_path, grid_file, mnist, ray_dir):
+    """SIGINT once the first pack is stored: the sweep says it was interrupted, reports what
+    the store really holds, exits non-zero, and `sweep resume` finishes it."""
+    store = tmp_path / "store"
+    common = ["--num-cpus", "1", "--max-concurrent", "1", "--ray-temp-dir", ray_dir, "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(grid_file), "--store", str(store),
+                             *common], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not list((store / "trials").rglob("*.parquet")):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "no pack stored in time"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stored = len(ResultStore(str(store)).completed_network_ids())
+    assert proc.returncode != 0, (out, err)
+    assert "interrupted" in err, (out, err)
+    assert stored < 4
+    if "networks trained" in out:  # the summary counts what is in the store, nothing more
+        assert f"{stored} networks trained" in out, (out, err)
+    again = sweep("resume", str(store), "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
+    assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_once(store)
