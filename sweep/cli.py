@@ -186,7 +186,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
             if bar is not None:
                 bar.close()
         click.echo(f"{g.name}: {summary.trained} networks trained in {summary.packs} packs "
-                   f"({summary.already_done} already stored, {summary.failed} failed) in "
+                   f"({summary.already_done} already stored, {summary.failed} failed"
+                   + (f", {summary.skipped} being trained by another runner" if summary.skipped else "")
+                   + ") in "
                    f"{summary.seconds:.0f} s; results in {store_dir}")
         if summary.not_finished:
             raise click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not stored; "

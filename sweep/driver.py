@@ -72,6 +72,7 @@ class SweepSummary:
     # Networks of this run's plan neither stored nor recorded as failed when it ended: the
     # run was interrupted (Ctrl-C, a stopped cluster); `sweep resume` trains them.
     not_finished: int = 0
+    skipped: int = 0  # held by another runner writing to the same store (sweep.store.leases)
 
 
 ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
@@ -145,8 +146,10 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             results = tuner.fit()
             # Tune stops on Ctrl-C and returns: a trial that never finished has no error.
             failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
+            skipped = sum(len(packs[callback.pack_index(r)].stored_specs) for r in results
+                          if r.error is None and (r.metrics or {}).get("skipped"))
         except KeyboardInterrupt:  # a second Ctrl-C: what is stored stays stored
-            failures = []
+            failures, skipped = [], 0
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
@@ -158,7 +161,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     planned = {s.network_id for p in packs for s in p.stored_specs}
     stored = len(planned & store.completed_network_ids(grid=grid.name))
     return SweepSummary(total, done, stored, failed, len(packs), time.perf_counter() - t0,
-                        not_finished=len(planned) - stored - failed)
+                        not_finished=max(0, len(planned) - stored - failed - skipped), skipped=skipped)
 
 
 def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, grid_hash: str,
@@ -186,7 +189,7 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     result = run_pack(pack, store_root, device=device, data_dir=data_dir, grid_hash=grid_hash,
                       precision=precision, progress=report)
     return {"fraction": 1.0, "networks_done": result.networks, "diverged": result.diverged,
-            "failed": result.failed, "seconds": result.seconds}
+            "failed": result.failed, "seconds": result.seconds, "skipped": result.skipped}
 
 
 def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:

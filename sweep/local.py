@@ -55,6 +55,9 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
             break
         result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash, precision=precision,  # type: ignore[arg-type]
                           dataset=datasets[pack.specs[0].dataset])
+        if result.skipped:
+            log.info("pack %d/%d: skipped (another runner holds it or has stored it)", i + 1, len(packs))
+            continue
         trained += result.networks - result.failed
         failed += result.failed
         n_done += result.networks

@@ -24,6 +24,7 @@ import torch
 
 from sweep.core.plan import Pack
 from sweep.core.spec import Selection, TrialSpec, derive_seed
+from sweep.store.leases import acquire
 from sweep.store.provenance import provenance
 from sweep.store.results import ResultStore
 from sweep.store.schema import (
@@ -83,6 +84,7 @@ class PackResult:
     device: str
     resumed_from_iter: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    skipped: bool = False  # another runner holds the pack's lease, or has stored it already
 
 
 @dataclass
@@ -135,6 +137,31 @@ def run_pack(
     autocast = set_precision(precision, dev)  # raises on an unknown precision
     if store is not None and not hasattr(store, "write_pack"):
         store = ResultStore(str(store))  # a path
+    lease = None
+    if store is not None and getattr(store, "is_local", False):
+        lease = acquire(store.lease_dir(), pack.pack_id)
+        done = set() if lease is None else store.completed_network_ids(grid=pack.specs[0].grid or "default")
+        if lease is None or all(s.network_id in done for s in pack.stored_specs):
+            if lease is not None:  # stored by another runner since this one planned
+                lease.release()
+            return PackResult(pack.pack_id, {}, 0, 0, 0, 0.0, device_name(dev), skipped=True)
+
+        def progress_and_lease(fraction: float, report: Callable[[float], None] | None = progress) -> None:
+            lease.refresh()
+            if report is not None:
+                report(fraction)
+
+        progress = progress_and_lease
+    try:
+        return _run_pack(pack, store, dev, autocast, data_dir, grid_hash, progress, dataset, observer)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None, data_dir: str | None,
+              grid_hash: str, progress: Callable[[float], None] | None, dataset: ArrayDataset | None,
+              observer: StageObserver | None) -> PackResult:
     t0 = time.perf_counter()
     first = pack.specs[0]
     ds = dataset if dataset is not None else load_dataset(first.dataset, data_dir)

@@ -58,6 +58,7 @@ from sweep.store.integrity import (
     manifest_record,
     network_ids_of,
 )
+from sweep.store.leases import LEASES
 from sweep.store.rows import (
     FILE_COL,
     Filters,
@@ -377,6 +378,10 @@ class ResultStore:
         path = os.path.join(self._base, CHECKPOINTS)
         os.makedirs(path, exist_ok=True)
         return path
+
+    def lease_dir(self) -> str:
+        """``<root>/_leases`` (local stores: see sweep.store.leases)."""
+        return os.path.join(self._base, LEASES)
 
     def read_table(
         self,
