@@ -169,7 +169,7 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
     for g in grids:
         bar = None
 
-        def progress(done: float, total: int) -> None:
+        def progress(done: float, total: int, doing: str) -> None:
             nonlocal bar
             if quiet:
                 return
@@ -178,6 +178,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
 
                 bar = tqdm(total=total, initial=done, unit="net", desc=g.name, dynamic_ncols=True)
             bar.n = round(done, 1)  # in-flight packs count pro rata
+            # What the running packs do ("2 training, 1 latent statistics"): a bar that stands
+            # still while data load or latent statistics run still says why.
+            bar.set_postfix_str(f"packs: {doing}" if doing else "", refresh=False)
             bar.refresh()
 
         try:

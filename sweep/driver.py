@@ -43,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,8 @@ class SweepSummary:
     skipped: int = 0  # held by another runner writing to the same store (sweep.store.leases)
 
 
-ProgressFn = Callable[[float, int], None]  # (networks done, in-flight packs pro rata; networks total)
+# (networks done, in-flight packs pro rata; networks total; what the running packs do)
+ProgressFn = Callable[[float, int, str], None]
 
 
 def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
@@ -94,7 +96,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     if not packs:
         store.save_grid(grid)
         if progress:
-            progress(done, total)
+            progress(done, total, "")
         return SweepSummary(total, done, 0, 0, 0, time.perf_counter() - t0)
 
     # Quiet by default: Tune's own progress tables would drown the progress bar.
@@ -109,7 +111,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
         # Saved only once the sweep can start: bad input leaves no sweep for `resume`.
         store.save_grid(grid)
         if progress:
-            progress(done, total)
+            progress(done, total, "starting packs")
         kill_hook = None
         if os.environ.get(KILL_AT_ENV):
             kill_hook = (float(os.environ[KILL_AT_ENV]), os.environ.get(KILL_MARKER_ENV, ""))
@@ -176,15 +178,15 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     from workers.run_pack import run_pack
 
     pack = Pack.from_dict(packs[config["pack"]])
-    last = [0.0]
+    last = [0.0, ""]
 
-    def report(fraction: float) -> None:
+    def report(fraction: float, phase: str) -> None:
         if kill_hook is not None:
             _maybe_kill_self(fraction, *kill_hook)
         now = time.monotonic()
-        if now - last[0] >= REPORT_INTERVAL_SECONDS:
-            last[0] = now
-            tune.report({"fraction": fraction, "networks_done": 0})
+        if now - last[0] >= REPORT_INTERVAL_SECONDS or phase != last[1]:  # a new phase is said at once
+            last[0], last[1] = now, phase
+            tune.report({"fraction": fraction, "networks_done": 0, "phase": phase})
 
     result = run_pack(pack, store_root, device=device, data_dir=data_dir, grid_hash=grid_hash,
                       precision=precision, progress=report)
@@ -262,17 +264,21 @@ class _ProgressCallback:
                 self.sizes = [len(p.stored_specs) for p in packs]
                 self.done, self.total, self.fn = done, total, fn
                 self.partial: dict[int, float] = {}  # pack index -> networks done pro rata
+                self.phases: dict[int, str] = {}  # pack index -> what it is doing
                 self.errored: dict[str, int] = {}  # trial path -> pack index, of failed trials
 
             def _emit(self) -> None:
                 if self.fn:
-                    self.fn(self.done + sum(self.partial.values()), self.total)
+                    counts = Counter(self.phases[i] for i in self.partial if i in self.phases)
+                    doing = ", ".join(f"{n} {phase}" for phase, n in sorted(counts.items()))
+                    self.fn(self.done + sum(self.partial.values()), self.total, doing)
 
             def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
                 i = trial.config["pack"]
                 fraction = result.get("fraction")
                 if isinstance(fraction, (int, float)) and 0 <= fraction < 1:
                     self.partial[i] = fraction * self.sizes[i]
+                    self.phases[i] = str(result.get("phase") or "training")
                     self._emit()
 
             def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

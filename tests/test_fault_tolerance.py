@@ -85,7 +85,7 @@ def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbe
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
     store = ResultStore(str(tmp_path / "store"))
 
-    def die(fraction):
+    def die(fraction, phase):
         if fraction >= kill_at:
             raise _Killed
 

@@ -160,3 +160,21 @@ def test_a_pack_that_fails_before_reporting_is_still_mapped_to_its_pack():
     callback.on_trial_error(0, [trial], trial)
     assert callback.pack_index(SimpleNamespace(config=None, path=trial.path)) == 1
     assert callback.pack_index(SimpleNamespace(config={"pack": 0}, path="/elsewhere")) == 0
+
+
+def test_the_progress_bar_is_told_what_running_packs_do():
+    from types import SimpleNamespace
+
+    pytest.importorskip("ray.tune")
+    from sweep.core.grid import expand
+    from sweep.core.plan import plan_packs
+    from sweep.driver import _ProgressCallback
+
+    specs = expand({**GRID, "experiments": GRID["experiments"][:1]}).specs
+    packs = plan_packs(specs, 1)
+    seen = []
+    callback = _ProgressCallback(packs, 0, len(specs), lambda done, total, doing: seen.append((done, doing)))
+    for i, (fraction, phase) in enumerate([(0.0, "loading data"), (0.9, "latent statistics")]):
+        trial = SimpleNamespace(config={"pack": i})
+        callback.on_trial_result(0, [], trial, {"fraction": fraction, "phase": phase})
+    assert seen[-1] == (0.9 * len(packs[1].stored_specs), "1 latent statistics, 1 loading data")

@@ -136,3 +136,14 @@ def test_unknown_precision_and_mixed_packs_are_rejected(small_mnist):
     other = dataclasses.replace(g.specs[0], recipe=dataclasses.replace(g.specs[0].recipe, iters=31))
     with pytest.raises(ValueError, match="mixes incompatible"):
         run_pack(Pack((g.specs[0], other)), None, dataset=small_mnist)
+
+
+def test_progress_says_what_the_pack_is_doing(small_mnist):
+    g = grid(methods=["baseline", "two_phase_over", "oversampling"], latent=True)
+    seen = []
+    run_pack(Pack(g.specs), None, dataset=small_mnist, progress=lambda f, phase: seen.append((f, phase)))
+    phases = list(dict.fromkeys(p for _, p in seen))
+    assert phases == ["loading data", "training", "evaluating", "latent statistics",
+                      "training (from phase-1 networks)"]
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1

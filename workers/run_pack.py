@@ -54,6 +54,7 @@ from workers.transforms import fit_transform, stack_transforms
 log = logging.getLogger(__name__)
 
 
+Progress = Callable[[float, str], None]  # (fraction of the pack's iterations, what it is doing)
 StageWhen = Literal["start", "end"]
 # Called with each stage's plan and model when the stage starts (weights initialised or
 # copied from the parents) and when its training ends (before evaluation): lets tests and
@@ -101,6 +102,8 @@ class _Pack:
     autocast: torch.dtype | None
     checkpoints: CheckpointFile
     observer: "StageObserver | None" = None
+    progress: "Progress | None" = None
+    fraction: float = 0.0  # the last fraction reported
     # Input transforms by training set, shared by both stages: a stage-2 network trains on
     # its parent's subset, and refitting ZCA there cost seconds per training set for nothing.
     fitted: dict[str, Any] = field(default_factory=dict)
@@ -108,6 +111,12 @@ class _Pack:
     @property
     def device(self) -> torch.device:
         return self.x_train.device
+
+    def report(self, phase: str, fraction: float | None = None) -> None:
+        if fraction is not None:
+            self.fraction = fraction
+        if self.progress is not None:
+            self.progress(self.fraction, phase)
 
 
 def run_pack(
@@ -118,14 +127,15 @@ def run_pack(
     data_dir: str | None = None,
     grid_hash: str = "",
     precision: Precision = "fp32",
-    progress: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
     dataset: ArrayDataset | None = None,
     observer: StageObserver | None = None,
 ) -> PackResult:
     """Train and evaluate the pack's networks; write their rows to ``store`` if given.
 
     ``store`` is a :class:`sweep.store.results.ResultStore`, a path, or None (rows are only
-    returned). ``progress`` receives the fraction of the pack's iterations done;
+    returned). ``progress`` receives the fraction of the pack's iterations done and what
+    the pack is doing ("loading data", "training", "evaluating", "latent statistics");
     ``observer`` sees every stage's model as it starts and ends (:data:`StageObserver`).
     """
     if not pack.specs:
@@ -146,10 +156,10 @@ def run_pack(
                 lease.release()
             return PackResult(pack.pack_id, {}, 0, 0, 0, 0.0, device_name(dev), skipped=True)
 
-        def progress_and_lease(fraction: float, report: Callable[[float], None] | None = progress) -> None:
+        def progress_and_lease(fraction: float, phase: str, report: Progress | None = progress) -> None:
             lease.refresh()
             if report is not None:
-                report(fraction)
+                report(fraction, phase)
 
         progress = progress_and_lease
     try:
@@ -160,16 +170,18 @@ def run_pack(
 
 
 def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None, data_dir: str | None,
-              grid_hash: str, progress: Callable[[float], None] | None, dataset: ArrayDataset | None,
+              grid_hash: str, progress: Progress | None, dataset: ArrayDataset | None,
               observer: StageObserver | None) -> PackResult:
     t0 = time.perf_counter()
     first = pack.specs[0]
+    if progress is not None:
+        progress(0.0, "loading data")
     ds = dataset if dataset is not None else load_dataset(first.dataset, data_dir)
     labels = ds.train_y.numpy()
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ctx = _Pack(pack, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
                 ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), autocast,
-                CheckpointFile(store, pack), observer)
+                CheckpointFile(store, pack), observer, progress)
     resumed = ctx.checkpoints.read()
     resumed_from = 0 if resumed is None else resumed.iteration
 
@@ -180,7 +192,8 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     latent: list[dict[str, Any]] = []  # per stage: latent_stats / embeddings / classifier_weights
     done_iters = 0
     for plan in stages:
-        report = _stage_progress(progress, done_iters, total_iters)
+        report = _stage_progress(ctx, done_iters, total_iters, "training" if plan.number == 1 else
+                                 "training (from phase-1 networks)")
         done_iters += plan.iters
         if plan.number == 1:
             if resumed is not None and resumed.stage == 2:
@@ -227,8 +240,8 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
                       statuses.count(Status.FAILED), seconds, device_name(dev), resumed_from)
 
 
-def _stage_progress(progress: Callable[[float], None] | None, offset: int, total: int) -> Callable[[int], None]:
-    return lambda it: progress((offset + it) / total) if progress else None
+def _stage_progress(ctx: _Pack, offset: int, total: int, phase: str) -> Callable[[int], None]:
+    return lambda it: ctx.report(phase, (offset + it) / total)
 
 
 def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
@@ -322,11 +335,14 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
                         checkpoint=save, progress=progress)
     if ctx.observer is not None:
         ctx.observer(plan, model, "end")
+    ctx.report("evaluating")
     t_eval = time.perf_counter()
     logits, _ = predict(model, ctx.x_test, transform, ctx.autocast)
     priors = torch.tensor(np.stack([m.priors for m in md]), dtype=torch.float32, device=dev)
     metrics = evaluate(logits, ctx.y_test, priors, ds.num_classes)
     eval_seconds = time.perf_counter() - t_eval
+    if any(s.latent or s.embeddings for s in specs):
+        ctx.report("latent statistics")
     t_latent = time.perf_counter()
     latent = latent_tables(model, specs[0].model, list(specs), [m.subset for m in md], transforms,
                            ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test, ds.num_classes)
