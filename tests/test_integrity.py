@@ -147,3 +147,54 @@ def test_resume_repair_trains_exactly_the_damaged_networks(tmp_path: Path, ray_d
     after = ResultStore(str(store)).read_table("trials")
     assert len(after) == 4 and damaged_nets <= set(after["network_id"])
     assert ResultStore(str(store)).verify() == []
+
+
+def test_a_full_disk_is_a_clear_error_and_leaves_nothing_behind(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import sweep.store.results as results
+
+    root = tmp_path / "s"
+    store = ResultStore(str(root))
+    _write(store, "before", ["n1"])
+    real = results.pq.write_table
+    calls = []
+
+    def full(table, where, **kw):
+        calls.append(where)
+        if len(calls) == 2:  # the pack's second file: the disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(table, where, **kw)
+
+    monkeypatch.setattr(results.pq, "write_table", full)
+    with pytest.raises(StoreError, match="No space left on device") as info:
+        _write(store, "during", ["n2"])
+    assert "bytes there" in str(info.value) and "intact" in str(info.value)
+    monkeypatch.setattr(results.pq, "write_table", real)
+    leftovers = [p for p in root.rglob("*") if p.is_file() and ("during" in p.name or p.name.startswith("."))]
+    assert leftovers == []
+    assert set(ResultStore(str(root)).read_table("trials")["network_id"]) == {"n1"}
+    assert ResultStore(str(root)).verify() == []
+
+
+def test_a_checkpoint_that_cannot_be_written_costs_time_not_the_pack(tmp_path: Path, small_mnist, monkeypatch) -> None:
+    import errno
+
+    import workers.checkpoint as checkpoint
+    from sweep.core.grid import expand
+    from sweep.core.plan import Pack
+    from workers.run_pack import run_pack
+
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")  # what a full disk leaves: a started temporary
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    g = expand({"name": "c", "dataset": "mnist", "model": "lenet5", "max_per_class": 50,
+                "recipe": {"preset": "buda_mnist", "iters": 4, "checkpoint_every": 2},
+                "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"], "seed": 1})
+    store = ResultStore(str(tmp_path / "s"))
+    result = run_pack(Pack(g.specs), store, dataset=small_mnist)
+    assert result.networks == 1 and result.failed == 0
+    assert len(store.read_table("trials")) == 2
+    assert list((tmp_path / "s" / "_checkpoints").iterdir()) == []  # no orphan temporaries
