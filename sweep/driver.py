@@ -221,6 +221,10 @@ def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:
         except Exception as e:  # ConnectionError, timeouts, a malformed address, ...
             raise SweepError(f"cannot connect to the Ray cluster at {address}: {e}") from e
         return
+    # Ray turns token authentication on for a new local cluster and warns about it on every
+    # run unless the mode is set: say so explicitly (same security, no warning). A mode the
+    # user set (tests use "disabled") is kept.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     if options.num_cpus:
         kwargs["num_cpus"] = options.num_cpus
     if options.ray_temp_dir:
