@@ -266,6 +266,38 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
 
 @cli.command()
 @click.argument("store_dir")
+@click.option("--metric", default="roc_auc", show_default=True, help="roc_auc, accuracy or balanced_accuracy.")
+@click.option("--by", default="rho,mu", show_default=True, help="Comma-separated cell columns to group by.")
+@click.option("--reference", default=None, help="The arm others are compared with (default: baseline).")
+@click.option("--arms", default=None, help="Comma-separated arms to compare (default: all).")
+@click.option("--ranking", is_flag=True, help="Average ranks, Friedman test and Nemenyi CD instead.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
+def compare(store_dir: str, metric: str, by: str, reference: str | None, arms: str | None, ranking: bool,
+            fmt: str) -> None:
+    """Paired tests of every method against a reference, with Holm and BH adjusted p-values."""
+    from analysis.compare import REFERENCE, paired_tests, ranking as rank_arms
+    from analysis.load import load
+    from sweep.store.query import format_result
+
+    _existing_store(store_dir)
+    trials = load(store_dir)
+    chosen = [a for a in (arms or "").split(",") if a] or None
+    if ranking:
+        r = rank_arms(trials, metric, chosen)
+        click.echo(format_result(r.ranks, fmt))
+        if fmt == "table":
+            click.echo(f"Friedman chi2 = {r.statistic:.3f}, p = {r.p_value:.3g} over {r.blocks} cells; "
+                       f"Nemenyi critical difference {r.critical_difference:.3f} (alpha {r.alpha:g})")
+        return
+    table = paired_tests(trials, metric, [c for c in by.split(",") if c], reference or REFERENCE, chosen)
+    click.echo(format_result(table, fmt))
+    if fmt == "table":
+        click.echo("pairs: the same training set (cell and repeat); p: Wilcoxon signed-rank (exact for small "
+                   "n) and paired t, adjusted over all rows (Holm; Benjamini-Hochberg); median CI: bootstrap 95 %")
+
+
+@cli.command()
+@click.argument("store_dir")
 @click.option("-o", "--output", "out_path", default="report.html", show_default=True, help="HTML file to write.")
 @click.option("--dataset", default=None, help="Only this dataset.")
 @click.option("--model", default=None, help="Only this model.")

@@ -1,0 +1,205 @@
+"""Verdicts researchers trust: paired tests with corrected p-values, and method rankings.
+
+Floor: analysis (imports sweep.core and sweep.store only; reads results through
+analysis.load).
+
+Pure pandas / scipy / statsmodels on the ``trials`` frame; no statistic is written by hand.
+
+* :func:`paired_tests`: per group of cells (``by``) and arm, the arm against a reference
+  arm (default: the baseline, raw outputs, cross-entropy) paired over training sets (the
+  same cell and repeat: every method of a repeat trains on the same images). The
+  Wilcoxon signed-rank test (``scipy.stats.wilcoxon``, exact for small n without ties)
+  and the paired t-test (``scipy.stats.ttest_rel``), each with Holm and
+  Benjamini-Hochberg adjusted p-values over every comparison of the table
+  (``statsmodels.stats.multitest.multipletests``), and the effect: the mean and median
+  paired difference with a 95 % bootstrap interval of the median (``scipy.stats.bootstrap``,
+  percentile, seeded).
+* :func:`ranking`: Demšar (JMLR 2006): arms ranked within each block (a cell, its repeats
+  averaged; rank 1 = best), average ranks, the Friedman test
+  (``scipy.stats.friedmanchisquare``) and the Nemenyi critical difference
+  ``q_alpha * sqrt(k (k + 1) / (6 N))`` with ``q_alpha`` from the studentized range
+  (``scipy.stats.studentized_range``) over ``sqrt(2)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from analysis.aggregate import BASELINE, CELL, method_label, select_lr_runs, with_labels
+from sweep.core.errors import UserError
+from sweep.store.schema import Status
+
+METRICS = ("roc_auc", "accuracy", "balanced_accuracy")
+GROUPINGS = tuple(CELL)  # groups of cells; arms (method, loss, evaluation) are compared within them
+CONFIDENCE = 0.95
+BOOTSTRAP_RESAMPLES = 2000
+REFERENCE = method_label(BASELINE)  # "baseline": raw outputs, cross-entropy
+
+
+class CompareError(UserError, ValueError):
+    """A metric, grouping or arm that the comparison cannot use; the message says which."""
+
+
+def _check(trials: pd.DataFrame, metric: str, by: Sequence[str]) -> None:
+    if metric not in METRICS:
+        raise CompareError(f"unknown metric {metric!r} (allowed: {', '.join(METRICS)})")
+    bad = [c for c in by if c not in GROUPINGS]
+    if bad:
+        raise CompareError(f"unknown grouping {', '.join(map(repr, bad))} (allowed: {', '.join(GROUPINGS)})")
+
+
+def _values(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One finite value per (cell, repeat, arm): ok rows, one network per lr search."""
+    df = with_labels(select_lr_runs(trials, metric))
+    df = df[df["status"].eq(Status.OK)].copy()
+    df["value"] = pd.to_numeric(df[metric], errors="coerce")
+    df = df[np.isfinite(df["value"])]
+    for c in CELL:
+        if c not in df.columns:
+            df[c] = None
+    df[["rho", "mu"]] = df[["rho", "mu"]].apply(pd.to_numeric, errors="coerce").fillna(-1.0)
+    return df
+
+
+def paired_tests(trials: pd.DataFrame, metric: str = "roc_auc", by: Sequence[str] = ("rho", "mu"),
+                 reference: str = REFERENCE, arms: Sequence[str] | None = None,
+                 seed: int = 0) -> pd.DataFrame:
+    """Every arm (or those in ``arms``) against ``reference`` per ``by`` group; see module doc.
+
+    A pair is one training set: the same cell (``CELL``) and repeat. Groups in ``by`` may
+    hold several cells (``by=("mu",)`` pools every rho); the cell is always part of the
+    pairing. Rows are sorted by group and arm.
+    """
+    by = list(by)
+    _check(trials, metric, by)
+    cols = by + ["arm", "reference", "n", "mean_reference", "mean_arm", "mean_diff", "median_diff",
+                 "median_ci_low", "median_ci_high", "p_wilcoxon", "p_ttest",
+                 "p_wilcoxon_holm", "p_wilcoxon_bh", "p_ttest_holm", "p_ttest_bh"]
+    df = _values(trials, metric)
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    known = set(df["arm"])
+    for a in [reference, *(arms or [])]:
+        if a not in known:
+            raise CompareError(f"no arm {a!r} in the store (arms: {', '.join(sorted(known))})")
+    pair_key = CELL + ["repeat"]  # ``by`` holds cell columns only: they are part of it
+    one = df.groupby(pair_key + ["arm"], dropna=False)["value"].mean().rename("value").reset_index()
+    ref = one[one["arm"] == reference].drop(columns="arm")
+    rest = one[(one["arm"] != reference) & (one["arm"].isin(arms) if arms else True)]
+    pairs = rest.merge(ref, on=pair_key, suffixes=("", "_ref"))
+    rows = []
+    for key, g in pairs.groupby(by + ["arm"], dropna=False, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        d = (g["value"] - g["value_ref"]).to_numpy()
+        rows.append({**dict(zip(by + ["arm"], key)), "reference": reference, "n": len(d),
+                     "mean_reference": g["value_ref"].mean(), "mean_arm": g["value"].mean(),
+                     "mean_diff": d.mean(), "median_diff": float(np.median(d)),
+                     **_median_ci(d, seed), "p_wilcoxon": _wilcoxon(d), "p_ttest": _ttest(g)})
+    out = pd.DataFrame(rows, columns=[c for c in cols if not c.endswith(("_holm", "_bh"))])
+    for test in ("wilcoxon", "ttest"):
+        out[f"p_{test}_holm"] = _adjust(out[f"p_{test}"], "holm")
+        out[f"p_{test}_bh"] = _adjust(out[f"p_{test}"], "fdr_bh")
+    for c in ("rho", "mu"):
+        if c in out.columns:
+            out[c] = out[c].where(out[c] != -1.0, np.nan)
+    return out[cols].reset_index(drop=True)
+
+
+def _median_ci(d: np.ndarray, seed: int) -> dict[str, float]:
+    if len(d) < 2 or np.all(d == d[0]):
+        v = float(d[0]) if len(d) and np.all(d == d[0]) else np.nan
+        return {"median_ci_low": v, "median_ci_high": v}
+    res = stats.bootstrap((d,), np.median, confidence_level=CONFIDENCE, n_resamples=BOOTSTRAP_RESAMPLES,
+                          method="percentile", rng=np.random.default_rng(seed))
+    return {"median_ci_low": float(res.confidence_interval.low), "median_ci_high": float(res.confidence_interval.high)}
+
+
+def _wilcoxon(d: np.ndarray) -> float:
+    if len(d) < 1 or np.all(d == 0):
+        return np.nan  # no non-zero difference: the test is undefined
+    return float(stats.wilcoxon(d).pvalue)
+
+
+def _ttest(g: pd.DataFrame) -> float:
+    if len(g) < 2:
+        return np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(stats.ttest_rel(g["value"], g["value_ref"]).pvalue)
+
+
+def _adjust(p: pd.Series, method: str) -> np.ndarray:
+    """Adjusted p-values over the finite ones (NaN stays NaN)."""
+    out = np.full(len(p), np.nan)
+    ok = np.isfinite(p.to_numpy(dtype=float))
+    if ok.any():
+        out[ok] = multipletests(p.to_numpy(dtype=float)[ok], method=method)[1]
+    return out
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Average ranks of arms over blocks (cells), with Friedman's test and Nemenyi's CD."""
+
+    ranks: pd.DataFrame  # arm, average_rank, mean (metric over blocks), sorted best first
+    blocks: int  # N: cells where every arm has a value
+    statistic: float  # Friedman chi-square
+    p_value: float
+    critical_difference: float  # Nemenyi, at ``alpha``
+    alpha: float
+
+
+def ranking(trials: pd.DataFrame, metric: str = "roc_auc", arms: Sequence[str] | None = None,
+            alpha: float = 0.05) -> Ranking:
+    """Demšar's ranking of ``arms`` (default: every arm) over the cells that have all of them."""
+    _check(trials, metric, [])
+    df = _values(trials, metric)
+    if arms:
+        df = df[df["arm"].isin(arms)]
+    table = df.groupby(CELL + ["arm"], dropna=False)["value"].mean().unstack("arm").dropna()
+    k, n = table.shape[1], table.shape[0]
+    if k < 3 or n < 2:
+        raise CompareError(f"a ranking needs at least 3 arms over at least 2 cells that have them all "
+                           f"(found {k} arms over {n} cells)")
+    ranks = table.rank(axis=1, ascending=False)  # 1 = best; ties share the average rank
+    statistic, p_value = stats.friedmanchisquare(*[table[c].to_numpy() for c in table.columns])
+    q = stats.studentized_range.ppf(1 - alpha, k, np.inf) / np.sqrt(2)
+    cd = float(q * np.sqrt(k * (k + 1) / (6.0 * n)))
+    out = pd.DataFrame({"arm": table.columns, "average_rank": ranks.mean().to_numpy(),
+                        "mean": table.mean().to_numpy()}).sort_values("average_rank", kind="stable")
+    return Ranking(out.reset_index(drop=True), n, float(statistic), float(p_value), cd, alpha)
+
+
+def cd_diagram(r: Ranking, metric: str = "roc_auc"):
+    """Demšar's critical-difference diagram: arms on the average-rank axis, with bars joining
+    arms whose ranks differ by less than the CD (not significantly different)."""
+    import plotly.graph_objects as go
+
+    ranks = r.ranks
+    k = len(ranks)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=ranks["average_rank"], y=[0] * k, mode="markers+text", text=ranks["arm"],
+                             textposition=["top center" if i % 2 else "bottom center" for i in range(k)],
+                             marker={"size": 10}, name="average rank",
+                             hovertemplate="%{text}: average rank %{x:.2f}<extra></extra>"))
+    level, reach = 0.15, -1
+    values = ranks["average_rank"].to_numpy()
+    for i in range(k):  # maximal runs of arms within one CD of the run's best
+        j = max(m for m in range(i, k) if values[m] - values[i] < r.critical_difference)
+        if j > i and j > reach:
+            fig.add_trace(go.Scatter(x=[values[i], values[j]], y=[level, level], mode="lines",
+                                     line={"width": 5, "color": "#555"}, showlegend=False, hoverinfo="skip"))
+            level, reach = level + 0.08, j
+    fig.add_trace(go.Scatter(x=[1, 1 + r.critical_difference], y=[-0.3, -0.3], mode="lines+text",
+                             text=["", f"CD = {r.critical_difference:.2f}"], textposition="middle right",
+                             line={"width": 3, "color": "#c0392b"}, name=f"Nemenyi CD (alpha {r.alpha:g})"))
+    fig.update_layout(
+        title=f"Average rank by {metric} over {r.blocks} cells (1 = best); Friedman chi2 = {r.statistic:.1f}, "
+              f"p = {r.p_value:.2g}", xaxis={"title": "average rank", "range": [k + 0.5, 0.5]},
+        yaxis={"visible": False, "range": [-0.6, level + 0.3]}, height=320 + 12 * k)
+    return fig
