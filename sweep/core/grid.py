@@ -25,7 +25,6 @@ import numpy as np
 import yaml
 
 from sweep.core.catalog import DATASETS, MODELS
-from sweep.core.counts import class_counts
 from sweep.core.grid_checks import (
     MAX_NETWORKS_ENV,
     PATH_SEGMENT_RE,
@@ -38,7 +37,7 @@ from sweep.core.grid_checks import (
     _num,
     max_networks_per_grid,
 )
-from sweep.core.recipes import RECIPES
+from sweep.core.recipes import RECIPES, epochs_to_iters
 from sweep.core.spec import (
     Evaluation,
     Imbalance,
@@ -256,7 +255,7 @@ def _expand_experiment(
             seed = derive_seed(grid_seed, "training-set", *cell)
             r = recipe
             if "epochs" in cfg:
-                r = _epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
+                r = epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
             for loss, lr, lr_run, method in itertools.product(losses, lrs, range(lr_runs), methods):
                 for ratio in ratios_of(method):
                     evals = (Evaluation.RAW, Evaluation.THRESHOLD) if method in thresholded else (Evaluation.RAW,)
@@ -329,25 +328,6 @@ def _draw_classes(kind: ImbalanceKind, mu: float | None, n: int, choice: Minorit
     if choice == MinorityChoice.HIGHEST:
         return tuple(range(n))  # Cao et al.'s CIFAR-LT order: label 0 gets the most
     return tuple(int(c) for c in rng.permutation(n))
-
-
-def _epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes: int, n_max: int) -> Recipe:
-    """An epoch budget for this imbalanced set, in iterations; the schedule scales with it.
-
-    Milestones, warm-up and the DRW start keep their fraction of the budget, so a recipe
-    written for 200 epochs (LDAM-DRW) keeps its shape for any set size.
-    """
-
-    n = int(class_counts(imb, num_classes, n_max).sum())
-    iters = max(1, round(epochs * math.ceil(n / recipe.batch_size)))
-    scale = iters / recipe.iters
-    return dataclasses.replace(
-        recipe,
-        iters=iters,
-        lr_milestones=tuple(round(m * scale) for m in recipe.lr_milestones),
-        warmup_iters=round(recipe.warmup_iters * scale),
-        drw_start_iter=None if recipe.drw_start_iter is None else round(recipe.drw_start_iter * scale),
-    )
 
 
 def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:

@@ -5,7 +5,11 @@ Floor: sweep.core (what a study is; pure: imports sweep.core only, no torch, no 
 
 from __future__ import annotations
 
-from sweep.core.spec import LrPolicy, Recipe
+import dataclasses
+import math
+
+from sweep.core.counts import class_counts
+from sweep.core.spec import Imbalance, LrPolicy, Recipe
 
 RECIPES: dict[str, Recipe] = {
     # Buda et al. Sec. 3.3 (MNIST, LeNet-5): 10,000 iterations whatever the set size.
@@ -65,3 +69,22 @@ RECIPES: dict[str, Recipe] = {
         checkpoint_every=5_000,
     ),
 }
+
+
+def epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes: int, n_max: int) -> Recipe:
+    """An epoch budget for this imbalanced set, in iterations; the schedule scales with it.
+
+    Milestones, warm-up and the DRW start keep their fraction of the budget, so a recipe
+    written for 200 epochs (LDAM-DRW) keeps its shape for any set size.
+    """
+
+    n = int(class_counts(imb, num_classes, n_max).sum())
+    iters = max(1, round(epochs * math.ceil(n / recipe.batch_size)))
+    scale = iters / recipe.iters
+    return dataclasses.replace(
+        recipe,
+        iters=iters,
+        lr_milestones=tuple(round(m * scale) for m in recipe.lr_milestones),
+        warmup_iters=round(recipe.warmup_iters * scale),
+        drw_start_iter=None if recipe.drw_start_iter is None else round(recipe.drw_start_iter * scale),
+    )
