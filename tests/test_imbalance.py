@@ -83,3 +83,22 @@ def test_partial_levels_leave_the_requested_ratio():
     assert resampled_counts(counts, Method.BASELINE, 10).tolist() == [1000, 1000, 1]
     with pytest.raises(ValueError):
         resampled_counts(counts, Method.OVERSAMPLING, 0.5)
+
+
+def test_exponential_counts_equal_cao_et_al_list() -> None:
+    """CIFAR-10-LT at rho = 100 as Cao et al.'s code draws it (and Dablain et al. list it)."""
+    from sweep.core.grid import expand
+    from sweep.core.spec import Imbalance, ImbalanceKind
+
+    cao = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
+    imb = Imbalance(ImbalanceKind.EXPONENTIAL, 100.0, classes=tuple(range(10)), rounding="truncate")
+    assert class_counts(imb, 10, 5000).tolist() == cao
+    nearest = Imbalance(ImbalanceKind.EXPONENTIAL, 100.0, classes=tuple(range(10)))
+    assert class_counts(nearest, 10, 5000).tolist()[2:5] == [1797, 1077, 646]  # what main gave before
+    spec = expand({"name": "lt", "dataset": "cifar10", "model": "resnet32", "recipe": "ldam_drw",
+                   "minority": "highest", "imbalance": {"exponential": {"rho": [100]}}}).specs[0]
+    assert spec.imbalance.rounding == "truncate"
+    assert class_counts(spec.imbalance, 10, 5000).tolist() == cao
+    # Step and linear specs keep their ids: the field is left out at its old value.
+    assert "rounding" not in expand({"name": "s", "dataset": "mnist", "model": "lenet5", "recipe": "buda_mnist",
+                                     "imbalance": {"linear": {"rho": [10]}}}).specs[0].identity()["imbalance"]

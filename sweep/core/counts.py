@@ -40,6 +40,12 @@ def class_counts(imbalance: Imbalance, num_classes: int, n_max: int) -> np.ndarr
         ranked = n_max * rho ** (-positions)
     else:  # pragma: no cover - enum is closed
         raise ValueError(f"unknown imbalance kind {kind!r}")
+    if imbalance.rounding == "truncate":
+        # Cao et al.'s arithmetic to the letter: int(img_max * imb_factor**(c / (C - 1.0)))
+        ranked = np.array([int(n_max * (1.0 / rho) ** (c / (num_classes - 1.0))) for c in range(num_classes)],
+                          dtype=np.float64) if kind == ImbalanceKind.EXPONENTIAL else np.floor(ranked)
+    elif imbalance.rounding != "nearest":
+        raise ValueError(f"unknown rounding {imbalance.rounding!r} (allowed: nearest, truncate)")
     counts[order] = np.maximum(1, np.round(ranked)).astype(np.int64)
     return counts
 

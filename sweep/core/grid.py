@@ -251,7 +251,10 @@ def _expand_experiment(
             cell = [dataset, str(kind), rho, mu, repeat]
             classes = _draw_classes(kind, mu, info.num_classes, minority,
                                     np.random.default_rng(derive_seed(grid_seed, "classes", *cell)))
-            imb = Imbalance(kind=kind, rho=rho, mu=mu, classes=classes, max_per_class=max_per_class)
+            # Exponential (long-tailed) counts as Cao et al.'s code and Dablain et al.'s list give them.
+            rounding = "truncate" if kind == ImbalanceKind.EXPONENTIAL else "nearest"
+            imb = Imbalance(kind=kind, rho=rho, mu=mu, classes=classes, max_per_class=max_per_class,
+                            rounding=rounding)
             seed = derive_seed(grid_seed, "training-set", *cell)
             r = recipe
             if "epochs" in cfg:

@@ -133,10 +133,11 @@ class Recipe:
         return _plain(self)
 
 
-# Recipe fields added after the first stored results, with the value they had implicitly
-# before. Identity leaves a field out while it holds that value, so every network that
-# existed before keeps its id (stores stay resumable) and a changed network gets a new one.
+# Fields added after the first stored results, with the value they had implicitly before.
+# Identity leaves a field out while it holds that value, so every network that existed
+# before keeps its id (stores stay resumable) and a changed network gets a new one.
 RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0}
+IMBALANCE_FIELDS_ADDED: dict[str, Any] = {"rounding": "nearest"}
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,9 @@ class Imbalance:
     # step: the minority labels; linear/exponential: labels from most to fewest examples
     classes: tuple[int, ...] = ()
     max_per_class: int | None = None  # each class first subsampled to at most this
+    # linear / exponential counts from n_max * f(c): "nearest" integer, or "truncate" as
+    # Cao et al.'s code does (int(); Dablain et al.'s published counts follow it).
+    rounding: str = "nearest"
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -183,7 +187,7 @@ class TrialSpec:
         for measured in ("evaluations", "latent", "embeddings"):
             d.pop(measured)
         # Recipes and imbalances are shared by many specs: convert each once.
-        d["recipe"], d["imbalance"] = _recipe_identity(self.recipe), _plain_shared(self.imbalance)
+        d["recipe"], d["imbalance"] = _identity_of(self.recipe), _identity_of(self.imbalance)
         return _plain(d)
 
     @cached_property  # specs are frozen; ids are asked for often
@@ -215,7 +219,7 @@ class TrialSpec:
     @cached_property  # specs are frozen; ids are asked for often
     def training_set_key(self) -> str:
         """Networks with equal keys train on the same imbalanced subset."""
-        return _hash({"dataset": self.dataset, "imbalance": _plain_shared(self.imbalance),
+        return _hash({"dataset": self.dataset, "imbalance": _identity_of(self.imbalance),
                       "seed": self.seed, "validation": self.recipe.validation_fraction})
 
     @property
@@ -277,16 +281,13 @@ def _plain(obj: Any) -> Any:
 
 
 @lru_cache(maxsize=4096)
-def _plain_shared(obj: Any) -> Any:
-    return _plain(obj)
-
-
-@lru_cache(maxsize=4096)
-def _recipe_identity(recipe: Recipe) -> dict[str, Any]:
-    """The recipe as identity sees it: fields added later are left out at their old value."""
-    d = dict(_plain(recipe))
-    for name, old in RECIPE_FIELDS_ADDED.items():
-        if getattr(recipe, name) == old:
+def _identity_of(obj: Recipe | Imbalance) -> dict[str, Any]:
+    """A recipe or imbalance as identity sees it: fields added later are left out at their
+    old value."""
+    added = RECIPE_FIELDS_ADDED if isinstance(obj, Recipe) else IMBALANCE_FIELDS_ADDED
+    d = dict(_plain(obj))
+    for name, old in added.items():
+        if getattr(obj, name) == old:
             d.pop(name)
     return d
 
