@@ -147,3 +147,21 @@ def test_progress_says_what_the_pack_is_doing(small_mnist):
                       "training (from phase-1 networks)"]
     fractions = [f for f, _ in seen]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+
+
+def test_curves_on_the_test_set_and_each_networks_own_training_subset(small_mnist):
+    """Buda Fig. 8: accuracy on the training and the test set as training goes on."""
+    g = grid(methods=["baseline", "oversampling"], recipe={"preset": "buda_mnist", "iters": 30, "eval_every": 10},
+             thresholding=[])
+    result = run_pack(Pack(g.specs), None, dataset=small_mnist)
+    curves = result.tables["curves"]
+    for s in g.specs:
+        mine = [c for c in curves if c["network_id"] == s.network_id]
+        assert sorted({(c["split"], c["iter"]) for c in mine}) == [
+            (split, it) for split in ("test", "train") for it in (10, 20, 30)]
+        assert all(0 <= c["accuracy"] <= 1 and c["loss"] > 0 for c in mine)
+    # The training split is the network's own imbalanced subset: members of one training
+    # set see the same images, so its baseline fits them at least as well as the test set.
+    last = {(c["network_id"], c["split"]): c["accuracy"] for c in curves if c["iter"] == 30}
+    base = g.specs[0].network_id
+    assert last[(base, "train")] >= last[(base, "test")] - 0.05

@@ -221,21 +221,31 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
         sets.append(cfg.select_on)
     for es in sets:
         logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
-        if es.idx is not None:  # per-member splits: used for selection only
-            _track_best(model, state, np.nan_to_num(member_balanced_accuracy(logits, es.y).cpu().numpy(),
-                                                    nan=-1.0), it)
-            continue
-        m = classification_metrics(logits, es.y, logits.shape[-1])
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"
-        ).view(logits.shape[0], -1).mean(1)
-        acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(), loss.cpu().numpy())
-        if es in cfg.curve_sets:
+        if es.idx is not None:  # each member on its own images (labels [P, N], -1 = padding)
+            acc, bac, lss = _member_metrics(logits, es.y)
+        else:
+            m = classification_metrics(logits, es.y, logits.shape[-1])
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"
+            ).view(logits.shape[0], -1).mean(1)
+            acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(),
+                             loss.cpu().numpy())
+        if any(es is c for c in cfg.curve_sets):
             for p in range(model.members):
                 state.curves.append({"member": p, "iter": it, "split": es.split, "loss": float(lss[p]),
                                      "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
         if es is cfg.select_on:
             _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
+
+
+def _member_metrics(logits: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, balanced accuracy and mean cross-entropy per member on padded per-member sets."""
+    valid = labels >= 0
+    n = valid.sum(1).clamp_min(1)
+    acc = ((logits.argmax(-1) == labels) & valid).sum(1) / n
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+    loss = (ce * valid).sum(1) / n
+    return acc.cpu().numpy(), member_balanced_accuracy(logits, labels).cpu().numpy(), loss.cpu().numpy()
 
 
 def _track_best(model: PackedNet, state: StageState, score: np.ndarray, it: int) -> None:

@@ -53,6 +53,8 @@ from workers.transforms import fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
+TRAIN_CURVE_IMAGES = 10_000  # per member and curve point: a training-set accuracy to 1 % or better
+
 
 Progress = Callable[[float, str], None]  # (fraction of the pack's iterations, what it is doing)
 StageWhen = Literal["start", "end"]
@@ -286,10 +288,24 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
         head_only=plan.head_only,
         eval_every=plan.eval_every if (select_on is not None or plan.curves) else 0,
         select_on=select_on,
-        curve_sets=(EvalSet(ctx.x_test, ctx.y_test, "test"),) if plan.curves else (),
+        curve_sets=_curve_sets(ctx, plan, md) if plan.curves else (),
         checkpoint_every=plan.checkpoint_every,
         autocast_dtype=ctx.autocast,
     )
+
+
+def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[EvalSet, ...]:
+    """Learning curves on the test set and on each member's own training subset (Buda et
+    al.'s Fig. 8: does over-sampling overfit?): the imbalanced subset the network learns
+    from, before re-sampling, at most TRAIN_CURVE_IMAGES of it (a seeded sample)."""
+    subsets = []
+    for s, m in zip(plan.specs, md):
+        rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
+        sub = m.subset if len(m.subset) <= TRAIN_CURVE_IMAGES else np.sort(
+            rng.choice(m.subset, TRAIN_CURVE_IMAGES, replace=False))
+        subsets.append(sub)
+    idx, labels = pad_members(subsets, ctx.y_train)
+    return (EvalSet(ctx.x_test, ctx.y_test, "test"), EvalSet(ctx.x_train, labels, "train", idx=idx))
 
 
 def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckpoint | None,
