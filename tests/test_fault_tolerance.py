@@ -162,19 +162,26 @@ def test_a_finally_failed_pack_is_recorded_and_resume_continues_it(tmp_path, gri
     assert status["throughput"]["networks"] == 4 and status["throughput"]["networks_per_hour"] > 0
 
 
+def start_run_until_first_pack(grid_file, store, ray_dir, **popen) -> subprocess.Popen:
+    """`sweep run` in its own session, one pack at a time, returned once its first pack is stored."""
+    common = ["--num-cpus", "1", "--max-concurrent", "1", "--ray-temp-dir", ray_dir, "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(grid_file), "--store", str(store),
+                             *common], cwd=ROOT, start_new_session=True, **popen)
+    deadline = time.monotonic() + 180
+    while not list((store / "trials").rglob("*.parquet")):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            pytest.fail("the sweep ended, or stored no pack in time, before it could be stopped")
+        time.sleep(0.2)
+    return proc
+
+
 @pytest.mark.ray
 def test_a_killed_driver_is_resumed_from_the_store(tmp_path, grid_file, mnist, ray_dir):
     store = tmp_path / "store"
-    common = ["--num-cpus", "1", "--max-concurrent", "1", "--ray-temp-dir", ray_dir, "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(grid_file), "--store", str(store),
-                             *common], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_run_until_first_pack(grid_file, store, ray_dir, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 180
-        while not list((store / "trials").rglob("*.parquet")):  # the first pack is stored
-            assert proc.poll() is None, "the sweep ended before it could be killed"
-            assert time.monotonic() < deadline, "no pack stored in time"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -198,16 +205,9 @@ def test_ctrl_c_says_interrupted_counts_the_store_and_exits_non_zero(tmp_path, g
     """SIGINT once the first pack is stored: the sweep says it was interrupted, reports what
     the store really holds, exits non-zero, and `sweep resume` finishes it."""
     store = tmp_path / "store"
-    common = ["--num-cpus", "1", "--max-concurrent", "1", "--ray-temp-dir", ray_dir, "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "sweep.cli", "run", str(grid_file), "--store", str(store),
-                             *common], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start_run_until_first_pack(grid_file, store, ray_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list((store / "trials").rglob("*.parquet")):
-            assert proc.poll() is None, "the sweep ended before it could be interrupted"
-            assert time.monotonic() < deadline, "no pack stored in time"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
