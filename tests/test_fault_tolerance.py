@@ -170,7 +170,8 @@ def start_run_until_first_pack(grid_file, store, ray_dir, **popen) -> subprocess
     deadline = time.monotonic() + 180
     while not list((store / "trials").rglob("*.parquet")):
         if proc.poll() is not None or time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("the sweep ended, or stored no pack in time, before it could be stopped")
         time.sleep(0.2)
     return proc
