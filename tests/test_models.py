@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -64,6 +66,9 @@ def test_shapes_and_registry(name: str) -> None:
     assert torch.isfinite(logits).all()
     assert (fe >= 0).all()  # FE is taken after a ReLU
     clf = model.classifier()
+    if name == "allcnn":  # Buda's All-CNN: a ReLU after conv9, so no W_C (see its own test)
+        assert clf is None
+        return
     assert clf is not None and clf.weight.shape == (P, width, k)
     # The features are exactly what W_C sees: logits = FE @ W_C + b.
     torch.testing.assert_close(logits, torch.baddbmm(clf.bias.unsqueeze(1), fe, clf.weight))
@@ -247,17 +252,43 @@ def test_pad_shortcut_matches_per_member_option_a() -> None:
     assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, ref)
 
 
-def test_allcnn_pool_then_linear_equals_conv9_then_pool() -> None:
-    """Average pooling commutes with a 1x1 conv: fc on pooled FE == 1x1 conv, then pool."""
-    model = _make("allcnn", P, SEEDS).eval()
+@pytest.mark.parametrize("relu_logits", [True, False])
+def test_allcnn_head_is_conv9_relu_then_pool_as_buda_released_it(relu_logits: bool) -> None:
+    """Revision 2 (Buda's Caffe model): 1x1 conv9, ReLU, global average pooling, per member.
+    Revision 1: no ReLU, where pooling commutes with the 1x1 conv (fc on pooled FE)."""
+    model = AllCNN(P, 10, (3, 16, 16), dropout=False, relu_logits=relu_logits)
+    model.reset_parameters("xavier", SEEDS)
+    model.eval()
     with torch.no_grad():
         z = model.body(_inputs("allcnn"))
         _, logits = model.head(z)
-        h = F.relu(model.conv8(z))  # [B, P*192, h, w]
-        w9 = model.fc.weight.transpose(1, 2).reshape(P * 10, 192, 1, 1)
-        conv9 = F.conv2d(h, w9, model.fc.bias.reshape(-1), groups=P)
-        ref = conv9.mean(dim=(2, 3)).reshape(B, P, 10).transpose(0, 1)
+        refs = []
+        for p in range(P):  # each member alone, as a plain network
+            h = F.relu(F.conv2d(z[:, p * 192:(p + 1) * 192], model.conv8.weight[p], model.conv8.bias[p]))
+            conv9 = F.conv2d(h, model.fc.weight[p].T[:, :, None, None], model.fc.bias[p])
+            refs.append((F.relu(conv9) if relu_logits else conv9).mean(dim=(2, 3)))
+        ref = torch.stack(refs)
     torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert (logits >= 0).all() == relu_logits
+    assert (model.classifier() is None) == relu_logits
+
+
+def test_allcnn_revision_is_part_of_the_identity_and_refuses_latent() -> None:
+    from sweep.core.grid import GridError, expand
+    from sweep.core.spec import TrialSpec
+
+    doc = {"name": "a", "dataset": "cifar10", "model": "allcnn", "recipe": "buda_cifar10",
+           "imbalance": {"step": {"rho": [10], "mu": [0.5]}}}
+    spec = expand(doc).specs[0]
+    assert spec.model_revision == 2 and spec.identity()["model_revision"] == 2
+    old = json.loads(spec.to_json())
+    old.pop("model_revision")  # a spec stored before the revision existed: revision 1
+    assert TrialSpec.from_dict(old).model_revision == 1 and TrialSpec.from_dict(old).network_id != spec.network_id
+    assert isinstance(build_model("allcnn", 1, 10, (3, 16, 16), 1).classifier(), torch.nn.Module)
+    with pytest.raises(GridError, match="latent"):
+        expand({**doc, "latent": True})
+    lenet = expand({**doc, "dataset": "mnist", "model": "lenet5", "recipe": "buda_mnist"}).specs[0]
+    assert "model_revision" not in lenet.identity()  # unrevised models keep their ids
 
 
 @pytest.mark.parametrize("name", NAMES)

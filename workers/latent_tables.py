@@ -63,7 +63,8 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     weights: list[pa.Table] = []
     width = _feature_width(model)
     for chunk in _chunks(wanted, [len(subsets[i]) for i in wanted], x_test.shape[0], width):
-        sub = _sub_model(model, model_name, chunk, num_classes, tuple(x_train.shape[1:]))
+        sub = _sub_model(model, model_name, chunk, num_classes, tuple(x_train.shape[1:]),
+                         specs[chunk[0]].model_revision)
         transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
         idx, labels = pad_members([subsets[i] for i in chunk], y_train)
         fe_train = member_features(sub, transform, x_train, idx)
@@ -167,12 +168,12 @@ def _chunks(members: list[int], sizes: list[int], test_size: int, width: int) ->
 
 
 def _sub_model(model: PackedNet, name: str, members: list[int], num_classes: int,
-               in_shape: tuple[int, int, int]) -> PackedNet:
+               in_shape: tuple[int, int, int], revision: int) -> PackedNet:
     """A packed model of just ``members``, with their trained weights, on the same device."""
     if members == list(range(model.members)):
         return model
     device = next(model.parameters()).device
-    sub = build_model(name, len(members), num_classes, in_shape).to(device)
+    sub = build_model(name, len(members), num_classes, in_shape, revision).to(device)
     for j, i in enumerate(members):
         sub.load_member_state(j, model.member_state(i))
     return sub

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sweep.core.catalog import MODEL_REVISIONS
 from workers.packed_layers import (
     PackedBasicBlock,
     PackedBatchNorm2d,
@@ -169,14 +170,15 @@ class AllCNN(PackedNet):
 
     Choices (Buda et al.'s table text is lost; this follows Springenberg's All-CNN-C):
 
-    * ``conv9`` + global average pooling is computed as global average pooling
-      followed by a linear layer ``fc`` (192 -> K). Averaging is linear and a 1x1 conv
-      is the same affine map at every position, so ``mean_hw(W x_hw + b) = W mean_hw(x_hw) + b``:
-      the two are the same function (same weights, fan-in 192, same init
-      distribution), but this way ``classifier()`` returns the W_C that Dablain et
-      al.'s statistics need, and FE = the pooled ReLU output of ``conv8`` (192-d).
-      There is therefore no ReLU after ``conv9`` (Springenberg's table prints one;
-      common reimplementations drop it; logits forced >= 0 buy nothing).
+    * ``conv9`` is a 1x1 convolution to the K classes followed by a ReLU and global
+      average pooling, as in Buda et al.'s released All-CNN Caffe model (revision 2,
+      ``relu_logits=True``): logits are therefore >= 0 and are not a linear map of the
+      pooled features, so this network has no W_C in Dablain et al.'s sense
+      (``classifier()`` is None; grids refuse latent statistics for it). Its weights
+      live in ``fc`` (192 -> K, the same parameters as a 1x1 conv). Revision 1
+      (``relu_logits=False``, stored before 2026-12) pooled first and had no ReLU:
+      ``mean_hw(W x_hw + b) = W mean_hw(x_hw) + b``, FE = the pooled ReLU output of
+      ``conv8`` (192-d) and W_C = ``fc``.
     * Dropout (``dropout=True``, the default): 20 % on the input and 50 % after
       each stride-2 layer (conv3, conv6), as Springenberg trained All-CNN-C. Buda
       et al. do not mention dropout, but they copy Springenberg's recipe otherwise
@@ -195,10 +197,11 @@ class AllCNN(PackedNet):
     head_names = ("conv8", "fc")
 
     def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
-                 dropout: bool = True, channels_last: bool = False) -> None:
+                 dropout: bool = True, channels_last: bool = False, relu_logits: bool = True) -> None:
         super().__init__()
         c = in_shape[0]
         self.members, self.dropout, self.channels_last = members, dropout, channels_last
+        self.relu_logits, self.num_classes = relu_logits, num_classes
         self.conv1 = PackedConv2d(members, c, 96, 3, 1, 1)
         self.conv2 = PackedConv2d(members, 96, 96, 3, 1, 1)
         self.conv3 = PackedConv2d(members, 96, 96, 3, 2, 1)
@@ -223,11 +226,18 @@ class AllCNN(PackedNet):
         return F.relu_(self.conv7(z))  # [B, P*192, 6, 6]
 
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        fe = grouped_avg_pool(F.relu(self.conv8(z)), self.members)  # [P, B, 192]
-        return fe, self.fc(fe)
+        h = F.relu(self.conv8(z))  # [B, P*192, h, w]
+        fe = grouped_avg_pool(h, self.members)  # [P, B, 192]
+        if not self.relu_logits:
+            return fe, self.fc(fe)
+        # Buda et al.'s model: conv9 (1x1, the fc weights at every position), ReLU, then pooling.
+        w = self.fc.weight.transpose(1, 2).reshape(self.members * self.num_classes, -1, 1, 1)
+        z9 = F.relu(F.conv2d(h, w, self.fc.bias.reshape(-1), groups=self.members))
+        return fe, grouped_avg_pool(z9, self.members)
 
-    def classifier(self) -> PackedLinear:
-        return self.fc
+    def classifier(self) -> PackedLinear | None:
+        # With the ReLU after conv9 the logits are not FE @ W_C + b: no W_C in Dablain's sense.
+        return None if self.relu_logits else self.fc
 
 
 class ResNet32(PackedNet):
@@ -319,9 +329,18 @@ ModelFactory = Callable[[int, int, tuple[int, int, int]], PackedNet]
 MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5, "allcnn": AllCNN, "resnet32": ResNet32, "resnet10": ResNet10}
 
 
-def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, int, int]) -> PackedNet:
+def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, int, int],
+                revision: int | None = None) -> PackedNet:
+    """A packed model; ``revision`` (sweep.core.catalog.MODEL_REVISIONS, default: the current
+    one) selects an architecture version: All-CNN revision 1 has no ReLU after conv9."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r} (allowed: {', '.join(MODELS)})") from None
+    current = MODEL_REVISIONS.get(name, 1)
+    revision = current if revision is None else revision
+    if not 1 <= revision <= current:
+        raise ValueError(f"{name} has revisions 1..{current}, not {revision}")
+    if name == "allcnn":
+        return AllCNN(members, num_classes, in_shape, relu_logits=revision >= 2)
     return factory(members, num_classes, in_shape)

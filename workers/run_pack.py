@@ -9,7 +9,6 @@ box.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import time
@@ -18,25 +17,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from sweep.core.plan import Pack
 from sweep.core.spec import Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
-from sweep.store.provenance import provenance
 from sweep.store.results import ResultStore
-from sweep.store.schema import (
-    CLASS_METRICS,
-    CURVES,
-    LATENT_TABLES,
-    TRIALS,
-    Measurement,
-    Status,
-    class_rows,
-    trial_row,
-)
+from sweep.store.schema import Measurement, Status
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
 from workers.devices import Precision, device_name, resolve_device, set_precision
@@ -47,6 +34,7 @@ from workers.members import MemberData, member_data
 from workers.metrics import evaluate
 from workers.models import PackedNet, build_model
 from workers.optim import lr_table
+from workers.pack_rows import pack_tables, stored_latent
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, plan_stages, stage_plan
 from workers.transforms import fit_transform, stack_transforms
@@ -86,7 +74,6 @@ class PackResult:
     seconds: float
     device: str
     resumed_from_iter: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
     skipped: bool = False  # another runner holds the pack's lease, or has stored it already
 
 
@@ -232,8 +219,8 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         latent.append(tables)
 
     seconds = time.perf_counter() - t0
-    tables = _pack_tables(ctx, results, grid_hash, resumed_from, device_name(dev))
-    tables.update(_stored_latent(pack, latent))
+    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device_name(dev))
+    tables.update(stored_latent(pack, latent))
     if store is not None:
         store.write_pack(pack.pack_id, first.grid or "default", tables)
         ctx.checkpoints.remove()
@@ -259,7 +246,7 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
 
 def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device) -> PackedNet:
     s0 = specs[0]
-    model = build_model(s0.model, len(specs), ds.num_classes, tuple(ds.train_x.shape[1:]))
+    model = build_model(s0.model, len(specs), ds.num_classes, tuple(ds.train_x.shape[1:]), s0.model_revision)
     # Same training set -> same initial weights for every method (paired comparisons).
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
     model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
@@ -384,33 +371,3 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
         curves = tuple({k: v for k, v in c.items() if k != "member"} for c in state.curves if c["member"] == i)
         out[s.network_id] = MemberResult(measurement, curves)
     return out, latent
-
-
-def _pack_tables(ctx: _Pack, results: dict[str, MemberResult], grid_hash: str, resumed_from: int,
-                 device: str) -> dict[str, list[dict[str, Any]]]:
-    """The pack's trials, class_metrics and curves rows (rebuild members are stored already)."""
-    prov = provenance(grid_hash, device)
-    now = dt.datetime.now(dt.timezone.utc)
-    test_counts = np.bincount(ctx.ds.test_y.numpy(), minlength=ctx.ds.num_classes).tolist()
-    trials, classes, curves = [], [], []
-    for s in ctx.pack.stored_specs:
-        r, m = results[s.network_id], ctx.data[s.network_id]
-        counts, sampled = m.counts.tolist(), m.sampled_counts.tolist()
-        curves.extend({"network_id": s.network_id, **c} for c in r.curves)
-        for e in s.evaluations:
-            trials.append(trial_row(s, e, ctx.pack.pack_id, r.measurement, now, class_counts=counts,
-                                    sampled_counts=sampled, resumed_from_iter=resumed_from, provenance=prov))
-            classes.extend(class_rows(s, e, r.measurement, counts, sampled, test_counts))
-    return {TRIALS: trials, CLASS_METRICS: classes, CURVES: curves}
-
-
-def _stored_latent(pack: Pack, stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The stages' latent tables, without the rows of rebuild members (stored before)."""
-    keep = pa.array(sorted(s.network_id for s in pack.stored_specs), pa.string())
-    out: dict[str, pa.Table] = {}
-    for name in LATENT_TABLES:
-        parts = [t[name] for t in stages if t[name].num_rows]
-        if parts:
-            table = pa.concat_tables(parts)
-            out[name] = table.filter(pc.is_in(table["network_id"], value_set=keep))
-    return out

@@ -45,6 +45,14 @@ MODELS: dict[str, tuple[str, ...]] = {
     "resnet10": ("imagenet",),
 }
 
+# The current revision of each model's architecture (1 when never revised); specs record it.
+# allcnn 2: ReLU after the last 1x1 convolution, before global average pooling, as in Buda
+# et al.'s released All-CNN (revision 1 had none there).
+MODEL_REVISIONS: dict[str, int] = {"allcnn": 2}
+# (model, revision) whose logits are not FE @ W_C + b (a ReLU follows the classifier):
+# Dablain et al.'s latent statistics do not apply to them.
+NO_LINEAR_HEAD: set[tuple[str, int]] = {("allcnn", 2)}
+
 # Width of the penultimate features FE (Dablain et al.): what an embedding row holds.
 FEATURE_WIDTH: dict[str, int] = {"lenet5": 500, "allcnn": 192, "resnet32": 64, "resnet10": 512}
 
@@ -53,9 +61,9 @@ FEATURE_WIDTH: dict[str, int] = {"lenet5": 500, "allcnn": 192, "resnet32": 64, "
 # equal). Pack planning turns these into bytes of GPU memory per network without torch.
 FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
     ("lenet5", "mnist"): (431_080, 23_364),
-    ("allcnn", "cifar10"): (1_369_738, 422_592),
-    ("allcnn", "svhn"): (1_369_738, 422_592),
-    ("allcnn", "celeba"): (1_368_194, 422_592),
+    ("allcnn", "cifar10"): (1_369_738, 422_760),
+    ("allcnn", "svhn"): (1_369_738, 422_760),
+    ("allcnn", "celeba"): (1_368_194, 422_472),
     ("resnet32", "cifar10"): (464_154, 611_616),
     ("resnet32", "svhn"): (464_154, 611_616),
     ("resnet32", "celeba"): (463_634, 611_616),

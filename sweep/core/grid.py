@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sweep.core.catalog import DATASETS, MODELS
+from sweep.core.catalog import DATASETS, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD
 from sweep.core.grid_checks import (
     MAX_NETWORKS_ENV,
     PATH_SEGMENT_RE,
@@ -229,6 +229,10 @@ def _expand_experiment(
         recipe = dataclasses.replace(recipe, validation_fraction=0.1)
     latent = bool(cfg.get("latent", False))
     n_embed = _int(err, cfg, "embeddings", 0, p)
+    revision = MODEL_REVISIONS.get(model, 1)
+    if (latent or n_embed) and (model, revision) in NO_LINEAR_HEAD:
+        raise err(p + "latent", f"{model} ends in a ReLU after its classifier (Buda et al.'s model): its "
+                  "logits are not FE x W_C, so Dablain's latent statistics do not apply", "latent: false")
     imbalances = _imbalances(err, cfg.get("imbalance"), p, info.num_classes)
     if "epochs" in cfg:
         epochs = _num(err, cfg, "epochs", 0, p)
@@ -268,7 +272,7 @@ def _expand_experiment(
                         imbalance=imb, method=method, repeat=repeat,
                         seed=derive_seed(seed, "lr-run", lr_run) if lr_runs > 1 else seed,
                         resample_ratio=ratio, loss=loss, lr_run=lr_run, selection=selection,
-                        evaluations=evals, latent=latent,
+                        evaluations=evals, latent=latent, model_revision=revision,
                         embeddings=False, grid=grid_name,
                     ))
     # Raw embeddings for the first n networks (they are large); deterministic choice.

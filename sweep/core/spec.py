@@ -138,6 +138,7 @@ class Recipe:
 # before keeps its id (stores stay resumable) and a changed network gets a new one.
 RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0}
 IMBALANCE_FIELDS_ADDED: dict[str, Any] = {"rounding": "nearest"}
+SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1}
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,9 @@ class TrialSpec:
     evaluations: tuple[Evaluation, ...] = (Evaluation.RAW,)
     latent: bool = False  # compute Dablain latent statistics (not part of the identity)
     embeddings: bool = False  # store raw FE vectors and W_C (not part of the identity)
+    # Which version of the model's architecture (sweep.core.catalog.MODEL_REVISIONS): a
+    # corrected architecture is a different network with a different id.
+    model_revision: int = 1
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
 
@@ -186,6 +190,9 @@ class TrialSpec:
         # latent statistics and raw embeddings are computed from the same trained weights.
         for measured in ("evaluations", "latent", "embeddings"):
             d.pop(measured)
+        for name, old in SPEC_FIELDS_ADDED.items():
+            if d[name] == old:
+                d.pop(name)
         # Recipes and imbalances are shared by many specs: convert each once.
         d["recipe"], d["imbalance"] = _identity_of(self.recipe), _identity_of(self.imbalance)
         return _plain(d)
@@ -232,8 +239,8 @@ class TrialSpec:
         momentum, weight decay, loss, sampling) are not.
         """
         r = self.recipe
-        return (self.dataset, self.model, r.batch_size, r.iters, r.init, str(self.selection), r.eval_every,
-                r.checkpoint_every)
+        return (self.dataset, self.model, self.model_revision, r.batch_size, r.iters, r.init, str(self.selection),
+                r.eval_every, r.checkpoint_every)
 
     def to_json(self) -> str:
         return canonical_json(_plain(self))
