@@ -189,7 +189,7 @@ def test_a_missing_dataset_names_the_dataset_and_where_it_was_looked_for(tmp_pat
     path = grid_file(tmp_path, {"dataset": "cifar10", "model": "allcnn"})
     store = tmp_path / "store"
     res = sweep("run", str(path), "--store", str(store), "--data-dir", str(data))
-    looked = f"{data}{os.sep}cifar-10-batches-py" if folder == "empty" else f"{data} (no such folder)"
+    looked = f"{data} (an empty folder)" if folder == "empty" else f"{data} (no such folder)"
     assert_refused(res, "dataset 'cifar10' not found", looked, "To provide it:", "--data-dir")
     assert_nothing_started(store)
 

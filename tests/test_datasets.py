@@ -163,13 +163,15 @@ def test_missing_dataset_names_every_place_and_the_fixes(
     assert isinstance(info.value, FileNotFoundError) and "'mnist'" in message
     assert str(tmp_path / "given") in message and "no such folder" in message
     (tmp_path / "given").mkdir()
+    with pytest.raises(DatasetNotFound, match="an empty folder"):
+        load_dataset("mnist", data_dir=str(tmp_path / "given"))
+    (tmp_path / "given" / "other-dataset").mkdir()  # holds something: every place is looked in
     with pytest.raises(DatasetNotFound) as info:
         load_dataset("mnist", data_dir=str(tmp_path / "given"))
     message = str(info.value)
     for place in (tmp_path / "given" / "MNIST" / "raw" / "train-images-idx3-ubyte",
-                  tmp_path / "given" / "mnist.pkl.gz"):
+                  tmp_path / "given" / "mnist.pkl.gz", tmp_path / "env" / "mnist.pkl.gz"):
         assert str(place) in message
-    assert str(tmp_path / "env") not in message  # a given folder is the only place looked
     with pytest.raises(DatasetNotFound) as info:
         load_dataset("mnist")
     message = str(info.value)

@@ -186,9 +186,14 @@ def _load_memo(
 ) -> ArrayDataset:
     roots = _search_roots(data_dir, env_data_dir)
     looked: list[str] = []
+    # A given folder must be applied: missing or empty, it is refused rather than quietly
+    # replaced by SWEEP_DATA_DIR or the bundled MNIST. One that holds other datasets (a
+    # grid mixing MNIST and CIFAR-10) leaves the others to the usual places.
     if data_dir and not Path(data_dir).is_dir():
         raise DatasetNotFound(name, [f"{data_dir} (no such folder)"], _HOW_TO_PROVIDE[name])
-    found = _find(name, roots, looked, bundled=not data_dir)
+    if data_dir and not any(Path(data_dir).iterdir()):
+        raise DatasetNotFound(name, [f"{data_dir} (an empty folder)"], _HOW_TO_PROVIDE[name])
+    found = _find(name, roots, looked)
     if found is None and download:
         target = roots[0] if roots else Path(cache_root) / "data"
         _download(name, target)
@@ -210,11 +215,8 @@ def _load_memo(
 
 
 def _search_roots(data_dir: str | None, env_data_dir: str) -> list[Path]:
-    if data_dir:
-        # A folder given explicitly is the only place looked: a dataset found elsewhere
-        # (SWEEP_DATA_DIR, the bundled MNIST) would silently not be the one asked for.
-        return [Path(data_dir).expanduser()]
-    roots = [p for p in env_data_dir.split(os.pathsep) if p]
+    roots = [data_dir] if data_dir else []
+    roots += [p for p in env_data_dir.split(os.pathsep) if p]
     unique: list[Path] = []
     for r in roots:
         p = Path(r).expanduser()

@@ -58,6 +58,8 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     member asks).
     """
     wanted = [i for i, s in enumerate(specs) if s.latent or s.embeddings]
+    if not wanted:  # also for models without W_C, which no grid asks latent statistics of
+        return {name: pa.table({}) for name in ("latent_stats", "embeddings", "classifier_weights")}
     stats: list[pa.Table] = []
     embeddings: list[pa.Table] = []
     weights: list[pa.Table] = []

@@ -5,7 +5,8 @@ Floor: sweep.store (imports sweep.core only; no torch).
 A runner takes ``<store>/_leases/<pack_id>.json`` before it trains a pack (created
 exclusively: of two runners only one gets it), refreshes it while the pack trains and
 removes it when the pack is stored. Another runner that finds a fresh lease skips that
-pack; a lease not refreshed for ``ttl_s`` belongs to a runner that died and is taken over.
+pack; a lease not refreshed for ``ttl_s``, or held by a process of this host that is gone
+(a killed worker, a killed driver), belongs to a runner that died and is taken over.
 Leases need a filesystem with exclusive create (local disks, NFS v3+); on others
 (object stores) every runner trains what it planned and reads deduplicate the rows.
 """
@@ -66,7 +67,7 @@ def acquire(folder: str, pack_id: str, ttl_s: float = DEFAULT_TTL_SECONDS) -> Le
                 age = time.time() - os.stat(path).st_mtime
             except FileNotFoundError:
                 continue  # released between our two calls
-            if age < ttl_s:
+            if age < ttl_s and not _holder_is_dead(path):
                 log.info("pack %s is being trained by %s (lease %.0f s old): skipped", pack_id, _owner(path), age)
                 return None
             log.warning("taking over pack %s: its lease (%s) was not refreshed for %.0f s", pack_id,
@@ -80,6 +81,22 @@ def acquire(folder: str, pack_id: str, ttl_s: float = DEFAULT_TTL_SECONDS) -> Le
         lease.refresh(force=True)
         return lease
     return None
+
+
+def _holder_is_dead(path: str) -> bool:
+    """The lease's process ran on this host and is gone (a killed worker or driver)."""
+    owner = _owner(path) or ""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's runner: only its lease's age can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _owner(path: str) -> str | None:

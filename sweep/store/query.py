@@ -91,10 +91,14 @@ def _create_views(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list[st
         if table == TRIALS:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM ({_latest_rows_sql(paths)})"
         elif latest is not None and "network_id" in store.columns(table):
-            sql = (f"WITH latest AS ({latest}) SELECT r.* EXCLUDE ({_FILE_COL}) FROM {_source(paths)} AS r "
-                   f"WHERE r.network_id IS NULL OR NOT EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid "
-                   f"AND l.network_id = r.network_id) OR EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid "
-                   f"AND l.network_id = r.network_id AND l.stem = {_stem_sql('r.' + _FILE_COL)})")
+            # Per network: the rows of its latest write when that write has any, else all.
+            sql = (f"WITH latest AS ({latest}), src AS (SELECT *, {_stem_sql(_FILE_COL)} AS __stem "
+                   f"FROM {_source(paths)}), covered AS (SELECT DISTINCT s.grid, s.network_id FROM src s "
+                   f"JOIN latest l ON l.grid = s.grid AND l.network_id = s.network_id AND l.stem = s.__stem) "
+                   f"SELECT r.* EXCLUDE ({_FILE_COL}, __stem) FROM src r WHERE r.network_id IS NULL "
+                   f"OR EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid AND l.network_id = r.network_id "
+                   f"AND l.stem = r.__stem) OR NOT EXISTS (SELECT 1 FROM covered c WHERE c.grid = r.grid "
+                   f"AND c.network_id = r.network_id)")
         else:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM {_source(paths)}"
         con.execute(f'CREATE VIEW "{table}" AS {sql}')

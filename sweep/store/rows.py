@@ -15,7 +15,6 @@ from typing import Any, Union
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -129,21 +128,19 @@ def pack_key(grid: str | None, network_id: str | None, path: str) -> str:
 
 
 def rows_of_latest_packs(table: pa.Table, latest_trials: pa.Table) -> pa.Table:
-    """The rows of ``table`` (any table but trials, with FILE_COL) that belong to the pack
-    write whose trials rows are the latest for their network; the others are leftovers of
-    an earlier or concurrent run of the same networks. Rows of networks with no trials
-    row, and rows without a network id, are kept."""
+    """The rows of ``table`` (any table but trials, with FILE_COL) once per network: where a
+    network has rows in the pack write whose trials rows are its latest, only those; the
+    others are leftovers of an earlier or concurrent run of the same networks. Networks with
+    no rows in that write (rows added apart), and rows without a network id, are kept."""
     if "network_id" not in table.column_names or table.num_rows == 0:
         return table.drop_columns([FILE_COL])
     lg, ln, lf = (latest_trials[c].to_pylist() for c in ("grid", "network_id", FILE_COL))
-    winners = pa.array(sorted({pack_key(g, n, f) for g, n, f in zip(lg, ln, lf)}), pa.string())
-    known = pa.array(sorted({f"{g}\x00{n}" for g, n in zip(lg, ln)}), pa.string())
+    winners = {pack_key(g, n, f) for g, n, f in zip(lg, ln, lf)}
     grids, ids, paths = (table[c].to_pylist() for c in ("grid", "network_id", FILE_COL))
-    keys = pa.array([pack_key(g, n, f) for g, n, f in zip(grids, ids, paths)], pa.string())
-    nets = pa.array([f"{g}\x00{n}" for g, n in zip(grids, ids)], pa.string())
-    keep = pc.or_(pc.or_(pc.is_in(keys, value_set=winners), pc.invert(pc.is_in(nets, value_set=known))),
-                  pc.is_null(table["network_id"]))
-    return table.filter(keep).drop_columns([FILE_COL])
+    keys = [pack_key(g, n, f) for g, n, f in zip(grids, ids, paths)]
+    covered = {f"{g}\x00{n}" for g, n, k in zip(grids, ids, keys) if k in winners}
+    keep = [n is None or k in winners or f"{g}\x00{n}" not in covered for g, n, k in zip(grids, ids, keys)]
+    return table.filter(pa.array(keep, pa.bool_())).drop_columns([FILE_COL])
 
 
 def attempt_of(path: str) -> str:
