@@ -500,7 +500,9 @@ _REPORT_FIGURES: list[tuple[str, str, str, str | None, Any]] = [
      "The ten largest classifier weights of each class.",
      "wc_magnitude", lambda d, t, f: ranked_figure(d, "wc_magnitude")),
     ("dablain-fig8", "Dablain Fig. 8 · class top-K fe members",
-     "How often the most frequent features occur in the instances' top-K fe sets.",
+     "How often the most frequent features occur in the instances' top-K fe sets, with K = 7 for "
+     "every instance as the paper (stores that record class_topk_k; older ones used each instance's "
+     "own top-K).",
      "class_topk_fe_frequency", lambda d, t, f: ranked_figure(d, "class_topk_fe_frequency")),
     ("dablain-fig9", "Dablain Fig. 9 · class top-K fe needed",
      "Number of class top-K fe members needed to describe every instance of a class.",

@@ -152,7 +152,7 @@ class Bench:
         x, y = self.x[:images], self.y[:images]
         sync(self.device)
         t0 = time.perf_counter()
-        latent_tables(self.model, self.model_name, [spec] * self.members, subsets, transforms, self.x, self.y,
+        latent_tables(self.model, [spec] * self.members, subsets, transforms, self.x, self.y,
                       x, y, self.r.classes)
         sync(self.device)
         return time.perf_counter() - t0

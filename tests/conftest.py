@@ -28,7 +28,7 @@ def small_mnist(mnist):
 
     return ArrayDataset(name="mnist", train_x=mnist.train_x[:2000], train_y=mnist.train_y[:2000],
                         test_x=mnist.test_x[:1000], test_y=mnist.test_y[:1000], num_classes=10,
-                        source="mnist[:2000]", preprocess=mnist.preprocess)
+                        source="mnist[:2000]")
 
 
 @pytest.fixture

@@ -68,7 +68,7 @@ def test_mnist_idx(tmp_path: Path, gz: bool) -> None:
     assert ds.test_x.shape == (20, 1, 28, 28) and ds.test_y.dtype == torch.int64
     assert np.array_equal(ds.train_x[:, 0].numpy(), train_x)
     assert np.array_equal(ds.test_y.numpy(), test_y)
-    assert ds.num_classes == 10 and ds.preprocess == "scale" and ds.image_shape == (1, 28, 28)
+    assert ds.num_classes == 10 and ds.image_shape == (1, 28, 28)
     assert ds.source.endswith(os.path.join("MNIST", "raw"))
 
 
@@ -237,7 +237,7 @@ def test_cifar10_batches(tmp_path: Path) -> None:
             pickle.dump({b"batch_label": name.encode(), b"data": data, b"labels": labels}, f)
     ds = load_dataset("cifar10", data_dir=str(tmp_path))
     assert ds.train_x.shape == (20, 3, 32, 32) and ds.test_x.shape == (4, 3, 32, 32)
-    assert ds.preprocess == "gcn_zca" and ds.num_classes == 10
+    assert ds.num_classes == 10
     data, labels = written["data_batch_2"]
     # each row is the red plane, then green, then blue, each row-major
     assert np.array_equal(ds.train_x[4:8].numpy(), data.reshape(4, 3, 32, 32))
@@ -279,7 +279,6 @@ def test_svhn_mat_balanced_subset(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     # file order kept: the first 20 training images are exactly the two first of each class
     expected = np.transpose(images["train"][..., :20], (3, 2, 0, 1))
     assert np.array_equal(ds.train_x.numpy(), expected)
-    assert ds.preprocess == "standardize"
 
 
 def test_svhn_too_few_images_per_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -324,7 +323,7 @@ def test_celeba_black_haired_women_and_men(tmp_path: Path, monkeypatch: pytest.M
 
     ds = load_dataset("celeba", data_dir=str(tmp_path))
     assert ds.train_x.shape == (4, 3, 8, 8) and ds.test_x.shape == (2, 3, 8, 8)
-    assert ds.num_classes == 2 and ds.preprocess == "standardize"
+    assert ds.num_classes == 2
     # training: black-haired rows of partition 0 in file order: 0 (w), 2 (m), 3 (m), 5 (w)
     assert ds.train_y.tolist() == [0, 1, 1, 0]
     assert ds.test_y.tolist() == [1, 0]  # partition 2: rows 8 (m) and 10 (w), in file order
@@ -382,8 +381,6 @@ def test_array_dataset_validates() -> None:
     x = torch.zeros(2, 1, 4, 4, dtype=torch.uint8)
     y = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="labels outside"):
-        datasets.ArrayDataset("t", x, y, x, torch.tensor([0, 5]), 2, "here", "scale")
+        datasets.ArrayDataset("t", x, y, x, torch.tensor([0, 5]), 2, "here")
     with pytest.raises(ValueError, match="uint8"):
-        datasets.ArrayDataset("t", x.float(), y, x, y, 2, "here", "scale")
-    with pytest.raises(ValueError, match="preprocess"):
-        datasets.ArrayDataset("t", x, y, x, y, 2, "here", "whiten")  # type: ignore[arg-type]
+        datasets.ArrayDataset("t", x.float(), y, x, y, 2, "here")

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sweep.core.spec import Loss
+from sweep.core.spec import Head, Loss, Method
 from workers.losses import PackedLoss, class_balanced_weights, ldam_margins
 
 # Two members, three classes, two samples each.
@@ -173,11 +173,46 @@ def test_from_specs_reads_recipe_fields() -> None:
     from types import SimpleNamespace
 
     rec = SimpleNamespace(focal_gamma=2.0, ldam_max_margin=0.4, ldam_scale=10.0, drw_beta=0.99, drw_start_iter=2)
-    specs = [SimpleNamespace(loss=Loss.LDAM, recipe=rec), SimpleNamespace(loss=Loss.FOCAL, recipe=rec)]
+    specs = [_spec(Loss.LDAM, rec), _spec(Loss.FOCAL, rec)]
     logits, targets, counts = _random_pack(2, 5, 3, seed=2)
     a = PackedLoss.from_specs(specs, counts)(logits, targets, 2)
     b = PackedLoss([Loss.LDAM, Loss.FOCAL], counts, 2.0, 0.4, 10.0, 0.99, [2, 2])(logits, targets, 2)
     torch.testing.assert_close(a, b)
+
+
+def _spec(loss: Loss, recipe, method: Method = Method.BASELINE, head: Head = Head.LINEAR):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(loss=loss, recipe=recipe, method=method, head=head)
+
+
+def test_ldam_on_a_cosine_head_is_cao_et_al_s_formula() -> None:
+    # The cosine head already outputs s * cos; the loss must be CE(s * (cos - m_y e_y)), with
+    # m_y the LDAM margins of the counts, without scaling by s a second time.
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(focal_gamma=1.0, ldam_max_margin=0.5, ldam_scale=30.0, drw_beta=0.9999, drw_start_iter=None)
+    counts = torch.tensor([[500.0, 50.0, 5.0]])
+    cos = torch.rand(1, 8, 3, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    targets = torch.tensor([[0, 1, 2, 2, 1, 0, 2, 1]])
+    got = PackedLoss.from_specs([_spec(Loss.LDAM, rec, head=Head.COSINE)], counts)(30.0 * cos, targets, 0)
+    m = 0.5 * counts[0] ** -0.25 / (counts[0] ** -0.25).max()  # Cao et al.: C / n^(1/4), max 0.5
+    z = cos[0] - torch.nn.functional.one_hot(targets[0], 3) * m
+    want = torch.nn.functional.cross_entropy(30.0 * z, targets[0])
+    torch.testing.assert_close(got, want.reshape(1))
+
+
+def test_classifier_retraining_trains_with_plain_cross_entropy() -> None:
+    # LDAM margins and DRW weights come from the imbalanced counts: re-training on the
+    # balanced set uses neither.
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(focal_gamma=1.0, ldam_max_margin=0.5, ldam_scale=30.0, drw_beta=0.9999, drw_start_iter=0)
+    logits, targets, counts = _random_pack(2, 6, 4, seed=5)
+    specs = [_spec(Loss.LDAM, rec, Method.CLASSIFIER_RETRAINING), _spec(Loss.FOCAL, rec, Method.CLASSIFIER_RETRAINING)]
+    got = PackedLoss.from_specs(specs, counts)(logits, targets, 10)
+    want = torch.stack([torch.nn.functional.cross_entropy(logits[p], targets[p]) for p in range(2)])
+    torch.testing.assert_close(got, want)
 
 
 def test_gradient_only_reaches_own_member() -> None:

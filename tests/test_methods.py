@@ -235,8 +235,7 @@ def cifar_like(n, seed):
 def test_zca_fitted_in_run_pack_whitens_the_members_own_subset(monkeypatch):
     y = torch.arange(10).repeat_interleave(40)
     ds = ArrayDataset(name="cifar10", train_x=cifar_like(400, 1), train_y=y, test_x=cifar_like(50, 2),
-                      test_y=torch.arange(10).repeat(5), num_classes=10, source="synthetic",
-                      preprocess="gcn_zca")
+                      test_y=torch.arange(10).repeat(5), num_classes=10, source="synthetic")
     g = expand({"name": "z", "dataset": "cifar10", "model": "allcnn",
                 "recipe": {"preset": "buda_cifar10", "iters": 1, "batch_size": 4, "checkpoint_every": 0},
                 "max_per_class": 30, "minority": "lowest",
@@ -281,9 +280,10 @@ def test_allcnn_with_dropout_gives_the_same_numbers_every_run_and_alone(monkeypa
     """Dropout masks come from each member's own seeded stream, not torch's global state."""
     y = torch.arange(10).repeat_interleave(40)
     ds = ArrayDataset(name="cifar10", train_x=cifar_like(400, 1), train_y=y, test_x=cifar_like(50, 2),
-                      test_y=torch.arange(10).repeat(5), num_classes=10, source="synthetic", preprocess="scale")
+                      test_y=torch.arange(10).repeat(5), num_classes=10, source="synthetic")
     g = expand({"name": "d", "dataset": "cifar10", "model": "allcnn",
-                "recipe": {"preset": "buda_cifar10", "iters": 3, "batch_size": 4, "checkpoint_every": 0},
+                "recipe": {"preset": "buda_cifar10", "iters": 3, "batch_size": 4, "checkpoint_every": 0,
+                           "normalization": "scale"},  # no ZCA to fit: this test is about dropout
                 "max_per_class": 30, "minority": "lowest", "imbalance": {"step": {"rho": [3], "mu": [0.5]}},
                 "methods": ["baseline", "oversampling"], "thresholding": [], "seed": 4})
     first = rp.run_pack(Pack(g.specs), None, dataset=ds).tables["trials"]

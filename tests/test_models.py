@@ -353,3 +353,46 @@ def test_bias_lr_factor_scales_only_conv_and_linear_biases() -> None:
             torch.testing.assert_close(step, 2 * steps[1.0][n], rtol=1e-6, atol=1e-12)
         else:
             assert torch.equal(step, steps[1.0][n]), n
+
+
+def test_cosine_head_logits_are_s_times_a_cosine_and_bounded_by_s() -> None:
+    """Cao et al.'s normalised head: logits in [-s, s], equal to s * cos(FE, W_C[:, c])."""
+    from sweep.core.spec import Head
+    from workers.packed_layers import PackedCosineLinear
+
+    model = build_model("resnet32", 2, 10, (3, 16, 16), head=str(Head.COSINE))
+    model.reset_parameters("kaiming", [1, 2])
+    head = model.classifier()
+    assert isinstance(head, PackedCosineLinear) and head.bias is None
+    head.scale.copy_(torch.tensor([30.0, 10.0]))
+    x = 100 * torch.randn(2, 4, 3, 16, 16, generator=torch.Generator().manual_seed(3))  # large inputs
+    fe, logits = model(x)
+    w = head.weight.detach()
+    cos = torch.einsum("pbf,pfk->pbk", F.normalize(fe, dim=-1), w / w.norm(dim=1, keepdim=True))
+    torch.testing.assert_close(logits, torch.tensor([30.0, 10.0])[:, None, None] * cos)
+    assert (logits[0].abs() <= 30 + 1e-4).all() and (logits[1].abs() <= 10 + 1e-4).all()
+    assert logits[0].abs().max() > 1  # not trivially bounded
+    # What the latent statistics multiply gives the same logits as a linear layer.
+    f, wc, b = head.linear_form(fe)
+    torch.testing.assert_close(torch.baddbmm(b[:, None], f, wc), logits)
+    # Initialisation as Cao et al.: unit columns, from each member's own stream.
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(2, 10))
+    alone = build_model("resnet32", 1, 10, (3, 16, 16), head="cosine")
+    alone.reset_parameters("kaiming", [2])
+    assert torch.equal(alone.classifier().weight[0], w[1])
+
+
+def test_model_for_specs_sets_each_member_s() -> None:
+    import dataclasses
+
+    from sweep.core.grid import expand
+    from workers.models import model_for
+
+    g = expand({"name": "c", "dataset": "cifar10", "model": "resnet32", "recipe": "ldam_drw",
+                "losses": ["ldam"], "imbalance": {"exponential": {"rho": [10, 100]}}})
+    specs = [g.specs[0], dataclasses.replace(g.specs[1], recipe=dataclasses.replace(g.specs[1].recipe, ldam_scale=5.0))]
+    assert {s.head for s in specs} == {"cosine"}
+    model = model_for(specs, 10, (3, 32, 32))
+    assert model.classifier().scale.tolist() == [30.0, 5.0]
+    with pytest.raises(ValueError, match="allcnn has no cosine head"):
+        build_model("allcnn", 1, 10, (3, 16, 16), head="cosine")

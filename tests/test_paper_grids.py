@@ -109,7 +109,15 @@ def test_dablain():
     assert bal_cifar.recipe.iters == 200 * 391  # 50,000 / 128 -> 391
     bal_celeba = next(s for s in g.specs if s.dataset == "celeba" and s.imbalance.kind == n)
     assert bal_celeba.recipe.iters == 50 * 79  # 10,000 / 128 -> 79
-    assert {s.selection for s in g.specs} == {Selection.VALIDATION}
+    # Cao et al.'s code: the best epoch on the test set, so no image is held out of training.
+    assert {s.selection for s in g.specs} == {Selection.TEST}
+    assert {s.recipe.validation_fraction for s in g.specs} == {0}
+    assert exp_cifar.recipe.select_every == 97  # every epoch is a candidate
+    # Cao et al.'s regime: per-channel standardisation, crops of padded images and flips,
+    # and the normalised classifier for LDAM.
+    assert {(s.normalization, s.recipe.augmentation) for s in g.specs} == {("standardize", "crop_flip")}
+    assert {s.loss for s in g.specs if s.head == "cosine"} == {Loss.LDAM}
+    assert all(s.head == "cosine" for s in g.specs if s.loss == Loss.LDAM)
     assert all(s.evaluations == (Evaluation.RAW,) for s in g.specs)
     assert all(s.parent_id in {p.network_id for p in g.specs}
                for s in g.specs if s.method == Method.CLASSIFIER_RETRAINING)

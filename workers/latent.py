@@ -146,6 +146,7 @@ STATISTICS: dict[str, str] = {
     "topk_coverage": "k = K: fraction of instances whose instance top-K <= K (§3.3, Fig. 3)",
     "topk_mean": "mean instance top-K over instances that ever exceed LG_A",
     "topk_never_fraction": "fraction of instances whose ce never exceed LG_A (top-K = H+1)",
+    "class_topk_k": "-1 only: the K of every instance's top-K sets (absent: each instance's own top-K)",
     "class_topk_ce_frequency": "k = rank, feature: fraction of instances with the feature in their top-K ce set (§3.3)",
     "class_topk_fe_frequency": "k = rank, feature: fraction of instances with the feature in their top-K fe set (Fig. 8)",
     "class_topk_ce_needed": "number of class top-K ce members needed to describe every instance",
@@ -559,6 +560,8 @@ def latent_statistics(
              k=np.arange(1, t + 1)[None, None, :])
 
     # Class top-K members (§3.3, Figs. 8-9).
+    if fixed_k is not None:
+        rows.add("class_topk_k", keep, -1, np.full(len(keep), float(fixed_k)))
     cnt = s.count[members][:, :, None]
     for kind, members_count in (("ce", s.ce_members), ("fe", s.fe_members)):
         freq = _div(members_count[members], cnt)

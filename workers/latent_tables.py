@@ -12,7 +12,12 @@ over two splits:
 
 It keeps the penultimate features FE and the classifier ``W_C`` / bias and turns them
 into the tidy statistics of :mod:`workers.latent` (both splits plus the test TP/FP
-comparison of §5.7). Members with ``embeddings`` also store the raw FE vectors of both
+comparison of §5.7), with every instance's top-K sets at the paper's K = 7
+(:data:`CLASS_TOPK_K`). FE and W_C are what the head multiplies: for a linear head the
+features after ReLU and its weights; for the normalised (cosine) head of LDAM networks
+the unit-length features and ``s`` times the unit-length class columns, with zero bias,
+so that CE = FE ⊙ W_C still sums to the network's logits. Embeddings and
+``classifier_weights`` store the same FE and W_C. Members with ``embeddings`` also store the raw FE vectors of both
 splits and their ``W_C``, so any statistic can be recomputed from the store.
 
 Members are processed in chunks whose FE fit in :data:`FE_CHUNK_BYTES`: a chunk's
@@ -40,14 +45,18 @@ from torch import Tensor
 from sweep.core.spec import Evaluation, TrialSpec
 from workers.engine import pad_members, predict
 from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
-from workers.models import PackedNet, build_model
+from workers.models import PackedNet, model_for
 from workers.transforms import InputTransform, stack_transforms
 
 FE_CHUNK_BYTES = 256 * 2**20  # float32 FE of one chunk of members, train and test together
 TOP = 10  # ranked entries kept per class (the paper's "ten largest")
+# Dablain et al. §5.3: "we focus on 7 features in subsequent experiments": every instance's
+# top-K sets (class top-K members, Figs. 8-9, and the TP/FP identity overlaps) use K = 7.
+# Each instance's own top-K still gives the coverage curves and topk_mean.
+CLASS_TOPK_K = 7
 
 
-def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec], subsets: Sequence[np.ndarray],
+def latent_tables(model: PackedNet, specs: Sequence[TrialSpec], subsets: Sequence[np.ndarray],
                   transforms: Sequence[InputTransform], x_train: Tensor, y_train: Tensor, x_test: Tensor,
                   y_test: Tensor, num_classes: int) -> dict[str, Any]:
     """The latent tables of the members of ``model`` whose specs ask for them.
@@ -65,20 +74,20 @@ def latent_tables(model: PackedNet, model_name: str, specs: Sequence[TrialSpec],
     weights: list[pa.Table] = []
     width = _feature_width(model)
     for chunk in _chunks(wanted, [len(subsets[i]) for i in wanted], x_test.shape[0], width):
-        sub = _sub_model(model, model_name, chunk, num_classes, tuple(x_train.shape[1:]),
-                         specs[chunk[0]].model_revision)
+        sub = _sub_model(model, [specs[i] for i in chunk], chunk, num_classes, tuple(x_train.shape[1:]))
         transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
         idx, labels = pad_members([subsets[i] for i in chunk], y_train)
-        fe_train = member_features(sub, transform, x_train, idx)
-        fe_test = member_features(sub, transform, x_test)  # one test set for all: no per-member copy
+        # FE and W_C as the head multiplies them (a normalised head: unit FE, s * unit columns).
         head = sub.classifier()
-        w, b = head.weight.detach().float(), head.bias.detach().float()
+        fe_train, w, b = _linear(head, member_features(sub, transform, x_train, idx))
+        fe_test, _, _ = _linear(head, member_features(sub, transform, x_test))  # one test set for all
         pred_train, pred_test = _predictions(fe_train, w, b), _predictions(fe_test, w, b)
         ids = [specs[i].network_id for i in chunk]
-        rows = (latent_statistics(fe_train, w, b, labels, "train", TOP)
-                + latent_statistics(fe_test, w, b, y_test, "test", TOP)
+        k = min(CLASS_TOPK_K, width)  # only a toy model is narrower than 7 features
+        rows = (latent_statistics(fe_train, w, b, labels, "train", TOP, fixed_k=k)
+                + latent_statistics(fe_test, w, b, y_test, "test", TOP, fixed_k=k)
                 + tp_fp_statistics(fe_train, labels, torch.where(labels >= 0, pred_train, -1),
-                                   fe_test, y_test, pred_test, w, TOP, bias=b))
+                                   fe_test, y_test, pred_test, w, TOP, bias=b, fixed_k=k))
         stats.append(pa.Table.from_pandas(compact_coverage(statistics_table(rows, ids)), preserve_index=False))
         for j, i in enumerate(chunk):
             if not specs[i].embeddings or not _finite(fe_train[j], fe_test[j], w[j], b[j]):
@@ -169,13 +178,20 @@ def _chunks(members: list[int], sizes: list[int], test_size: int, width: int) ->
     return out
 
 
-def _sub_model(model: PackedNet, name: str, members: list[int], num_classes: int,
-               in_shape: tuple[int, int, int], revision: int) -> PackedNet:
-    """A packed model of just ``members``, with their trained weights, on the same device."""
+def _linear(head: Any, fe: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(FE, W_C, b) in float32 as the head multiplies them: logits = FE @ W_C + b."""
+    with torch.no_grad():
+        x, w, b = head.linear_form(fe)
+    return x.float(), w.detach().float(), b.detach().float()
+
+
+def _sub_model(model: PackedNet, specs: Sequence[TrialSpec], members: list[int], num_classes: int,
+               in_shape: tuple[int, int, int]) -> PackedNet:
+    """A packed model of just ``members`` (their ``specs``), with their trained weights, on the same device."""
     if members == list(range(model.members)):
         return model
     device = next(model.parameters()).device
-    sub = build_model(name, len(members), num_classes, in_shape, revision).to(device)
+    sub = model_for(specs, num_classes, in_shape).to(device)
     for j, i in enumerate(members):
         sub.load_member_state(j, model.member_state(i))
     return sub

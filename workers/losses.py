@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sweep.core.spec import Loss
+from sweep.core.spec import Head, Loss, Method
 
 if TYPE_CHECKING:  # pragma: no cover
     from sweep.core.spec import TrialSpec
@@ -179,16 +179,27 @@ class PackedLoss:
 
     @classmethod
     def from_specs(cls, specs: Sequence["TrialSpec"], class_counts: Tensor) -> "PackedLoss":
-        """A pack's loss from its members' specs (``loss`` and recipe fields)."""
+        """A pack's loss from its members' specs (``loss``, ``head`` and recipe fields).
+
+        * A normalised (cosine) head already multiplies its logits by ``s``, so LDAM's
+          margins are subtracted at that scale and not scaled again: ``s*cos_y - s*m_y``
+          is Cao et al.'s ``s * (cos_y - m_y)``.
+        * Classifier re-training trains W_C with plain cross-entropy on the balanced set
+          (Kang et al.'s classifier re-training): LDAM's margins and DRW's class weights
+          exist to counter the imbalanced counts, which the balanced set does not have.
+          Its row's ``loss`` names the loss the extractor was trained with.
+        """
         r = [s.recipe for s in specs]
+        retrain = [s.method == Method.CLASSIFIER_RETRAINING for s in specs]
+        cosine = [s.head == Head.COSINE for s in specs]
         return cls(
-            kinds=[s.loss for s in specs],
+            kinds=[Loss.CE if rt else s.loss for s, rt in zip(specs, retrain)],
             class_counts=class_counts,
             focal_gamma=[x.focal_gamma for x in r],
-            ldam_max_margin=[x.ldam_max_margin for x in r],
-            ldam_scale=[x.ldam_scale for x in r],
+            ldam_max_margin=[x.ldam_max_margin * (x.ldam_scale if c else 1.0) for x, c in zip(r, cosine)],
+            ldam_scale=[1.0 if c else x.ldam_scale for x, c in zip(r, cosine)],
             drw_beta=[x.drw_beta for x in r],
-            drw_start_iter=[x.drw_start_iter for x in r],
+            drw_start_iter=[None if rt else x.drw_start_iter for x, rt in zip(r, retrain)],
         )
 
     def to(self, device: torch.device | str) -> "PackedLoss":

@@ -44,9 +44,7 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
     method = spec.method.sampling
     rng = np.random.default_rng(derive_seed(spec.network_id, "resample"))
     if method == Method.CLASSIFIER_RETRAINING:
-        # Dablain RQ1: re-train W_C on FE of the *balanced full* training set.
-        full = np.full(num_classes, _n_max(spec, labels, num_classes), dtype=np.int64)
-        train = draw_subset(labels, _available(full, labels, num_classes), rng)
+        train = balanced_full_set(spec, labels, num_classes, validation, rng)
     elif method in (Method.OVERSAMPLING, Method.UNDERSAMPLING):
         target = resampled_counts(counts, method, spec.resample_ratio)
         train = resample(subset, labels, target, rng)
@@ -54,6 +52,21 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
         train = subset
     return MemberData(subset, validation, train, counts,
                       np.bincount(labels[train], minlength=num_classes))
+
+
+def balanced_full_set(spec: TrialSpec, labels: np.ndarray, num_classes: int, validation: np.ndarray,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Dablain RQ1: the *balanced full* training set classifier re-training trains W_C on.
+
+    The same number of images of every class, as many as the cap and the images outside
+    the validation split allow: the images that select the re-trained classifier are never
+    among those it is trained on.
+    """
+    pool = labels.copy()
+    pool[validation] = -1  # never drawn
+    available = np.bincount(pool[pool >= 0], minlength=num_classes)
+    n = min(_n_max(spec, labels, num_classes), int(available.min()))
+    return draw_subset(pool, np.full(num_classes, n, dtype=np.int64), rng)
 
 
 def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:

@@ -17,11 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sweep.core.catalog import MODEL_REVISIONS
+from sweep.core.spec import TrialSpec
 from workers.packed_layers import (
     PackedBasicBlock,
     PackedBatchNorm2d,
     PackedConv2d,
+    PackedCosineLinear,
     PackedLinear,
+    classifier_layer,
     from_grouped,
     grouped_avg_pool,
     to_grouped,
@@ -44,8 +47,9 @@ class PackedNet(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.head(self.body(x))
 
-    def classifier(self) -> PackedLinear | None:
-        """The final linear layer W_C (FE -> logits) when the model has one."""
+    def classifier(self) -> PackedLinear | PackedCosineLinear | None:
+        """The final layer W_C (FE -> logits) when the model has one; its ``linear_form``
+        gives what it multiplies, as a linear layer."""
         return None
 
     def reset_parameters(self, init: str, seeds: Sequence[int]) -> None:
@@ -134,7 +138,8 @@ class LeNet5(PackedNet):
 
     head_names = ("fc2",)
 
-    def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (1, 28, 28)) -> None:
+    def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (1, 28, 28),
+                 head: str = "linear") -> None:
         super().__init__()
         c, h, w = in_shape
         self.members = members
@@ -143,7 +148,7 @@ class LeNet5(PackedNet):
         side_h, side_w = ((h - 4) // 2 - 4) // 2, ((w - 4) // 2 - 4) // 2  # two conv5 + pool2
         flat = 50 * side_h * side_w
         self.fc1 = PackedLinear(members, flat, 500)
-        self.fc2 = PackedLinear(members, 500, num_classes)
+        self.fc2 = classifier_layer(head, members, 500, num_classes)
 
     def body(self, x: Tensor) -> Tensor:
         z = self.conv1(to_grouped(x), then=_pool2)
@@ -153,7 +158,7 @@ class LeNet5(PackedNet):
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z, self.fc2(z)
 
-    def classifier(self) -> PackedLinear:
+    def classifier(self) -> PackedLinear | PackedCosineLinear:
         return self.fc2
 
 
@@ -256,7 +261,8 @@ class ResNet32(PackedNet):
     widths = (16, 32, 64)
 
     def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (3, 32, 32),
-                 blocks_per_stage: int = 5, shortcut: str = "pad", channels_last: bool = False) -> None:
+                 blocks_per_stage: int = 5, shortcut: str = "pad", channels_last: bool = False,
+                 head: str = "linear") -> None:
         super().__init__()
         c = in_shape[0]
         self.members, self.channels_last = members, channels_last
@@ -270,7 +276,7 @@ class ResNet32(PackedNet):
                 blocks.append(PackedBasicBlock(members, c_in, width, stride, shortcut))
                 c_in = width
         self.blocks = nn.Sequential(*blocks)
-        self.fc = PackedLinear(members, c_in, num_classes)
+        self.fc = classifier_layer(head, members, c_in, num_classes)
 
     def body(self, x: Tensor) -> Tensor:
         z = F.relu_(self.bn1(self.conv1(to_grouped(x, self.channels_last))))
@@ -279,7 +285,7 @@ class ResNet32(PackedNet):
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z, self.fc(z)
 
-    def classifier(self) -> PackedLinear:
+    def classifier(self) -> PackedLinear | PackedCosineLinear:
         return self.fc
 
 
@@ -299,7 +305,7 @@ class ResNet10(PackedNet):
     widths = (64, 128, 256, 512)
 
     def __init__(self, members: int, num_classes: int = 1000, in_shape: tuple[int, int, int] = (3, 224, 224),
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, head: str = "linear") -> None:
         super().__init__()
         c = in_shape[0]
         self.members, self.channels_last = members, channels_last
@@ -311,7 +317,7 @@ class ResNet10(PackedNet):
             blocks.append(PackedBasicBlock(members, c_in, width, 1 if stage == 0 else 2, "projection"))
             c_in = width
         self.blocks = nn.Sequential(*blocks)
-        self.fc = PackedLinear(members, c_in, num_classes)
+        self.fc = classifier_layer(head, members, c_in, num_classes)
 
     def body(self, x: Tensor) -> Tensor:
         z = F.relu_(self.bn1(self.conv1(to_grouped(x, self.channels_last))))
@@ -321,7 +327,7 @@ class ResNet10(PackedNet):
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
         return z, self.fc(z)
 
-    def classifier(self) -> PackedLinear:
+    def classifier(self) -> PackedLinear | PackedCosineLinear:
         return self.fc
 
 
@@ -330,9 +336,10 @@ MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5, "allcnn": AllCNN, "resnet32
 
 
 def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, int, int],
-                revision: int | None = None) -> PackedNet:
+                revision: int | None = None, head: str = "linear") -> PackedNet:
     """A packed model; ``revision`` (sweep.core.catalog.MODEL_REVISIONS, default: the current
-    one) selects an architecture version: All-CNN revision 1 has no ReLU after conv9."""
+    one) selects an architecture version: All-CNN revision 1 has no ReLU after conv9.
+    ``head`` (a ``sweep.core.spec.Head`` value) is the final layer's kind."""
     try:
         factory = MODELS[name]
     except KeyError:
@@ -342,5 +349,18 @@ def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, 
     if not 1 <= revision <= current:
         raise ValueError(f"{name} has revisions 1..{current}, not {revision}")
     if name == "allcnn":
+        if head != "linear":
+            raise ValueError(f"allcnn has no {head} head: its classifier is a 1x1 convolution")
         return AllCNN(members, num_classes, in_shape, relu_logits=revision >= 2)
-    return factory(members, num_classes, in_shape)
+    return factory(members, num_classes, in_shape, head=head)
+
+
+def model_for(specs: Sequence[TrialSpec], num_classes: int, in_shape: tuple[int, int, int]) -> PackedNet:
+    """The packed model of a pack's members (one architecture: specs share the pack key),
+    with each member's logit scale when the head is normalised. Not yet initialised."""
+    s0 = specs[0]
+    model = build_model(s0.model, len(specs), num_classes, in_shape, s0.model_revision, str(s0.head))
+    head = model.classifier()
+    if isinstance(head, PackedCosineLinear):
+        head.scale.copy_(torch.tensor([s.recipe.ldam_scale for s in specs]))
+    return model

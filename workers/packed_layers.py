@@ -93,6 +93,53 @@ class PackedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight)
 
+    def linear_form(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(what the weights multiply, W [P, F, K], b [P, K]): logits = x @ W + b."""
+        return x, self.weight, self.bias
+
+
+class PackedCosineLinear(nn.Module):
+    """P normalised classifiers (Cao et al.'s ``NormedLinear``, built for the LDAM loss).
+
+    ``logits = s * normalize(x) @ normalize(W)``: each feature vector and each class's
+    weight column at unit L2 norm, so a logit is ``s`` times a cosine and lies in
+    ``[-s, s]``; no bias. ``s`` (the recipe's ``ldam_scale``, per member) is applied here,
+    not in the loss, so that evaluation (softmax scores, thresholding) sees the logits
+    the loss trained. Initialisation as Cao et al.: U(-1, 1), each column at unit norm.
+    """
+
+    bias = None
+
+    def __init__(self, members: int, f_in: int, f_out: int, scale: float = 30.0) -> None:
+        super().__init__()
+        self.f_in, self.f_out = f_in, f_out
+        self.weight = nn.Parameter(torch.zeros(members, f_in, f_out))
+        self.register_buffer("scale", torch.full((members,), float(scale)))
+
+    def reset(self, init: str, generators: Sequence[torch.Generator]) -> None:
+        with torch.no_grad():
+            for p, g in enumerate(generators):
+                cpu = torch.empty(self.weight.shape[1:]).uniform_(-1.0, 1.0, generator=g)
+                self.weight[p].copy_(F.normalize(cpu, dim=0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, w, _ = self.linear_form(x)
+        return torch.bmm(x, w)
+
+    def linear_form(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(unit features, s * unit columns, zero bias): the same logits as a linear layer."""
+        w = F.normalize(self.weight, dim=1) * self.scale.to(self.weight.dtype)[:, None, None]
+        return F.normalize(x, dim=-1), w, torch.zeros(w.shape[0], w.shape[2], dtype=w.dtype, device=w.device)
+
+
+def classifier_layer(head: str, members: int, f_in: int, f_out: int) -> "PackedLinear | PackedCosineLinear":
+    """The final layer W_C of a model: ``head`` is a ``sweep.core.spec.Head`` value."""
+    if head == "linear":
+        return PackedLinear(members, f_in, f_out)
+    if head == "cosine":
+        return PackedCosineLinear(members, f_in, f_out)
+    raise ValueError(f"unknown head {head!r} (allowed: linear, cosine)")
+
 
 class PackedBatchNorm2d(nn.BatchNorm2d):
     """P independent BatchNorm2d layers: one BatchNorm over P*C channels is exactly that."""

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from sweep.core.plan import Pack
-from sweep.core.spec import Selection, TrialSpec, derive_seed
+from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
 from sweep.store.results import ResultStore
 from sweep.store.schema import Measurement, Status
+from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
 from workers.devices import Precision, device_name, resolve_device, set_precision
@@ -32,12 +33,12 @@ from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
 from workers.metrics import evaluate
-from workers.models import PackedNet, build_model
+from workers.models import PackedNet, model_for
 from workers.optim import lr_table
 from workers.pack_rows import pack_tables, stored_latent
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, plan_stages, stage_plan
-from workers.transforms import fit_transform, stack_transforms
+from workers.transforms import InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class _Pack:
     fraction: float = 0.0  # the last fraction reported
     # Input transforms by training set, shared by both stages: a stage-2 network trains on
     # its parent's subset, and refitting ZCA there cost seconds per training set for nothing.
-    fitted: dict[str, Any] = field(default_factory=dict)
+    fitted: dict[tuple[str, str], InputTransform] = field(default_factory=dict)  # (set, normalization)
 
     @property
     def device(self) -> torch.device:
@@ -246,7 +247,7 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
 
 def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device) -> PackedNet:
     s0 = specs[0]
-    model = build_model(s0.model, len(specs), ds.num_classes, tuple(ds.train_x.shape[1:]), s0.model_revision)
+    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]))
     # Same training set -> same initial weights for every method (paired comparisons).
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
     model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
@@ -295,6 +296,16 @@ def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[Eval
     return (EvalSet(ctx.x_test, ctx.y_test, "test"), EvalSet(ctx.x_train, labels, "train", idx=idx))
 
 
+def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTransform:
+    """The member's input transform, fitted on its own imbalanced subset (ZCA, mean/std)
+    once per subset and normalisation: ZCA costs seconds."""
+    kind = spec.normalization
+    key = (spec.training_set_key, kind)
+    if key not in ctx.fitted:
+        ctx.fitted[key] = fit_transform(kind, ctx.ds.train_x[m.subset])
+    return ctx.fitted[key]
+
+
 def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckpoint | None,
                progress: Callable[[int], None],
                stage1: tuple[dict[str, MemberResult], dict[str, Any], list[dict[str, Any]]] | None = None,
@@ -302,18 +313,16 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     """Train one stage's members together, then evaluate and measure them."""
     dev, specs, ds = ctx.device, plan.specs, ctx.ds
     md = [ctx.data[s.network_id] for s in specs]
-    # Each member's input transform is fitted on its own imbalanced subset (ZCA, mean/std),
-    # once per subset: ZCA costs seconds.
-    for s, m in zip(specs, md):
-        if s.training_set_key not in ctx.fitted:
-            ctx.fitted[s.training_set_key] = fit_transform(ds.preprocess, ds.train_x[m.subset])
-    transforms = [ctx.fitted[s.training_set_key] for s in specs]
+    transforms = [_fitted_transform(ctx, s, m) for s, m in zip(specs, md)]
     transform = stack_transforms(transforms).to(dev)
     counts = torch.tensor(np.stack([m.counts for m in md]), dtype=torch.float32, device=dev)
     loss_fn = PackedLoss.from_specs(specs, counts)
     cfg = _stage_config(ctx, plan, md)
     samplers = [EpochSampler(m.train_indices, plan.batch_size, derive_seed(s.network_id, "batches"))
                 for s, m in zip(specs, md)]
+    # Each member's own crop/flip stream, seeded from its id (a stage-2 network draws anew).
+    augment = [CropFlipDraws(derive_seed(s.network_id, "augment"))
+               if s.recipe.augmentation == Augmentation.CROP_FLIP else None for s in specs]
     state, opt_state = None, None
     if resume is not None:
         snap = resume.snapshot
@@ -325,6 +334,9 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
             state.best_state = {k: v.to(dev) for k, v in state.best_state.items()}
         if snap.noise is not None:  # dropout masks continue as if never stopped
             model.load_noise_state(snap.noise, dev)
+        for a, st in zip(augment, snap.augment or [None] * len(augment)):
+            if a is not None and st is not None:
+                a.load_state(st)
         log.info("pack %s: stage %d resumes from iteration %d", ctx.pack.pack_id, plan.number, state.iteration)
     members = [s.network_id for s in ctx.pack.specs]
 
@@ -335,7 +347,7 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     if ctx.observer is not None:
         ctx.observer(plan, model, "start")
     state = train_stage(model, samplers, ctx.x_train, ctx.y_train, transform, loss_fn, cfg, state, opt_state,
-                        checkpoint=save, progress=progress)
+                        checkpoint=save, progress=progress, augment=augment)
     if ctx.observer is not None:
         ctx.observer(plan, model, "end")
     ctx.report("evaluating")
@@ -347,7 +359,7 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     if any(s.latent or s.embeddings for s in specs):
         ctx.report("latent statistics")
     t_latent = time.perf_counter()
-    latent = latent_tables(model, specs[0].model, list(specs), [m.subset for m in md], transforms,
+    latent = latent_tables(model, list(specs), [m.subset for m in md], transforms,
                            ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test, ds.num_classes)
     n_latent = sum(1 for s in specs if s.latent or s.embeddings)
     latent_seconds = (time.perf_counter() - t_latent) / n_latent if n_latent else 0.0

@@ -55,9 +55,9 @@ def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
     """One stage's settings; every pack-wide setting is part of the specs' pack key."""
     r = specs[0].recipe
     selection = specs[0].selection
-    eval_every = r.eval_every
+    eval_every = r.eval_every  # curve points; a selection looks at the same points
     if selection != Selection.FINAL and eval_every == 0:
-        eval_every = max(1, r.iters // DEFAULT_SELECT_POINTS)
+        eval_every = r.select_every or max(1, r.iters // DEFAULT_SELECT_POINTS)
     head_only = number == 2
     return StagePlan(
         number=number, specs=specs, head_only=head_only,

@@ -9,7 +9,7 @@ preprocesses a ``[P, B, C, H, W]`` batch in one batched op per stage. When every
 has the same transform (all "scale", or one subset shared by all), one set of
 parameters is broadcast: no per-member copies, no per-member work.
 
-Kinds (``ArrayDataset.preprocess`` names the paper's choice):
+Kinds (the values of ``sweep.core.spec.Normalization``; each recipe names its paper's choice):
 
 - "scale": ``x / 256``. Caffe's LeNet example scales by 0.00390625 = 1/256 (Buda MNIST);
   the float pixels are exact (a power-of-two divisor).
@@ -41,8 +41,11 @@ from typing import Literal, get_args
 
 import torch
 
+from sweep.core.spec import Normalization
+
 TransformKind = Literal["scale", "standardize", "gcn_zca"]
 TRANSFORM_KINDS: tuple[str, ...] = get_args(TransformKind)
+assert set(TRANSFORM_KINDS) == {str(n) for n in Normalization}, "one transform per Normalization"
 
 SCALE = 0.00390625  # 1/256: Caffe LeNet's input scale (Buda MNIST)
 GCN_SCALE = 55.0  # pylearn2 CIFAR10(gcn=55.): L2 norm of each image after GCN (~sqrt(3072))

@@ -37,6 +37,19 @@ DATASETS: dict[str, DatasetInfo] = {
     "imagenet": DatasetInfo(1000, (3, 32, 32), 732, 50, 1_300),
 }
 
+# The normalisation a dataset's images get when the recipe names none (the value of
+# sweep.core.spec.Normalization). It was chosen by the dataset's name alone before recipes
+# named it, so a spec whose recipe gives this value keeps its old id.
+DEFAULT_NORMALIZATION: dict[str, str] = {
+    "mnist": "scale",  # Buda: Caffe LeNet scales pixels by 0.00390625 = 1/256
+    "cifar10": "gcn_zca",  # Buda: global contrast normalisation + ZCA whitening
+    "svhn": "standardize",  # Dablain follows Cao et al.'s LDAM-DRW code: per-channel mean/std
+    "celeba": "standardize",
+    # Buda: "the only data preprocessing applied is resizing"; per-channel standardizing
+    # (our choice) is the usual input of a batch-normalised ResNet and changes little.
+    "imagenet": "standardize",
+}
+
 # model name -> the datasets' image shapes it accepts (by name, for the error message)
 MODELS: dict[str, tuple[str, ...]] = {
     "lenet5": ("mnist",),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from sweep.core.catalog import DATASETS, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD
+from sweep.core.catalog import DATASETS, DEFAULT_NORMALIZATION, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD
 from sweep.core.grid_checks import (
     MAX_NETWORKS_ENV,
     PATH_SEGMENT_RE,
@@ -37,15 +37,18 @@ from sweep.core.grid_checks import (
     _num,
     max_networks_per_grid,
 )
-from sweep.core.recipes import RECIPES, epochs_to_iters
+from sweep.core.recipes import RECIPES, epochs_to_iters, iters_per_epoch
 from sweep.core.spec import (
+    Augmentation,
     Evaluation,
+    Head,
     Imbalance,
     LrPolicy,
     ImbalanceKind,
     Loss,
     Method,
     MinorityChoice,
+    Normalization,
     Recipe,
     Selection,
     TrialSpec,
@@ -66,6 +69,8 @@ EXPERIMENT_KEYS = {
                     "under-sampling; [] for none)",
     "resample_ratios": "imbalance left after re-sampling, for over/under-sampling (1 = balanced)",
     "losses": "list of: " + ", ".join(Loss),
+    "ldam_head": "the head of LDAM networks: cosine (Cao et al.'s normalised classifier, the default) "
+                 "or linear",
     "lr": "list of base learning rates to search (default: the recipe's)",
     "lr_runs": "runs per learning rate (Buda CIFAR-10: 2)",
     "selection": "lr-search / evaluation-point selection: " + ", ".join(Selection),
@@ -216,6 +221,8 @@ def _expand_experiment(
     if any(not math.isfinite(r) or r < 1 for r in ratios):
         raise err(p + "resample_ratios", f"{ratios}: every ratio must be >= 1", "1 = fully balanced")
     losses = [Loss(x) for x in _choices(err, cfg, "losses", [l.value for l in Loss], p, default=["ce"])]
+    # Cao et al. build the model with a normalised classifier whenever the loss is LDAM.
+    ldam_head = Head(_choice(err, cfg, "ldam_head", [h.value for h in Head], p, default="cosine"))
     lrs = [float(x) for x in _list(err, cfg, "lr", [recipe.base_lr], p)]
     if any(not (x > 0) for x in lrs):
         raise err(p + "lr", f"{lrs}: learning rates must be > 0", "")
@@ -230,6 +237,16 @@ def _expand_experiment(
     latent = bool(cfg.get("latent", False))
     n_embed = _int(err, cfg, "embeddings", 0, p)
     revision = MODEL_REVISIONS.get(model, 1)
+    if "ldam_head" in cfg and Loss.LDAM not in losses:
+        raise err(p + "ldam_head", "set, but no network of this experiment uses the LDAM loss", "losses: [ldam]")
+    if Loss.LDAM in losses and ldam_head == Head.COSINE and (model, revision) in NO_LINEAR_HEAD:
+        raise err(p + "ldam_head", f"{model} ends in a ReLU after its classifier: it has no linear layer "
+                  "to normalise", "ldam_head: linear, or another model")
+    if recipe.normalization is None:  # every spec names how its inputs are normalised
+        recipe = dataclasses.replace(recipe, normalization=Normalization(DEFAULT_NORMALIZATION[dataset]))
+    if recipe.augmentation == Augmentation.CROP_FLIP and info.image_shape[1] != info.image_shape[2]:
+        raise err(p + "recipe.augmentation", f"crop_flip needs square images, {dataset} has "
+                  f"{info.image_shape[1]}x{info.image_shape[2]}", "augmentation: none")
     if (latent or n_embed) and (model, revision) in NO_LINEAR_HEAD:
         raise err(p + "latent", f"{model} ends in a ReLU after its classifier (Buda et al.'s model): its "
                   "logits are not FE x W_C, so Dablain's latent statistics do not apply", "latent: false")
@@ -263,6 +280,10 @@ def _expand_experiment(
             r = recipe
             if "epochs" in cfg:
                 r = epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
+                if selection != Selection.FINAL and r.select_every == 0:
+                    # "The epoch with the best performing BAC is then selected" (Dablain et al.)
+                    r = dataclasses.replace(r, select_every=iters_per_epoch(imb, info.num_classes, max_per_class,
+                                                                            r.batch_size))
             for loss, lr, lr_run, method in itertools.product(losses, lrs, range(lr_runs), methods):
                 for ratio in ratios_of(method):
                     evals = (Evaluation.RAW, Evaluation.THRESHOLD) if method in thresholded else (Evaluation.RAW,)
@@ -273,6 +294,7 @@ def _expand_experiment(
                         seed=derive_seed(seed, "lr-run", lr_run) if lr_runs > 1 else seed,
                         resample_ratio=ratio, loss=loss, lr_run=lr_run, selection=selection,
                         evaluations=evals, latent=latent, model_revision=revision,
+                        head=ldam_head if loss == Loss.LDAM else Head.LINEAR,
                         embeddings=False, grid=grid_name,
                     ))
     # Raw embeddings for the first n networks (they are large); deterministic choice.
@@ -362,6 +384,10 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
                 typed[k] = LrPolicy(v)
             elif k == "lr_milestones":
                 typed[k] = tuple(int(x) for x in v)
+            elif k == "normalization":
+                typed[k] = None if v is None else Normalization(v)
+            elif k == "augmentation":
+                typed[k] = Augmentation(v)
             elif k == "drw_start_iter":
                 typed[k] = None if v is None else int(v)
             elif isinstance(cur, bool):
@@ -375,7 +401,9 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
             else:
                 typed[k] = str(v)
         except (TypeError, ValueError):
-            raise err(f"{key}.{k}", f"bad value {v!r}", f"a value like {cur!r}") from None
+            allowed = {"lr_policy": LrPolicy, "normalization": Normalization, "augmentation": Augmentation}.get(k)
+            raise err(f"{key}.{k}", f"bad value {v!r}", "one of: " + ", ".join(allowed) if allowed
+                      else f"a value like {cur!r}") from None
     r = dataclasses.replace(base, **typed)
     if r.iters < 1 or r.batch_size < 1:
         raise err(key, "iters and batch_size must be >= 1", "")
@@ -383,6 +411,9 @@ def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
         raise err(key + ".init", f"unknown init {r.init!r}", "xavier, kaiming")
     if not (r.bias_lr_factor > 0 and math.isfinite(r.bias_lr_factor)):
         raise err(key + ".bias_lr_factor", f"{r.bias_lr_factor}", "a finite number > 0")
+    for name in ("eval_every", "select_every", "checkpoint_every", "warmup_iters"):
+        if getattr(r, name) < 0:
+            raise err(f"{key}.{name}", f"{getattr(r, name)}: cannot be negative", "0 or more iterations")
     if not 0 <= r.validation_fraction < 1:
         raise err(key + ".validation_fraction", f"{r.validation_fraction}", "0 <= fraction < 1")
     return r

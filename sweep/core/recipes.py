@@ -9,7 +9,7 @@ import dataclasses
 import math
 
 from sweep.core.counts import class_counts
-from sweep.core.spec import Imbalance, LrPolicy, Recipe
+from sweep.core.spec import Augmentation, Imbalance, LrPolicy, Normalization, Recipe
 
 RECIPES: dict[str, Recipe] = {
     # Buda et al. Sec. 3.3 (MNIST, LeNet-5): 10,000 iterations whatever the set size.
@@ -26,6 +26,7 @@ RECIPES: dict[str, Recipe] = {
         # Caffe's LeNet (examples/mnist/lenet_train_test.prototxt), which Buda et al. train:
         # biases at lr_mult 2, weights at 1; decay_mult 1 for both.
         bias_lr_factor=2.0,
+        normalization=Normalization.SCALE,  # Caffe's LeNet: scale 0.00390625; no augmentation
     ),
     # Buda et al. Sec. 3.3 (CIFAR-10, All-CNN): lr x0.1 at 40k/50k/60k; base lr is searched.
     "buda_cifar10": Recipe(
@@ -39,6 +40,8 @@ RECIPES: dict[str, Recipe] = {
         lr_milestones=(40_000, 50_000, 60_000),
         init="xavier",
         checkpoint_every=5_000,
+        # "global contrast normalization and ZCA whitening" (Sec. 3.3); no augmentation.
+        normalization=Normalization.GCN_ZCA,
     ),
     # Buda et al. Sec. 3.3 (ILSVRC-2012, ResNet-10): lr decays linearly to 0.
     "buda_imagenet": Recipe(
@@ -50,6 +53,9 @@ RECIPES: dict[str, Recipe] = {
         lr_policy=LrPolicy.LINEAR,
         init="kaiming",
         checkpoint_every=10_000,
+        # Deviation: the paper only resizes (and crops 224 px at random); here images are held
+        # at 32 px and standardised per channel, without random crops.
+        normalization=Normalization.STANDARDIZE,
     ),
     # Dablain et al. follow LDAM-DRW (Cao et al.): 200 epochs of batch 128, lr 0.1 with
     # 5 warm-up epochs, x0.01 at epochs 160 and 180, DRW from epoch 160. Budgets here are
@@ -67,8 +73,17 @@ RECIPES: dict[str, Recipe] = {
         init="kaiming",
         drw_start_iter=160 * 100,
         checkpoint_every=5_000,
+        # Cao et al.'s CIFAR transforms: RandomCrop(32, padding=4), RandomHorizontalFlip(),
+        # Normalize(per-channel mean, std).
+        normalization=Normalization.STANDARDIZE,
+        augmentation=Augmentation.CROP_FLIP,
     ),
 }
+
+
+def iters_per_epoch(imb: Imbalance, num_classes: int, n_max: int, batch_size: int) -> int:
+    """Batches in one pass over the imbalanced set (the last one partial, as a DataLoader's)."""
+    return math.ceil(int(class_counts(imb, num_classes, n_max).sum()) / batch_size)
 
 
 def epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes: int, n_max: int) -> Recipe:
@@ -78,8 +93,7 @@ def epochs_to_iters(recipe: Recipe, epochs: float, imb: Imbalance, num_classes: 
     written for 200 epochs (LDAM-DRW) keeps its shape for any set size.
     """
 
-    n = int(class_counts(imb, num_classes, n_max).sum())
-    iters = max(1, round(epochs * math.ceil(n / recipe.batch_size)))
+    iters = max(1, round(epochs * iters_per_epoch(imb, num_classes, n_max, recipe.batch_size)))
     scale = iters / recipe.iters
     return dataclasses.replace(
         recipe,

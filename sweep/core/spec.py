@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from sweep.core.catalog import DEFAULT_NORMALIZATION
+
 ID_LENGTH = 16  # hex digits of sha256 kept in ids: 64 bits, no collisions at 10^6 specs
 
 
@@ -94,6 +96,32 @@ class Selection(StrEnum):
     TEST = "test"  # best on the test set: Buda et al.'s CIFAR-10 procedure, on request only
 
 
+class Normalization(StrEnum):
+    """How input images are normalised (workers.transforms implements each)."""
+
+    SCALE = "scale"  # x / 256: Caffe's LeNet example (Buda MNIST)
+    STANDARDIZE = "standardize"  # per-channel mean and std of the training subset (Cao et al.)
+    GCN_ZCA = "gcn_zca"  # global contrast normalisation + ZCA whitening (Buda CIFAR-10)
+
+
+class Augmentation(StrEnum):
+    """Random changes of each training image, drawn per network (workers.augment)."""
+
+    NONE = "none"  # Buda et al.: no augmentation
+    # Cao et al.'s CIFAR regime (Dablain et al.): zero-pad 4 pixels on each side, take a
+    # random crop of the original size, flip horizontally with probability 1/2.
+    CROP_FLIP = "crop_flip"
+
+
+class Head(StrEnum):
+    """The layer that turns the features FE into logits."""
+
+    LINEAR = "linear"  # logits = FE @ W_C + b
+    # Cao et al.'s NormedLinear, built whenever the loss is LDAM: logits = s * cos(FE, W_C[:, c])
+    # with the recipe's ldam_scale s, so they lie in [-s, s]; no bias.
+    COSINE = "cosine"
+
+
 class MinorityChoice(StrEnum):
     RANDOM = "random"  # redrawn for every repeat (Buda MNIST)
     LOWEST = "lowest"  # the lowest labels (Buda CIFAR-10)
@@ -122,12 +150,19 @@ class Recipe:
     ldam_max_margin: float = 0.5
     ldam_scale: float = 30.0
     eval_every: int = 0  # iterations between curve points (0: final only)
+    # Iterations between the points a best-state selection looks at when there are no curve
+    # points (0: DEFAULT_SELECT_POINTS of them); grids in epochs set one epoch.
+    select_every: int = 0
     checkpoint_every: int = 0  # iterations between pack checkpoints (0: none)
     validation_fraction: float = 0.0  # carved per class from the training subset
     # Learning rate of the conv/linear biases as a multiple of the weights' (Caffe's
     # ``lr_mult`` of the second parameter blob; its LeNet example uses 2). BatchNorm's
     # shift is not such a bias and keeps the base rate.
     bias_lr_factor: float = 1.0
+    # None: the dataset's usual normalisation (sweep.core.catalog.DEFAULT_NORMALIZATION);
+    # expansion writes the value into every spec, so a stored spec always names it.
+    normalization: Normalization | None = None
+    augmentation: Augmentation = Augmentation.NONE
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)
@@ -136,9 +171,12 @@ class Recipe:
 # Fields added after the first stored results, with the value they had implicitly before.
 # Identity leaves a field out while it holds that value, so every network that existed
 # before keeps its id (stores stay resumable) and a changed network gets a new one.
-RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0}
+# ``normalization`` was chosen by the dataset's name before recipes named it: identity leaves
+# it out while it equals the dataset's default (TrialSpec.identity).
+RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0, "augmentation": "none", "normalization": None,
+                                       "select_every": 0}
 IMBALANCE_FIELDS_ADDED: dict[str, Any] = {"rounding": "nearest"}
-SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1}
+SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1, "head": "linear"}
 
 
 @dataclass(frozen=True)
@@ -178,6 +216,7 @@ class TrialSpec:
     # Which version of the model's architecture (sweep.core.catalog.MODEL_REVISIONS): a
     # corrected architecture is a different network with a different id.
     model_revision: int = 1
+    head: Head = Head.LINEAR
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
 
@@ -195,6 +234,8 @@ class TrialSpec:
                 d.pop(name)
         # Recipes and imbalances are shared by many specs: convert each once.
         d["recipe"], d["imbalance"] = _identity_of(self.recipe), _identity_of(self.imbalance)
+        if self.recipe.normalization == DEFAULT_NORMALIZATION.get(self.dataset):
+            d["recipe"] = {k: v for k, v in d["recipe"].items() if k != "normalization"}
         return _plain(d)
 
     @cached_property  # specs are frozen; ids are asked for often
@@ -230,6 +271,11 @@ class TrialSpec:
                       "seed": self.seed, "validation": self.recipe.validation_fraction})
 
     @property
+    def normalization(self) -> Normalization:
+        """How this network's inputs are normalised: the recipe's choice, else the dataset's."""
+        return Normalization(self.recipe.normalization or DEFAULT_NORMALIZATION[self.dataset])
+
+    @property
     def pack_key(self) -> tuple[Any, ...]:
         """Specs with equal keys can be trained together in one process.
 
@@ -239,8 +285,8 @@ class TrialSpec:
         momentum, weight decay, loss, sampling) are not.
         """
         r = self.recipe
-        return (self.dataset, self.model, self.model_revision, r.batch_size, r.iters, r.init, str(self.selection),
-                r.eval_every, r.checkpoint_every)
+        return (self.dataset, self.model, self.model_revision, str(self.head), r.batch_size, r.iters, r.init,
+                str(self.selection), r.eval_every, r.select_every, r.checkpoint_every)
 
     def to_json(self) -> str:
         return canonical_json(_plain(self))
@@ -251,6 +297,9 @@ class TrialSpec:
         r = dict(d.pop("recipe"))
         r["lr_policy"] = LrPolicy(r["lr_policy"])
         r["lr_milestones"] = tuple(r.get("lr_milestones", ()))
+        if r.get("normalization") is not None:
+            r["normalization"] = Normalization(r["normalization"])
+        r["augmentation"] = Augmentation(r.get("augmentation", "none"))
         im = dict(d.pop("imbalance"))
         im["kind"] = ImbalanceKind(im["kind"])
         im["classes"] = tuple(im.get("classes", ()))
@@ -259,6 +308,7 @@ class TrialSpec:
             imbalance=Imbalance(**im),
             method=Method(d.pop("method")),
             loss=Loss(d.pop("loss", "ce")),
+            head=Head(d.pop("head", "linear")),
             selection=Selection(d.pop("selection", "final")),
             evaluations=tuple(Evaluation(e) for e in d.pop("evaluations", ("raw",))),
             **d,

@@ -75,6 +75,8 @@ def spec_columns(spec: TrialSpec, evaluation: Evaluation) -> dict[str, Any]:
         "classes": list(imb.classes), "resample_ratio": float(spec.resample_ratio),
         "repeat": spec.repeat, "seed": spec.seed, "lr_run": spec.lr_run, "base_lr": spec.recipe.base_lr,
         "iters": spec.recipe.iters, "batch_size": spec.recipe.batch_size, "selection": str(spec.selection),
+        "head": str(spec.head), "normalization": str(spec.normalization),
+        "augmentation": str(spec.recipe.augmentation),
     }
 
 

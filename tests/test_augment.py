@@ -1,0 +1,70 @@
+"""Crop-and-flip augmentation: the right rates, the right pixels, each member's own stream."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from workers.augment import PAD, CropFlipDraws, crop_flip, identity_draws, take_stacked_draws
+
+
+def _naive(img: torch.Tensor, dy: int, dx: int, flip: int) -> torch.Tensor:
+    """torchvision's order: zero-pad, crop at (dy, dx), then mirror."""
+    h, w = img.shape[-2:]
+    out = F.pad(img, (PAD, PAD, PAD, PAD))[..., dy:dy + h, dx:dx + w]
+    return out.flip(-1) if flip else out
+
+
+def test_crop_flip_equals_pad_crop_flip() -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 256, (2, 5, 3, 8, 8), generator=g, dtype=torch.uint8)  # no zero pixel
+    draws = torch.from_numpy(take_stacked_draws([CropFlipDraws(1), CropFlipDraws(2)], 1, 5)[0])
+    draws[0, 0] = torch.tensor([0, 8, 1])  # extreme offsets, flipped
+    draws[0, 1] = torch.tensor([8, 0, 0])
+    out = crop_flip(x, draws)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    for p in range(2):
+        for b in range(5):
+            dy, dx, flip = draws[p, b].tolist()
+            assert torch.equal(out[p, b], _naive(x[p, b], dy, dx, flip)), (p, b, dy, dx, flip)
+    assert (out[0, 0, :, :, :4] == 0).all()  # a corner crop shows the zero padding
+
+
+def test_identity_draws_leave_images_unchanged() -> None:
+    x = torch.randint(0, 256, (1, 3, 1, 6, 6), dtype=torch.uint8)
+    assert torch.equal(crop_flip(x, torch.from_numpy(identity_draws(1, 3)[0])[None]), x)
+
+
+def test_offsets_uniform_and_flips_at_one_half() -> None:
+    d = CropFlipDraws(7).take(400, 64)  # 25,600 images
+    assert d.shape == (400, 64, 3)
+    n = d.shape[0] * d.shape[1]
+    for axis in (0, 1):
+        freq = np.bincount(d[..., axis].ravel(), minlength=2 * PAD + 1) / n
+        assert len(freq) == 2 * PAD + 1
+        assert np.abs(freq - 1 / 9).max() < 0.01  # 9 offsets, each ~1/9 (sd ~0.002)
+    assert abs(d[..., 2].mean() - 0.5) < 0.01
+    # The three choices are independent: all 162 combinations occur.
+    combos = d[..., 0] * 18 + d[..., 1] * 2 + d[..., 2]
+    assert len(np.unique(combos)) == 162
+
+
+def test_stream_does_not_depend_on_chunking_or_the_pack() -> None:
+    whole = CropFlipDraws(3).take(10, 4)
+    split = CropFlipDraws(3)
+    parts = np.concatenate([split.take(3, 4), split.take(7, 4)])
+    assert np.array_equal(whole, parts)
+    packed = take_stacked_draws([CropFlipDraws(9), None, CropFlipDraws(3)], 10, 4)
+    assert np.array_equal(packed[:, 2], whole)
+    assert np.array_equal(packed[:, 1], identity_draws(10, 4))
+
+
+def test_state_resumes_the_stream() -> None:
+    a = CropFlipDraws(5)
+    a.take(4, 2)
+    state = a.state()
+    want = a.take(3, 2)
+    b = CropFlipDraws(123)
+    b.load_state(state)
+    assert np.array_equal(b.take(3, 2), want)
