@@ -41,6 +41,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.aggregate import BASELINE, CELL, method_label, select_lr_runs, with_labels
+from analysis.figures import FigureResult
 from analysis.load import Results
 from analysis.longtail import LONGTAIL_METRICS, read_class_tables, with_trial_metrics
 from sweep.core.errors import UserError
@@ -239,3 +240,27 @@ def cd_diagram(r: Ranking, metric: str = "roc_auc"):
               f"p = {r.p_value:.2g}", xaxis={"title": "average rank", "range": [k + 0.5, 0.5]},
         yaxis={"visible": False, "range": [-0.6, level + 0.3]}, height=320 + 12 * k)
     return fig
+
+
+REPORT_RANKINGS = ("roc_auc", "accuracy")  # the report's CD diagrams
+
+
+def cd_figures(trials: pd.DataFrame, metrics: Sequence[str] = REPORT_RANKINGS) -> list[FigureResult]:
+    """The report's critical-difference diagrams, one per metric, over every arm (raw and
+    thresholded where present; raw only for ROC AUC), or why one cannot be drawn."""
+    out = []
+    for metric in metrics:
+        fig_id, title = f"cd-{metric}", f"Critical-difference diagram · {metric}"
+        try:
+            r = ranking(trials, metric)
+        except CompareError as why:
+            out.append(FigureResult(fig_id, title, "", None, str(why)))
+            continue
+        left_out = (" Thresholded arms are left out: thresholding leaves ROC AUC unchanged."
+                    if metric in RAW_ONLY else " Raw and thresholded evaluations are separate arms.")
+        caption = (f"Demšar's ranking: arms ranked within each of the {r.blocks} cells that have them all "
+                   f"(repeats averaged; 1 = best). Arms joined by a bar are within the Nemenyi critical "
+                   f"difference (alpha {r.alpha:g}) of each other.{left_out} `sweep compare --ranking "
+                   f"--metric {metric}` prints the numbers.")
+        out.append(FigureResult(fig_id, title, caption, cd_diagram(r, metric)))
+    return out
