@@ -242,7 +242,8 @@ def recall_heatmap(trials: pd.DataFrame, class_metrics: pd.DataFrame) -> go.Figu
                 "args": [{"visible": [j == i for j in range(len(cells))]}, {"title": f"Per-class recall · {cell}"}]}
                for i, cell in enumerate(cells)]
     fig.update_layout(title=f"Per-class recall · {cells[0]}", height=220 + 28 * len(arms),
-                      xaxis={"title": "class, ranked by training count in each network (0 = most images)"},
+                      xaxis={"title": "class, ranked by training count in each network (0 = most images)",
+                             "dtick": max(1, int(df["position"].max()) // 10)},  # whole ranks only
                       updatemenus=[{"buttons": buttons, "x": 1.0, "xanchor": "right", "y": 1.18}]
                       if len(cells) > 1 else [], margin={"l": 220})
     return fig
