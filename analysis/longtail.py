@@ -61,42 +61,51 @@ class ShotThresholds:
 
 
 # -- per-trial metrics ------------------------------------------------------------------
+def _trial_key(df: pd.DataFrame) -> list[str]:
+    """What names one trial's rows: the same trial stored under two grids is two trials
+    (each grid's rows are complete on their own, docs/store.md)."""
+    return ["grid", "trial_id"] if "grid" in df.columns else ["trial_id"]
+
+
 def macro_f1(confusion: pd.DataFrame) -> pd.Series:
-    """Macro-F1 per ``trial_id`` from its confusion rows (see module doc)."""
+    """Macro-F1 per trial (index: ``_trial_key``) from its confusion rows (see module doc)."""
+    key = _trial_key(confusion)
     if confusion.empty:
         return pd.Series(dtype=float, name="macro_f1")
-    c = confusion[["trial_id", "true_class", "predicted_class", "count"]]
-    tp = c[c["true_class"] == c["predicted_class"]].groupby(["trial_id", "true_class"])["count"].sum()
-    tp.index.names = ["trial_id", "class"]
-    support = c.groupby(["trial_id", "true_class"])["count"].sum().rename_axis(["trial_id", "class"])
-    predicted = c.groupby(["trial_id", "predicted_class"])["count"].sum().rename_axis(["trial_id", "class"])
-    per_class = pd.concat({"tp": tp, "support": support, "predicted": predicted}, axis=1).fillna(0)
+    c = confusion[key + ["true_class", "predicted_class", "count"]]
+    by_true = c.rename(columns={"true_class": "class"}).groupby(key + ["class"])["count"]
+    by_pred = c.rename(columns={"predicted_class": "class"}).groupby(key + ["class"])["count"]
+    tp = c[c["true_class"] == c["predicted_class"]].rename(columns={"true_class": "class"}) \
+        .groupby(key + ["class"])["count"].sum()
+    per_class = pd.concat({"tp": tp, "support": by_true.sum(), "predicted": by_pred.sum()}, axis=1).fillna(0)
     # 2 TP + FP + FN = support + predicted; every listed class has one of them > 0.
     f1 = 2 * per_class["tp"] / (per_class["support"] + per_class["predicted"])
-    return f1.groupby(level="trial_id").mean().rename("macro_f1")
+    return f1.groupby(level=key).mean().rename("macro_f1")
 
 
 def g_mean(class_metrics: pd.DataFrame) -> pd.Series:
-    """G-mean per ``trial_id``: geometric mean of the per-class recalls (finite ones)."""
+    """G-mean per trial (index: ``_trial_key``): geometric mean of the finite per-class recalls."""
+    key = _trial_key(class_metrics)
     recall = pd.to_numeric(class_metrics["accuracy"], errors="coerce")
-    df = class_metrics.assign(_recall=recall)[np.isfinite(recall)]
+    df = class_metrics[np.isfinite(recall)]
     if df.empty:
         return pd.Series(dtype=float, name="g_mean")
     # exp(mean(log r)), with log 0 = -inf giving exp(-inf) = 0 as it should.
     with np.errstate(divide="ignore"):
-        logs = np.log(df["_recall"].to_numpy())
-    return np.exp(pd.Series(logs, index=df["trial_id"]).groupby(level=0).mean()).rename("g_mean")
+        logs = df[key].assign(_log=np.log(recall[np.isfinite(recall)].to_numpy()))
+    return np.exp(logs.groupby(key)["_log"].mean()).rename("g_mean")
 
 
 def shot_accuracy(class_metrics: pd.DataFrame, thresholds: ShotThresholds = ShotThresholds()) -> pd.DataFrame:
-    """Per trial and shot group: ``accuracy`` on the group's test images and its ``classes``."""
+    """Per trial (``_trial_key``) and shot group: ``accuracy`` on the group's test images and
+    its number of ``classes``."""
     df = class_metrics.assign(shot=thresholds.shot(class_metrics["train_count"]),
                               _recall=pd.to_numeric(class_metrics["accuracy"], errors="coerce"))
     df = df[np.isfinite(df["_recall"])]
     weight = (pd.to_numeric(df["test_count"], errors="coerce").fillna(1.0) if "test_count" in df.columns
               else pd.Series(1.0, index=df.index))
     df = df.assign(_hits=df["_recall"] * weight, _n=weight)
-    g = df.groupby(["trial_id", "shot"])
+    g = df.groupby(_trial_key(df) + ["shot"])
     out = pd.DataFrame({"accuracy": g["_hits"].sum() / g["_n"].sum(), "classes": g.size()})
     return out.reset_index()
 
@@ -107,7 +116,12 @@ def with_trial_metrics(trials: pd.DataFrame, class_metrics: pd.DataFrame | None,
     out = trials.copy()
     for name, values in (("macro_f1", macro_f1(confusion) if confusion is not None else None),
                          ("g_mean", g_mean(class_metrics) if class_metrics is not None else None)):
-        out[name] = out["trial_id"].map(values) if values is not None else np.nan
+        if values is None:
+            out[name] = np.nan
+            continue
+        key = list(values.index.names)
+        joined = out[key].merge(values.reset_index(), on=key, how="left")
+        out[name] = joined[name].to_numpy()
     return out
 
 
@@ -170,8 +184,9 @@ def _mean_traces(fig: go.Figure, stats: pd.DataFrame, col: int, cells: list[str]
 
 
 def _labelled_values(trials: pd.DataFrame, values: pd.DataFrame) -> pd.DataFrame:
-    """``values`` (trial_id, value...) joined to the labelled trials, with their cell label."""
-    df = trials.merge(values, on="trial_id", how="inner", suffixes=("_trial", ""))
+    """``values`` (per-trial rows) joined to the labelled trials, with their cell label."""
+    key = [c for c in _trial_key(values) if c in trials.columns]
+    df = trials.merge(values, on=key, how="inner", suffixes=("_trial", ""))
     return df.assign(cell=_cell_label(df))
 
 
@@ -219,10 +234,11 @@ def recall_heatmap(trials: pd.DataFrame, class_metrics: pd.DataFrame) -> go.Figu
     averaging by label would mix majority and minority classes.
     """
     cm = class_metrics.assign(_recall=pd.to_numeric(class_metrics["accuracy"], errors="coerce"))
-    cm = cm.sort_values(["trial_id", "train_count", "class"], ascending=[True, False, True], kind="stable")
-    cm["position"] = cm.groupby("trial_id").cumcount()
-    df = _labelled_values(trials[trials["status"].eq(Status.OK)], cm[["trial_id", "position", "train_count",
-                                                                       "_recall"]])
+    key = _trial_key(cm)
+    cm = cm.sort_values(key + ["train_count", "class"], ascending=[True] * len(key) + [False, True],
+                        kind="stable")
+    cm["position"] = cm.groupby(key).cumcount()
+    df = _labelled_values(trials[trials["status"].eq(Status.OK)], cm[key + ["position", "train_count", "_recall"]])
     if df.empty:
         raise ValueError("no per-class recall of finished trials")
     cells, arms = _ordered(df)
@@ -259,10 +275,10 @@ def default_confusion_trial(trials: pd.DataFrame, confusion: pd.DataFrame) -> st
     return str(order.sort_values(["_base", "_rho", "repeat", "trial_id"], kind="stable")["trial_id"].iloc[0])
 
 
-def confusion_figure(confusion: pd.DataFrame, trial_id: str, title: str = "") -> go.Figure:
-    """One trial's confusion matrix: colour = share of the true class's test images (rows
-    sum to 100 %), hover = the count."""
-    c = confusion[confusion["trial_id"] == trial_id]
+def confusion_figure(confusion: pd.DataFrame, trial_id: str, title: str = "", grid: str | None = None) -> go.Figure:
+    """One trial's confusion matrix (of ``grid`` when given): colour = share of the true
+    class's test images (rows sum to 100 %), hover = the count."""
+    c = confusion[confusion["trial_id"].eq(trial_id) & (confusion["grid"].eq(grid) if grid is not None else True)]
     if c.empty:
         raise ValueError(f"no confusion rows for trial {trial_id}")
     k = int(max(c["true_class"].max(), c["predicted_class"].max())) + 1
@@ -309,11 +325,13 @@ def longtail_figures(trials: pd.DataFrame, tables: ClassTables,
         tid = default_confusion_trial(trials, conf)
     except ValueError as why:
         return out + [FigureResult("longtail-confusion", "Confusion matrix", "", None, str(why))]
-    row = trials[trials["trial_id"] == tid].iloc[0]
-    name = f"{row['arm']}, {_cell_label(trials[trials['trial_id'] == tid]).iloc[0]}, repeat {row['repeat']}"
+    rows = trials[trials["trial_id"] == tid].iloc[:1]
+    row = rows.iloc[0]
+    name = f"{row['arm']}, {_cell_label(rows).iloc[0]}, repeat {row['repeat']}"
+    grid = row["grid"] if "grid" in rows.columns and "grid" in conf.columns else None
     return out + [_build("longtail-confusion", "Confusion matrix", f"Test-set confusion of one network: {name} "
                          "(the baseline in the most imbalanced cell). Rows are true classes.", "",
-                         lambda: confusion_figure(conf, tid, f"Confusion matrix · {name}"))]
+                         lambda: confusion_figure(conf, tid, f"Confusion matrix · {name}", grid))]
 
 
 def _build(fig_id: str, title: str, caption: str, absent: str, make: Callable[[], go.Figure]) -> FigureResult:

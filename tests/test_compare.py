@@ -97,7 +97,8 @@ def test_compare_command_on_a_store() -> None:
     assert all(r["n"] == 2 and r["reference"] == "baseline" for r in rows)
     table = runner.invoke(cli, ["compare", str(LEGACY)])
     assert table.exit_code == 0 and "Wilcoxon" in table.output and "thresholded arms left out" in table.output
-    accuracy = json.loads(runner.invoke(cli, ["compare", str(LEGACY), "--metric", "accuracy", "--format", "json"]).output)
+    accuracy = json.loads(runner.invoke(cli, ["compare", str(LEGACY), "--metric", "accuracy",
+                                              "--format", "json"]).output)
     assert {r["arm"] for r in accuracy} == {"oversampling", "oversampling + thresholding", "thresholding",
                                             "two-phase (oversampling)"}
     g = runner.invoke(cli, ["compare", str(LEGACY), "--metric", "g_mean", "--format", "json"])

@@ -138,3 +138,17 @@ def test_a_store_without_confusion_still_gives_the_other_views() -> None:
     assert all(figs[i].figure is not None for i in ("longtail-shots", "longtail-f1-gmean", "longtail-recall"))
     assert figs["longtail-confusion"].figure is None
     assert "no confusion table" in figs["longtail-confusion"].note
+
+
+def test_the_same_trial_under_two_grids_keeps_each_grids_numbers() -> None:
+    trials, tables = synthetic_store_frames()
+    two = pd.concat([trials.assign(grid="a"), trials.assign(grid="b")], ignore_index=True)
+    cms = pd.concat([tables.class_metrics.assign(grid="a"),
+                     tables.class_metrics.assign(grid="b", accuracy=1.0)], ignore_index=True)
+    conf = pd.concat([tables.confusion.assign(grid="a"), tables.confusion.assign(grid="b")], ignore_index=True)
+    out = with_trial_metrics(two, cms, conf)
+    assert len(out) == len(two)
+    assert out.loc[out["grid"] == "a", "g_mean"].to_numpy() == pytest.approx(np.sqrt(0.9 * 0.2))
+    assert (out.loc[out["grid"] == "b", "g_mean"] == 1.0).all()
+    assert out["macro_f1"].notna().all()
+    assert (shot_accuracy(cms).groupby("grid").size() == len(trials) * 2).all()  # many and few per trial
