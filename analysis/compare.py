@@ -80,7 +80,7 @@ def trials_for(root: str, metric: str) -> pd.DataFrame:
     if not results.has(_SOURCE[metric]):
         raise CompareError(f"{metric} needs the {_SOURCE[metric]} table, which this store does not have "
                            "(written by an older version)")
-    tables = read_class_tables(results, trials)
+    tables = read_class_tables(results, trials, names=(_SOURCE[metric],))
     return with_trial_metrics(trials, tables.class_metrics, tables.confusion)
 
 

@@ -19,7 +19,7 @@ a test dependency (tests check these numbers against it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +119,9 @@ def with_trial_metrics(trials: pd.DataFrame, class_metrics: pd.DataFrame | None,
         if values is None:
             out[name] = np.nan
             continue
-        key = list(values.index.names)
+        key = [k for k in values.index.names if k in out.columns]
+        if len(key) < values.index.nlevels:  # tables with a grid column, trials without one
+            values = values.groupby(level=key).mean()
         joined = out[key].merge(values.reset_index(), on=key, how="left")
         out[name] = joined[name].to_numpy()
     return out
@@ -133,13 +135,15 @@ class ClassTables:
     confusion: pd.DataFrame | None
 
 
-def read_class_tables(results: Results, trials: pd.DataFrame, grid: str | None = None) -> ClassTables:
-    """``class_metrics`` and ``confusion`` rows of ``trials`` (committed packs only)."""
+def read_class_tables(results: Results, trials: pd.DataFrame, grid: str | None = None,
+                      names: Sequence[str] = (CLASS_METRICS, CONFUSION)) -> ClassTables:
+    """The ``class_metrics`` and ``confusion`` rows of ``trials`` (committed packs only); only
+    the tables in ``names`` are read (confusion is the large one), the others are None."""
     ids = set(trials["trial_id"])
     filters = [("grid", "==", grid)] if grid is not None else None
 
     def read(name: str) -> pd.DataFrame | None:
-        if not results.has(name):
+        if name not in names or not results.has(name):
             return None
         df = results.table(name, filters=filters)
         return df[df["trial_id"].isin(ids)]
@@ -149,20 +153,25 @@ def read_class_tables(results: Results, trials: pd.DataFrame, grid: str | None =
 
 # -- figures -----------------------------------------------------------------------------
 def _cell_label(df: pd.DataFrame) -> pd.Series:
-    """"ρ = 100, μ = 0.5" (step) or "linear, ρ = 100", prefixed by dataset · model when mixed."""
+    """"ρ = 100, μ = 0.5" (step) or "linear, ρ = 100", prefixed by dataset · model (and grid)
+    when the frame holds several."""
     rho = pd.to_numeric(df["rho"], errors="coerce").map(lambda v: f"ρ = {v:g}")
     mu = pd.to_numeric(df["mu"], errors="coerce").map(lambda v: f", μ = {v:g}" if np.isfinite(v) else "")
     kind = df["imbalance"].astype(str).map(lambda k: "" if k == "step" else f"{k}, ")
     label = kind + rho + mu
-    if df[["dataset", "model"]].drop_duplicates().shape[0] > 1:
+    experiment = [c for c in ("grid", "dataset", "model") if c in df.columns]
+    if df[experiment].drop_duplicates().shape[0] > 1:
         label = df["dataset"].astype(str) + " · " + df["model"].astype(str) + " · " + label
+        if "grid" in df.columns and df["grid"].nunique() > 1:
+            label = df["grid"].astype(str) + " · " + label
     return label
 
 
 def _ordered(df: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """Cell labels sorted by dataset, model, imbalance, rho, mu; arms in the paper's order."""
+    """Cell labels sorted by grid, dataset, model, imbalance, rho, mu; arms in the paper's order."""
+    order = [c for c in ("grid", "dataset", "model", "imbalance") if c in df.columns] + ["_rho", "_mu"]
     cells = (df.assign(_rho=pd.to_numeric(df["rho"], errors="coerce"), _mu=pd.to_numeric(df["mu"], errors="coerce"))
-             .sort_values(["dataset", "model", "imbalance", "_rho", "_mu"])["cell"].drop_duplicates().tolist())
+             .sort_values(order)["cell"].drop_duplicates().tolist())
     bases = df.drop_duplicates("arm").set_index("arm")["arm_base"]
     arms = sorted(bases.index, key=lambda a: (ORDER.index(bases[a]) if bases[a] in ORDER else len(ORDER), a))
     return cells, arms

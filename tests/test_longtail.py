@@ -152,3 +152,15 @@ def test_the_same_trial_under_two_grids_keeps_each_grids_numbers() -> None:
     assert (out.loc[out["grid"] == "b", "g_mean"] == 1.0).all()
     assert out["macro_f1"].notna().all()
     assert (shot_accuracy(cms).groupby("grid").size() == len(trials) * 2).all()  # many and few per trial
+
+
+def test_cells_of_two_grids_are_not_pooled_in_the_figures() -> None:
+    trials, tables = synthetic_store_frames()
+    two = pd.concat([trials.assign(grid="a"), trials.assign(grid="b")], ignore_index=True)
+    cms = pd.concat([tables.class_metrics.assign(grid="a"),
+                     tables.class_metrics.assign(grid="b", accuracy=1.0)], ignore_index=True)
+    fig = shot_figure(two, cms)
+    many = [t for t in fig.data if t.xaxis == "x" and t.name == "baseline"][0]
+    assert list(many.x) == ["a · mnist · lenet5 · ρ = 10, μ = 0.5", "a · mnist · lenet5 · ρ = 100, μ = 0.5",
+                            "b · mnist · lenet5 · ρ = 10, μ = 0.5", "b · mnist · lenet5 · ρ = 100, μ = 0.5"]
+    assert list(many.y) == pytest.approx([90.0, 90.0, 100.0, 100.0])
