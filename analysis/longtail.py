@@ -295,7 +295,8 @@ def confusion_figure(confusion: pd.DataFrame, trial_id: str, title: str = "", gr
     counts[c["true_class"].to_numpy(), c["predicted_class"].to_numpy()] = c["count"].to_numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         share = counts / counts.sum(axis=1, keepdims=True) * PERCENT
-    fig = go.Figure(go.Heatmap(z=np.round(share, 2), customdata=counts, x=list(range(k)), y=list(range(k)),
+    # 4-byte values: a 1000-class matrix is a million cells of the page's JSON.
+    fig = go.Figure(go.Heatmap(z=share.astype(np.float32), customdata=counts.astype(np.int32), x=list(range(k)), y=list(range(k)),
                                colorscale="Blues", zmin=0, zmax=100, colorbar={"title": "% of true class"},
                                hovertemplate="true %{y} → predicted %{x}: %{customdata} images "
                                              "(%{z:.1f}%)<extra></extra>"))
