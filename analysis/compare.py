@@ -19,6 +19,15 @@ Pure pandas / scipy / statsmodels on the ``trials`` frame; no statistic is writt
   (``scipy.stats.friedmanchisquare``) and the Nemenyi critical difference
   ``q_alpha * sqrt(k (k + 1) / (6 N))`` with ``q_alpha`` from the studentized range
   (``scipy.stats.studentized_range``) over ``sqrt(2)``.
+
+Metrics: the ``trials`` columns ``roc_auc``, ``accuracy`` and ``balanced_accuracy``, and
+the per-trial long-tail metrics ``macro_f1`` and ``g_mean`` (:mod:`analysis.longtail`;
+:func:`trials_for` adds them from the ``confusion`` and ``class_metrics`` tables).
+
+For ``roc_auc`` thresholded arms are left out of the tests and the ranking: thresholding
+divides each class's scores by one constant, which leaves every one-vs-rest ROC AUC
+unchanged (Buda et al. sec. 4.1), so a thresholded arm only repeats its raw arm's numbers
+and would inflate the multiple-testing correction and tie the ranks.
 """
 
 from __future__ import annotations
@@ -32,10 +41,16 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.aggregate import BASELINE, CELL, method_label, select_lr_runs, with_labels
+from analysis.figures import FigureResult
+from analysis.load import Results
+from analysis.longtail import LONGTAIL_METRICS, read_class_tables, with_trial_metrics
 from sweep.core.errors import UserError
-from sweep.store.schema import Status
+from sweep.store.schema import CLASS_METRICS, CONFUSION, TRIALS, Status
 
-METRICS = ("roc_auc", "accuracy", "balanced_accuracy")
+METRICS = ("roc_auc", "accuracy", "balanced_accuracy", *LONGTAIL_METRICS)
+# Thresholding leaves ROC AUC unchanged (module doc): these metrics compare raw arms only.
+RAW_ONLY = ("roc_auc",)
+_SOURCE = {"macro_f1": CONFUSION, "g_mean": CLASS_METRICS}  # the table a long-tail metric needs
 GROUPINGS = tuple(CELL)  # groups of cells; arms (method, loss, evaluation) are compared within them
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 2000
@@ -54,8 +69,29 @@ def _check(trials: pd.DataFrame, metric: str, by: Sequence[str]) -> None:
         raise CompareError(f"unknown grouping {', '.join(map(repr, bad))} (allowed: {', '.join(GROUPINGS)})")
 
 
+def trials_for(root: str, metric: str) -> pd.DataFrame:
+    """The store's ``trials``, with ``metric``'s column added when it is a long-tail metric."""
+    if metric not in METRICS:
+        raise CompareError(f"unknown metric {metric!r} (allowed: {', '.join(METRICS)})")
+    results = Results(root)
+    trials = results.table(TRIALS)
+    if metric not in LONGTAIL_METRICS:
+        return trials
+    if not results.has(_SOURCE[metric]):
+        raise CompareError(f"{metric} needs the {_SOURCE[metric]} table, which this store does not have "
+                           "(written by an older version)")
+    tables = read_class_tables(results, trials, names=(_SOURCE[metric],))
+    return with_trial_metrics(trials, tables.class_metrics, tables.confusion)
+
+
 def _values(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One finite value per (cell, repeat, arm): ok rows, one network per lr search."""
+    """One finite value per (cell, repeat, arm): ok rows, one network per lr search; for
+    ``RAW_ONLY`` metrics raw evaluations only."""
+    if metric not in trials.columns:
+        raise CompareError(f"the trials have no {metric} column"
+                           + (" (use trials_for to add it)" if metric in LONGTAIL_METRICS else ""))
+    if metric in RAW_ONLY and "evaluation" in trials.columns:
+        trials = trials[~trials["evaluation"].eq("threshold")]
     df = with_labels(select_lr_runs(trials, metric))
     df = df[df["status"].eq(Status.OK)].copy()
     df["value"] = pd.to_numeric(df[metric], errors="coerce")
@@ -87,7 +123,8 @@ def paired_tests(trials: pd.DataFrame, metric: str = "roc_auc", by: Sequence[str
     known = set(df["arm"])
     for a in [reference, *(arms or [])]:
         if a not in known:
-            raise CompareError(f"no arm {a!r} in the store (arms: {', '.join(sorted(known))})")
+            left_out = f"; thresholded arms are left out for {metric}" if metric in RAW_ONLY else ""
+            raise CompareError(f"no arm {a!r} in the store (arms: {', '.join(sorted(known))}{left_out})")
     pair_key = CELL + ["repeat"]  # ``by`` holds cell columns only: they are part of it
     one = df.groupby(pair_key + ["arm"], dropna=False)["value"].mean().rename("value").reset_index()
     ref = one[one["arm"] == reference].drop(columns="arm")
@@ -203,3 +240,27 @@ def cd_diagram(r: Ranking, metric: str = "roc_auc"):
               f"p = {r.p_value:.2g}", xaxis={"title": "average rank", "range": [k + 0.5, 0.5]},
         yaxis={"visible": False, "range": [-0.6, level + 0.3]}, height=320 + 12 * k)
     return fig
+
+
+REPORT_RANKINGS = ("roc_auc", "accuracy")  # the report's CD diagrams
+
+
+def cd_figures(trials: pd.DataFrame, metrics: Sequence[str] = REPORT_RANKINGS) -> list[FigureResult]:
+    """The report's critical-difference diagrams, one per metric, over every arm (raw and
+    thresholded where present; raw only for ROC AUC), or why one cannot be drawn."""
+    out = []
+    for metric in metrics:
+        fig_id, title = f"cd-{metric}", f"Critical-difference diagram · {metric}"
+        try:
+            r = ranking(trials, metric)
+        except CompareError as why:
+            out.append(FigureResult(fig_id, title, "", None, str(why)))
+            continue
+        left_out = (" Thresholded arms are left out: thresholding leaves ROC AUC unchanged."
+                    if metric in RAW_ONLY else " Raw and thresholded evaluations are separate arms.")
+        caption = (f"Demšar's ranking: arms ranked within each of the {r.blocks} cells that have them all "
+                   f"(repeats averaged; 1 = best). Arms joined by a bar are within the Nemenyi critical "
+                   f"difference (alpha {r.alpha:g}) of each other.{left_out} `sweep compare --ranking "
+                   f"--metric {metric}` prints the numbers.")
+        out.append(FigureResult(fig_id, title, caption, cd_diagram(r, metric)))
+    return out

@@ -33,8 +33,10 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from analysis.aggregate import CELL, best_methods, summarize, with_labels
+from analysis.compare import cd_figures
 from analysis.figures import FigureResult, buda_figures, color_of, figure_points, prepare
 from analysis.load import Results
+from analysis.longtail import longtail_figures, read_class_tables
 from sweep.core.errors import UserError
 from sweep.store.schema import CURVES, LATENT_STATS, TRIALS, Status, StoreError, spec_columns
 
@@ -333,6 +335,24 @@ def _latent_results(store: Results, grid: str | None, trials: pd.DataFrame) -> l
             for fig_id, title, caption, fig in made]
 
 
+# -- verdicts and long-tail views --------------------------------------------------------
+def _verdict_results(store: Results, grid: str | None, trials: pd.DataFrame) -> list[FigureResult]:
+    """Critical-difference diagrams and the long-tail views; a store without the tables
+    they need gets a note per figure, and a bug here never costs the rest of the report."""
+    if trials.empty:
+        return []
+    out: list[FigureResult] = []
+    for fig_id, title, make in (("cd", "Critical-difference diagrams", lambda: cd_figures(trials)),
+                                ("longtail", "Long-tail views",
+                                 lambda: longtail_figures(trials, read_class_tables(store, trials, grid)))):
+        try:
+            out += make()
+        except Exception as exc:
+            log.exception("%s figures failed", fig_id)
+            out.append(FigureResult(fig_id, title, "", None, f"could not be drawn: {type(exc).__name__}: {exc}"))
+    return out
+
+
 # -- the report ----------------------------------------------------------------------
 class ReportError(UserError, OSError):
     """The report cannot be written where it was asked for."""
@@ -381,6 +401,7 @@ def write_report(store_root: str, out_path: str, *, dataset: str | None = None, 
     curves = _read_curves(store, trials, grid)
     figures = buda_figures(trials, curves) if not trials.empty else [
         FigureResult(f"buda-fig{i}", f"Fig. {i}", "", None, "no trials") for i in range(3, 9)]
+    figures += _verdict_results(store, grid, trials)
     figures += _latent_results(store, grid, trials)
     expected = _expected(store, grids, dataset, model)
     incomplete, missing = _incomplete_cells(trials, expected, set(raw["trial_id"]) if not raw.empty else set())

@@ -266,7 +266,8 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
 
 @cli.command()
 @click.argument("store_dir")
-@click.option("--metric", default="roc_auc", show_default=True, help="roc_auc, accuracy or balanced_accuracy.")
+@click.option("--metric", default="roc_auc", show_default=True,
+              help="roc_auc, accuracy, balanced_accuracy, macro_f1 or g_mean.")
 @click.option("--by", default="rho,mu", show_default=True, help="Comma-separated cell columns to group by.")
 @click.option("--reference", default=None, help="The arm others are compared with (default: baseline).")
 @click.option("--arms", default=None, help="Comma-separated arms to compare (default: all).")
@@ -274,26 +275,30 @@ def query(store_dir: str, sql: str, fmt: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 def compare(store_dir: str, metric: str, by: str, reference: str | None, arms: str | None, ranking: bool,
             fmt: str) -> None:
-    """Paired tests of every method against a reference, with Holm and BH adjusted p-values."""
-    from analysis.compare import REFERENCE, paired_tests, ranking as rank_arms
-    from analysis.load import load
+    """Paired tests of every method against a reference, with Holm and BH adjusted p-values.
+
+    For roc_auc thresholded arms are left out: thresholding leaves ROC AUC unchanged."""
+    from analysis.compare import RAW_ONLY, REFERENCE, paired_tests, ranking as rank_arms, trials_for
     from sweep.store.query import format_result
 
     _existing_store(store_dir)
-    trials = load(store_dir)
+    trials = trials_for(store_dir, metric)
+    raw_only = (f"; thresholded arms left out: thresholding leaves {metric} unchanged"
+                if metric in RAW_ONLY else "")
     chosen = [a for a in (arms or "").split(",") if a] or None
     if ranking:
         r = rank_arms(trials, metric, chosen)
         click.echo(format_result(r.ranks, fmt))
         if fmt == "table":
             click.echo(f"Friedman chi2 = {r.statistic:.3f}, p = {r.p_value:.3g} over {r.blocks} cells; "
-                       f"Nemenyi critical difference {r.critical_difference:.3f} (alpha {r.alpha:g})")
+                       f"Nemenyi critical difference {r.critical_difference:.3f} (alpha {r.alpha:g}){raw_only}")
         return
     table = paired_tests(trials, metric, [c for c in by.split(",") if c], reference or REFERENCE, chosen)
     click.echo(format_result(table, fmt))
     if fmt == "table":
         click.echo("pairs: the same training set (cell and repeat); p: Wilcoxon signed-rank (exact for small "
-                   "n) and paired t, adjusted over all rows (Holm; Benjamini-Hochberg); median CI: bootstrap 95 %")
+                   "n) and paired t, adjusted over all rows (Holm; Benjamini-Hochberg); median CI: bootstrap 95 %"
+                   + raw_only)
 
 
 @cli.command()

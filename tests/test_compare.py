@@ -92,11 +92,74 @@ def test_compare_command_on_a_store() -> None:
     out = runner.invoke(cli, ["compare", str(LEGACY), "--format", "json"])
     assert out.exit_code == 0, out.output
     rows = json.loads(out.output)
-    assert {r["arm"] for r in rows} == {"oversampling", "oversampling + thresholding", "thresholding",
-                                        "two-phase (oversampling)"}
+    # ROC AUC: thresholded arms would only repeat their raw arms' numbers.
+    assert {r["arm"] for r in rows} == {"oversampling", "two-phase (oversampling)"}
     assert all(r["n"] == 2 and r["reference"] == "baseline" for r in rows)
     table = runner.invoke(cli, ["compare", str(LEGACY)])
-    assert table.exit_code == 0 and "Wilcoxon" in table.output
-    for args, needle in ((["--metric", "auc"], "unknown metric"), (["--by", "colour"], "unknown grouping")):
+    assert table.exit_code == 0 and "Wilcoxon" in table.output and "thresholded arms left out" in table.output
+    accuracy = json.loads(runner.invoke(cli, ["compare", str(LEGACY), "--metric", "accuracy",
+                                              "--format", "json"]).output)
+    assert {r["arm"] for r in accuracy} == {"oversampling", "oversampling + thresholding", "thresholding",
+                                            "two-phase (oversampling)"}
+    g = runner.invoke(cli, ["compare", str(LEGACY), "--metric", "g_mean", "--format", "json"])
+    assert g.exit_code == 0 and len(json.loads(g.output)) == 4, g.output
+    for args, needle in ((["--metric", "auc"], "unknown metric"), (["--by", "colour"], "unknown grouping"),
+                         (["--metric", "macro_f1"], "macro_f1 needs the confusion table"),
+                         (["--arms", "thresholding"], "thresholded arms are left out for roc_auc")):
         bad = runner.invoke(cli, ["compare", str(LEGACY), *args])
         assert bad.exit_code == 1 and needle in bad.output
+
+
+def with_thresholded(trials: pd.DataFrame) -> pd.DataFrame:
+    """Each network evaluated again after thresholding: the same ROC AUC, another accuracy."""
+    thr = trials.assign(evaluation="threshold", accuracy=trials["accuracy"] + 0.05)
+    return pd.concat([trials, thr], ignore_index=True)
+
+
+def test_roc_auc_leaves_thresholded_arms_out_of_tests_and_ranking() -> None:
+    trials = with_thresholded(synthetic())
+    auc = paired_tests(trials, "roc_auc", by=("rho",))
+    assert set(auc["arm"]) == {"oversampling", "undersampling"}
+    # ... so the correction runs over 6 comparisons, as without the thresholded copies.
+    plain = paired_tests(synthetic(), "roc_auc", by=("rho",))
+    np.testing.assert_allclose(auc["p_wilcoxon_holm"], plain["p_wilcoxon_holm"])
+    assert set(ranking(trials, "roc_auc").ranks["arm"]) == {"baseline", "oversampling", "undersampling"}
+    acc = paired_tests(trials, "accuracy", by=("rho",))
+    assert {"thresholding", "oversampling + thresholding"} <= set(acc["arm"])
+    assert len(ranking(trials, "accuracy").ranks) == 6
+
+
+def test_macro_f1_and_g_mean_are_compared_per_trial(tmp_path) -> None:
+    """A store with class_metrics and confusion: trials_for adds both metrics, which the
+    tests pair like any other; a missing column is a clear error."""
+    from analysis.compare import trials_for
+    from sweep.store.results import ResultStore
+
+    trials = synthetic(repeats=3)
+    trials["trial_id"] = trials["network_id"]
+    trials["created_at"] = pd.Timestamp("2026-01-01", tz="UTC")
+    shift = trials["method"].map({"baseline": 0, "oversampling": 2, "undersampling": 1}).to_numpy()
+    classes, conf = [], []
+    for tid, s in zip(trials["trial_id"], shift):
+        # 2 classes x 10 test images; a better arm gets more of class 1 right.
+        hits = 5 + s
+        classes += [{"trial_id": tid, "class": 0, "train_count": 100, "test_count": 10, "accuracy": 1.0},
+                    {"trial_id": tid, "class": 1, "train_count": 10, "test_count": 10, "accuracy": hits / 10}]
+        conf += [{"trial_id": tid, "true_class": 0, "predicted_class": 0, "count": 10},
+                 {"trial_id": tid, "true_class": 1, "predicted_class": 1, "count": hits},
+                 {"trial_id": tid, "true_class": 1, "predicted_class": 0, "count": 10 - hits}]
+    store = ResultStore(str(tmp_path))
+    store.write_pack("p", "g", {"trials": trials.drop(columns="grid"), "class_metrics": classes, "confusion": conf})
+    loaded = trials_for(str(tmp_path), "g_mean")
+    by_method = loaded.groupby("method")["g_mean"].mean()
+    assert by_method.to_dict() == pytest.approx({"baseline": 0.5 ** 0.5, "oversampling": 0.7 ** 0.5,
+                                                 "undersampling": 0.6 ** 0.5})
+    table = paired_tests(loaded, "g_mean", by=("rho",))
+    assert (table.loc[table["arm"] == "oversampling", "mean_diff"] > 0).all()
+    f1 = trials_for(str(tmp_path), "macro_f1")
+    base = f1.loc[f1["method"] == "baseline", "macro_f1"].iloc[0]
+    # class 0: TP 10, FP 5, FN 0 -> 20/25; class 1: TP 5, FN 5 -> 10/15.
+    assert base == pytest.approx((20 / 25 + 10 / 15) / 2)
+    assert set(ranking(f1, "macro_f1").ranks["arm"]) == set(SHIFT)
+    with pytest.raises(CompareError, match="no macro_f1 column"):
+        paired_tests(synthetic(), "macro_f1")

@@ -95,7 +95,10 @@ def test_nan_member_gives_nan_not_exception() -> None:
     logits[1, 3, 1] = float("nan")
     out = evaluate(logits, labels, torch.full((3, 3), 1 / 3), 3)
     for name in ("raw", "threshold"):
+        assert out[name]["confusion"][1].sum() == 0 and out[name]["confusion"][0].sum() == 50
         for key, v in out[name].items():
+            if key == "confusion":  # counts: a diverged member has none (checked above)
+                continue
             assert torch.isnan(v[1]).all(), (name, key)
             assert torch.isfinite(v[0]).all() and torch.isfinite(v[2]).all(), (name, key)
 
@@ -155,7 +158,7 @@ def test_evaluate_matches_components_and_keys() -> None:
     priors = counts / counts.sum(1, keepdim=True)
     out = evaluate(logits, labels, priors, k)
     assert set(out) == {"raw", "threshold"}
-    keys = {"roc_auc", "class_roc_auc", "accuracy", "balanced_accuracy", "class_accuracy"}
+    keys = {"roc_auc", "class_roc_auc", "accuracy", "balanced_accuracy", "class_accuracy", "confusion"}
     assert set(out["raw"]) == keys and set(out["threshold"]) == keys
     probs = torch.softmax(logits.double(), dim=2)
     macro, per_class = roc_auc_ovr(probs, labels)
@@ -168,6 +171,35 @@ def test_evaluate_matches_components_and_keys() -> None:
         torch.testing.assert_close(out["raw"][key], raw[key])
         torch.testing.assert_close(out["threshold"][key], thr[key])
     assert set(evaluate(logits, labels, None, k)) == {"raw"}
+
+
+def test_confusion_counts_match_sklearn_and_the_recalls() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(7)
+    p, n, k = 3, 200, 4
+    logits = torch.from_numpy(rng.normal(size=(p, n, k)))
+    labels = torch.from_numpy(rng.integers(0, k, size=n))
+    priors = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * p)
+    out = evaluate(logits, labels, priors, k)
+    for ev in ("raw", "threshold"):
+        conf = out[ev]["confusion"]
+        assert conf.dtype == torch.int64 and conf.shape == (p, k, k)
+        scores = logits.log_softmax(2) - (priors.log()[:, None, :] if ev == "threshold" else 0)
+        for i in range(p):
+            expected = confusion_matrix(labels.numpy(), scores[i].argmax(1).numpy(), labels=range(k))
+            np.testing.assert_array_equal(conf[i].numpy(), expected)
+        # The diagonal over the row sums is class_accuracy (per-class recall).
+        recall = conf.diagonal(dim1=1, dim2=2).double() / conf.sum(2).double()
+        torch.testing.assert_close(recall, out[ev]["class_accuracy"])
+    assert not torch.equal(out["raw"]["confusion"], out["threshold"]["confusion"])
+
+
+def test_confusion_of_a_diverged_member_is_empty() -> None:
+    logits = torch.zeros(2, 5, 3)
+    logits[1, 0, 0] = float("nan")
+    conf = evaluate(logits, torch.tensor([0, 1, 2, 0, 1]), None, 3)["raw"]["confusion"]
+    assert conf[0].sum() == 5 and conf[1].sum() == 0
 
 
 def test_chunking_gives_same_result(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ while it widens the unpaired intervals.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import math
@@ -16,6 +17,7 @@ import statistics
 import threading
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import pytest
@@ -23,6 +25,7 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from analysis import figures as F
+from analysis.compare import ranking
 from analysis.aggregate import (best_methods, method_label, paired_vs_baseline, select_lr_runs,
                                 summarize, with_labels)
 from analysis.report import ReportSummary, write_report
@@ -102,8 +105,10 @@ def curve_rows(trials: list[dict]) -> list[dict]:
     return out
 
 
-def write_store(root: Path, rows: list[dict], curves: list[dict] | None = None) -> ResultStore:
-    """One pack per imbalance kind, as a sweep would write them."""
+def write_store(root: Path, rows: list[dict], curves: list[dict] | None = None,
+                extra: dict[str, list[dict]] | None = None) -> ResultStore:
+    """One pack per imbalance kind, as a sweep would write them (``extra``: more tables, each
+    row stored with its network's pack)."""
     store = ResultStore(str(root))
     by_pack: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
@@ -113,6 +118,8 @@ def write_store(root: Path, rows: list[dict], curves: list[dict] | None = None) 
         tables = {"trials": trials}
         if curves:
             tables["curves"] = [c for c in curves if c["network_id"] in nets]
+        for name, table in (extra or {}).items():
+            tables[name] = [r for r in table if r["network_id"] in nets]
         store.write_pack(pack, grid, tables)
     return store
 
@@ -127,6 +134,14 @@ def trials() -> pd.DataFrame:
 def fig_json(fig: go.Figure) -> dict:
     """The figure as the browser gets it (plain JSON)."""
     return json.loads(fig.to_json())
+
+
+def values(v: object) -> object:
+    """A JSON array as a list, also in plotly's typed-array form ({dtype, bdata, shape})."""
+    if isinstance(v, dict) and "bdata" in v:
+        a = np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"])
+        return a.reshape([int(x) for x in v["shape"].split(",")]).tolist() if "shape" in v else a.tolist()
+    return v
 
 
 def mean_traces(fig: go.Figure) -> list[dict]:
@@ -422,8 +437,13 @@ def test_write_report_is_one_offline_file_with_every_figure(tmp_path):
     out = tmp_path / "report.html"
     summary = write_report(str(tmp_path / "store"), str(out))
     assert isinstance(summary, ReportSummary)
-    assert summary.figures == ["buda-fig3", "buda-fig4", "buda-fig5", "buda-fig6", "buda-fig8"]
-    assert set(summary.skipped) == {"buda-fig7"}
+    assert summary.figures == ["buda-fig3", "buda-fig4", "buda-fig5", "buda-fig6", "buda-fig8",
+                               "cd-roc_auc", "cd-accuracy"]
+    # trials only: the long-tail views say which table they need instead of failing
+    assert set(summary.skipped) == {"buda-fig7", "longtail-shots", "longtail-f1-gmean", "longtail-recall",
+                                    "longtail-confusion"}
+    assert "no class_metrics table" in summary.skipped["longtail-shots"]
+    assert "no confusion table" in summary.skipped["longtail-confusion"]
     assert summary.evaluations == len(rows) and summary.networks == 6 * 3 * 3
     assert summary.status_counts == {"ok": len(rows)}
     assert summary.summary_rows == 12 and summary.incomplete_cells == 0
@@ -438,9 +458,56 @@ def test_write_report_is_one_offline_file_with_every_figure(tmp_path):
     expected = fig_json(F.fig3_auc_vs_rho(df))
     assert [t["y"] for t in blocks["buda-fig3"]["data"]] == [t["y"] for t in expected["data"]]
     assert "Each point rests on n = 3 networks" in text
+    # the CD diagrams are the rankings of analysis.compare; ROC AUC without thresholded arms
+    for metric in ("roc_auc", "accuracy"):
+        r = ranking(F.prepare(df), metric)
+        drawn = blocks[f"cd-{metric}"]["data"][0]
+        assert drawn["text"] == r.ranks["arm"].tolist()
+        assert values(drawn["x"]) == pytest.approx(r.ranks["average_rank"].tolist())
+    assert not any("thresholding" in a for a in blocks["cd-roc_auc"]["data"][0]["text"])
+    assert "thresholding" in blocks["cd-accuracy"]["data"][0]["text"]
     assert "Partial re-sampling" in text or "partial re-sampling" in text  # the skipped note
     assert "oversampling + thresholding" in text  # summary table
     assert str(tmp_path / "store") in text
+
+
+def class_tables(rows: list[dict]) -> dict[str, list[dict]]:
+    """class_metrics and confusion of every ok trial: 10 classes, the last one a 10-image
+    minority class that the baseline gets half right and others fully."""
+    cms, conf = [], []
+    for t in rows:
+        if t["status"] != "ok":
+            continue
+        hits = 5 if t["method"] == "baseline" else 10
+        for c in range(10):
+            right = hits if c == 9 else 10
+            cms.append({"trial_id": t["trial_id"], "network_id": t["network_id"], "evaluation": t["evaluation"],
+                        "class": c, "train_count": 10 if c == 9 else 1000, "sampled_count": 1000,
+                        "test_count": 10, "accuracy": right / 10, "roc_auc": 0.9})
+            conf.append({"trial_id": t["trial_id"], "network_id": t["network_id"], "evaluation": t["evaluation"],
+                         "true_class": c, "predicted_class": c, "count": right})
+            if right < 10:
+                conf.append({**conf[-1], "predicted_class": 0, "count": 10 - right})
+    return {"class_metrics": cms, "confusion": conf}
+
+
+def test_report_draws_the_long_tail_views_from_class_metrics_and_confusion(tmp_path):
+    rows = known_rows()
+    write_store(tmp_path / "store", rows, extra=class_tables(rows))
+    out = tmp_path / "report.html"
+    summary = write_report(str(tmp_path / "store"), str(out))
+    assert {"longtail-shots", "longtail-f1-gmean", "longtail-recall", "longtail-confusion"} <= set(summary.figures)
+    text = out.read_text(encoding="utf-8")
+    blocks = figure_blocks(text)
+    assert "many-shot: &gt; 100 training images" in text or "many-shot: > 100 training images" in text
+    shots = blocks["longtail-shots"]
+    assert [a["text"] for a in shots["layout"]["annotations"]] == ["many-shot classes", "few-shot classes"]
+    few_base = [t for t in shots["data"] if t["xaxis"] == "x2" and t["name"] == "baseline"][0]
+    assert set(values(few_base["y"])) == {50.0}
+    # the confusion matrix is the baseline's, in the most imbalanced cell, first repeat
+    counts = values(blocks["longtail-confusion"]["data"][0]["customdata"])
+    assert counts[9][9] == 5 and counts[9][0] == 5 and counts[0][0] == 10
+    assert "baseline, linear, ρ = 100, repeat 0" in blocks["longtail-confusion"]["layout"]["title"]["text"]
 
 
 def test_report_names_cells_with_fewer_repeats_and_failures(tmp_path):

@@ -43,8 +43,9 @@ def headless(browser: str, profile: Path, *args: str) -> subprocess.CompletedPro
 
 
 def small_store(root: Path) -> None:
-    """Step, linear and thresholded evaluations with curves (five Buda figures) and latent
-    statistics of two networks (Dablain's figures and tables, plotly tables among them)."""
+    """Step, linear and thresholded evaluations with curves (five Buda figures), per-class
+    tables (CD diagrams and long-tail views) and latent statistics of two networks (Dablain's
+    figures and tables, plotly tables among them)."""
     store = ResultStore(str(root))
     trials, curves = [], []
     for imbalance, rho, mu in [("step", 10.0, 0.2), ("step", 100.0, 0.2), ("step", 10.0, 0.5),
@@ -66,8 +67,26 @@ def small_store(root: Path) -> None:
                     for split in ("test", "train"):
                         curves.append({"network_id": net, "iter": it, "split": split,
                                        "accuracy": 0.5 + it / 1000 + 0.01 * repeat})
-    store.write_pack("p1", "browser", {"trials": trials, "curves": curves,
+    store.write_pack("p1", "browser", {"trials": trials, "curves": curves, **class_tables(trials),
                                        "latent_stats": latent_stats([t["network_id"] for t in trials[:4:2]])})
+
+
+def class_tables(trials: list[dict]) -> dict[str, list[dict]]:
+    """class_metrics and confusion of every trial (4 classes, classes 2-3 the minority): the
+    long-tail views."""
+    cms, conf = [], []
+    for t in trials:
+        minority = (2, 3) if t["imbalance"] == "step" else (3,)
+        big = 1000 if t["rho"] == 10.0 else 5000  # rho 10: medium-shot minority, rho 100: few-shot
+        for c in range(4):
+            right = 6 + (t["repeat"] + c) % 4 if c in minority else 10
+            keys = {"trial_id": t["trial_id"], "network_id": t["network_id"], "evaluation": t["evaluation"]}
+            cms.append({**keys, "class": c, "train_count": big // int(t["rho"]) if c in minority else big,
+                        "test_count": 10, "accuracy": right / 10})
+            conf.append({**keys, "true_class": c, "predicted_class": c, "count": right})
+            if right < 10:
+                conf.append({**keys, "true_class": c, "predicted_class": 0, "count": 10 - right})
+    return {"class_metrics": cms, "confusion": conf}
 
 
 def latent_stats(network_ids: list[str]):
@@ -93,6 +112,9 @@ def test_report_renders_every_figure_without_script_errors(tmp_path):
     summary = write_report(str(tmp_path / "store"), str(out))
     assert len([f for f in summary.figures if f.startswith("buda-")]) == 5
     assert {"dablain-fig3", "dablain-fig10", "dablain-table2", "dablain-table3"} <= set(summary.figures)
+    # the verdicts: CD diagrams and every long-tail view are drawn (and checked below like all figures)
+    assert {"cd-roc_auc", "cd-accuracy", "longtail-shots", "longtail-f1-gmean", "longtail-recall",
+            "longtail-confusion"} <= set(summary.figures), summary.skipped
     done = headless(browser, tmp_path / "profile", "--dump-dom", out.resolve().as_uri())
     dom = done.stdout
     assert "<body" in dom, done.stderr[-2000:]

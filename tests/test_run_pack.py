@@ -39,6 +39,18 @@ def test_rows_cover_every_evaluation_with_counts(small_mnist):
     assert rows[("undersampling", "raw")]["sampled_counts"] == [10] * 10
     assert all(r["status"] == "ok" and 0.5 < r["roc_auc"] <= 1 for r in result.tables["trials"])
     assert len(result.tables["class_metrics"]) == 10 * g.evaluations
+    # Confusion: every test image counted once per trial, no zero cell stored, and the
+    # diagonal over the row sums is class_metrics' per-class recall.
+    conf = result.tables["confusion"]
+    per_trial = {}
+    for r in conf:
+        assert r["count"] > 0
+        per_trial[r["trial_id"]] = per_trial.get(r["trial_id"], 0) + r["count"]
+    assert per_trial == {t["trial_id"]: 1000 for t in result.tables["trials"]}
+    for c in result.tables["class_metrics"][:10]:
+        cells = [r for r in conf if r["trial_id"] == c["trial_id"] and r["true_class"] == c["class"]]
+        hits = sum(r["count"] for r in cells if r["predicted_class"] == c["class"])
+        assert hits / sum(r["count"] for r in cells) == pytest.approx(c["accuracy"])
 
 
 def test_thresholding_keeps_auc_and_changes_accuracy(small_mnist):

@@ -455,3 +455,38 @@ def test_every_table_is_deduplicated_like_trials(tmp_path):
     sql = query(store.root, "select count(*) as n, min(accuracy) as lo from class_metrics")
     assert sql["n"][0] == 6 and sql["lo"][0] == 0.9
     assert query(store.root, "select count(*) as n from curves")["n"][0] == 1
+
+
+def test_confusion_table_is_deduplicated_compacted_and_queried_like_every_table(tmp_path):
+    """The confusion table (zero cells left out) rides on the generic store: a pack stored
+    twice reads once, in Python, in SQL and after compaction."""
+    import numpy as np
+
+    from sweep.core.grid import expand
+    from sweep.store.compact import compact_store
+    from sweep.store.schema import CONFUSION, Measurement, Status, confusion_rows
+
+    spec = expand({"name": "g", "dataset": "mnist", "model": "lenet5", "recipe": "buda_mnist",
+                   "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"],
+                   "repeats": 1}).specs[0]
+    store = ResultStore(str(tmp_path / "s"))
+
+    def write(at: dt.datetime, diagonal: int) -> None:
+        conf = np.diag([diagonal] * 10)
+        conf[3, 5] = 2  # one off-diagonal cell; the other 89 are zero and not stored
+        m = Measurement(Status.OK, metrics={str(e): {"confusion": conf} for e in spec.evaluations})
+        rows = [r for e in spec.evaluations for r in confusion_rows(spec, e, m)]
+        trials = [{"trial_id": spec.trial_id(e), "network_id": spec.network_id, "status": "ok",
+                   "created_at": at} for e in spec.evaluations]
+        store.write_pack(spec.network_id, "g", {"trials": trials, CONFUSION: rows})
+
+    write(T0, 7)
+    write(T0 + dt.timedelta(seconds=1), 9)  # a rerun of the same pack
+    cells = 11 * len(spec.evaluations)
+    conf = store.read_table(CONFUSION)
+    assert len(conf) == cells and set(conf.loc[conf["true_class"] == conf["predicted_class"], "count"]) == {9}
+    assert set(conf.columns) >= {"trial_id", "network_id", "evaluation", "true_class", "predicted_class", "count"}
+    sql = query(store.root, "select count(*) as n, sum(count) as images from confusion where evaluation = 'raw'")
+    assert sql["n"][0] == 11 and sql["images"][0] == 92
+    compact_store(store.root, str(tmp_path / "c"))
+    assert len(ResultStore(str(tmp_path / "c")).read_table(CONFUSION)) == cells

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["roc_auc_ovr", "classification_metrics", "threshold_scores", "evaluate"]
+__all__ = ["roc_auc_ovr", "classification_metrics", "confusion_counts", "threshold_scores", "evaluate"]
 
 # Elements of a [members, N, K] chunk processed at once. The AUC of one chunk
 # holds about 8 such arrays of 8 bytes (sort values/indices, ranks, labels), so
@@ -154,6 +154,25 @@ def classification_metrics(scores: Tensor, labels: Tensor, num_classes: int) -> 
     }
 
 
+@torch.no_grad()
+def confusion_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> Tensor:
+    """Confusion counts [P, K, K] (int64): ``[p, t, q]`` = images of true class t that member p
+    predicted as q, equal to ``sklearn.metrics.confusion_matrix(labels, predictions[p])``
+    with ``labels=range(K)``.
+
+    ``predictions`` is ``[P, N]`` (from :func:`classification_metrics`); a member with a
+    prediction of -1 (non-finite scores) gets all zeros: it has no decisions to count.
+    """
+    p, n = predictions.shape
+    k = num_classes
+    lab = labels.to(predictions.device).long().expand(p, n)
+    valid = (predictions >= 0).all(dim=1, keepdim=True).expand(p, n)
+    # One flat bin per (member, true, predicted): a single bincount for the whole chunk.
+    flat = (torch.arange(p, device=predictions.device)[:, None] * k + lab) * k + predictions.clamp_min(0)
+    counts = torch.bincount(flat[valid], minlength=p * k * k)
+    return counts.view(p, k, k)
+
+
 def member_balanced_accuracy(scores: Tensor, labels: Tensor) -> Tensor:
     """Balanced accuracy [P] (float64) when members are judged on different images.
 
@@ -207,6 +226,7 @@ def _summary(scores: Tensor, labels: Tensor, num_classes: int, auc: tuple[Tensor
         "accuracy": m["accuracy"],
         "balanced_accuracy": m["balanced_accuracy"],
         "class_accuracy": m["class_accuracy"],
+        "confusion": confusion_counts(m["predictions"], labels, num_classes),
     }
 
 
@@ -218,7 +238,8 @@ def evaluate(
 
     Returns ``{"raw": ..., "threshold": ...}`` (``"threshold"`` only when
     ``priors`` is given), each ``{"roc_auc" [P], "class_roc_auc" [P, K],
-    "accuracy" [P], "balanced_accuracy" [P], "class_accuracy" [P, K]}``, float64.
+    "accuracy" [P], "balanced_accuracy" [P], "class_accuracy" [P, K]}``, float64, and
+    ``"confusion"`` [P, K, K], int64 (:func:`confusion_counts`; the ``confusion`` table).
 
     "raw" scores are softmax probabilities, "threshold" the probabilities
     divided by the priors (:func:`threshold_scores`). Both are computed in log

@@ -15,18 +15,20 @@ import pyarrow.compute as pc
 
 from sweep.core.plan import Pack
 from sweep.store.provenance import provenance
-from sweep.store.schema import CLASS_METRICS, CURVES, LATENT_TABLES, TRIALS, class_rows, trial_row
+from sweep.store.schema import (CLASS_METRICS, CONFUSION, CURVES, LATENT_TABLES, TRIALS, class_rows,
+                                confusion_rows, trial_row)
 from workers.datasets import ArrayDataset
 from workers.members import MemberData
 
 
 def pack_tables(pack: Pack, ds: ArrayDataset, data: dict[str, MemberData], results: dict[str, Any],
                 grid_hash: str, resumed_from: int, device: str) -> dict[str, list[dict[str, Any]]]:
-    """The pack's trials, class_metrics and curves rows (rebuild members are stored already)."""
+    """The pack's trials, class_metrics, confusion and curves rows (rebuild members are stored
+    already)."""
     prov = provenance(grid_hash, device)
     now = dt.datetime.now(dt.timezone.utc)
     test_counts = np.bincount(ds.test_y.numpy(), minlength=ds.num_classes).tolist()
-    trials, classes, curves = [], [], []
+    trials, classes, confusion, curves = [], [], [], []
     for s in pack.stored_specs:
         r, m = results[s.network_id], data[s.network_id]
         counts, sampled = m.counts.tolist(), m.sampled_counts.tolist()
@@ -35,7 +37,8 @@ def pack_tables(pack: Pack, ds: ArrayDataset, data: dict[str, MemberData], resul
             trials.append(trial_row(s, e, pack.pack_id, r.measurement, now, class_counts=counts,
                                     sampled_counts=sampled, resumed_from_iter=resumed_from, provenance=prov))
             classes.extend(class_rows(s, e, r.measurement, counts, sampled, test_counts))
-    return {TRIALS: trials, CLASS_METRICS: classes, CURVES: curves}
+            confusion.extend(confusion_rows(s, e, r.measurement))
+    return {TRIALS: trials, CLASS_METRICS: classes, CONFUSION: confusion, CURVES: curves}
 
 
 def stored_latent(pack: Pack, stages: list[dict[str, Any]]) -> dict[str, Any]:

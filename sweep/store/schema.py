@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+import numpy as np
+
 from sweep.core.errors import UserError
 from sweep.core.spec import Evaluation, ImbalanceKind, TrialSpec
 
 # Table names (also the SQL view names of ``sweep query``).
 TRIALS = "trials"  # one row per evaluation of a network; its file is a pack's commit marker
 CLASS_METRICS = "class_metrics"  # one row per trial and class
+CONFUSION = "confusion"  # one row per trial, true class and predicted class with a count > 0
 CURVES = "curves"  # one row per network, evaluation point and split
 LATENT_STATS = "latent_stats"  # Dablain et al.'s statistics, tidy (workers.latent_tables)
 EMBEDDINGS = "embeddings"  # raw FE vectors of the first networks of a grid
@@ -115,3 +118,21 @@ def class_rows(spec: TrialSpec, evaluation: Evaluation, measurement: Measurement
         "accuracy": float(met["class_accuracy"][c]) if met else nan,
         "roc_auc": float(met["class_roc_auc"][c]) if met else nan,
     } for c in range(len(train_counts))]
+
+
+def confusion_rows(spec: TrialSpec, evaluation: Evaluation, measurement: Measurement) -> list[dict[str, Any]]:
+    """The ``confusion`` rows of one trial: one per (true, predicted) class pair with a count.
+
+    Zero cells are left out, so a 1000-class test set stores at most one row per image
+    rather than a million per trial. A trial without a measured confusion matrix (a failed
+    pack, or a member whose scores were not finite: all zeros) has no rows.
+    """
+    met = measurement.metrics.get(str(evaluation))
+    if not met or met.get("confusion") is None:
+        return []
+    counts = np.asarray(met["confusion"])
+    true, pred = np.nonzero(counts)
+    tid = spec.trial_id(evaluation)
+    return [{"trial_id": tid, "network_id": spec.network_id, "evaluation": str(evaluation),
+             "true_class": int(t), "predicted_class": int(q), "count": int(counts[t, q])}
+            for t, q in zip(true.tolist(), pred.tolist())]
