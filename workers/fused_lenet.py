@@ -24,7 +24,6 @@ check it against ``LeNet5``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ def fused_available(device: torch.device | str) -> bool:
     kind = torch.device(device).type
     if kind == "cuda":
         return torch.cuda.is_available()
-    return kind == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+    return kind == "cpu" and fk.INTERPRETED
 
 
 @dataclass(frozen=True)
