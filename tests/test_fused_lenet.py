@@ -204,8 +204,11 @@ def test_member_trained_in_a_pack_equals_it_trained_alone() -> None:
     _train(pack, FusedSGD(pack, **a), 2, 3, lrs, seed=9)
     one = {k: v[1:2] for k, v in a.items()}
     _train(alone, FusedSGD(alone, **one), 2, 1, lrs[1:2], seed=9, select=slice(1, 2))
+    # The kernels do the same work per member whatever P is: equal bits under the interpreter.
+    # (On a GPU cuBLAS may pick another batched-GEMM algorithm for another batch count.)
+    tol = {"rtol": 0.0, "atol": 0.0} if DEVICE == "cpu" else {"rtol": 1e-6, "atol": 1e-7}
     for k, v in alone.member_state(0).items():
-        torch.testing.assert_close(v, pack.member_state(1)[k], rtol=1e-6, atol=1e-7, msg=k)
+        torch.testing.assert_close(v, pack.member_state(1)[k], **tol, msg=k)
 
 
 def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
