@@ -277,3 +277,24 @@ def test_a_second_backward_accumulates() -> None:
     for n, p in fused.named_parameters():
         torch.testing.assert_close(p.grad, 2 * once[n], msg=n)
     assert torch.equal(fused.flat_grad[:fused.layout.segments[0].numel], fused.conv1.weight.grad.flatten())
+
+
+def test_sixteen_bit_copy_follows_the_master_weights() -> None:
+    """The fp16 copy the fc layers read is written by the SGD pass and re-cast after any other
+    change of the parameters (seen through the version counter)."""
+    ref = _reference(2, seed=14)
+    half = FusedLeNet5.from_lenet(ref, compute_dtype=torch.float16)
+    opt = FusedSGD(half, **_optim_args(2))
+    x = _images(2, 2, seed=15)
+    opt.zero_grad()
+    _loss(half(x)[1], seed=16).backward()
+    opt.step(torch.tensor([0.01, 0.02], device=DEVICE))
+    assert half.flat16_version == half.flat._version  # no re-cast needed before the next forward
+    for w, w16 in zip(half.layout.views(half.flat), half.layout.views(half.flat16)):
+        assert torch.equal(w16, w.half())
+    half.load_member_state(1, ref.member_state(0))
+    fresh = FusedLeNet5.from_lenet(ref, compute_dtype=torch.float16)
+    fresh.load_member_state(1, ref.member_state(0))
+    fresh.load_member_state(0, half.member_state(0))
+    with torch.no_grad():
+        assert torch.equal(half(x)[1], fresh(x)[1])

@@ -289,11 +289,12 @@ def conv_pool_grad_input(w: Tensor, gy: Tensor, arg: Tensor, x_shape: torch.Size
 
 @triton.jit
 def sgd_kernel(w_ptr, g_ptr, buf_ptr, block_seg_ptr, seg_start_ptr, seg_numel_ptr, seg_per_member_ptr,
-               seg_is_bias_ptr, lr_ptr, factor_ptr, momentum_ptr, wd_ptr, BLOCK: tl.constexpr,
-               EMULATE_FMA: tl.constexpr):
+               seg_is_bias_ptr, lr_ptr, factor_ptr, momentum_ptr, wd_ptr, w16_ptr, BLOCK: tl.constexpr,
+               WRITE16: tl.constexpr, EMULATE_FMA: tl.constexpr):
     """One pass over a flat parameter buffer: d = g + wd*w; buf = m*buf + d; w -= rate*buf.
 
-    Reads w, g, buf and writes w, buf: 20 bytes per parameter (PackedSGD's passes: 36).
+    Reads w, g, buf and writes w, buf: 20 bytes per parameter (PackedSGD's passes: 36); with
+    WRITE16 also the 16-bit copy of w the next forward's matrix products read (+2 bytes).
 
     Segments (one per parameter, each ``[P, ...]`` contiguous) start at multiples of BLOCK,
     so program ``i`` covers ``[i * BLOCK, (i + 1) * BLOCK)`` inside segment
@@ -318,7 +319,10 @@ def sgd_kernel(w_ptr, g_ptr, buf_ptr, block_seg_ptr, seg_start_ptr, seg_numel_pt
     d = _fma(w, tl.load(wd_ptr + member, mask=mask, other=0.0), g, EMULATE_FMA)
     buf = _fma(buf, tl.load(momentum_ptr + member, mask=mask, other=0.0), d, EMULATE_FMA)
     tl.store(buf_ptr + offs, buf, mask=mask)
-    tl.store(w_ptr + offs, _fma(-buf, lr, w, EMULATE_FMA), mask=mask)
+    w = _fma(-buf, lr, w, EMULATE_FMA)
+    tl.store(w_ptr + offs, w, mask=mask)
+    if WRITE16:
+        tl.store(w16_ptr + offs, w.to(w16_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -331,9 +335,11 @@ def _fma(a, b, c, EMULATE: tl.constexpr):
 
 
 def sgd_step(w: Tensor, g: Tensor, buf: Tensor, table: dict[str, Tensor], lr: Tensor, factor: Tensor,
-             momentum: Tensor, weight_decay: Tensor) -> None:
-    """Launch ``sgd_kernel`` over the flat fp32 buffers (``table``: see FlatLayout.table)."""
+             momentum: Tensor, weight_decay: Tensor, w16: Tensor | None = None) -> None:
+    """Launch ``sgd_kernel`` over the flat fp32 buffers (``table``: see FlatLayout.table),
+    also writing the updated weights to ``w16`` (16-bit, same layout) if given."""
     grid = (table["block_seg"].numel(),)
     sgd_kernel[grid](w, g, buf, table["block_seg"], table["seg_start"], table["seg_numel"],
                      table["seg_per_member"], table["seg_is_bias"], lr, factor, momentum, weight_decay,
-                     BLOCK=SGD_BLOCK, EMULATE_FMA=INTERPRETED, num_warps=8)
+                     w if w16 is None else w16, BLOCK=SGD_BLOCK, WRITE16=w16 is not None,
+                     EMULATE_FMA=INTERPRETED, num_warps=8)

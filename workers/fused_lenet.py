@@ -131,14 +131,17 @@ class ConvPool(torch.autograd.Function):
 
 
 class PackedLinearFn(torch.autograd.Function):
-    """``baddbmm(b, x, w)`` over ``[P, B, F]`` in ``x``'s dtype, fp32 gradients of w and b."""
+    """``baddbmm(b, x, w)`` over ``[P, B, F]`` in ``x``'s dtype, fp32 gradients of w and b.
+
+    ``w_c`` / ``b_c`` are w and b in ``x``'s dtype (the same tensors in fp32; the model's
+    16-bit shadow otherwise): the product reads them, autograd credits w and b.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, sink_w: GradSink | None = None,
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, w_c: Tensor, b_c: Tensor, sink_w: GradSink | None = None,
                 sink_b: GradSink | None = None) -> Tensor:
         with torch.autocast(x.device.type, enabled=False):  # the model chooses its own dtype
-            w_c = w.to(x.dtype)  # a no-op in fp32; the 16-bit copy of the master weights otherwise
-            y = torch.baddbmm(b.to(x.dtype).unsqueeze(1), x, w_c)
+            y = torch.baddbmm(b_c.unsqueeze(1), x, w_c)
         ctx.save_for_backward(x, w_c)
         ctx.sinks = (sink_w, sink_b)
         return y
@@ -154,15 +157,16 @@ class PackedLinearFn(torch.autograd.Function):
             gw = _into(sink_w, lambda out: _bmm_fp32(x.transpose(1, 2), gy, out))
         if ctx.needs_input_grad[2]:
             gb = _into(sink_b, lambda out: torch.sum(gy, dim=1, dtype=torch.float32, out=out))
-        return gx, gw, gb, None, None
+        return gx, gw, gb, None, None, None, None
 
 
 def _bmm_fp32(a: Tensor, b: Tensor, out: Tensor | None) -> Tensor:
-    """``a @ b`` into an fp32 ``out``: directly in fp32, through a 16-bit result otherwise."""
+    """``a @ b`` into an fp32 ``out``: directly in fp32, through a 16-bit result otherwise
+    (as autocast's weight gradient; the copy casts, no fp32 temporary)."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b, out=out)
-    r = torch.bmm(a, b).float()
-    return r if out is None else out.copy_(r)
+    r = torch.bmm(a, b)
+    return r.float() if out is None else out.copy_(r)
 
 
 class FusedLeNet5(LeNet5):
@@ -172,6 +176,12 @@ class FusedLeNet5(LeNet5):
     moves the flat buffers and re-binds the views. Gradients land in ``flat_grad`` when
     ``.grad`` is None before the backward (``FusedSGD.zero_grad``); a gradient taken from
     ``.grad`` is valid until the next backward, which overwrites it.
+
+    With a 16-bit ``compute_dtype`` the fc layers read ``flat16``, a 16-bit copy of
+    ``flat`` that ``FusedSGD`` writes in its pass (2 bytes per parameter instead of a
+    6-byte cast per step). Any other change of the parameters (``load_member_state``,
+    ``load_state_dict``, ...) bumps ``flat``'s version counter, which the next forward sees
+    and re-casts. (Triton's writes bump no counter: the optimizer records the version.)
     """
 
     def __init__(self, members: int, num_classes: int = 10, in_shape: tuple[int, int, int] = (1, 28, 28),
@@ -200,6 +210,9 @@ class FusedLeNet5(LeNet5):
     def _bind(self) -> None:
         """(Re)make every parameter a view of ``flat``, and ``flat_grad`` a zeroed twin."""
         self.flat_grad = torch.zeros_like(self.flat)
+        sixteen = self.compute_dtype != torch.float32
+        self.flat16 = torch.empty_like(self.flat, dtype=self.compute_dtype) if sixteen else None
+        self.flat16_version: int | None = None  # flat._version that flat16 was made from
         for (mod, attr), view in zip(self._slots, self.layout.views(self.flat)):
             holder = self.get_submodule(mod)
             old = holder._parameters[attr]
@@ -223,18 +236,33 @@ class FusedLeNet5(LeNet5):
         # copy only when nothing else holds that tensor object.
         return lambda: self.layout.view(self.flat_grad, i) if holder._parameters[attr].grad is None else None
 
-    def _layer(self, fn: type[torch.autograd.Function], x: Tensor, module: nn.Module, first: int) -> Tensor:
-        return fn.apply(x, module.weight, module.bias, self._sink(first), self._sink(first + 1))
+    def _compute_copies(self, first: int) -> tuple[Tensor, Tensor]:
+        """Parameters ``first`` and ``first + 1`` in the compute dtype."""
+        if self.flat16 is None:
+            return self.layout.view(self.flat, first), self.layout.view(self.flat, first + 1)
+        if self.flat16_version != self.flat._version:
+            self.flat16.copy_(self.flat)
+            self.flat16_version = self.flat._version
+        return self.layout.view(self.flat16, first), self.layout.view(self.flat16, first + 1)
+
+    def _conv(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
+        # The kernels read the fp32 masters and cast in registers (conv weights are few).
+        return ConvPool.apply(x, module.weight, module.bias, self._sink(first), self._sink(first + 1))
+
+    def _linear(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
+        w_c, b_c = self._compute_copies(first)
+        return PackedLinearFn.apply(x, module.weight, module.bias, w_c, b_c, self._sink(first),
+                                    self._sink(first + 1))
 
     def body(self, x: Tensor) -> Tensor:
         x = x.to(self.compute_dtype).contiguous()  # [P, B, C, H, W]
-        z = self._layer(ConvPool, x, self.conv1, 0)
-        z = self._layer(ConvPool, z, self.conv2, 2)
+        z = self._conv(x, self.conv1, 0)
+        z = self._conv(z, self.conv2, 2)
         z = z.reshape(self.members, x.shape[1], -1)  # [P, B, 50*4*4] in (c, h, w) order, as from_grouped
-        return F.relu(self._layer(PackedLinearFn, z, self.fc1, 4))
+        return F.relu(self._linear(z, self.fc1, 4))
 
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return z, self._layer(PackedLinearFn, z, self.fc2, 6)
+        return z, self._linear(z, self.fc2, 6)
 
     def gather_grads(self) -> None:
         """Make ``flat_grad`` hold every parameter's gradient (a copy only where autograd did
@@ -272,9 +300,12 @@ class FusedSGD:
     @torch.no_grad()
     def step(self, lr: Tensor) -> None:
         """One update; ``lr`` is the [P] learning rate of the weights (device tensor)."""
-        self.model.gather_grads()
-        fk.sgd_step(self.model.flat, self.model.flat_grad, self.buf, self.table,
-                    lr.to(torch.float32).contiguous(), self.factor, self.momentum, self.weight_decay)
+        model = self.model
+        model.gather_grads()
+        fk.sgd_step(model.flat, model.flat_grad, self.buf, self.table, lr.to(torch.float32).contiguous(),
+                    self.factor, self.momentum, self.weight_decay, model.flat16)
+        if model.flat16 is not None:  # the pass rewrote every element of the 16-bit copy
+            model.flat16_version = model.flat._version
         self.started = True
 
     def zero_grad(self) -> None:
