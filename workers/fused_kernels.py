@@ -32,9 +32,10 @@ from torch import Tensor
 # Whether the kernels below run in Triton's interpreter: @triton.jit reads this when it
 # decorates them, i.e. when this module is first imported.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
-# Elements per SGD program; flat parameter segments are padded to it (the interpreter
-# pays Python time per program, so it takes bigger blocks).
-SGD_BLOCK = 4096 * (8 if INTERPRETED else 1)
+# Elements per SGD program; flat parameter segments are padded to it. 2048 with 8 warps:
+# 8 elements per thread, 79 registers on sm_90. The interpreter pays Python time per
+# program, so it takes bigger blocks.
+SGD_BLOCK = 2048 * (16 if INTERPRETED else 1)
 
 
 def _tile(n: int, cap: int) -> int:
@@ -240,6 +241,32 @@ def _shapes(x: Tensor, w: Tensor) -> tuple[int, int, int, int, int, int, int, in
     return p, b, c_in, h, wd, c_out, ks, (h - ks + 1) // 2, (wd - ks + 1) // 2
 
 
+def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tiles and warps of one convolution kernel launch.
+
+    ``kind``: "fwd" (rows: pooled positions of all images of a member), "grad_weight" (the
+    same rows, reduced over) or "grad_input" (rows: input positions). One tile spans all
+    output channels (forward, weight gradient) or all input channels (input gradient).
+    First guesses for sm_90, chosen so that every LeNet-5 launch compiles without register
+    spills (bench/compile_fused_kernels.py prints registers and spills without a GPU);
+    their speed is still to be measured. fp32 (IEEE products, no tensor cores) keeps
+    smaller forward tiles: four 64 x 64 fp32 accumulators spill.
+    """
+    fp32 = dtype == torch.float32
+    if kind == "fwd":
+        cfg = {"BLOCK_M": _tile(rows, 32 if fp32 else 64), "BLOCK_N": _tile(c_out, 128),
+               "BLOCK_K": _tile(c_in * ks * ks, 64)}
+    elif kind == "grad_weight":
+        cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_out, 128), "BLOCK_K": _tile(c_in * ks * ks, 32)}
+    elif kind == "grad_input":
+        cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_in, 128), "BLOCK_K": _tile(c_out * ks * ks, 32)}
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    if cfg["BLOCK_N"] < (c_in if kind == "grad_input" else c_out):
+        raise ValueError(f"{c_in} -> {c_out} channels: more than one channel tile is not implemented")
+    return {**cfg, "num_warps": 8, "IEEE": fp32}
+
+
 def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     """max_pool2d(conv2d(x, w) + bias, 2) per member and its argmax cell (int8 0..3).
 
@@ -250,26 +277,22 @@ def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tenso
     p, b, c_in, h, wd, c_out, ks, hp, wp = _shapes(x, w)
     y = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=x.dtype)
     arg = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=torch.int8)
-    block_m = _tile(b * hp * wp, 64)
-    grid = (p, triton.cdiv(b * hp * wp, block_m))
-    conv_pool_fwd_kernel[grid](x, w, bias, y, arg, b, c_in, h, wd, c_out, ks, hp, wp,
-                               BLOCK_M=block_m, BLOCK_N=_tile(c_out, 128), BLOCK_K=_tile(c_in * ks * ks, 64),
-                               IEEE=x.dtype == torch.float32)
+    cfg = launch_config("fwd", b * hp * wp, c_in, c_out, ks, x.dtype)
+    grid = (p, triton.cdiv(b * hp * wp, cfg["BLOCK_M"]))
+    conv_pool_fwd_kernel[grid](x, w, bias, y, arg, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
     return y, arg
 
 
 def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Size, out: Tensor | None = None) -> Tensor:
-    """Gradient of the weight (fp32) from the pooled gradient ``gy`` and the argmax."""
+    """Gradient of the weight (fp32, into ``out`` if given) from the pooled gradient ``gy``
+    and the argmax; ``x`` is the forward's input."""
     p, b, c_in, h, wd = x.shape
     _, c_out, _, ks, _ = w_shape
     hp, wp = gy.shape[-2:]
-    k = c_in * ks * ks
     gw = torch.empty(w_shape, device=x.device, dtype=torch.float32) if out is None else out
-    block_k = _tile(k, 64)
-    grid = (p, triton.cdiv(k, block_k))
-    conv_pool_grad_weight_kernel[grid](x, gy, arg, gw, b, c_in, h, wd, c_out, ks, hp, wp,
-                                       BLOCK_M=_tile(b * hp * wp, 64), BLOCK_N=_tile(c_out, 128),
-                                       BLOCK_K=block_k, IEEE=x.dtype == torch.float32)
+    cfg = launch_config("grad_weight", b * hp * wp, c_in, c_out, ks, x.dtype)
+    grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]))
+    conv_pool_grad_weight_kernel[grid](x, gy, arg, gw, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
     return gw
 
 
@@ -279,11 +302,9 @@ def conv_pool_grad_input(w: Tensor, gy: Tensor, arg: Tensor, x_shape: torch.Size
     _, c_out, _, ks, _ = w.shape
     hp, wp = gy.shape[-2:]
     gx = torch.empty(x_shape, device=gy.device, dtype=dtype)
-    block_m = _tile(b * h * wd, 64)
-    grid = (p, triton.cdiv(b * h * wd, block_m))
-    conv_pool_grad_input_kernel[grid](w, gy, arg, gx, b, c_in, h, wd, c_out, ks, hp, wp,
-                                      BLOCK_M=block_m, BLOCK_N=_tile(c_in, 128), BLOCK_K=_tile(c_out * ks * ks, 64),
-                                      IEEE=dtype == torch.float32)
+    cfg = launch_config("grad_input", b * h * wd, c_in, c_out, ks, dtype)
+    grid = (p, triton.cdiv(b * h * wd, cfg["BLOCK_M"]))
+    conv_pool_grad_input_kernel[grid](w, gy, arg, gx, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
     return gx
 
 
