@@ -4,7 +4,8 @@ Triton's interpreter (the tests) never compiles a kernel, so it cannot catch wha
 compiler rejects, nor register spills. This script builds every launch the fused LeNet-5
 step makes (``workers.fused_kernels.launch_config`` at batch ``--batch``, fp32 / fp16 /
 bf16) for ``--arch`` (default 90: the H200) with the ptxas that ships with Triton, and
-prints registers per thread, spill stack and shared memory of each. No GPU needed.
+prints registers per thread, spill stack, static shared memory and the tensor-core
+instructions (wgmma / mma.sync) of each. No GPU needed.
 
     python bench/compile_fused_kernels.py            # TRITON_INTERPRET must be unset
 """
@@ -49,7 +50,10 @@ def resources(kernel: object, pointers: dict[str, str], runtime: dict[str, str],
         out = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True,
                              text=True, check=True).stdout
     m = re.search(r"REG:(\d+).*?STACK:(\d+).*?SHARED:(\d+)", out, re.S)
-    return f"warps {warps}, {m.group(1)} registers, spill stack {m.group(2)} B, shared {m.group(3)} B"
+    ptx = compiled.asm["ptx"]
+    # Whether tl.dot reached the tensor cores (16-bit) or runs as fp32 FMAs (IEEE fp32).
+    mma = f"{len(re.findall('wgmma.mma_async', ptx))} wgmma, {len(re.findall('mma.sync', ptx))} mma.sync"
+    return f"warps {warps}, {m.group(1)} registers, spill stack {m.group(2)} B, static shared {m.group(3)} B, {mma}"
 
 
 def conv_launches(batch: int, dtype: torch.dtype):
