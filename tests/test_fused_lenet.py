@@ -298,3 +298,25 @@ def test_sixteen_bit_copy_follows_the_master_weights() -> None:
     fresh.load_member_state(0, half.member_state(0))
     with torch.no_grad():
         assert torch.equal(half(x)[1], fresh(x)[1])
+
+
+def test_packed_sgd_steps_a_fused_model_in_place() -> None:
+    """Head-only stages (FusedSGD steps every parameter) keep PackedSGD: it updates the views in
+    place, so the flat buffer and the 16-bit copy follow."""
+    ref = _reference(2, seed=17)
+    half = FusedLeNet5.from_lenet(ref, compute_dtype=torch.float16)
+    half.refresh_compute_copy()
+    a = _optim_args(2)
+    heads = [ref.fc2.weight, ref.fc2.bias], [half.fc2.weight, half.fc2.bias]
+    opts = [PackedSGD(h, 2, a["momentum"], a["weight_decay"], a["bias_lr_factor"], h[1:]) for h in heads]
+    g = torch.Generator().manual_seed(18)
+    for p, q in zip(*heads):
+        p.grad = torch.randn(p.shape, generator=g).to(DEVICE)
+        q.grad = p.grad.clone()
+    for opt in opts:
+        opt.step(torch.tensor([0.1, 0.2], device=DEVICE))
+    assert all(torch.equal(p, q) for p, q in zip(*heads))
+    assert torch.equal(half.layout.view(half.flat, 6), half.fc2.weight)
+    assert half.flat16_version != half.flat._version  # stale: the next forward re-casts
+    half.refresh_compute_copy()
+    assert torch.equal(half.layout.view(half.flat16, 6), half.fc2.weight.half())

@@ -236,13 +236,19 @@ class FusedLeNet5(LeNet5):
         # copy only when nothing else holds that tensor object.
         return lambda: self.layout.view(self.flat_grad, i) if holder._parameters[attr].grad is None else None
 
+    def refresh_compute_copy(self) -> None:
+        """Re-cast ``flat16`` if the parameters changed since it was made. Forward passes do
+        this themselves; a CUDA graph replay runs no Python, so a caller that changes the
+        parameters between replays (loading a state, restoring the best) calls it."""
+        if self.flat16 is not None and self.flat16_version != self.flat._version:
+            self.flat16.copy_(self.flat)
+            self.flat16_version = self.flat._version
+
     def _compute_copies(self, first: int) -> tuple[Tensor, Tensor]:
         """Parameters ``first`` and ``first + 1`` in the compute dtype."""
         if self.flat16 is None:
             return self.layout.view(self.flat, first), self.layout.view(self.flat, first + 1)
-        if self.flat16_version != self.flat._version:
-            self.flat16.copy_(self.flat)
-            self.flat16_version = self.flat._version
+        self.refresh_compute_copy()
         return self.layout.view(self.flat16, first), self.layout.view(self.flat16, first + 1)
 
     def _conv(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
