@@ -15,7 +15,8 @@ forward runs
 Backward passes write every parameter gradient straight into a second flat buffer
 (``flat_grad``), so ``FusedSGD`` updates all parameters of the pack in one kernel that
 reads w, g, buf and writes w, buf. ``compute_dtype`` fp16/bf16 runs the arithmetic in
-16 bits (fp32 accumulation, fp32 master weights, fp32 gradients); fp32 is exact IEEE.
+16 bits (fp32 accumulation, fp32 master weights, fp32 gradients; the fc layers read a
+16-bit copy of the weights that the SGD pass writes); fp32 uses IEEE products (no TF32).
 
 The model needs a CUDA device, or CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` before ``triton`` is first imported): that is how the tests
@@ -246,10 +247,8 @@ class FusedLeNet5(LeNet5):
 
     def _compute_copies(self, first: int) -> tuple[Tensor, Tensor]:
         """Parameters ``first`` and ``first + 1`` in the compute dtype."""
-        if self.flat16 is None:
-            return self.layout.view(self.flat, first), self.layout.view(self.flat, first + 1)
-        self.refresh_compute_copy()
-        return self.layout.view(self.flat16, first), self.layout.view(self.flat16, first + 1)
+        source = self.flat if self.flat16 is None else self.flat16
+        return self.layout.view(source, first), self.layout.view(source, first + 1)
 
     def _conv(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
         # The kernels read the fp32 masters and cast in registers (conv weights are few).
@@ -261,6 +260,9 @@ class FusedLeNet5(LeNet5):
                                     self._sink(first + 1))
 
     def body(self, x: Tensor) -> Tensor:
+        # Before any layer saves a view of flat16 for its backward: re-casting afterwards
+        # would bump flat16's version and make autograd refuse the saved view.
+        self.refresh_compute_copy()
         x = x.to(self.compute_dtype).contiguous()  # [P, B, C, H, W]
         z = self._conv(x, self.conv1, 0)
         z = self._conv(z, self.conv2, 2)
@@ -268,6 +270,7 @@ class FusedLeNet5(LeNet5):
         return F.relu(self._linear(z, self.fc1, 4))
 
     def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        self.refresh_compute_copy()  # a no-op after body(); head-only stages call head alone
         return z, self._linear(z, self.fc2, 6)
 
     def gather_grads(self) -> None:
