@@ -126,6 +126,20 @@ def test_pool_keeps_pytorchs_first_maximum(c_in: int, c_out: int, side: int) -> 
     assert arg.dtype == torch.int8
 
 
+def test_pool_lets_nan_through_as_pytorch_does() -> None:
+    """A NaN input (a diverging member) spreads to its outputs; in a window a NaN beats numbers
+    and a later NaN beats an earlier one, as in max_pool2d, so the argmax cells agree too."""
+    g = torch.Generator().manual_seed(19)
+    x = torch.randn(2, 2, 1, 12, 12, generator=g)
+    x[1, 0, 0, 5, 6] = float("nan")
+    x, w, b = x.to(DEVICE), torch.randn(2, 3, 1, 5, 5, generator=g).to(DEVICE), torch.zeros(2, 3, device=DEVICE)
+    y, arg = fk.conv_pool_forward(x, w, b)
+    want_y, want_cell = _reference_pool(x, w, b)
+    assert y.isnan().any() and not y[0].isnan().any()
+    torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5, equal_nan=True)
+    assert torch.equal(arg.long()[y.isnan()], want_cell[y.isnan()])
+
+
 def test_input_gradient_of_an_odd_sized_input() -> None:
     """conv_pool_grad_input against autograd where the last conv row/column is not pooled."""
     g = torch.Generator().manual_seed(3)
