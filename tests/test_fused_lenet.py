@@ -174,7 +174,11 @@ def _optim_args(members: int) -> dict[str, torch.Tensor]:
 
 
 def test_sgd_step_equals_packed_sgd_bit_for_bit() -> None:
-    """Fed the same gradients, FusedSGD and PackedSGD give the same bits (first step included)."""
+    """Fed the same gradients, FusedSGD and PackedSGD give the same bits (first step included):
+    both round each addcmul_ once (PyTorch's CPU kernel is a vectorised fmadd). On a GPU,
+    within a few ulp: whether PyTorch's CUDA addcmul rounds once is nvcc's choice."""
+    same = torch.equal if DEVICE == "cpu" else (
+        lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-9))
     ref = _reference(3, seed=4)
     fused = FusedLeNet5.from_lenet(ref)
     a = _optim_args(3)
@@ -190,9 +194,9 @@ def test_sgd_step_equals_packed_sgd_bit_for_bit() -> None:
         opt_ref.step(lr / (t + 1))
         opt_fused.step(lr / (t + 1))
         for (n, p), q in zip(ref.named_parameters(), fused.parameters()):
-            assert torch.equal(p, q), f"step {t}: {n}"
+            assert same(p, q), f"step {t}: {n}"
         for b, c in zip(opt_ref.state(), opt_fused.state()):
-            assert torch.equal(b, c)
+            assert same(b, c)
 
 
 def test_training_steps_equal_reference() -> None:
