@@ -33,6 +33,15 @@ if not fused_available(DEVICE):
 FP32 = {"rtol": 1e-5, "atol": 1e-5}  # different summation orders in fp32, values of order 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _ieee_reference():
+    """On a GPU the reference's cuDNN convolutions default to TF32: compare against fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _reference(members: int, seed: int = 0) -> LeNet5:
     """A LeNet5 with Xavier weights and non-zero biases (zero biases would hide bias mistakes)."""
     model = LeNet5(members).to(DEVICE)
