@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dtype = DTYPES[args.precision]
     packs = [int(v) for v in args.packs.split(",")]
-    if args.device == "cuda" and dtype == torch.float32:
-        torch.backends.cuda.matmul.allow_tf32 = False  # the fused fp32 path is exact IEEE
+    if args.device == "cuda":  # as run_pack: TF32 for the reference unless fp32 is asked for
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dtype != torch.float32
     print(f"check at P={packs[0]}: max relative parameter difference after one step "
           f"{check(packs[0], args.batch, args.device, dtype):.2e}")
     print("| P | batch | precision | path | net-iter/s |\n|---|---|---|---|---|")
