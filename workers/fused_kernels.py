@@ -15,7 +15,7 @@ bias, and keeps only the maximum and its position 0..3 (``dy * 2 + dx``, PyTorch
 the first maximum wins, NaN wins) as int8. The backward kernels route the pooled gradient
 through that position, so the pre-pool activation is never stored.
 
-Stride 1, no padding, square odd kernels, floor-mode pooling (a trailing odd row or column
+Stride 1, no padding, square kernels, floor-mode pooling (a trailing odd row or column
 of the convolution output is not pooled and gets no gradient), as LeNet-5 uses them.
 Launch helpers check shapes; the kernels trust them. On a machine without a GPU the
 kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
