@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton", reason="triton is not installed: the fused LeNet-5 kernels need it")
+pytest.importorskip("triton", reason="triton is not installed (or does not import): the fused LeNet-5 kernels "
+                    "need it", exc_type=ImportError)
 
 from workers import fused_kernels as fk  # noqa: E402
 from workers.fused_lenet import FusedLeNet5, FusedSGD, fused_available  # noqa: E402
