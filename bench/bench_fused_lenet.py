@@ -55,7 +55,9 @@ def _step(model: LeNet5, opt: PackedSGD | FusedSGD, x: torch.Tensor, y: torch.Te
           autocast: torch.dtype | None) -> Callable[[], None]:
     def step() -> None:
         opt.zero_grad()
-        ctx = torch.autocast(x.device.type, dtype=autocast) if autocast is not None else nullcontext()
+        # No weight-cast cache: PyTorch advises against it under CUDA graph capture.
+        ctx = (torch.autocast(x.device.type, dtype=autocast, cache_enabled=False) if autocast is not None
+               else nullcontext())
         with ctx:
             _, logits = model(x)
         F.cross_entropy(logits.float().transpose(1, 2), y, reduction="none").mean(1).sum().backward()
