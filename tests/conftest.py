@@ -8,6 +8,12 @@ import torch
 # Small CPU runs are fastest single-threaded; parallel test helpers would contend otherwise.
 torch.set_num_threads(1)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Without a GPU, Triton kernels (tests/test_fused_lenet.py) run in Triton's interpreter. It must
+# be chosen before triton is first imported, and stay chosen: triton imports parts of itself
+# lazily at launch and checks the variable then. Nothing else here runs Triton on the CPU
+# (Inductor's CPU backend is C++), so the variable changes no other test.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

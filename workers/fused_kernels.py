@@ -1,0 +1,366 @@
+"""Triton kernels for the fused packed LeNet-5 step: convolution + bias + 2x2 max-pool, and SGD.
+
+Floor: workers (trial execution; imports sweep.core and sweep.store only).
+
+Activations are laid out ``[P, B, C, H, W]`` (contiguous), weights ``[P, C_out, C_in, k, k]``
+and biases ``[P, C_out]`` as in ``workers.packed_layers``. Each convolution is an implicit
+GEMM per member: rows are output positions of several images of one member, columns are
+output channels, the reduction runs over ``(c_in, kh, kw)``. No im2col matrix is formed:
+an input address splits into a part that depends on the row only and a part that depends
+on the reduction index only (see ``_window_rows`` and ``_tap_cols``), so a tile of the
+virtual im2col matrix is one gather from the input.
+
+The forward computes the four convolution outputs of each 2x2 pooling window, adds the
+bias, and keeps only the maximum and its position 0..3 (``dy * 2 + dx``, PyTorch's order:
+the first maximum wins, NaN wins) as int8. The backward kernels route the pooled gradient
+through that position, so the pre-pool activation is never stored.
+
+Stride 1, no padding, square kernels, floor-mode pooling (a trailing odd row or column
+of the convolution output is not pooled and gets no gradient), as LeNet-5 uses them.
+Launch helpers check shapes; the kernels trust them. On a machine without a GPU the
+kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` set before ``triton`` is
+imported).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Whether the kernels below run in Triton's interpreter: @triton.jit reads this when it
+# decorates them, i.e. when this module is first imported.
+INTERPRETED = bool(triton.knobs.runtime.interpret)
+# Elements per SGD program; flat parameter segments are padded to it. 2048 with 8 warps:
+# 8 elements per thread, 79 registers on sm_90. The interpreter pays Python time per
+# program, so it takes bigger blocks.
+SGD_BLOCK = 2048 * (16 if INTERPRETED else 1)
+
+
+def _tile(n: int, cap: int) -> int:
+    """A power-of-two tile edge >= 16 (tl.dot's minimum) covering ``n`` where ``cap`` allows.
+
+    Under the interpreter every program and every tile operation costs Python time, so
+    tiles grow up to 4x the GPU's (whose sizes are first guesses, to be tuned on the device).
+    """
+    return max(16, min(cap * (4 if INTERPRETED else 1), triton.next_power_of_2(n)))
+
+
+@triton.jit
+def _window_rows(offs_m, HW_OUT: tl.constexpr, W_OUT: tl.constexpr, IMG: tl.constexpr, W: tl.constexpr):
+    """Input offset of the top-left tap of each row's pooling window.
+
+    A row ``m`` is ``(image b, pooled position s)`` of one member: ``b = m // HW_OUT``,
+    ``s = ph * W_OUT + pw``. Its window's top-left convolution output is ``(2ph, 2pw)``, whose
+    kernel tap ``(0, 0)`` reads input ``(2ph, 2pw)`` of image ``b`` (``IMG`` elements apart).
+    """
+    b = offs_m // HW_OUT
+    s = offs_m % HW_OUT
+    ph = s // W_OUT
+    pw = s % W_OUT
+    return b.to(tl.int64) * IMG + (2 * ph) * W + 2 * pw
+
+
+@triton.jit
+def _tap_cols(offs_k, KS: tl.constexpr, H: tl.constexpr, W: tl.constexpr):
+    """Input offset of reduction index ``k = (ci, kh, kw)`` relative to the tap (0, 0)."""
+    ci = offs_k // (KS * KS)
+    r = offs_k % (KS * KS)
+    return ci * (H * W) + (r // KS) * W + (r % KS)
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    # fp32 operands: IEEE products, so the result equals PyTorch's fp32 convolution up to the
+    # summation order (Triton's default on GPUs is TF32). 16-bit operands ignore the flag.
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _take_max(best, arg, v, pos: tl.constexpr):
+    # Strictly greater: the first maximum in window order wins; a NaN wins (and stays) as in
+    # PyTorch's max_pool2d, so a diverging member's NaN reaches its loss.
+    take = (v > best) | (v != v)
+    return tl.where(take, v, best), tl.where(take, pos, arg)
+
+
+@triton.jit
+def conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, arg_ptr, B,
+                         C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
+                         KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         IEEE: tl.constexpr):
+    """Grid (P, cdiv(B * HP * WP, BLOCK_M)): one member, BLOCK_M pooled positions, all channels."""
+    p = tl.program_id(0).to(tl.int64)
+    K: tl.constexpr = C_IN * KS * KS
+    HW_OUT: tl.constexpr = HP * WP
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * HW_OUT
+    rows = _window_rows(offs_m, HW_OUT, WP, C_IN * H * W, W)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_OUT
+    x_base = x_ptr + p * B * (C_IN * H * W)
+    w_base = w_ptr + p * (C_OUT * K)
+    dtype = x_ptr.dtype.element_ty
+    acc00 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc01 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc10 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc11 = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        # W^T tile [BLOCK_K, BLOCK_N]: w[p, co, k] at co * K + k. fp32 masters, cast in registers.
+        wt = tl.load(w_base + offs_n[None, :] * K + offs_k[:, None],
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dtype)
+        a_ptrs = x_base + rows[:, None] + _tap_cols(offs_k, KS, H, W)[None, :]
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        # The four window cells are the same gather shifted by (dy, dx) input positions.
+        acc00 = _dot(tl.load(a_ptrs, mask=a_mask, other=0.0), wt, acc00, IEEE)
+        acc01 = _dot(tl.load(a_ptrs + 1, mask=a_mask, other=0.0), wt, acc01, IEEE)
+        acc10 = _dot(tl.load(a_ptrs + W, mask=a_mask, other=0.0), wt, acc10, IEEE)
+        acc11 = _dot(tl.load(a_ptrs + W + 1, mask=a_mask, other=0.0), wt, acc11, IEEE)
+    # Bias before the max, as the reference pools conv + bias (rounding may create ties).
+    bias = tl.load(b_ptr + p * C_OUT + offs_n, mask=n_ok, other=0.0)[None, :]
+    best = acc00 + bias
+    arg = tl.zeros((BLOCK_M, BLOCK_N), tl.int32)
+    best, arg = _take_max(best, arg, acc01 + bias, 1)
+    best, arg = _take_max(best, arg, acc10 + bias, 2)
+    best, arg = _take_max(best, arg, acc11 + bias, 3)
+    # y[p, b, co, s] with offs_m = b * HW_OUT + s
+    b_idx = (offs_m // HW_OUT).to(tl.int64)
+    out = (p * B + b_idx)[:, None] * (C_OUT * HW_OUT) + offs_n[None, :] * HW_OUT + (offs_m % HW_OUT)[:, None]
+    mask = m_ok[:, None] & n_ok[None, :]
+    tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(arg_ptr + out, arg.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B,
+                                 C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
+                                 KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 IEEE: tl.constexpr):
+    """Grid (P, cdiv(K, BLOCK_K)): gw[p, :, k-tile] = sum over images and pooled positions.
+
+    gw[co, k] = sum_m gz[m, co] * im2col[m, k]; gz is the pooled gradient placed at its
+    argmax cell and zero at the other three, so each window cell d contributes
+    ``where(arg == d, gy, 0)^T @ (the input gather shifted by cell d)``.
+    """
+    p = tl.program_id(0).to(tl.int64)
+    K: tl.constexpr = C_IN * KS * KS
+    HW_OUT: tl.constexpr = HP * WP
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    cols = _tap_cols(offs_k, KS, H, W)
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_OUT
+    x_base = x_ptr + p * B * (C_IN * H * W)
+    g_base = p * B * (C_OUT * HW_OUT)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for m0 in range(0, B * HW_OUT, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < B * HW_OUT
+        rows = _window_rows(offs_m, HW_OUT, WP, C_IN * H * W, W)
+        # gy / arg tile [BLOCK_N, BLOCK_M] (channels x rows), transposed for the product
+        q = g_base + (offs_m // HW_OUT).to(tl.int64)[None, :] * (C_OUT * HW_OUT) \
+            + offs_n[:, None] * HW_OUT + (offs_m % HW_OUT)[None, :]
+        g_mask = n_ok[:, None] & m_ok[None, :]
+        g = tl.load(gy_ptr + q, mask=g_mask, other=0.0)
+        arg = tl.load(arg_ptr + q, mask=g_mask, other=-1).to(tl.int32)
+        a_ptrs = x_base + rows[:, None] + cols[None, :]
+        a_mask = m_ok[:, None] & k_ok[None, :]
+        acc = _dot(tl.where(arg == 0, g, 0.0).to(dtype), tl.load(a_ptrs, mask=a_mask, other=0.0), acc, IEEE)
+        acc = _dot(tl.where(arg == 1, g, 0.0).to(dtype), tl.load(a_ptrs + 1, mask=a_mask, other=0.0), acc, IEEE)
+        acc = _dot(tl.where(arg == 2, g, 0.0).to(dtype), tl.load(a_ptrs + W, mask=a_mask, other=0.0), acc, IEEE)
+        acc = _dot(tl.where(arg == 3, g, 0.0).to(dtype), tl.load(a_ptrs + W + 1, mask=a_mask, other=0.0),
+                   acc, IEEE)
+    out = p * (C_OUT * K) + offs_n[:, None] * K + offs_k[None, :]
+    tl.store(gw_ptr + out, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def conv_pool_grad_input_kernel(w_ptr, gy_ptr, arg_ptr, gx_ptr, B,
+                                C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
+                                KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                IEEE: tl.constexpr):
+    """Grid (P, cdiv(B * H * W, BLOCK_M)): gx for BLOCK_M input positions, all input channels.
+
+    A gather, not a scatter (no atomics, deterministic): input (ih, iw) received tap (kh, kw)
+    of convolution output (ih - kh, iw - kw), so gx[m, ci] = sum over k = (co, kh, kw) of
+    gz[co, ih - kh, iw - kw] * w[co, ci, kh, kw], where gz is read from the pooled gradient
+    and the argmax: output (oh, ow) lies in window (oh // 2, ow // 2), cell (oh % 2) * 2 + ow % 2.
+    """
+    p = tl.program_id(0).to(tl.int64)
+    KS2: tl.constexpr = KS * KS
+    K: tl.constexpr = C_OUT * KS2
+    HW_OUT: tl.constexpr = HP * WP
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * (H * W)
+    b_idx = (offs_m // (H * W)).to(tl.int64)
+    ih = (offs_m % (H * W)) // W
+    iw = offs_m % W
+    offs_n = tl.arange(0, BLOCK_N)
+    n_ok = offs_n < C_IN
+    g_rows = (p * B + b_idx) * (C_OUT * HW_OUT)  # [BLOCK_M]: start of image b's pooled gradient
+    w_base = w_ptr + p * (C_OUT * C_IN * KS2)
+    dtype = gx_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        co = offs_k // KS2
+        r = offs_k % KS2
+        oh = ih[:, None] - (r // KS)[None, :]
+        ow = iw[:, None] - (r % KS)[None, :]
+        # Only outputs inside a complete window were pooled (floor mode): the rest got no gradient.
+        valid = (oh >= 0) & (oh < 2 * HP) & (ow >= 0) & (ow < 2 * WP) & m_ok[:, None] & k_ok[None, :]
+        oh = tl.where(valid, oh, 0)
+        ow = tl.where(valid, ow, 0)
+        q = g_rows[:, None] + co[None, :] * HW_OUT + (oh // 2) * WP + (ow // 2)
+        g = tl.load(gy_ptr + q, mask=valid, other=0.0)
+        arg = tl.load(arg_ptr + q, mask=valid, other=-1).to(tl.int32)
+        gz = tl.where(arg == (oh % 2) * 2 + (ow % 2), g, 0.0).to(dtype)
+        # w[p, co, ci, kh, kw] at co * C_IN * KS2 + ci * KS2 + r: tile [BLOCK_K, BLOCK_N]
+        wt = tl.load(w_base + (co * (C_IN * KS2) + r)[:, None] + offs_n[None, :] * KS2,
+                     mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(dtype)
+        acc = _dot(gz, wt, acc, IEEE)
+    out = (p * B + b_idx)[:, None] * (C_IN * H * W) + offs_n[None, :] * (H * W) + (offs_m % (H * W))[:, None]
+    tl.store(gx_ptr + out, acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _shapes(x: Tensor, w: Tensor) -> tuple[int, int, int, int, int, int, int, int, int]:
+    p, b, c_in, h, wd = x.shape
+    pw, c_out, c_in_w, ks, ks2 = w.shape
+    if (pw, c_in_w) != (p, c_in) or ks != ks2 or h < ks + 1 or wd < ks + 1:
+        raise ValueError(f"input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
+    return p, b, c_in, h, wd, c_out, ks, (h - ks + 1) // 2, (wd - ks + 1) // 2
+
+
+def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tiles and warps of one convolution kernel launch.
+
+    ``kind``: "fwd" (rows: pooled positions of all images of a member), "grad_weight" (the
+    same rows, reduced over) or "grad_input" (rows: input positions). One tile spans all
+    output channels (forward, weight gradient) or all input channels (input gradient).
+    First guesses for sm_90, chosen so that every LeNet-5 launch compiles without register
+    spills (bench/compile_fused_kernels.py prints registers and spills without a GPU);
+    their speed is still to be measured. fp32 (IEEE products, no tensor cores) keeps
+    smaller forward tiles: four 64 x 64 fp32 accumulators spill.
+    """
+    fp32 = dtype == torch.float32
+    if kind == "fwd":
+        cfg = {"BLOCK_M": _tile(rows, 32 if fp32 else 64), "BLOCK_N": _tile(c_out, 128),
+               "BLOCK_K": _tile(c_in * ks * ks, 64)}
+    elif kind == "grad_weight":
+        cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_out, 128), "BLOCK_K": _tile(c_in * ks * ks, 32)}
+    elif kind == "grad_input":
+        cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_in, 128), "BLOCK_K": _tile(c_out * ks * ks, 32)}
+    else:
+        raise ValueError(f"unknown kernel kind {kind!r}")
+    if cfg["BLOCK_N"] < (c_in if kind == "grad_input" else c_out):
+        raise ValueError(f"{c_in} -> {c_out} channels: more than one channel tile is not implemented")
+    return {**cfg, "num_warps": 8, "IEEE": fp32}
+
+
+def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """max_pool2d(conv2d(x, w) + bias, 2) per member and its argmax cell (int8 0..3).
+
+    ``x`` [P, B, C_in, H, W] contiguous (fp32 or 16-bit: the arithmetic dtype), ``w`` and
+    ``bias`` fp32. Returns the pooled output in ``x``'s dtype and the argmax, both
+    [P, B, C_out, HP, WP].
+    """
+    p, b, c_in, h, wd, c_out, ks, hp, wp = _shapes(x, w)
+    y = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=x.dtype)
+    arg = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=torch.int8)
+    cfg = launch_config("fwd", b * hp * wp, c_in, c_out, ks, x.dtype)
+    grid = (p, triton.cdiv(b * hp * wp, cfg["BLOCK_M"]))
+    conv_pool_fwd_kernel[grid](x, w, bias, y, arg, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
+    return y, arg
+
+
+def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Size, out: Tensor | None = None) -> Tensor:
+    """Gradient of the weight (fp32, into ``out`` if given) from the pooled gradient ``gy``
+    and the argmax; ``x`` is the forward's input."""
+    p, b, c_in, h, wd = x.shape
+    _, c_out, _, ks, _ = w_shape
+    hp, wp = gy.shape[-2:]
+    gw = torch.empty(w_shape, device=x.device, dtype=torch.float32) if out is None else out
+    cfg = launch_config("grad_weight", b * hp * wp, c_in, c_out, ks, x.dtype)
+    grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]))
+    conv_pool_grad_weight_kernel[grid](x, gy, arg, gw, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
+    return gw
+
+
+def conv_pool_grad_input(w: Tensor, gy: Tensor, arg: Tensor, x_shape: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Gradient of the input, in ``dtype`` (the arithmetic dtype)."""
+    p, b, c_in, h, wd = x_shape
+    _, c_out, _, ks, _ = w.shape
+    hp, wp = gy.shape[-2:]
+    gx = torch.empty(x_shape, device=gy.device, dtype=dtype)
+    cfg = launch_config("grad_input", b * h * wd, c_in, c_out, ks, dtype)
+    grid = (p, triton.cdiv(b * h * wd, cfg["BLOCK_M"]))
+    conv_pool_grad_input_kernel[grid](w, gy, arg, gx, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
+    return gx
+
+
+@triton.jit
+def sgd_kernel(w_ptr, g_ptr, buf_ptr, block_seg_ptr, seg_start_ptr, seg_numel_ptr, seg_per_member_ptr,
+               seg_is_bias_ptr, lr_ptr, factor_ptr, momentum_ptr, wd_ptr, w16_ptr, BLOCK: tl.constexpr,
+               WRITE16: tl.constexpr, EMULATE_FMA: tl.constexpr):
+    """One pass over a flat parameter buffer: d = g + wd*w; buf = m*buf + d; w -= rate*buf.
+
+    Reads w, g, buf and writes w, buf: 20 bytes per parameter (PackedSGD's passes: 36); with
+    WRITE16 also the 16-bit copy of w the next forward's matrix products read (+2 bytes).
+
+    Segments (one per parameter, each ``[P, ...]`` contiguous) start at multiples of BLOCK,
+    so program ``i`` covers ``[i * BLOCK, (i + 1) * BLOCK)`` inside segment
+    ``block_seg[i]``; the member of an element is its offset in the segment divided by the
+    segment's elements per member. A zero-filled ``buf`` gives PyTorch's first step
+    (buf = d) bit for bit: m*0 + d == d.
+    """
+    pid = tl.program_id(0)
+    seg = tl.load(block_seg_ptr + pid)
+    start = tl.load(seg_start_ptr + seg)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < start + tl.load(seg_numel_ptr + seg)  # the segment's tail padding stays untouched
+    member = tl.where(mask, (offs - start) // tl.load(seg_per_member_ptr + seg), 0)
+    lr = tl.load(lr_ptr + member, mask=mask, other=0.0)
+    if tl.load(seg_is_bias_ptr + seg) != 0:
+        lr = lr * tl.load(factor_ptr + member, mask=mask, other=1.0)  # as PackedSGD's lr * factor
+    w = tl.load(w_ptr + offs, mask=mask)
+    g = tl.load(g_ptr + offs, mask=mask)
+    buf = tl.load(buf_ptr + offs, mask=mask)
+    # PackedSGD's three addcmul_ calls, each one fused multiply-add as PyTorch's kernels
+    # compute them (CPU: vectorised fmadd; CUDA: nvcc contracts a + b * c).
+    d = _fma(w, tl.load(wd_ptr + member, mask=mask, other=0.0), g, EMULATE_FMA)
+    buf = _fma(buf, tl.load(momentum_ptr + member, mask=mask, other=0.0), d, EMULATE_FMA)
+    tl.store(buf_ptr + offs, buf, mask=mask)
+    w = _fma(-buf, lr, w, EMULATE_FMA)
+    tl.store(w_ptr + offs, w, mask=mask)
+    if WRITE16:
+        tl.store(w16_ptr + offs, w.to(w16_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fma(a, b, c, EMULATE: tl.constexpr):
+    """a * b + c rounded once. The interpreter's tl.fma rounds twice (numpy has no fma), so there
+    it is emulated in fp64: the exact product plus c, rounded to fp64 and then to fp32."""
+    if EMULATE:
+        return (a.to(tl.float64) * b.to(tl.float64) + c.to(tl.float64)).to(tl.float32)
+    return tl.fma(a, b, c)
+
+
+def sgd_step(w: Tensor, g: Tensor, buf: Tensor, table: dict[str, Tensor], lr: Tensor, factor: Tensor,
+             momentum: Tensor, weight_decay: Tensor, w16: Tensor | None = None) -> None:
+    """Launch ``sgd_kernel`` over the flat fp32 buffers (``table``: see FlatLayout.table),
+    also writing the updated weights to ``w16`` (16-bit, same layout) if given."""
+    grid = (table["block_seg"].numel(),)
+    sgd_kernel[grid](w, g, buf, table["block_seg"], table["seg_start"], table["seg_numel"],
+                     table["seg_per_member"], table["seg_is_bias"], lr, factor, momentum, weight_decay,
+                     w if w16 is None else w16, BLOCK=SGD_BLOCK, WRITE16=w16 is not None,
+                     EMULATE_FMA=INTERPRETED, num_warps=8)
