@@ -241,9 +241,13 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
     finite = [i for i in range(len(x)) if np.isfinite(lo[i]) and np.isfinite(hi[i])]
     meta = {"fig": fig_id, "arm": name or arm, "arm_base": base, "panel": panel}
     group = group or name or arm
+    # A t-interval over few repeats (t = 12.7 at n = 2) can reach past 0-100 %: the drawing
+    # stops at the metric's bounds, the hover gives the interval itself.
+    lo_drawn = [max(v, 0.0) for v in lo]
+    hi_drawn = [min(v, 100.0) for v in hi]
     if band and len(finite) >= 2:
         bx = [x[i] for i in finite] + [x[i] for i in reversed(finite)]
-        by = [hi[i] for i in finite] + [lo[i] for i in reversed(finite)]
+        by = [hi_drawn[i] for i in finite] + [lo_drawn[i] for i in reversed(finite)]
         fig.add_trace(go.Scatter(
             x=bx, y=by, mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line={"width": 0},
             hoverinfo="skip", showlegend=False, legendgroup=group,
@@ -252,8 +256,8 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
     if len(x) == 1 or (band and len(finite) < 2):
         # A band needs two points: show the interval as error bars instead.
         error = {"type": "data", "symmetric": False, "color": color, "thickness": 1.2,
-                 "array": [h - m if np.isfinite(h) else 0 for h, m in zip(hi, mean)],
-                 "arrayminus": [m - l_ if np.isfinite(l_) else 0 for l_, m in zip(lo, mean)]}
+                 "array": [h - m if np.isfinite(h) else 0 for h, m in zip(hi_drawn, mean)],
+                 "arrayminus": [m - l_ if np.isfinite(l_) else 0 for l_, m in zip(lo_drawn, mean)]}
     y_title = METRIC_TITLES.get(axes.y_metric, axes.y_metric).replace(" (%)", "")
     x_title = X_TITLES.get(axes.x, axes.x).replace(" (log scale)", "")
     fig.add_trace(go.Scatter(

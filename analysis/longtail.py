@@ -27,7 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.aggregate import CELL, summarize
+from analysis.aggregate import summarize
 from analysis.figures import ORDER, PERCENT, FigureResult, color_of
 from analysis.load import Results
 from sweep.store.schema import CLASS_METRICS, CONFUSION, Status

@@ -37,19 +37,18 @@ from sweep.core.grid_checks import (
     _num,
     max_networks_per_grid,
 )
+from sweep.core.grid_recipe import recipe_of
 from sweep.core.recipes import RECIPES, epochs_to_iters, iters_per_epoch
 from sweep.core.spec import (
     Augmentation,
     Evaluation,
     Head,
     Imbalance,
-    LrPolicy,
     ImbalanceKind,
     Loss,
     Method,
     MinorityChoice,
     Normalization,
-    Recipe,
     Selection,
     TrialSpec,
     derive_seed,
@@ -197,7 +196,7 @@ def _expand_experiment(
         raise err(p + "model", f"{model} does not take {dataset} images",
                   f"{model} takes: {', '.join(MODELS[model])}")
     info = DATASETS[dataset]
-    recipe = _recipe(err, cfg.get("recipe"), p)
+    recipe = recipe_of(err, cfg.get("recipe"), p)
     max_per_class = _int(err, cfg, "max_per_class", info.train_per_class, p)
     if not 1 <= max_per_class <= info.max_cap:
         raise err(p + "max_per_class", f"{max_per_class} is outside the dataset's range",
@@ -357,63 +356,3 @@ def _draw_classes(kind: ImbalanceKind, mu: float | None, n: int, choice: Minorit
     if choice == MinorityChoice.HIGHEST:
         return tuple(range(n))  # Cao et al.'s CIFAR-LT order: label 0 gets the most
     return tuple(int(c) for c in rng.permutation(n))
-
-
-def _recipe(err: "_Errors", cfg: Any, p: str) -> Recipe:
-    key = p + "recipe"
-    if cfg is None:
-        raise err(key, "missing", "a recipe name: " + ", ".join(RECIPES))
-    overrides: dict[str, Any] = {}
-    if isinstance(cfg, dict):
-        overrides = dict(cfg)
-        name = overrides.pop("preset", None)
-        if name is None:
-            raise err(key + ".preset", "missing", "a recipe name: " + ", ".join(RECIPES))
-    else:
-        name = cfg
-    if name not in RECIPES:
-        raise err(key, f"unknown recipe {name!r}", "recipes: " + ", ".join(RECIPES))
-    base = RECIPES[name]
-    fields = {f.name: f for f in dataclasses.fields(Recipe)}
-    err.unknown_keys(overrides, set(fields), key)
-    typed: dict[str, Any] = {}
-    for k, v in overrides.items():
-        cur = getattr(base, k)
-        try:
-            if k == "lr_policy":
-                typed[k] = LrPolicy(v)
-            elif k == "lr_milestones":
-                typed[k] = tuple(int(x) for x in v)
-            elif k == "normalization":
-                typed[k] = None if v is None else Normalization(v)
-            elif k == "augmentation":
-                typed[k] = Augmentation(v)
-            elif k == "drw_start_iter":
-                typed[k] = None if v is None else int(v)
-            elif isinstance(cur, bool):
-                typed[k] = bool(v)
-            elif isinstance(cur, int):
-                if isinstance(v, float) and not v.is_integer():
-                    raise ValueError(v)
-                typed[k] = int(v)
-            elif isinstance(cur, float):
-                typed[k] = float(v)
-            else:
-                typed[k] = str(v)
-        except (TypeError, ValueError):
-            allowed = {"lr_policy": LrPolicy, "normalization": Normalization, "augmentation": Augmentation}.get(k)
-            raise err(f"{key}.{k}", f"bad value {v!r}", "one of: " + ", ".join(allowed) if allowed
-                      else f"a value like {cur!r}") from None
-    r = dataclasses.replace(base, **typed)
-    if r.iters < 1 or r.batch_size < 1:
-        raise err(key, "iters and batch_size must be >= 1", "")
-    if r.init not in ("xavier", "kaiming"):
-        raise err(key + ".init", f"unknown init {r.init!r}", "xavier, kaiming")
-    if not (r.bias_lr_factor > 0 and math.isfinite(r.bias_lr_factor)):
-        raise err(key + ".bias_lr_factor", f"{r.bias_lr_factor}", "a finite number > 0")
-    for name in ("eval_every", "select_every", "checkpoint_every", "warmup_iters"):
-        if getattr(r, name) < 0:
-            raise err(f"{key}.{name}", f"{getattr(r, name)}: cannot be negative", "0 or more iterations")
-    if not 0 <= r.validation_fraction < 1:
-        raise err(key + ".validation_fraction", f"{r.validation_fraction}", "0 <= fraction < 1")
-    return r
