@@ -68,3 +68,29 @@ def test_state_resumes_the_stream() -> None:
     b = CropFlipDraws(123)
     b.load_state(state)
     assert np.array_equal(b.take(3, 2), want)
+
+
+def test_an_augmented_network_trains_to_the_same_numbers_alone_or_packed(small_mnist) -> None:
+    """Each member crops and flips from its own stream: the pack around it changes nothing,
+    and an augmented network differs from the same network without augmentation."""
+    from sweep.core.grid import expand
+    from sweep.core.plan import Pack
+    from workers.run_pack import run_pack
+
+    def grid(augmentation: str):
+        return expand({"name": "aug", "dataset": "mnist", "model": "lenet5", "max_per_class": 40,
+                       "recipe": {"preset": "buda_mnist", "iters": 6, "augmentation": augmentation},
+                       "imbalance": {"step": {"rho": [4], "mu": [0.5]}}, "lr": [0.01, 0.02],
+                       "methods": ["baseline"], "thresholding": [], "seed": 5})
+
+    def auc(specs) -> dict[str, float]:
+        t = run_pack(Pack(tuple(specs)), None, dataset=small_mnist).tables["trials"]
+        return {r["network_id"]: r["roc_auc"] for r in t}
+
+    specs = grid("crop_flip").specs
+    assert len(specs) == 2
+    packed, alone = auc(specs), auc(specs[1:])
+    assert packed[specs[1].network_id] == alone[specs[1].network_id]
+    plain = grid("none").specs[1]
+    assert plain.network_id != specs[1].network_id
+    assert auc([plain])[plain.network_id] != alone[specs[1].network_id]
