@@ -77,10 +77,12 @@ class _Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("kill_at", [0.5, 0.75])  # stage 1 at iteration 20; stage 2 at 20
+# stage 1 at iteration 20; stage 2 at 20; and with each member's crop/flip stream to restore
+@pytest.mark.parametrize(("kill_at", "augmentation"), [(0.5, "none"), (0.75, "none"), (0.5, "crop_flip")])
 def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbers(small_mnist, tmp_path,
-                                                                                     kill_at):
-    g = expand({**GRID, "methods": ["oversampling", "two_phase_over"], "repeats": 1})
+                                                                                     kill_at, augmentation):
+    g = expand({**GRID, "methods": ["oversampling", "two_phase_over"], "repeats": 1,
+                "recipe": {**GRID["recipe"], "augmentation": augmentation}})
     pack = Pack(g.specs)
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
     store = ResultStore(str(tmp_path / "store"))
