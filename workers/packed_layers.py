@@ -122,13 +122,15 @@ class PackedCosineLinear(nn.Module):
                 cpu = torch.empty(self.weight.shape[1:]).uniform_(-1.0, 1.0, generator=g)
                 self.weight[p].copy_(F.normalize(cpu, dim=0))
 
+    def _scaled_columns(self) -> Tensor:
+        return F.normalize(self.weight, dim=1) * self.scale.to(self.weight.dtype)[:, None, None]
+
     def forward(self, x: Tensor) -> Tensor:
-        x, w, _ = self.linear_form(x)
-        return torch.bmm(x, w)
+        return torch.bmm(F.normalize(x, dim=-1), self._scaled_columns())
 
     def linear_form(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(unit features, s * unit columns, zero bias): the same logits as a linear layer."""
-        w = F.normalize(self.weight, dim=1) * self.scale.to(self.weight.dtype)[:, None, None]
+        w = self._scaled_columns()
         return F.normalize(x, dim=-1), w, torch.zeros(w.shape[0], w.shape[2], dtype=w.dtype, device=w.device)
 
 
