@@ -25,9 +25,9 @@ def test_normalisation_comes_from_the_recipe_not_the_dataset() -> None:
     assert buda.normalization == Normalization.GCN_ZCA  # CIFAR-10, Buda's
     other = expand({**LDAM_CIFAR, "recipe": {"preset": "ldam_drw", "normalization": "gcn_zca"}}).specs[0]
     assert other.normalization == Normalization.GCN_ZCA and other.network_id != dablain.network_id
-    with pytest.raises(GridError, match="recipe.normalization.*one of: scale, standardize, gcn_zca"):
+    with pytest.raises(GridError, match="recipe.normalization.*allowed: scale, standardize, gcn_zca"):
         expand({**LDAM_CIFAR, "recipe": {"preset": "ldam_drw", "normalization": "whiten"}})
-    with pytest.raises(GridError, match="recipe.augmentation.*one of: none, crop_flip"):
+    with pytest.raises(GridError, match="recipe.augmentation.*allowed: none, crop_flip"):
         expand({**LDAM_CIFAR, "recipe": {"preset": "ldam_drw", "augmentation": "mixup"}})
 
 

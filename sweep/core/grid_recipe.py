@@ -58,7 +58,7 @@ def recipe_of(err: _Errors, cfg: Any, p: str) -> Recipe:
                 typed[k] = str(v)
         except (TypeError, ValueError):
             allowed = {"lr_policy": LrPolicy, "normalization": Normalization, "augmentation": Augmentation}.get(k)
-            raise err(f"{key}.{k}", f"bad value {v!r}", "one of: " + ", ".join(allowed) if allowed
+            raise err(f"{key}.{k}", f"bad value {v!r}", ", ".join(allowed) if allowed
                       else f"a value like {cur!r}") from None
     r = dataclasses.replace(base, **typed)
     if r.iters < 1 or r.batch_size < 1:
