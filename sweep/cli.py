@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from sweep.core.catalog import PRECISIONS
+from sweep.core.catalog import KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
 
@@ -119,6 +119,8 @@ def _run_options(f: Any) -> Any:
         click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where datasets are."),
         click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32"),
+        click.option("--kernels", type=click.Choice(KERNELS), default="auto",
+                     help="auto: LeNet-5 on CUDA trains on the fused Triton kernels; grouped: never."),
         click.option("--retries", type=int, default=2, help="Retries of a failed pack."),
         click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use."),
         click.option("--ray-temp-dir", default=None, help="Embedded Ray: its temp folder."),

@@ -126,6 +126,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 data_dir=os.path.abspath(options.data_dir) if options.data_dir else None,
                 device=device,
                 precision=options.precision,
+                kernels=options.kernels,
                 threads=max(1, int(cpu)),
                 kill_hook=kill_hook,
             ),
@@ -167,7 +168,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
 
 
 def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, grid_hash: str,
-                    data_dir: str | None, device: str, precision: str, threads: int,
+                    data_dir: str | None, device: str, precision: str, kernels: str, threads: int,
                     kill_hook: tuple[float, str] | None = None) -> dict[str, Any]:
     """The Ray Tune trainable: a thin wrapper around ``workers.run_pack``."""
     import torch
@@ -189,7 +190,7 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
             tune.report({"fraction": fraction, "networks_done": 0, "phase": phase})
 
     result = run_pack(pack, store_root, device=device, data_dir=data_dir, grid_hash=grid_hash,
-                      precision=precision, progress=report)
+                      precision=precision, kernels=kernels, progress=report)
     return {"fraction": 1.0, "networks_done": result.networks, "diverged": result.diverged,
             "failed": result.failed, "seconds": result.seconds, "skipped": result.skipped}
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 
 import torch
 
-from sweep.core.catalog import PRECISIONS
+from sweep.core.catalog import KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
-from sweep.prepare import plan_for, preflight
+from sweep.prepare import check_kernels, plan_for, preflight
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
 from workers.run_pack import run_pack
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 
 def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_dir: str | None = None,
-              max_networks: int = 0, precision: str = "fp32", max_packs: int = 0, max_seconds: float = 0.0,
+              max_networks: int = 0, precision: str = "fp32", kernels: str = "auto", max_packs: int = 0,
+              max_seconds: float = 0.0,
               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
     """Train what the store lacks; returns (networks trained, networks failed, seconds).
 
@@ -42,6 +43,7 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
     t0 = time.perf_counter()
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
+    check_kernels(grid, kernels, dev.type)
     datasets = preflight(grid, store, data_dir)  # loaded once for all packs
     store.save_grid(grid)
     memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
@@ -54,6 +56,7 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
             log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
             break
         result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash, precision=precision,  # type: ignore[arg-type]
+                          kernels=kernels,  # type: ignore[arg-type]
                           dataset=datasets[pack.specs[0].dataset])
         if result.skipped:
             log.info("pack %d/%d: skipped (another runner holds it or has stored it)", i + 1, len(packs))
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+                    help="auto: LeNet-5 on CUDA trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
     ap.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0: all)")
     ap.add_argument("--max-seconds", type=float, default=0.0, help="start no pack after this long (0: no limit)")
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained, failed, seconds = run_local(
             grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
-            precision=a.precision, max_packs=a.max_packs, max_seconds=a.max_seconds,
+            precision=a.precision, kernels=a.kernels, max_packs=a.max_packs, max_seconds=a.max_seconds,
             progress=lambda done, total: log.info("%d of %d networks stored", done, total))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+from sweep.core.catalog import FUSED_MODELS, KERNELS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack, pack_sizer, plan_packs
@@ -40,6 +41,7 @@ class RunOptions:
     data_dir: str | None = None
     device: str | None = None  # worker device; None: cuda when the pack has a GPU
     precision: str = "fp32"
+    kernels: str = "auto"  # workers.devices.resolve_kernels
     retries: int = 2  # Ray Tune retries of a failed pack
     num_cpus: int | None = None  # embedded Ray only: CPUs it may use
     ray_temp_dir: str | None = None  # embedded Ray only
@@ -94,7 +96,24 @@ def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
         raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
     if options.device is not None:
         _check_device(options.device, gpu)
+    check_kernels(grid, options.kernels, options.device or ("cuda" if gpu > 0 else "cpu"))
     return cpu, gpu
+
+
+def check_kernels(grid: Grid, kernels: str, device: str) -> None:
+    """``--kernels fused`` only where every pack can take the fused path: LeNet-5 with a
+    linear head, on CUDA (``workers.devices.resolve_kernels`` decides per pack)."""
+    if kernels not in KERNELS:
+        raise SweepError(f"--kernels {kernels!r}: allowed: {', '.join(KERNELS)}")
+    if kernels != "fused":
+        return
+    others = sorted({f"{s.model} ({s.head} head)" for s in grid.specs
+                     if s.model not in FUSED_MODELS or str(s.head) != "linear"})
+    if others:
+        raise SweepError(f"--kernels fused: the fused kernels exist for {', '.join(FUSED_MODELS)} with a linear "
+                         f"head only; this grid also trains {', '.join(others)} (use --kernels auto)")
+    if not device.startswith("cuda"):
+        raise SweepError(f"--kernels fused needs a CUDA device, not {device!r}")
 
 
 def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_SECONDS) -> None:

@@ -10,10 +10,11 @@ from typing import Literal
 
 import torch
 
-from sweep.core.catalog import PRECISIONS
+from sweep.core.catalog import FUSED_MODELS, KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 
 Precision = Literal["fp32", "tf32", "bf16"]  # sweep.core.catalog.PRECISIONS
+Kernels = Literal["auto", "fused", "grouped"]  # sweep.core.catalog.KERNELS
 
 
 class DeviceUnavailable(UserError, RuntimeError):
@@ -44,3 +45,26 @@ def set_precision(precision: str, dev: torch.device) -> torch.dtype | None:
         torch.backends.cuda.matmul.allow_tf32 = precision != "fp32"
         torch.backends.cudnn.allow_tf32 = precision != "fp32"
     return torch.bfloat16 if precision == "bf16" else None
+
+
+def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "linear") -> Literal["fused", "grouped"]:
+    """The kernels a pack of ``model`` trains on: ``fused`` (the Triton LeNet-5 fast path) or
+    ``grouped`` (the packed layers). ``auto`` is fused for LeNet-5 with a linear head on CUDA,
+    else grouped; ``fused`` where it cannot run is an error, not a silent fallback."""
+    if kernels not in KERNELS:
+        raise ValueError(f"unknown kernels {kernels!r} (allowed: {', '.join(KERNELS)})")
+    if kernels == "grouped":
+        return "grouped"
+    if model not in FUSED_MODELS or head != "linear":
+        if kernels == "fused":
+            raise UserError(f"kernels 'fused' exist for {', '.join(FUSED_MODELS)} with a linear head only, "
+                            f"not {model!r} with a {head} head")
+        return "grouped"
+    if kernels == "auto":  # the interpreter runs on the CPU, but only tests want it
+        return "fused" if dev.type == "cuda" else "grouped"
+    from workers.fused_lenet import fused_available  # imports Triton: only where it may be used
+
+    if fused_available(dev):
+        return "fused"
+    raise DeviceUnavailable(f"kernels 'fused' need a CUDA device (or TRITON_INTERPRET=1 on the CPU, "
+                            f"for tests), not {dev}")

@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
+from workers.augment import CropFlipDraws, crop_flip
+from workers.batch_feed import BatchFeed
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
 from workers.optim import PackedSGD
-from workers.samplers import EpochSampler, take_stacked
+from workers.samplers import EpochSampler
+from workers.step_graph import StepRunner
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +81,7 @@ class StageConfig:
     curve_sets: tuple[EvalSet, ...] = ()
     checkpoint_every: int = 0
     autocast_dtype: torch.dtype | None = None  # bf16 on GPUs where accuracy allows
+    cuda_graph: bool = True  # on CUDA, replay the step as one captured graph (workers.step_graph)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class StageState:
     best_iter: np.ndarray | None = None
     best_state: dict[str, Tensor] | None = None
     train_seconds: float = 0.0
+    step_mode: str = "eager"  # how the last run of the stage stepped: "eager" | "graph"
 
 
 @dataclass
@@ -102,7 +106,7 @@ class StageSnapshot:
     optimizer: list[Tensor | None]
     samplers: list[dict[str, Any]]
     model: dict[str, Tensor]  # state_dict on the CPU
-    noise: list[Tensor] | None  # the members' dropout streams
+    noise: dict[str, int] | None  # where the members' dropout streams are (models.PackedNet.noise_state)
     augment: list[dict[str, Any] | None] | None = None  # the members' crop/flip streams (None: none)
 
 
@@ -148,6 +152,12 @@ def train_stage(
 
     ``augment`` holds each member's crop/flip stream (None: that member's images are used
     as they are); None or all None: no augmentation work at all.
+
+    The step (:func:`_device_step`) takes everything from the device: batches from a
+    :class:`BatchFeed` table, the learning rate from ``cfg.lr`` at a device step counter,
+    divergence state in device tensors. The host only refills the tables between chunks,
+    reads divergence asynchronously, and stops at evaluation points and checkpoints. On
+    CUDA the step is replayed as one CUDA graph (:class:`StepRunner`).
     """
     if augment is not None and all(a is None for a in augment):
         augment = None
@@ -157,12 +167,19 @@ def train_stage(
     params = model.head_parameters() if cfg.head_only else list(model.parameters())
     for prm in model.parameters():
         prm.requires_grad_(not cfg.head_only or any(prm is h for h in params))
-    opt = PackedSGD(params, p, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor, model.bias_parameters())
+    opt = _optimizer(model, params, cfg)
     if optimizer_state is not None:
         opt.load_state(optimizer_state, device)
+    feed = BatchFeed(samplers, augment, cfg.batch_size, device, CHUNK_ITERS)
     # Diverged members keep a zero learning rate; the mask lives on the device.
-    alive = torch.tensor(state.diverged_at < 0, device=device, dtype=torch.float32)
-    first_bad = torch.as_tensor(state.diverged_at, device=device)
+    counters = _Counters(
+        it=torch.full((), state.iteration, dtype=torch.int64, device=device),
+        alive=torch.tensor(state.diverged_at < 0, device=device, dtype=torch.float32),
+        first_bad=torch.as_tensor(state.diverged_at, device=device).clone(),
+    )
+    step = _device_step(model, feed, x_train, y_train, transform, loss_fn, cfg, opt, counters)
+    runner = StepRunner(step, device, cfg.cuda_graph, f"stage of {p} members")
+    watch = _DivergenceWatch(counters.first_bad)
     start = time.perf_counter() - state.train_seconds
     it = state.iteration
     while it < cfg.iters:
@@ -171,39 +188,19 @@ def train_stage(
             # End chunks on checkpoint boundaries: checkpoints land exactly every
             # ``checkpoint_every`` iterations (the sampler streams do not depend on chunking).
             n = min(n, cfg.checkpoint_every - it % cfg.checkpoint_every)
-        idx = torch.from_numpy(take_stacked(samplers, n)).to(device, non_blocking=True)
-        draws = None if augment is None else torch.from_numpy(
-            take_stacked_draws(augment, n, cfg.batch_size)).to(device, non_blocking=True)
-        for j in range(n):
-            batch = idx[j]  # [P, B]
-            model.train(not cfg.head_only)
-            images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws[j])
-            with _autocast(device, cfg.autocast_dtype):
-                xb = transform.apply(images)
-                if cfg.head_only:
-                    with torch.no_grad():
-                        z = model.body(xb)
-                    _, logits = model.head(z)
-                else:
-                    _, logits = model(xb)
-            losses = loss_fn(logits.float(), y_train[batch], it)
-            # A member's loss only reaches its own parameters, so one backward serves all.
-            opt.zero_grad()
-            losses.sum().backward()
-            bad = ~torch.isfinite(losses.detach())
-            first_bad = torch.where(bad & (first_bad < 0), it, first_bad)
-            alive = alive * (~bad).float()
-            opt.step(cfg.lr[it] * alive)
+        feed.load(n)
+        for _ in range(n):
+            runner()
             it += 1
-            if it % DIVERGENCE_CHECK_ITERS == 0 or it == cfg.iters:
-                _note_divergence(state, first_bad)
+            if it % DIVERGENCE_CHECK_ITERS == 0:
+                watch.poll(state)
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
                 _eval_point(model, transform, cfg, state, it)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
         if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
             # Divergence is noted first so a restarted stage keeps masking diverged members.
-            _note_divergence(state, first_bad)
+            _note_divergence(state, counters.first_bad)
             # Saved before progress is reported: whoever sees iteration ``it`` reported can
             # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
             checkpoint(StageSnapshot(state, opt.state(), [s.state() for s in samplers],
@@ -212,12 +209,93 @@ def train_stage(
                                      None if augment is None else [None if a is None else a.state() for a in augment]))
         if progress is not None:
             progress(it)
-    _note_divergence(state, first_bad)
+    _note_divergence(state, counters.first_bad)
+    state.train_seconds = time.perf_counter() - start
+    state.step_mode = runner.mode
     if state.best_state is not None:
         _restore_best(model, state)
     for prm in model.parameters():
         prm.requires_grad_(True)
     return state
+
+
+@dataclass
+class _Counters:
+    """Device state the step updates in place: the step number, and per member whether it is
+    still alive (1.0 / 0.0) and the iteration its loss first went non-finite (-1: never)."""
+
+    it: Tensor
+    alive: Tensor
+    first_bad: Tensor
+
+
+def _optimizer(model: PackedNet, params: list[Tensor], cfg: StageConfig) -> Any:
+    """One fused SGD pass over the flat buffer for a fused LeNet-5 training every parameter;
+    ``PackedSGD`` otherwise (and for head-only stages, on the fused model's views)."""
+    if getattr(model, "flat", None) is not None and not cfg.head_only:
+        from workers.fused_lenet import FusedSGD  # Triton, only where the fused model is in use
+
+        return FusedSGD(model, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor)
+    return PackedSGD(params, model.members, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor,
+                     model.bias_parameters())
+
+
+def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Tensor, transform: Any,
+                 loss_fn: PackedLoss, cfg: StageConfig, opt: Any, c: _Counters) -> Callable[[], None]:
+    """One training step of all members that reads nothing from the host (capturable).
+
+    Every tensor it keeps between steps is updated in place at a fixed address: the feed's
+    row, the step counter, the alive mask, the first non-finite iteration, and the model's
+    and optimizer's own tensors.
+    """
+
+    def step() -> None:
+        batch, draws = feed.batch()  # [P, B], [P, B, 3]
+        model.train(not cfg.head_only)
+        images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws)
+        with _autocast(x_train.device, cfg.autocast_dtype):
+            xb = transform.apply(images)
+            if cfg.head_only:
+                with torch.no_grad():
+                    z = model.body(xb)
+                _, logits = model.head(z)
+            else:
+                _, logits = model(xb)
+        losses = loss_fn(logits.float(), y_train[batch], c.it)
+        # A member's loss only reaches its own parameters, so one backward serves all.
+        opt.zero_grad()
+        losses.sum().backward()
+        bad = ~torch.isfinite(losses.detach())
+        c.first_bad.copy_(torch.where(bad & (c.first_bad < 0), c.it, c.first_bad))
+        c.alive.mul_((~bad).float())
+        opt.step(cfg.lr.index_select(0, c.it.view(1)).squeeze(0) * c.alive)
+        c.it.add_(1)
+        feed.advance()
+
+    return step
+
+
+class _DivergenceWatch:
+    """Reads the members' first non-finite iteration without stalling the device: each poll
+    queues a copy and notes the copy the previous poll queued, if it has landed."""
+
+    def __init__(self, first_bad: Tensor) -> None:
+        self.first_bad = first_bad
+        self.cuda = first_bad.device.type == "cuda"
+        self.host = torch.empty(first_bad.shape, dtype=first_bad.dtype, pin_memory=self.cuda)
+        self.landed: torch.cuda.Event | None = None
+
+    def poll(self, state: StageState) -> None:
+        if not self.cuda:
+            _note_divergence(state, self.first_bad)
+            return
+        if self.landed is not None:
+            if not self.landed.query():
+                return  # still in flight: look again at the next poll
+            _note_divergence(state, self.host)
+        self.host.copy_(self.first_bad, non_blocking=True)
+        self.landed = torch.cuda.Event()
+        self.landed.record()
 
 
 def _note_divergence(state: StageState, first_bad: Tensor) -> None:
@@ -287,4 +365,6 @@ def _restore_best(model: PackedNet, state: StageState) -> None:
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    # No weight-cast cache: a CUDA graph capture cannot hold one, and every weight is used
+    # once per forward, so the cache saves nothing.
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=False)

@@ -227,7 +227,7 @@ class PackedLoss:
         """Class-balanced weights [P, K], float64, applied once a member's DRW has started."""
         return self._weights
 
-    def __call__(self, logits: Tensor, targets: Tensor, iteration: int) -> Tensor:
+    def __call__(self, logits: Tensor, targets: Tensor, iteration: int | Tensor) -> Tensor:
         p, k = self.num_members, self.num_classes
         if logits.ndim != 3 or logits.shape[0] != p or logits.shape[2] != k:
             raise ValueError(f"logits must be [{p}, B, {k}], got {tuple(logits.shape)}")
@@ -252,10 +252,13 @@ class PackedLoss:
             one_minus_p = (-torch.expm1(logp_y)).clamp_min(torch.finfo(z.dtype).tiny)
             per_sample = one_minus_p.pow(self._table("_gamma", z.dtype)[:, None]) * per_sample
 
-        if self._first_start is None or iteration < self._first_start:
-            return per_sample.mean(dim=1)
-        # DRW: per-sample class weights for members whose schedule has started,
-        # weight 1 (plain mean) for the others; reduction sum(w l) / sum(w).
-        active = (self._start <= iteration)[:, None]  # [P, 1], no host sync
-        w = torch.where(active, self._table("_weights", z.dtype).gather(1, targets.long()), 1.0)
-        return (w * per_sample).sum(dim=1) / w.sum(dim=1)
+        plain = per_sample.mean(dim=1)
+        if self._first_start is None or (isinstance(iteration, int) and iteration < self._first_start):
+            return plain
+        # DRW: per-sample class weights for members whose schedule has started, reduction
+        # sum(w l) / sum(w); the others keep the plain mean, so a member's loss does not depend
+        # on whether a packmate's DRW has started. ``iteration`` may be a device counter (a
+        # CUDA graph's step), compared on the device: no host sync.
+        active = self._start <= iteration  # [P]
+        w = self._table("_weights", z.dtype).gather(1, targets.long())
+        return torch.where(active, (w * per_sample).sum(dim=1) / w.sum(dim=1), plain)

@@ -10,6 +10,8 @@ both ``[P, B, ...]``.
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -29,6 +31,27 @@ from workers.packed_layers import (
     grouped_avg_pool,
     to_grouped,
 )
+
+log = logging.getLogger(__name__)
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Mueller's ``0x45d9f3b`` mixer) of int64 tensors holding 32-bit
+    values; the multiplier is below 2^27, so products never leave int64."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+@functools.lru_cache(maxsize=32)
+def _element_hashes(shape: torch.Size, device: torch.device) -> Tensor:
+    """Hashed logical element indices of one member's ``[B, C, H, W]`` slice, as
+    ``[B, 1, C, H, W]`` (computed once per activation shape)."""
+    b, _, *rest = shape
+    n = b * int(torch.Size(rest).numel())
+    return _mix32(torch.arange(n, dtype=torch.int64, device=device)).view(b, 1, *rest)
 
 
 class PackedNet(nn.Module):
@@ -71,35 +94,53 @@ class PackedNet(nn.Module):
         if len(seeds) != self.members:
             raise ValueError(f"{len(seeds)} seeds for {self.members} members")
         self._noise_seeds = [int(s) for s in seeds]
-        self._noise_generators: list[torch.Generator] | None = None
+        self._noise_keys: Tensor | None = None
+        self._noise_draws: Tensor | None = None
 
-    def _generators(self, device: torch.device) -> list[torch.Generator]:
-        gens = getattr(self, "_noise_generators", None)
-        if gens is None or gens[0].device != device:
+    def _noise(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """The members' keys [P] and the number of masks drawn so far (0-dim), on ``device``."""
+        keys, draws = getattr(self, "_noise_keys", None), getattr(self, "_noise_draws", None)
+        if keys is None or keys.device != device:
             seeds = getattr(self, "_noise_seeds", None) or list(range(self.members))
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-            self._noise_generators = gens
-        return gens
+            keys = _mix32(torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device))
+            draws = torch.zeros((), dtype=torch.int64, device=device) if draws is None else draws.to(device)
+            self._noise_keys, self._noise_draws = keys, draws
+        return keys, draws
 
-    def noise_state(self) -> list[Tensor] | None:
-        """The members' dropout streams (for checkpoints); None before any was drawn from."""
-        gens = getattr(self, "_noise_generators", None)
-        return None if gens is None else [g.get_state() for g in gens]
+    def noise_state(self) -> dict[str, int] | None:
+        """Where the members' dropout streams are (for checkpoints); None before any draw."""
+        draws = getattr(self, "_noise_draws", None)
+        return None if draws is None else {"dropout_draws": int(draws)}
 
-    def load_noise_state(self, states: list[Tensor], device: torch.device) -> None:
-        for g, st in zip(self._generators(device), states):
-            g.set_state(st)
+    def load_noise_state(self, state: dict[str, int] | list[Tensor], device: torch.device) -> None:
+        _, draws = self._noise(device)
+        if not isinstance(state, dict):  # a checkpoint from before counter-based masks
+            log.warning("the checkpoint holds dropout streams of an older format: masks restart "
+                        "from the members' seeds (the run continues, not bit for bit)")
+            draws.zero_()
+            return
+        draws.fill_(int(state["dropout_draws"]))
 
     def member_dropout(self, z: Tensor, rate: float) -> Tensor:
-        """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's stream."""
+        """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's stream.
+
+        Counter-based, so all members' masks come from a few element-wise kernels, with no
+        launch per member and no host work (a CUDA graph can hold it): element e of member
+        p's slice in draw n keeps iff ``hash(e, hash(key_p, n)) < keep * 2^32``. ``e`` is the
+        element's logical index within the member's ``[B, C, H, W]``, so a member's masks are
+        the same alone or in any pack and in any memory layout.
+        """
         if not self.training or rate == 0:
             return z
         keep = 1.0 - rate
         per = z.unflatten(1, (self.members, -1))  # [B, P, C, H, W], any memory layout
-        shape = (per.shape[0], *per.shape[2:])
-        masks = torch.stack([torch.empty(shape, device=z.device, dtype=z.dtype).bernoulli_(keep, generator=g)
-                             for g in self._generators(z.device)], dim=1)
-        return (per * masks).div_(keep).flatten(1, 2)
+        keys, draws = self._noise(z.device)
+        salt = _mix32(keys ^ _mix32(draws.expand(self.members)))  # [P]: this draw's member streams
+        where = _element_hashes(per.shape, z.device)  # [B, 1, C, H, W]
+        u = _mix32(where ^ salt.view(1, -1, *([1] * (per.dim() - 2))))
+        mask = (u < int(keep * 2 ** 32)).to(z.dtype)
+        draws.add_(1)
+        return (per * mask).div_(keep).flatten(1, 2)
 
     def bias_parameters(self) -> list[nn.Parameter]:
         """The additive biases of convolutions and linear layers (Caffe's second blob)."""

@@ -27,7 +27,7 @@ from sweep.store.schema import Measurement, Status
 from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
-from workers.devices import Precision, device_name, resolve_device, set_precision
+from workers.devices import Kernels, Precision, device_name, resolve_device, resolve_kernels, set_precision
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
@@ -91,6 +91,7 @@ class _Pack:
     y_test: torch.Tensor
     autocast: torch.dtype | None
     checkpoints: CheckpointFile
+    fused: torch.dtype | None  # the fused LeNet-5's compute dtype (None: the grouped layers)
     observer: "StageObserver | None" = None
     progress: "Progress | None" = None
     fraction: float = 0.0  # the last fraction reported
@@ -117,6 +118,7 @@ def run_pack(
     data_dir: str | None = None,
     grid_hash: str = "",
     precision: Precision = "fp32",
+    kernels: Kernels = "auto",
     progress: Progress | None = None,
     dataset: ArrayDataset | None = None,
     observer: StageObserver | None = None,
@@ -127,6 +129,9 @@ def run_pack(
     returned). ``progress`` receives the fraction of the pack's iterations done and what
     the pack is doing ("loading data", "training", "evaluating", "latent statistics");
     ``observer`` sees every stage's model as it starts and ends (:data:`StageObserver`).
+    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA with
+    the fused Triton fast path (``bf16`` precision: 16-bit arithmetic, fp32 master weights),
+    everything else on the grouped layers.
     """
     if not pack.specs:
         raise ValueError("empty pack")
@@ -135,6 +140,10 @@ def run_pack(
         raise ValueError(f"pack mixes incompatible specs: {sorted(map(str, keys))}")
     dev = resolve_device(device)
     autocast = set_precision(precision, dev)  # raises on an unknown precision
+    # bf16 on the fused path: 16-bit arithmetic inside the kernels instead of autocast.
+    fused = None
+    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head)) == "fused":
+        fused, autocast = autocast or torch.float32, None
     if store is not None and not hasattr(store, "write_pack"):
         store = ResultStore(str(store))  # a path
     lease = None
@@ -153,13 +162,14 @@ def run_pack(
 
         progress = progress_and_lease
     try:
-        return _run_pack(pack, store, dev, autocast, data_dir, grid_hash, progress, dataset, observer)
+        return _run_pack(pack, store, dev, autocast, fused, data_dir, grid_hash, progress, dataset, observer)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None, data_dir: str | None,
+def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None,
+              fused: torch.dtype | None, data_dir: str | None,
               grid_hash: str, progress: Progress | None, dataset: ArrayDataset | None,
               observer: StageObserver | None) -> PackResult:
     t0 = time.perf_counter()
@@ -171,7 +181,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ctx = _Pack(pack, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
                 ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), autocast,
-                CheckpointFile(store, pack), observer, progress)
+                CheckpointFile(store, pack), fused, observer, progress)
     resumed = ctx.checkpoints.read()
     resumed_from = 0 if resumed is None else resumed.iteration
 
@@ -190,7 +200,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
                 results, parent_states = resumed.stage1_results, resumed.parent_states
                 latent = resumed.stage1_latent
                 continue
-            model = _new_model(plan.specs, ds, dev)
+            model = _new_model(plan.specs, ds, dev, fused)
             out, tables = _run_stage(ctx, plan, model, resumed, report)
             results.update(out)
             latent.append(tables)
@@ -210,7 +220,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         if not runnable:
             continue
         plan = stage_plan(2, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
-        model = _new_model(plan.specs, ds, dev)
+        model = _new_model(plan.specs, ds, dev, fused)
         for i, s in enumerate(plan.specs):
             model.load_member_state(i, parent_states[s.parent_id])
         stage1 = (dict(results), parent_states, list(latent))
@@ -220,14 +230,16 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         latent.append(tables)
 
     seconds = time.perf_counter() - t0
-    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device_name(dev))
+    # The kernels change the numbers (16-bit arithmetic, other summation orders): rows say which.
+    device = device_name(dev) + ("" if fused is None else f", fused kernels ({str(fused).removeprefix('torch.')})")
+    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device)
     tables.update(stored_latent(pack, latent))
     if store is not None:
         store.write_pack(pack.pack_id, first.grid or "default", tables)
         ctx.checkpoints.remove()
     statuses = [results[s.network_id].status for s in pack.stored_specs]
     return PackResult(pack.pack_id, tables, len(pack.stored_specs), statuses.count(Status.DIVERGED),
-                      statuses.count(Status.FAILED), seconds, device_name(dev), resumed_from)
+                      statuses.count(Status.FAILED), seconds, device, resumed_from)
 
 
 def _stage_progress(ctx: _Pack, offset: int, total: int, phase: str) -> Callable[[int], None]:
@@ -245,9 +257,18 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
     return None
 
 
-def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device) -> PackedNet:
+def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device,
+               fused: torch.dtype | None = None) -> PackedNet:
+    """The stage's packed model: the grouped layers, or with ``fused`` (a compute dtype) the
+    Triton LeNet-5 (same parameters, same initial weights, same checkpoints)."""
     s0 = specs[0]
-    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]))
+    in_shape = tuple(ds.train_x.shape[1:])
+    if fused is not None:
+        from workers.fused_lenet import FusedLeNet5  # Triton: only where the fast path runs
+
+        model: PackedNet = FusedLeNet5(len(specs), ds.num_classes, in_shape, compute_dtype=fused)
+    else:
+        model = model_for(specs, ds.num_classes, in_shape)
     # Same training set -> same initial weights for every method (paired comparisons).
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
     model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])

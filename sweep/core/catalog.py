@@ -86,3 +86,10 @@ FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
 # Arithmetic precisions a pack can train in (workers.devices.set_precision applies them):
 # fp32; tf32 (fp32 storage, TF32 matmuls and convolutions on CUDA); bf16 (autocast).
 PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
+
+# Which layer kernels a pack trains on (workers.devices.resolve_kernels): "fused" is the
+# Triton LeNet-5 fast path (workers.fused_lenet), CUDA only; "grouped" the packed
+# grouped-convolution layers (the reference, and every other model); "auto" fused where it
+# applies (LeNet-5 on CUDA), grouped elsewhere.
+KERNELS: tuple[str, ...] = ("auto", "fused", "grouped")
+FUSED_MODELS: tuple[str, ...] = ("lenet5",)  # models with a fused path (linear head only)

@@ -1,0 +1,264 @@
+"""The device-resident training step (issue 13): batch tables, device counters, CUDA graphs,
+the fused LeNet-5 in ``run_pack``, and the kernel choice.
+
+On the CPU the step runs eagerly (the reason is logged), and the fused kernels run in
+Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1`` without a GPU). The
+CUDA-graph tests at the end run where there is a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from sweep.core.grid import expand
+from sweep.core.plan import Pack
+from sweep.prepare import RunOptions, SweepError, check_kernels, check_options
+from workers import fused_kernels as fk
+from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
+from workers.batch_feed import BatchFeed
+from workers.datasets import ArrayDataset
+from sweep.core.errors import UserError
+from workers.devices import DeviceUnavailable, resolve_kernels
+from workers.engine import StageConfig, train_stage
+from workers.losses import PackedLoss
+from workers.models import LeNet5
+from workers.optim import PackedSGD
+from workers.run_pack import run_pack
+from workers.samplers import EpochSampler, take_stacked
+from workers.transforms import InputTransform, stack_transforms
+
+P, B, K = 3, 16, 10
+
+
+def _data(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8), torch.randint(0, K, (n,), generator=g)
+
+
+def _samplers(n: int, seed: int = 5) -> list[EpochSampler]:
+    # Different index sets per member: a 300-image subset, a 451-image one (epochs end
+    # inside chunks), and all images.
+    sets = [np.arange(300), np.arange(149, 600), np.arange(n)]
+    return [EpochSampler(s, B, seed + p) for p, s in enumerate(sets)]
+
+
+def test_feed_tables_hold_each_members_own_stream_across_chunks() -> None:
+    feed_samplers, ref_samplers = _samplers(600), _samplers(600)
+    aug = [CropFlipDraws(1), None, CropFlipDraws(3)]
+    ref_aug = [CropFlipDraws(1), None, CropFlipDraws(3)]
+    feed = BatchFeed(feed_samplers, aug, B, torch.device("cpu"), rows=7)
+    for n in (7, 3, 7, 1):  # chunks of several lengths, as checkpoints cut them
+        feed.load(n)
+        want_idx, want_draws = take_stacked(ref_samplers, n), take_stacked_draws(ref_aug, n, B)
+        for j in range(n):
+            idx, draws = feed.batch()
+            assert np.array_equal(idx.numpy(), want_idx[j])
+            assert np.array_equal(draws.numpy(), want_draws[j])
+            feed.advance()
+    with pytest.raises(ValueError, match="does not fit 7 table rows"):
+        feed.load(8)
+
+
+def _cfg(iters: int, lr: torch.Tensor, **over) -> StageConfig:
+    base = dict(iters=iters, batch_size=B, lr=lr, momentum=torch.tensor([0.9, 0.8, 0.9]),
+                weight_decay=torch.tensor([5e-4, 1e-3, 0.0]), bias_lr_factor=torch.tensor([2.0, 1.0, 2.0]))
+    base.update(over)
+    return StageConfig(**base)
+
+
+def _lr(iters: int) -> torch.Tensor:
+    t = torch.arange(iters, dtype=torch.float32)[:, None]
+    return torch.cat([0.01 * (1 + 1e-4 * t) ** -0.75, torch.full_like(t, 0.002), 0.01 * (t < 70) + 0.001], 1)
+
+
+def _loss() -> PackedLoss:
+    counts = torch.tensor([[100.0] * 5 + [10.0] * 5] * P)
+    # LDAM at s = 1: a linear head (the cosine head is what s = 30 is for).
+    return PackedLoss(["ce", "ldam", "focal"], counts, ldam_scale=1.0, drw_start_iter=[None, 60, 90])
+
+
+def _model() -> LeNet5:
+    m = LeNet5(P, K, (1, 28, 28))
+    m.reset_parameters("xavier", [11, 12, 13])
+    return m
+
+
+def _reference_loop(model, samplers, x, y, transform, loss_fn, cfg, augment) -> None:
+    """The stage loop as it was before the batch tables and device counters: host chunks,
+    the Python iteration number as data. The engine must give the same numbers."""
+    opt = PackedSGD(list(model.parameters()), P, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor,
+                    model.bias_parameters())
+    alive = torch.ones(P)
+    it = 0
+    while it < cfg.iters:
+        n = min(50, cfg.iters - it)
+        idx = torch.from_numpy(take_stacked(samplers, n))
+        draws = torch.from_numpy(take_stacked_draws(augment, n, B))
+        for j in range(n):
+            model.train()
+            _, logits = model(transform.apply(crop_flip(x[idx[j]], draws[j])))
+            losses = loss_fn(logits.float(), y[idx[j]], it)
+            opt.zero_grad()
+            losses.sum().backward()
+            alive = alive * torch.isfinite(losses.detach()).float()
+            opt.step(cfg.lr[it] * alive)
+            it += 1
+
+
+def test_engine_step_gives_the_numbers_of_the_host_driven_loop(caplog) -> None:
+    """Batches from the tables, lr at the device counter, DRW switched on the device (two
+    members start DRW at different iterations), augmentation, chunk ends inside epochs:
+    bit for bit the numbers of the host-driven loop."""
+    x, y = _data()
+    transform = stack_transforms([InputTransform("scale", None)] * P)
+    iters = 120
+    ref, fast = _model(), _model()
+    aug = lambda: [CropFlipDraws(7), None, CropFlipDraws(9)]  # noqa: E731
+    _reference_loop(ref, _samplers(600), x, y, transform, _loss(), _cfg(iters, _lr(iters)), aug())
+    with caplog.at_level(logging.INFO, logger="workers.step_graph"):
+        state = train_stage(fast, _samplers(600), x, y, transform, _loss(), _cfg(iters, _lr(iters)), augment=aug())
+    assert state.step_mode == "eager" and (state.diverged_at == -1).all()
+    assert "training steps run eagerly (CUDA graphs need a CUDA device)" in caplog.text
+    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_member_that_diverges_is_found_without_a_sync_per_step() -> None:
+    """A huge learning rate from iteration 37 on makes member 1's loss non-finite soon after;
+    the host learns the iteration from the device counter (asynchronous reads, then the
+    final one), and the other members train on."""
+    x, y = _data()
+    transform = stack_transforms([InputTransform("scale", None)] * P)
+    model = _model()
+    lr = _lr(60)
+    lr[37:, 1] = 1e30
+    state = train_stage(model, _samplers(600), x, y, transform, _loss(), _cfg(60, lr))
+    assert state.diverged_at[0] == -1 and state.diverged_at[2] == -1
+    assert 37 < state.diverged_at[1] <= 40
+    assert all(torch.isfinite(v).all() for v in model.member_state(0).values())
+
+
+def test_drw_member_loss_is_the_same_alone_or_with_an_active_packmate() -> None:
+    """Before its DRW starts, a member's loss is the plain mean, whether or not a packmate's
+    DRW has started (the reduction used to change with the pack), for int and device steps."""
+    counts = torch.tensor([[100.0] * 5 + [10.0] * 5] * 2)
+    pair = PackedLoss(["ce", "ce"], counts, drw_start_iter=[10, 100])
+    alone = PackedLoss(["ce"], counts[:1], drw_start_iter=[100])
+    logits = torch.randn(2, 8, K, dtype=torch.float64)
+    y = torch.randint(0, K, (2, 8))
+    for it in (50, torch.tensor(50)):
+        assert torch.equal(pair(logits, y, it)[1:], alone(logits[1:], y[1:], it))
+    assert torch.equal(pair(logits, y, torch.tensor(50)), pair(logits, y, 50))
+    assert not torch.equal(pair(logits, y, 50)[0], logits.log_softmax(-1).gather(2, y[..., None]).mean(1)[0].neg())
+
+
+def test_kernel_choice_is_applied_or_rejected(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_kernels("auto", "lenet5", cpu) == "grouped"  # the interpreter is for tests only
+    assert resolve_kernels("auto", "lenet5", cuda) == "fused"
+    assert resolve_kernels("auto", "lenet5", cuda, head="cosine") == "grouped"
+    assert resolve_kernels("auto", "allcnn", cuda) == "grouped"
+    assert resolve_kernels("grouped", "lenet5", cuda) == "grouped"
+    assert resolve_kernels("fused", "lenet5", cpu) == "fused"  # TRITON_INTERPRET=1 here
+    with pytest.raises(ValueError, match="unknown kernels 'triton'.*auto, fused, grouped"):
+        resolve_kernels("triton", "lenet5", cpu)
+    with pytest.raises(UserError, match="lenet5 with a linear head only, not 'resnet32'"):
+        resolve_kernels("fused", "resnet32", cuda)
+    monkeypatch.setattr(fk, "INTERPRETED", False)
+    with pytest.raises(DeviceUnavailable, match="need a CUDA device"):
+        resolve_kernels("fused", "lenet5", cpu)
+
+
+def test_sweep_options_check_the_kernels_before_anything_starts() -> None:
+    lenet = expand({"dataset": "mnist", "model": "lenet5", "recipe": "buda_mnist"})
+    mixed = expand({"dataset": "cifar10", "model": "resnet32", "recipe": "ldam_drw"})
+    check_kernels(lenet, "fused", "cuda")
+    check_kernels(mixed, "auto", "cpu")
+    with pytest.raises(SweepError, match="--kernels 'fast': allowed: auto, fused, grouped"):
+        check_options(lenet, RunOptions(kernels="fast"))
+    with pytest.raises(SweepError, match="fused needs a CUDA device, not 'cpu'"):
+        check_options(lenet, RunOptions(kernels="fused"))
+    with pytest.raises(SweepError, match="also trains resnet32"):
+        check_kernels(mixed, "fused", "cuda")
+
+
+# -- the fused LeNet-5 in run_pack (Triton's interpreter on the CPU: small and short) -------
+
+def _tiny_mnist(mnist) -> ArrayDataset:
+    return ArrayDataset(name="mnist", train_x=mnist.train_x[:400], train_y=mnist.train_y[:400],
+                        test_x=mnist.test_x[:24], test_y=mnist.test_y[:24], num_classes=10, source="mnist[:400]")
+
+
+def _trained(pack: Pack, ds: ArrayDataset, kernels: str, **kw):
+    states: dict[str, dict[str, torch.Tensor]] = {}
+
+    def observe(plan, model, when):  # noqa: ANN001
+        if when == "end":
+            states.update({s.network_id: model.member_state(i) for i, s in enumerate(plan.specs)})
+
+    result = run_pack(pack, None, dataset=ds, kernels=kernels, observer=observe, **kw)
+    return result, states
+
+
+def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist) -> None:
+    """run_pack on the fused LeNet-5 (batch tables, device counters, fused SGD): a member
+    trained in a pack equals it trained alone bit for bit, and the weights after four steps
+    equal the grouped reference path's within float32 summation-order error."""
+    g = expand({"name": "fast", "dataset": "mnist", "model": "lenet5",
+                "recipe": {"preset": "buda_mnist", "iters": 4, "batch_size": 8}, "max_per_class": 40,
+                "imbalance": {"step": {"rho": [4], "mu": [0.5]}}, "methods": ["baseline", "oversampling"],
+                "repeats": 1, "seed": 3})
+    ds = _tiny_mnist(mnist)
+    pack, one = Pack(g.specs), Pack(g.specs[1:])
+    fused_result, fused = _trained(pack, ds, "fused")
+    _, alone = _trained(one, ds, "fused")
+    _, grouped = _trained(pack, ds, "grouped")
+    member = g.specs[1].network_id
+    for name, v in fused[member].items():
+        assert torch.equal(v, alone[member][name]), name
+    for nid in fused:
+        for name, v in fused[nid].items():
+            torch.testing.assert_close(v, grouped[nid][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert {r["device"] for r in fused_result.tables["trials"]} == {"cpu, fused kernels (float32)"}
+    assert all(r["status"] == "ok" for r in fused_result.tables["trials"])
+
+
+# -- CUDA graphs (need a GPU) ----------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@cuda
+@pytest.mark.parametrize("fused", [False, True])
+def test_graph_replay_equals_eager_steps(fused: bool) -> None:
+    """The captured step, replayed, gives the eager step's numbers bit for bit (grouped and
+    fused LeNet-5, DRW switching at a device counter, augmentation)."""
+    dev = torch.device("cuda")
+    x, y = (t.to(dev) for t in _data())
+    transform = stack_transforms([InputTransform("scale", None)] * P).to(dev)
+    iters = 120
+
+    def run(graph: bool):
+        model = _model()
+        if fused:
+            from workers.fused_lenet import FusedLeNet5
+
+            model = FusedLeNet5.from_lenet(model)
+        model.to(dev)
+        cfg = _cfg(iters, _lr(iters).to(dev), cuda_graph=graph)
+        cfg = dataclasses.replace(cfg, momentum=cfg.momentum.to(dev), weight_decay=cfg.weight_decay.to(dev),
+                                  bias_lr_factor=cfg.bias_lr_factor.to(dev))
+        state = train_stage(model, _samplers(600), x, y, transform, _loss().to(dev), cfg,
+                            augment=[CropFlipDraws(7), None, CropFlipDraws(9)])
+        return state, model
+
+    eager_state, eager = run(False)
+    graph_state, graphed = run(True)
+    assert eager_state.step_mode == "eager" and graph_state.step_mode == "graph"
+    for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
+        assert torch.equal(a, b), name
