@@ -33,6 +33,7 @@ if str(REPO) not in sys.path:
 from workers.fused_lenet import FusedLeNet5, FusedSGD  # noqa: E402
 from workers.models import LeNet5  # noqa: E402
 from workers.optim import PackedSGD  # noqa: E402
+from workers.step_graph import WARMUP_STEPS, StepRunner  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -66,17 +67,13 @@ def _step(model: LeNet5, opt: PackedSGD | FusedSGD, x: torch.Tensor, y: torch.Te
 
 
 def _graphed(step: Callable[[], None]) -> Callable[[], None]:
-    """The step captured as one CUDA graph (warmed up on a side stream, as capture requires)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    """The step as the engine replays it (workers.step_graph: warm-up on a side stream, capture)."""
+    runner = StepRunner(step, torch.device("cuda"), True, "bench_fused_lenet")
+    for _ in range(WARMUP_STEPS + 1):
+        runner()
+    if runner.graph is None:
+        raise RuntimeError(f"no CUDA graph: {runner.reason}")
+    return runner.graph.replay
 
 
 def _rate(step: Callable[[], None], p: int, iters: int, warmup: int, device: str) -> float:

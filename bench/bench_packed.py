@@ -1,37 +1,49 @@
-"""Network-iterations per second: one network at a time, K processes, and packs of P.
+"""Network-iterations per second: one network per process, K processes, packs, vmap, the fast path.
 
-Measures, in one run on one device, the training throughput of the sweep's packed
-execution against the two ways of training many small networks without it:
+Measures, in one run on one device, the training throughput of five ways of training many
+small networks, in each precision asked for (``--precisions fp32,bf16``):
 
-(a) ``single``: one network at a time in one process (a P=1 packed model);
-(b) ``procs``: K processes sharing the device (multiprocessing, spawn), each training
-    one P=1 network; throughput = K * iters / wall time from a common start barrier
-    to the last process's end;
-(c) ``packed``: P networks stacked in one process, for each P in ``--packs``.
+(a) ``one network per process``: a P=1 packed model on the grouped layers, stepped eagerly;
+(b) ``K processes`` sharing the device (multiprocessing, spawn), each training one P=1
+    network as in (a); throughput = K * iters / wall time from a common start barrier to
+    the last process's end;
+(c) ``grouped packed path``: P networks stacked in one process on the grouped layers,
+    stepped eagerly (the reference path, and what main ran before the fast path);
+(d) ``vmap ensemble``: ``torch.func.vmap`` over P stacked copies of a plain ``nn.Module``
+    LeNet-5 (``functional_call``), cross-entropy, and SGD with momentum as ``torch._foreach``
+    passes (one lr for all members; random batch indices drawn on the device): the usual
+    way to train an ensemble in PyTorch, without this system's per-member bookkeeping;
+(e) ``fast path``: P networks on the fused Triton LeNet-5 (``workers.fused_lenet``, 16-bit
+    arithmetic in bf16 with fp32 master weights), batch tables, device step counter, the
+    whole step replayed as one CUDA graph. CUDA only (on the CPU the kernels would run in
+    Triton's interpreter, which measures nothing): reported as not run elsewhere.
 
-Every configuration runs the sweep's own training loop, ``workers.engine.train_stage``
-(uint8 images on the device, per-member samplers and index gathering, the packed
-input transform, ``PackedLoss`` CE, ``PackedSGD`` with a per-member lr column,
-divergence bookkeeping), so the figures include everything a real pack pays per
-iteration except evaluation, which is timed apart (``predict``) and reported as a
-share of a network's total time.
+Optional ``--channels-last`` adds (c) with channels-last activations (All-CNN, ResNet-32),
+and ``--graph-grouped`` adds (c) replayed as a CUDA graph: the graph's share of (e)'s gain.
+
+(a), (b), (c) and (e) run the sweep's own training loop, ``workers.engine.train_stage``
+(uint8 images on the device, per-member samplers and index tables, the packed input
+transform, ``PackedLoss`` CE, per-member lr columns, divergence bookkeeping), so their
+figures include everything a real pack pays per iteration except evaluation, which is
+timed apart (``predict``). A configuration's rate is ``P * iters / (T(warmup + iters) -
+T(warmup))`` over two stages after a first untimed one: set-up, CUDA-graph capture and
+one-off initialisation cancel out, as they do over a 10,000-iteration stage.
 
 Data are random (uint8 images, uniform labels) of the model's input shape: speed does
 not depend on the pixels. Recipes are the sweep's own presets (sweep.core.recipes), with
 their lr schedules (workers.optim): lenet5 on MNIST-shaped images under ``buda_mnist``,
-allcnn under ``buda_cifar10`` (dropout on), resnet32 under ``ldam_drw``.
+allcnn under ``buda_cifar10`` (dropout on), resnet32 under ``ldam_drw``. On CUDA, fp32
+means IEEE fp32 (no TF32), bf16 autocast(bfloat16) on the grouped layers (as run_pack).
 
-``--precision bf16`` trains under autocast(bfloat16) as ``run_pack`` does (and on CUDA,
-like run_pack, allows TF32 unless fp32 is asked for). Timings start after
-``--warmup`` iterations of the same configuration (CUDA: synchronised).
+    python bench/bench_packed.py --device cpu --packs 8,32 --procs 2 --iters 60
+    python bench/bench_packed.py --device cuda --packs 256,1024 --precisions fp32,bf16 \\
+        --procs 16 --iters 200 --out bench/RESULTS.md      # issue 13's GPU run, < 8 min
 
-    python bench/bench_packed.py --device cpu --packs 8,32 --iters 100
-    python bench/bench_packed.py --device cuda --packs 64,128,256,512 --procs 16 \\
-        --iters 1000 --precision bf16 --out bench/RESULTS.md
-
-Output: a markdown block (command, device, date, one table row per configuration,
-the ratios to the one-at-a-time baseline measured in the same run, the projected wall
-time of Buda et al.'s MNIST grid at the best rate); ``--out FILE`` appends it.
+Output: a markdown block (command, device, date, one table row per configuration with
+its ratio to (a) in the same precision and to (c) at the same P and precision, the
+projected training wall time of grids/buda_mnist.yaml at the best rate); ``--out FILE``
+appends it. ``--budget-seconds`` stops starting configurations once spent (the block says
+which were skipped).
 """
 
 from __future__ import annotations
@@ -50,6 +62,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -110,38 +124,59 @@ def sync(device: torch.device) -> None:
 
 
 class Bench:
-    """One packed model of P members with everything train_stage needs, on one device."""
+    """One packed model of P members with everything train_stage needs, on one device.
 
-    def __init__(self, model_name: str, members: int, device: torch.device, precision: str, seed: int = 0):
+    ``kernels="fused"`` builds the fused LeNet-5 (compute dtype from the precision, no
+    autocast); ``graph`` lets train_stage replay its step as a CUDA graph.
+    """
+
+    def __init__(self, model_name: str, members: int, device: torch.device, precision: str, seed: int = 0,
+                 kernels: str = "grouped", graph: bool = False, channels_last: bool = False):
         self.r = r = RECIPES[model_name]
         self.model_name = model_name
-        self.device, self.members = device, members
+        self.device, self.members, self.graph = device, members, graph
         self.autocast = set_precision(precision, device)
         g = torch.Generator().manual_seed(seed)
         self.x = torch.randint(0, 256, (TRAIN_IMAGES, *r.in_shape), generator=g, dtype=torch.uint8).to(device)
         self.y = torch.randint(0, r.classes, (TRAIN_IMAGES,), generator=g).to(device)
-        self.model = build_model(model_name, members, r.classes, r.in_shape)
+        if kernels == "fused":
+            from workers.fused_lenet import FusedLeNet5
+
+            self.model = FusedLeNet5(members, r.classes, r.in_shape, compute_dtype=self.autocast or torch.float32)
+            self.autocast = None  # 16-bit arithmetic inside the kernels
+        else:
+            self.model = build_model(model_name, members, r.classes, r.in_shape)
+            self.model.channels_last = channels_last
         self.model.reset_parameters(r.init, [seed * 100_003 + p for p in range(members)])
         self.model.to(device)
         self.transform = stack_transforms([InputTransform("scale", None)] * members).to(device)
         self.loss = PackedLoss(["ce"] * members, torch.full((members, r.classes), 1.0, device=device))
         self.samplers = [EpochSampler(np.arange(TRAIN_IMAGES), r.batch_size, seed * 7919 + p)
                          for p in range(members)]
+        self.step_mode = "eager"
 
     def cfg(self, iters: int) -> StageConfig:
         lr = torch.from_numpy(np.repeat(lr_column(self.r, iters)[:, None], self.members, 1)).to(self.device)
         full = lambda v: torch.full((self.members,), v, device=self.device)  # noqa: E731
         return StageConfig(iters=iters, batch_size=self.r.batch_size, lr=lr, momentum=full(self.r.momentum),
                            weight_decay=full(self.r.weight_decay), bias_lr_factor=full(self.r.bias_lr_factor),
-                           autocast_dtype=self.autocast)
+                           autocast_dtype=self.autocast, cuda_graph=self.graph)
 
     def train_seconds(self, iters: int) -> float:
         cfg = self.cfg(iters)
         sync(self.device)
         t0 = time.perf_counter()
-        train_stage(self.model, self.samplers, self.x, self.y, self.transform, self.loss, cfg)
+        state = train_stage(self.model, self.samplers, self.x, self.y, self.transform, self.loss, cfg)
         sync(self.device)
+        self.step_mode = state.step_mode
         return time.perf_counter() - t0
+
+    def rate(self, iters: int, warmup: int) -> float:
+        """Network-iterations/s in the steady state (see the module docstring)."""
+        self.train_seconds(max(warmup, 1))  # one-off initialisation (cuDNN, Triton, allocator)
+        short = self.train_seconds(max(warmup, 1))
+        long = self.train_seconds(max(warmup, 1) + iters)
+        return self.members * iters / max(long - short, 1e-9)
 
     def latent_seconds(self, images: int) -> float:
         """Seconds for Dablain's latent tables of every member (``workers.latent_tables``), each
@@ -168,6 +203,66 @@ class Bench:
         return time.perf_counter() - t0
 
 
+class _PlainLeNet5(nn.Module):
+    """LeNet-5 as one would write it for one network (the vmap baseline's module)."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 20, 5), nn.Conv2d(20, 50, 5)
+        self.fc1, self.fc2 = nn.Linear(800, 500), nn.Linear(500, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(self.conv1(x), 2)
+        x = F.max_pool2d(self.conv2(x), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+class VmapLeNet5:
+    """(d): ``torch.func.vmap`` over P stacked LeNet-5 parameter sets, foreach SGD."""
+
+    def __init__(self, members: int, device: torch.device, precision: str, seed: int = 0) -> None:
+        r = RECIPES["lenet5"]
+        self.r, self.members, self.device = r, members, device
+        self.autocast = set_precision(precision, device)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 256, (TRAIN_IMAGES, *r.in_shape), generator=g, dtype=torch.uint8).to(device)
+        self.y = torch.randint(0, r.classes, (TRAIN_IMAGES,), generator=g).to(device)
+        base = _PlainLeNet5(r.classes)
+        self.params = {n: (torch.randn((members, *p.shape), generator=g) * 0.05).to(device).requires_grad_()
+                       for n, p in base.named_parameters()}
+        self.bufs = [torch.zeros_like(p) for p in self.params.values()]
+        meta = base.to("meta")
+        self.forward = torch.func.vmap(lambda prm, x: torch.func.functional_call(meta, prm, (x,)))
+        self.step_mode = "eager"
+
+    def step(self) -> None:
+        r = self.r
+        idx = torch.randint(0, TRAIN_IMAGES, (self.members, r.batch_size), device=self.device)
+        xb = self.x[idx].float().mul_(1 / 255)  # [P, B, 1, 28, 28]
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            logits = self.forward(self.params, xb)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.y[idx].flatten(), reduction="sum") / r.batch_size
+        params = list(self.params.values())
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            torch._foreach_add_(grads, params, alpha=r.weight_decay)
+            torch._foreach_mul_(self.bufs, r.momentum)
+            torch._foreach_add_(self.bufs, grads)
+            torch._foreach_add_(params, self.bufs, alpha=-r.base_lr)
+
+    def train_seconds(self, iters: int) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            self.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def rate(self, iters: int, warmup: int) -> float:
+        self.train_seconds(max(warmup, 1))
+        return self.members * iters / self.train_seconds(iters)
+
+
 def _latent_spec(model_name: str):
     """A spec that asks for latent statistics (its other fields do not matter to the pass)."""
     from sweep.core.grid import expand
@@ -191,8 +286,7 @@ def _proc_worker(rank: int, args: dict, threads: int, barrier, queue) -> None:
         torch.set_num_threads(threads)
         dev = torch.device(args["device"])
         b = Bench(args["model"], 1, dev, args["precision"], seed=1 + rank)
-        if args["warmup"]:
-            b.train_seconds(args["warmup"])
+        b.train_seconds(max(args["warmup"], 1))  # initialisation before the common start
         barrier.wait()
         t0 = time.time()
         b.train_seconds(args["iters"])
@@ -240,109 +334,188 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+@dataclass
+class Row:
+    mode: str  # a | b | c | d | e
+    label: str
+    precision: str
+    members: int  # P (or K processes)
+    rate: float | None  # network-iterations/s; None: not run (``note`` says why)
+    note: str = ""
+
+
+def _size(row: Row) -> str:
+    return f"K={row.members}" if row.mode == "b" else f"P={row.members}"
+
+
+def _free(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--model", default="lenet5", choices=sorted(RECIPES))
-    ap.add_argument("--packs", default="8,32", help="comma-separated pack sizes P for (c)")
+    ap.add_argument("--packs", default="8,32", help="comma-separated pack sizes P for (c), (d), (e)")
     ap.add_argument("--procs", type=int, default=os.cpu_count() or 1, help="K processes for (b); 0 skips")
     ap.add_argument("--iters", type=int, default=100, help="timed iterations per configuration")
-    ap.add_argument("--warmup", type=int, default=10, help="untimed iterations first")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--eval-images", type=int, default=1024,
+    ap.add_argument("--warmup", type=int, default=10, help="iterations of the untimed and the subtracted stage")
+    ap.add_argument("--precisions", default="fp32", help="comma-separated: fp32, bf16")
+    ap.add_argument("--modes", default="a,b,c,d,e", help="comma-separated subset of a,b,c,d,e")
+    ap.add_argument("--channels-last", action="store_true", help="also (c) with channels-last activations")
+    ap.add_argument("--graph-grouped", action="store_true", help="also (c) replayed as a CUDA graph")
+    ap.add_argument("--budget-seconds", type=float, default=0.0,
+                    help="start no configuration after this long (0: no limit)")
+    ap.add_argument("--eval-images", type=int, default=0,
                     help="images per member for the evaluation timing (0 skips), scaled to a 10,000-image test set")
     ap.add_argument("--latent", action="store_true",
-                    help="also time the latent-statistics pass (Dablain) of the best pack")
+                    help="also time the latent-statistics pass (Dablain) of the largest grouped pack")
     ap.add_argument("--out", default=None, help="append the markdown block to this file")
     a = ap.parse_args(argv)
     packs = [int(p) for p in a.packs.split(",") if p.strip()]
+    precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
+    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    for prec in precisions:
+        if prec not in ("fp32", "bf16"):
+            ap.error(f"--precisions: {prec!r} is not one of fp32, bf16")
+    for m in modes:
+        if m not in "abcde" or len(m) != 1:
+            ap.error(f"--modes: {m!r} is not one of a, b, c, d, e")
+    if a.channels_last and a.model == "lenet5":
+        ap.error("--channels-last: LeNet-5's packed layers have no channels-last layout (All-CNN, ResNet-32 do)")
+    if not packs or min(packs) < 1 or a.iters < 1 or a.warmup < 0:
+        ap.error("--packs need sizes >= 1, --iters >= 1 and --warmup >= 0")
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     command = "python bench/bench_packed.py " + " ".join(shlex.quote(s) for s in (argv if argv is not None else sys.argv[1:]))
     r = RECIPES[a.model]
+    t_start = time.perf_counter()
+    rows: list[Row] = []
 
-    rows: list[tuple[str, str, float, float]] = []  # (mode, size, net-it/s, seconds per step)
+    def measure(mode: str, label: str, prec: str, members: int, make) -> None:  # noqa: ANN001
+        if a.budget_seconds and time.perf_counter() - t_start > a.budget_seconds:
+            rows.append(Row(mode, label, prec, members, None, "skipped: --budget-seconds spent"))
+            return
+        try:
+            runner = make()
+            rate = runner.rate(a.iters, a.warmup)
+            note = "" if mode != "e" else f"step: {runner.step_mode}"
+            rows.append(Row(mode, label, prec, members, rate, note))
+            del runner
+        except torch.cuda.OutOfMemoryError:
+            rows.append(Row(mode, label, prec, members, None, "out of device memory"))
+        _free(dev)
 
-    def packed(p: int) -> tuple[float, Bench]:
-        b = Bench(a.model, p, dev, a.precision)
-        if a.warmup:
-            b.train_seconds(a.warmup)
-        s = b.train_seconds(a.iters)
-        return p * a.iters / s, b
+    for prec in precisions:
+        if "a" in modes:
+            measure("a", "(a) one network per process", prec, 1, lambda: Bench(a.model, 1, dev, prec))
+        if "b" in modes and a.procs > 0:
+            if a.budget_seconds and time.perf_counter() - t_start > a.budget_seconds:
+                rows.append(Row("b", "(b) K processes", prec, a.procs, None, "skipped: --budget-seconds spent"))
+            else:
+                rate = run_procs(a.procs, {"device": a.device, "model": a.model, "precision": prec,
+                                           "iters": a.iters, "warmup": a.warmup})
+                rows.append(Row("b", "(b) K processes", prec, a.procs, rate))
+        for p in packs:
+            if "c" in modes:
+                measure("c", "(c) grouped packed path", prec, p, lambda: Bench(a.model, p, dev, prec))
+                if a.channels_last:
+                    measure("c", "(c) grouped, channels-last", prec, p,
+                            lambda: Bench(a.model, p, dev, prec, channels_last=True))
+                if a.graph_grouped and dev.type == "cuda":
+                    measure("c", "(c) grouped, CUDA graph", prec, p, lambda: Bench(a.model, p, dev, prec, graph=True))
+            if "d" in modes:
+                if a.model == "lenet5":
+                    measure("d", "(d) vmap ensemble", prec, p, lambda: VmapLeNet5(p, dev, prec))
+                else:
+                    rows.append(Row("d", "(d) vmap ensemble", prec, p, None, "LeNet-5 only"))
+            if "e" in modes:
+                if a.model != "lenet5":
+                    rows.append(Row("e", "(e) fast path", prec, p, None, "fused kernels: LeNet-5 only"))
+                elif dev.type != "cuda":
+                    rows.append(Row("e", "(e) fast path", prec, p, None,
+                                    "not run: the fused kernels need CUDA (Triton's CPU interpreter measures nothing)"))
+                else:
+                    measure("e", "(e) fast path", prec, p,
+                            lambda: Bench(a.model, p, dev, prec, kernels="fused", graph=True))
 
-    base, _ = packed(1)
-    rows.append(("(a) one at a time", "P=1", base, 1 / base))
-    if a.procs > 0:
-        rate = run_procs(a.procs, {"device": a.device, "model": a.model, "precision": a.precision,
-                                   "iters": a.iters, "warmup": a.warmup})
-        rows.append(("(b) processes", f"K={a.procs}", rate, a.procs / rate))
-    best_b, best_rate = None, base
-    for p in packs:
-        rate, b = packed(p)
-        rows.append(("(c) packed", f"P={p}", rate, p / rate))
-        if rate >= best_rate:
-            best_rate, best_b = rate, b
-
-    eval_line = ""
-    if a.eval_images > 0:
-        eb = best_b or Bench(a.model, 1, dev, a.precision)
-        es = eb.eval_seconds(a.eval_images)
-        eval_per_net = es * TEST_IMAGES / a.eval_images / eb.members  # one 10,000-image test pass
-        train_per_net = BUDA_MNIST_ITERS / best_rate if a.model == "lenet5" else 0.0
-        eval_line = (f"Evaluation (predict, P={eb.members}): {eb.members * a.eval_images / es:,.0f} "
-                     f"member-images/s, {eval_per_net:.3g} s per network for a {TEST_IMAGES:,}-image test set")
-        if train_per_net:
-            eval_line += (f"; {100 * eval_per_net / (eval_per_net + train_per_net):.1f} % of a network's time "
-                          f"with {BUDA_MNIST_ITERS:,} training iterations at the best rate")
-        eval_line += "."
-        if a.latent:
-            images = min(a.eval_images, TRAIN_IMAGES)
-            ls = eb.latent_seconds(images)
-            subset = buda_mnist_mean_subset() if a.model == "lenet5" else 5_000 * r.classes
-            latent_per_net = ls / eb.members / (2 * images) * (subset + TEST_IMAGES)
-            eval_line += (f"\nLatent statistics (workers.latent_tables, P={eb.members}, {images:,} train + "
-                          f"{images:,} test images per member): {ls / eb.members:.3g} s per member; scaled to a "
-                          f"{subset:,.0f}-image training subset + {TEST_IMAGES:,} test images: "
-                          f"{latent_per_net:.3g} s per network")
-            if train_per_net:
-                eval_line += (f", {100 * latent_per_net / train_per_net:.1f} % of its {BUDA_MNIST_ITERS:,}-iteration "
-                              "training time at the best rate")
-            eval_line += "."
+    def ref(row: Row, mode: str, same_p: bool) -> float | None:
+        for o in rows:
+            if (o.mode == mode and o.precision == row.precision and o.rate and o.label.startswith(f"({mode})")
+                    and "," not in o.label and (not same_p or o.members == row.members)):
+                return o.rate
+        return None
 
     lines = [
-        f"### {a.model}, {a.precision}, {dev.type}: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"### {a.model}, {'/'.join(precisions)}, {dev.type}: "
+        f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         "",
         f"- Command: `{command}`",
         f"- Device: {device_name(dev)}; torch {torch.__version__}",
         f"- Recipe: batch {r.batch_size}, input {'x'.join(map(str, r.in_shape))}, SGD momentum {r.momentum}, "
-        f"wd {r.weight_decay}, lr {r.lr_policy} {r.base_lr}; random data; {a.warmup} warm-up + "
-        f"{a.iters} timed iterations each; all through workers.engine.train_stage",
+        f"wd {r.weight_decay}, lr {r.lr_policy} {r.base_lr}; random data; per configuration an untimed stage of "
+        f"{max(a.warmup, 1)} iterations, then rate = P x {a.iters} / (T({max(a.warmup, 1) + a.iters}) - "
+        f"T({max(a.warmup, 1)}))",
         "",
-        "| configuration | size | net-it/s | ms per step | vs (a) |",
-        "|---|---|---:|---:|---:|",
+        "| configuration | precision | size | net-it/s | ms per step | vs (a) | vs (c) same P | note |",
+        "|---|---|---|---:|---:|---:|---:|---|",
     ]
-    for mode, size, rate, step in rows:
-        lines.append(f"| {mode} | {size} | {rate:,.1f} | {1000 * step:,.1f} | {rate / base:.2f}x |")
+    for row in rows:
+        if row.rate is None:
+            lines.append(f"| {row.label} | {row.precision} | {_size(row)} | - | - | - | - | {row.note} |")
+            continue
+        ra, rc = ref(row, "a", False), ref(row, "c", True)
+        lines.append(f"| {row.label} | {row.precision} | {_size(row)} | {row.rate:,.1f} | "
+                     f"{1000 * row.members / row.rate:,.2f} | {f'{row.rate / ra:.2f}x' if ra else '-'} | "
+                     f"{f'{row.rate / rc:.2f}x' if rc and row.label != '(c) grouped packed path' else '-'} | {row.note} |")
     lines.append("")
-    best_mode = max(rows, key=lambda t: t[2])
-    if a.model == "lenet5":
-        total = BUDA_MNIST_NETWORKS * BUDA_MNIST_ITERS
-        lines.append(f"Best: {best_mode[0]} {best_mode[1]} at {best_mode[2]:,.1f} net-it/s = "
-                     f"{best_mode[2] / base:.2f}x the one-at-a-time baseline (a). Projected training wall time of "
-                     f"the {BUDA_MNIST_NETWORKS:,}-network x {BUDA_MNIST_ITERS:,}-iteration Buda MNIST grid: "
-                     f"{_hours(total / best_mode[2])} (one at a time: {_hours(total / base)}).")
-    else:
-        lines.append(f"Best: {best_mode[0]} {best_mode[1]} at {best_mode[2]:,.1f} net-it/s = "
-                     f"{best_mode[2] / base:.2f}x the one-at-a-time baseline (a).")
-    if eval_line:
-        lines.append(eval_line)
+    timed = [row for row in rows if row.rate]
+    if timed:
+        best = max(timed, key=lambda t: t.rate)
+        line = f"Best: {best.label} {best.precision} {_size(best)} at {best.rate:,.1f} net-it/s"
+        if a.model == "lenet5":
+            total = BUDA_MNIST_NETWORKS * BUDA_MNIST_ITERS
+            line += (f"; projected training wall time of grids/buda_mnist.yaml ({BUDA_MNIST_NETWORKS:,} networks x "
+                     f"{BUDA_MNIST_ITERS:,} iterations) at that rate: {_hours(total / best.rate)}")
+            base = [t for t in timed if t.mode == "a"]
+            if base:
+                line += f" (one network per process, {base[0].precision}: {_hours(total / base[0].rate)})"
+        lines.append(line + ".")
+    if a.eval_images > 0:
+        lines.append(_eval_line(a, dev, precisions[0], packs))
+    lines.append(f"Wall time of this benchmark: {time.perf_counter() - t_start:,.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
         with open(a.out, "a", encoding="utf-8") as f:
             f.write("\n" + text)
     return text
+
+
+def _eval_line(a: argparse.Namespace, dev: torch.device, precision: str, packs: list[int]) -> str:
+    """Evaluation (and with --latent, latent statistics) of the largest grouped pack, as a
+    share of a network's time at that pack's training rate."""
+    eb = Bench(a.model, max(packs), dev, precision)
+    train_rate = eb.rate(a.iters, a.warmup)
+    es = eb.eval_seconds(a.eval_images)
+    eval_per_net = es * TEST_IMAGES / a.eval_images / eb.members  # one 10,000-image test pass
+    train_per_net = BUDA_MNIST_ITERS / train_rate
+    line = (f"Evaluation (predict, P={eb.members}): {eb.members * a.eval_images / es:,.0f} member-images/s, "
+            f"{eval_per_net:.3g} s per network for a {TEST_IMAGES:,}-image test set; "
+            f"{100 * eval_per_net / (eval_per_net + train_per_net):.1f} % of a network's time with "
+            f"{BUDA_MNIST_ITERS:,} training iterations at this pack's rate ({train_rate:,.1f} net-it/s).")
+    if a.latent:
+        images = min(a.eval_images, TRAIN_IMAGES)
+        ls = eb.latent_seconds(images)
+        subset = buda_mnist_mean_subset() if a.model == "lenet5" else 5_000 * eb.r.classes
+        latent_per_net = ls / eb.members / (2 * images) * (subset + TEST_IMAGES)
+        line += (f"\nLatent statistics (workers.latent_tables, P={eb.members}, {images:,} train + {images:,} test "
+                 f"images per member): {ls / eb.members:.3g} s per member; scaled to a {subset:,.0f}-image training "
+                 f"subset + {TEST_IMAGES:,} test images: {latent_per_net:.3g} s per network, "
+                 f"{100 * latent_per_net / train_per_net:.1f} % of its {BUDA_MNIST_ITERS:,}-iteration training time.")
+    return line
 
 
 if __name__ == "__main__":

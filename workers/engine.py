@@ -8,6 +8,12 @@ issues one forward/backward per step for all of them. Divergence (a non-finite
 loss) is tracked per member on the device without a host sync every step; a
 diverged member stops learning (its learning rate is masked to zero) and the
 others go on.
+
+The step itself needs nothing from the host (batches in ``workers.batch_feed`` tables,
+the step number, the alive mask and the first non-finite iteration in device tensors),
+so on CUDA it is captured once per stage and replayed as one graph
+(``workers.step_graph``); the host refills the tables between chunks of
+``CHUNK_ITERS`` and stops only at evaluation points and checkpoints.
 """
 
 from __future__ import annotations
