@@ -37,7 +37,7 @@ means IEEE fp32 (no TF32), bf16 autocast(bfloat16) on the grouped layers (as run
 
     python bench/bench_packed.py --device cpu --packs 8,32 --procs 2 --iters 60
     python bench/bench_packed.py --device cuda --packs 256,1024 --precisions fp32,bf16 \\
-        --procs 16 --iters 200 --out bench/RESULTS.md      # issue 13's GPU run, < 8 min
+        --procs 16 --iters 100 --warmup 10 --graph-grouped --out bench/RESULTS.md   # < 8 min
 
 Output: a markdown block (command, device, date, one table row per configuration with
 its ratio to (a) in the same precision and to (c) at the same P and precision, the
@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> str:
             rate = runner.rate(a.iters, a.warmup)
             note = "" if mode != "e" else f"step: {runner.step_mode}"
             rows.append(Row(mode, label, prec, members, rate, note))
+            print(f"{label} {prec} P={members}: {rate:,.1f} net-it/s {note}", flush=True)  # partial output
             del runner
         except torch.cuda.OutOfMemoryError:
             rows.append(Row(mode, label, prec, members, None, "out of device memory"))

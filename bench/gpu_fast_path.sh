@@ -12,7 +12,7 @@
 set -u
 out=${OUT:-bench/out}
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 SWEEP_DATA_DIR=$PWD/.mnist  # the tests' real-MNIST fixture reads it
 {
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -28,7 +28,7 @@ echo "tests rc=$?" >> "$out/tests.txt"
 
 # 2. Throughput, modes a-e, in one run (stops starting configurations after 270 s).
 timeout 330 python bench/bench_packed.py --device cuda --packs 256,1024 --precisions fp32,bf16 \
-  --procs 16 --iters 200 --warmup 20 --graph-grouped --budget-seconds 270 --out "$out/bench_packed.md" \
+  --procs 16 --iters 100 --warmup 10 --graph-grouped --budget-seconds 270 --out "$out/bench_packed.md" \
   > "$out/bench_stdout.txt" 2>&1
 echo "bench rc=$?" >> "$out/bench_stdout.txt"
 

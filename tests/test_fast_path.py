@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
@@ -24,6 +25,7 @@ from workers.batch_feed import BatchFeed
 from workers.datasets import ArrayDataset
 from sweep.core.errors import UserError
 from workers.devices import DeviceUnavailable, resolve_kernels
+from workers import engine
 from workers.engine import StageConfig, train_stage
 from workers.losses import PackedLoss
 from workers.models import LeNet5
@@ -164,7 +166,8 @@ def test_kernel_choice_is_applied_or_rejected(monkeypatch) -> None:
     assert resolve_kernels("auto", "lenet5", cuda, head="cosine") == "grouped"
     assert resolve_kernels("auto", "allcnn", cuda) == "grouped"
     assert resolve_kernels("grouped", "lenet5", cuda) == "grouped"
-    assert resolve_kernels("fused", "lenet5", cpu) == "fused"  # TRITON_INTERPRET=1 here
+    if fk.INTERPRETED:  # tests/conftest.py without a GPU
+        assert resolve_kernels("fused", "lenet5", cpu) == "fused"
     with pytest.raises(ValueError, match="unknown kernels 'triton'.*auto, fused, grouped"):
         resolve_kernels("triton", "lenet5", cpu)
     with pytest.raises(UserError, match="lenet5 with a linear head only, not 'resnet32'"):
@@ -185,6 +188,87 @@ def test_sweep_options_check_the_kernels_before_anything_starts() -> None:
         check_options(lenet, RunOptions(kernels="fused"))
     with pytest.raises(SweepError, match="also trains resnet32"):
         check_kernels(mixed, "fused", "cuda")
+
+
+class _HostReads(TorchDispatchMode):
+    """Records every op that hands a tensor's value to the host (``.item()``, ``bool(t)``,
+    ``int(t)``, ``.tolist()`` all end in ``_local_scalar_dense``), which a CUDA graph cannot hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["lenet5", "allcnn", "resnet32"])
+def test_the_step_reads_nothing_back_to_the_host(name: str) -> None:
+    """One step (gather, crop/flip, transform, forward with dropout, DRW loss, backward, SGD,
+    divergence and counters) passes no tensor value to the host: what capture needs."""
+    from workers.models import build_model
+
+    shape = (1, 28, 28) if name == "lenet5" else (3, 16, 16)
+    x = torch.randint(0, 256, (600, *shape), dtype=torch.uint8)
+    y = torch.randint(0, K, (600,))
+    model = build_model(name, P, K, shape)
+    model.reset_parameters("xavier", [1, 2, 3])
+    model.seed_noise([4, 5, 6])
+    cfg = _cfg(10, _lr(10))
+    loss = _loss()
+    opt = engine._optimizer(model, list(model.parameters()), cfg)
+    feed = BatchFeed(_samplers(600), [CropFlipDraws(1), None, CropFlipDraws(2)], B, torch.device("cpu"), rows=4)
+    counters = engine._Counters(torch.zeros((), dtype=torch.int64), torch.ones(P), torch.full((P,), -1))
+    transform = stack_transforms([InputTransform("scale", None)] * P)
+    step = engine._device_step(model, feed, x, y, transform, loss, cfg, opt, counters)
+    feed.load(4)
+    step()  # the first step makes the optimizer's buffers; the captured ones follow it
+    with _HostReads() as mode:
+        step()
+        step()
+    assert mode.reads == []
+    assert int(counters.it) == 3 and int(feed.pos) == 3
+
+
+def test_dropout_for_all_members_costs_the_same_kernels_at_any_pack_size() -> None:
+    """Per-member masks without a launch per member: the op count does not grow with P."""
+    from workers.models import AllCNN
+
+    def ops(members: int) -> int:
+        m = AllCNN(members, K, (3, 16, 16)).train()
+        m.seed_noise(list(range(members)))
+        z = torch.ones(4, members * 96, 8, 8)
+        m.member_dropout(z, 0.5)  # the element hashes of this shape are made once, here
+        with _OpCount() as count:
+            m.member_dropout(z, 0.5)
+        return count.n
+
+    assert ops(2) == ops(16)
+
+
+class _OpCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_checkpoint_with_old_dropout_streams_resumes_with_a_warning(caplog) -> None:
+    from workers.models import AllCNN
+
+    m = AllCNN(2, K, (3, 16, 16))
+    m.seed_noise([1, 2])
+    m.load_noise_state({"dropout_draws": 7}, torch.device("cpu"))
+    assert m.noise_state() == {"dropout_draws": 7}
+    with caplog.at_level(logging.WARNING):
+        m.load_noise_state([torch.zeros(16, dtype=torch.uint8)] * 2, torch.device("cpu"))
+    assert "older format: masks restart" in caplog.text
+    assert m.noise_state() == {"dropout_draws": 0}
 
 
 # -- the fused LeNet-5 in run_pack (Triton's interpreter on the CPU: small and short) -------
@@ -224,7 +308,7 @@ def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist) -> None:
     for nid in fused:
         for name, v in fused[nid].items():
             torch.testing.assert_close(v, grouped[nid][name], rtol=1e-4, atol=1e-6, msg=name)
-    assert {r["device"] for r in fused_result.tables["trials"]} == {"cpu, fused kernels (float32)"}
+    assert all(r["device"].endswith(", fused kernels (float32)") for r in fused_result.tables["trials"])
     assert all(r["status"] == "ok" for r in fused_result.tables["trials"])
 
 

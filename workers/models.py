@@ -10,7 +10,6 @@ both ``[P, B, ...]``.
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable, Sequence
 
@@ -20,6 +19,7 @@ from torch import Tensor, nn
 
 from sweep.core.catalog import MODEL_REVISIONS
 from sweep.core.spec import TrialSpec
+from workers import noise
 from workers.packed_layers import (
     PackedBasicBlock,
     PackedBatchNorm2d,
@@ -33,26 +33,6 @@ from workers.packed_layers import (
 )
 
 log = logging.getLogger(__name__)
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (Mueller's ``0x45d9f3b`` mixer) of int64 tensors holding 32-bit
-    values; the multiplier is below 2^27, so products never leave int64."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
-
-
-@functools.lru_cache(maxsize=32)
-def _element_hashes(shape: torch.Size, device: torch.device) -> Tensor:
-    """Hashed logical element indices of one member's ``[B, C, H, W]`` slice, as
-    ``[B, 1, C, H, W]`` (computed once per activation shape)."""
-    b, _, *rest = shape
-    n = b * int(torch.Size(rest).numel())
-    return _mix32(torch.arange(n, dtype=torch.int64, device=device)).view(b, 1, *rest)
-
 
 class PackedNet(nn.Module):
     """Base class: P members, per-member init and per-member state access."""
@@ -102,7 +82,7 @@ class PackedNet(nn.Module):
         keys, draws = getattr(self, "_noise_keys", None), getattr(self, "_noise_draws", None)
         if keys is None or keys.device != device:
             seeds = getattr(self, "_noise_seeds", None) or list(range(self.members))
-            keys = _mix32(torch.tensor([s & _MASK32 for s in seeds], dtype=torch.int64, device=device))
+            keys = noise.member_keys(seeds, device)
             draws = torch.zeros((), dtype=torch.int64, device=device) if draws is None else draws.to(device)
             self._noise_keys, self._noise_draws = keys, draws
         return keys, draws
@@ -122,23 +102,14 @@ class PackedNet(nn.Module):
         draws.fill_(int(state["dropout_draws"]))
 
     def member_dropout(self, z: Tensor, rate: float) -> Tensor:
-        """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's stream.
-
-        Counter-based, so all members' masks come from a few element-wise kernels, with no
-        launch per member and no host work (a CUDA graph can hold it): element e of member
-        p's slice in draw n keeps iff ``hash(e, hash(key_p, n)) < keep * 2^32``. ``e`` is the
-        element's logical index within the member's ``[B, C, H, W]``, so a member's masks are
-        the same alone or in any pack and in any memory layout.
-        """
+        """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's
+        stream (``workers.noise``: counter-based, a few kernels for all members, no host work)."""
         if not self.training or rate == 0:
             return z
         keep = 1.0 - rate
         per = z.unflatten(1, (self.members, -1))  # [B, P, C, H, W], any memory layout
         keys, draws = self._noise(z.device)
-        salt = _mix32(keys ^ _mix32(draws.expand(self.members)))  # [P]: this draw's member streams
-        where = _element_hashes(per.shape, z.device)  # [B, 1, C, H, W]
-        u = _mix32(where ^ salt.view(1, -1, *([1] * (per.dim() - 2))))
-        mask = (u < int(keep * 2 ** 32)).to(z.dtype)
+        mask = noise.keep_mask(per.shape, keys, draws, keep, z.dtype)
         draws.add_(1)
         return (per * mask).div_(keep).flatten(1, 2)
 
@@ -396,10 +367,16 @@ def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, 
     return factory(members, num_classes, in_shape, head=head)
 
 
-def model_for(specs: Sequence[TrialSpec], num_classes: int, in_shape: tuple[int, int, int]) -> PackedNet:
+def model_for(specs: Sequence[TrialSpec], num_classes: int, in_shape: tuple[int, int, int],
+              fused: torch.dtype | None = None) -> PackedNet:
     """The packed model of a pack's members (one architecture: specs share the pack key),
-    with each member's logit scale when the head is normalised. Not yet initialised."""
+    with each member's logit scale when the head is normalised. Not yet initialised.
+    ``fused`` (a compute dtype): the Triton LeNet-5 instead (same parameters, checkpoints)."""
     s0 = specs[0]
+    if fused is not None:
+        from workers.fused_lenet import FusedLeNet5  # Triton: only where the fast path runs
+
+        return FusedLeNet5(len(specs), num_classes, in_shape, compute_dtype=fused)
     model = build_model(s0.model, len(specs), num_classes, in_shape, s0.model_revision, str(s0.head))
     head = model.classifier()
     if isinstance(head, PackedCosineLinear):

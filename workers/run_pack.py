@@ -91,7 +91,6 @@ class _Pack:
     y_test: torch.Tensor
     autocast: torch.dtype | None
     checkpoints: CheckpointFile
-    fused: torch.dtype | None  # the fused LeNet-5's compute dtype (None: the grouped layers)
     observer: "StageObserver | None" = None
     progress: "Progress | None" = None
     fraction: float = 0.0  # the last fraction reported
@@ -181,7 +180,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ctx = _Pack(pack, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
                 ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), autocast,
-                CheckpointFile(store, pack), fused, observer, progress)
+                CheckpointFile(store, pack), observer, progress)
     resumed = ctx.checkpoints.read()
     resumed_from = 0 if resumed is None else resumed.iteration
 
@@ -259,16 +258,8 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
 
 def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device,
                fused: torch.dtype | None = None) -> PackedNet:
-    """The stage's packed model: the grouped layers, or with ``fused`` (a compute dtype) the
-    Triton LeNet-5 (same parameters, same initial weights, same checkpoints)."""
     s0 = specs[0]
-    in_shape = tuple(ds.train_x.shape[1:])
-    if fused is not None:
-        from workers.fused_lenet import FusedLeNet5  # Triton: only where the fast path runs
-
-        model: PackedNet = FusedLeNet5(len(specs), ds.num_classes, in_shape, compute_dtype=fused)
-    else:
-        model = model_for(specs, ds.num_classes, in_shape)
+    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]), fused)
     # Same training set -> same initial weights for every method (paired comparisons).
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
     model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
