@@ -484,6 +484,7 @@ def main(argv: list[str] | None = None) -> str:
             if base:
                 line += f" (one network per process, {base[0].precision}: {_hours(total / base[0].rate)})"
         lines.append(line + ".")
+    lines.append(_feed_line(max(packs), r.batch_size, dev, [t for t in timed if t.members == max(packs)]))
     if a.eval_images > 0:
         lines.append(_eval_line(a, dev, precisions[0], packs))
     lines.append(f"Wall time of this benchmark: {time.perf_counter() - t_start:,.0f} s.")
@@ -493,6 +494,29 @@ def main(argv: list[str] | None = None) -> str:
         with open(a.out, "a", encoding="utf-8") as f:
             f.write("\n" + text)
     return text
+
+
+def _feed_line(p: int, batch: int, dev: torch.device, rows: list[Row]) -> str:
+    """The host's work between chunks (refilling the batch tables from P samplers), which
+    overlaps the queued steps as long as it is shorter than a chunk of them."""
+    from workers.batch_feed import BatchFeed
+    from workers.engine import CHUNK_ITERS
+
+    feed = BatchFeed([EpochSampler(np.arange(TRAIN_IMAGES), batch, q) for q in range(p)], None, batch, dev,
+                     CHUNK_ITERS)
+    feed.load(CHUNK_ITERS)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(3):
+        feed.load(CHUNK_ITERS)
+    sync(dev)
+    ms = (time.perf_counter() - t0) / 3 * 1000
+    line = f"Host refill of the batch tables ({CHUNK_ITERS} iterations, P={p}, batch {batch}): {ms:,.1f} ms"
+    if rows:
+        fastest = max(rows, key=lambda t: t.rate)
+        gpu_ms = CHUNK_ITERS * 1000 * p / fastest.rate
+        line += f", against {gpu_ms:,.1f} ms for those {CHUNK_ITERS} steps at the best P={p} rate ({fastest.label})"
+    return line + "."
 
 
 def _eval_line(a: argparse.Namespace, dev: torch.device, precision: str, packs: list[int]) -> str:
