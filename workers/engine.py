@@ -184,7 +184,9 @@ def train_stage(
         first_bad=torch.as_tensor(state.diverged_at, device=device).clone(),
     )
     step = _device_step(model, feed, x_train, y_train, transform, loss_fn, cfg, opt, counters)
-    runner = StepRunner(step, device, cfg.cuda_graph, f"stage of {p} members")
+    # Replays run no Python: a 16-bit compute copy's version bookkeeping stops there.
+    forget_copy = getattr(model, "forget_compute_copy", None)
+    runner = StepRunner(step, device, cfg.cuda_graph, f"stage of {p} members", forget_copy)
     watch = _DivergenceWatch(counters.first_bad)
     start = time.perf_counter() - state.train_seconds
     it = state.iteration
@@ -201,6 +203,8 @@ def train_stage(
             if it % DIVERGENCE_CHECK_ITERS == 0:
                 watch.poll(state)
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
+                if runner.mode == "graph" and forget_copy is not None:
+                    forget_copy()
                 _eval_point(model, transform, cfg, state, it)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
@@ -218,10 +222,13 @@ def train_stage(
     _note_divergence(state, counters.first_bad)
     state.train_seconds = time.perf_counter() - start
     state.step_mode = runner.mode
+    if runner.mode == "graph" and forget_copy is not None:
+        forget_copy()
     if state.best_state is not None:
         _restore_best(model, state)
     for prm in model.parameters():
         prm.requires_grad_(True)
+        prm.grad = None  # a replayed graph's gradients live in its memory pool: let it go
     return state
 
 

@@ -245,6 +245,11 @@ class FusedLeNet5(LeNet5):
             self.flat16.copy_(self.flat)
             self.flat16_version = self.flat._version
 
+    def forget_compute_copy(self) -> None:
+        """Make the next forward re-cast ``flat16``: after CUDA-graph replays, whose writes
+        (``PackedSGD`` on the head's views in a head-only stage) no version counter followed."""
+        self.flat16_version = None
+
     def _compute_copies(self, first: int) -> tuple[Tensor, Tensor]:
         """Parameters ``first`` and ``first + 1`` in the compute dtype."""
         source = self.flat if self.flat16 is None else self.flat16

@@ -17,6 +17,7 @@ no kernel).
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 
@@ -30,8 +31,11 @@ WARMUP_STEPS = 3
 class StepRunner:
     """Calls ``step`` once per call: eagerly, or by replaying its captured CUDA graph."""
 
-    def __init__(self, step: Callable[[], None], device: torch.device, use_graph: bool, label: str) -> None:
-        self.step, self.device, self.label = step, device, label
+    def __init__(self, step: Callable[[], None], device: torch.device, use_graph: bool, label: str,
+                 on_fallback: Callable[[], None] | None = None) -> None:
+        # ``on_fallback``: undoes Python-side state a failed capture left behind (the capture
+        # ran the step's Python without its kernels).
+        self.step, self.device, self.label, self.on_fallback = step, device, label, on_fallback
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warm = 0
         self.reason: str | None = None
@@ -68,13 +72,25 @@ class StepRunner:
         self.warm += 1
 
     def _capture(self) -> None:
+        main = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
+        failure = None
         try:
             with torch.cuda.graph(graph):
                 self.step()
         except Exception as e:  # noqa: BLE001 - any failure means: go on without a graph
+            failure = f"{type(e).__name__}: {e}"  # kept as text: the traceback would pin the capture's tensors
+        if failure is not None:
+            # A capture that broke inside may leave the thread on its stream; its tensors and
+            # memory pool go with the graph.
+            torch.cuda.set_stream(main)
+            del graph
+            gc.collect()
             torch.cuda.synchronize(self.device)
-            self._eager(f"capture failed: {type(e).__name__}: {e}", logging.WARNING)
+            torch.cuda.empty_cache()
+            if self.on_fallback is not None:
+                self.on_fallback()
+            self._eager(f"capture failed: {failure}", logging.WARNING)
             self.step()
             return
         self.graph = graph
