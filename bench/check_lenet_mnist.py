@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sweep.core.catalog import KERNELS, PRECISIONS  # noqa: E402
+from sweep.core.errors import UserError  # noqa: E402
 from sweep.core.grid import load_grid  # noqa: E402
 from sweep.core.plan import Pack  # noqa: E402
 from workers.run_pack import run_pack  # noqa: E402
@@ -46,8 +47,12 @@ def main() -> int:
     specs = tuple(dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, iters=args.iters),
                                       repeat=r, seed=spec.seed + r) for r in range(args.repeats))
     t0 = time.perf_counter()
-    result = run_pack(Pack(specs), None, device=args.device, precision=args.precision, kernels=args.kernels,
-                      data_dir=args.data_dir)
+    try:
+        result = run_pack(Pack(specs), None, device=args.device, precision=args.precision, kernels=args.kernels,
+                          data_dir=args.data_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - t0
     errors = [1 - row["accuracy"] for row in result.tables["trials"]]
     print(f"{dt.date.today()} device={result.device} precision={args.precision} iters={args.iters} networks={len(specs)} "
