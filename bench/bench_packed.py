@@ -330,6 +330,10 @@ def device_name(device: torch.device) -> str:
     return f"{model}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads)"
 
 
+def _rate(rate: float) -> str:
+    return f"{rate:,.1f}" if rate >= 10 else f"{rate:.3g}"  # slow models on a CPU: 0.149, not 0.1
+
+
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
@@ -468,14 +472,14 @@ def main(argv: list[str] | None = None) -> str:
             lines.append(f"| {row.label} | {row.precision} | {_size(row)} | - | - | - | - | {row.note} |")
             continue
         ra, rc = ref(row, "a", False), ref(row, "c", True)
-        lines.append(f"| {row.label} | {row.precision} | {_size(row)} | {row.rate:,.1f} | "
+        lines.append(f"| {row.label} | {row.precision} | {_size(row)} | {_rate(row.rate)} | "
                      f"{1000 * row.members / row.rate:,.2f} | {f'{row.rate / ra:.2f}x' if ra else '-'} | "
                      f"{f'{row.rate / rc:.2f}x' if rc and row.label != '(c) grouped packed path' else '-'} | {row.note} |")
     lines.append("")
     timed = [row for row in rows if row.rate]
     if timed:
         best = max(timed, key=lambda t: t.rate)
-        line = f"Best: {best.label} {best.precision} {_size(best)} at {best.rate:,.1f} net-it/s"
+        line = f"Best: {best.label} {best.precision} {_size(best)} at {_rate(best.rate)} net-it/s"
         if a.model == "lenet5":
             total = BUDA_MNIST_NETWORKS * BUDA_MNIST_ITERS
             line += (f"; projected training wall time of grids/buda_mnist.yaml ({BUDA_MNIST_NETWORKS:,} networks x "
