@@ -184,9 +184,14 @@ def train_stage(
         first_bad=torch.as_tensor(state.diverged_at, device=device).clone(),
     )
     step = _device_step(model, feed, x_train, y_train, transform, loss_fn, cfg, opt, counters)
-    # Replays run no Python: a 16-bit compute copy's version bookkeeping stops there.
     forget_copy = getattr(model, "forget_compute_copy", None)
     runner = StepRunner(step, device, cfg.cuda_graph, f"stage of {p} members", forget_copy)
+
+    def after_replays() -> None:
+        # Replays run no Python: a 16-bit compute copy's version bookkeeping stopped there.
+        if runner.mode == "graph" and forget_copy is not None:
+            forget_copy()
+
     watch = _DivergenceWatch(counters.first_bad)
     start = time.perf_counter() - state.train_seconds
     it = state.iteration
@@ -203,8 +208,7 @@ def train_stage(
             if it % DIVERGENCE_CHECK_ITERS == 0:
                 watch.poll(state)
             if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
-                if runner.mode == "graph" and forget_copy is not None:
-                    forget_copy()
+                after_replays()
                 _eval_point(model, transform, cfg, state, it)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
@@ -222,8 +226,7 @@ def train_stage(
     _note_divergence(state, counters.first_bad)
     state.train_seconds = time.perf_counter() - start
     state.step_mode = runner.mode
-    if runner.mode == "graph" and forget_copy is not None:
-        forget_copy()
+    after_replays()
     if state.best_state is not None:
         _restore_best(model, state)
     for prm in model.parameters():
