@@ -34,6 +34,7 @@ from workers.packed_layers import (
 
 log = logging.getLogger(__name__)
 
+
 class PackedNet(nn.Module):
     """Base class: P members, per-member init and per-member state access."""
 
