@@ -56,10 +56,12 @@ def identity_draws(iters: int, batch_size: int) -> np.ndarray:
     return out
 
 
-def take_stacked_draws(draws: Sequence[CropFlipDraws | None], iters: int, batch_size: int) -> np.ndarray:
-    """``[iters, P, batch, 3]`` draws of all members; members without a stream get the identity."""
+def take_stacked_draws(draws: Sequence[CropFlipDraws | None], iters: int, batch_size: int,
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """``[iters, P, batch, 3]`` draws of all members; members without a stream get the identity.
+    Written into ``out`` when given (a staging buffer)."""
     return np.stack([identity_draws(iters, batch_size) if d is None else d.take(iters, batch_size)
-                     for d in draws], axis=1)
+                     for d in draws], axis=1, out=out)
 
 
 def crop_flip(x: Tensor, draws: Tensor) -> Tensor:

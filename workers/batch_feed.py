@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from workers.augment import CropFlipDraws, identity_draws
-from workers.samplers import EpochSampler
+from workers.augment import CropFlipDraws, take_stacked_draws
+from workers.samplers import EpochSampler, take_stacked
 
 
 class BatchFeed:
@@ -61,15 +61,10 @@ class BatchFeed:
         if self._copied[turn] is not None:
             self._copied[turn].synchronize()  # its previous copy has left the buffer
         idx, draws = self._staging[turn]
-        # Each member's own stream, written straight into the staging rows (no stacked temporary).
-        idx_np = idx.numpy()
-        for p, s in enumerate(self.samplers):
-            idx_np[:iters, p] = s.take(iters)
+        # Each member's own stream, stacked straight into the staging rows.
+        take_stacked(self.samplers, iters, out=idx.numpy()[:iters])
         if draws is not None:
-            draws_np = draws.numpy()
-            for p, a in enumerate(self.augment):
-                draws_np[:iters, p] = (identity_draws(iters, self.batch_size) if a is None
-                                       else a.take(iters, self.batch_size))
+            take_stacked_draws(self.augment, iters, self.batch_size, out=draws.numpy()[:iters])
         self.idx[:iters].copy_(idx[:iters], non_blocking=self._pinned)
         if draws is not None:
             self.draws[:iters].copy_(draws[:iters], non_blocking=self._pinned)

@@ -52,6 +52,7 @@ class EpochSampler:
         self._pos = int(state["pos"])
 
 
-def take_stacked(samplers: Sequence[EpochSampler], iters: int) -> np.ndarray:
-    """``[iters, P, batch]`` indices for all members (members keep their own streams)."""
-    return np.stack([s.take(iters) for s in samplers], axis=1)
+def take_stacked(samplers: Sequence[EpochSampler], iters: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``[iters, P, batch]`` indices for all members (members keep their own streams),
+    written into ``out`` when given (a staging buffer)."""
+    return np.stack([s.take(iters) for s in samplers], axis=1, out=out)
