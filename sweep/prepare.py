@@ -15,7 +15,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.core.catalog import FUSED_MODELS, KERNELS
+from sweep.core.catalog import FUSED_MODELS, KERNELS, has_fused_path
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack, pack_sizer, plan_packs
@@ -108,7 +108,7 @@ def check_kernels(grid: Grid, kernels: str, device: str) -> None:
     if kernels != "fused":
         return
     others = sorted({f"{s.model} ({s.head} head)" for s in grid.specs
-                     if s.model not in FUSED_MODELS or str(s.head) != "linear"})
+                     if not has_fused_path(s.model, str(s.head))})
     if others:
         raise SweepError(f"--kernels fused: the fused kernels exist for {', '.join(FUSED_MODELS)} with a linear "
                          f"head only; this grid also trains {', '.join(others)} (use --kernels auto)")

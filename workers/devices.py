@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from sweep.core.catalog import FUSED_MODELS, KERNELS, PRECISIONS
+from sweep.core.catalog import FUSED_MODELS, KERNELS, PRECISIONS, has_fused_path
 from sweep.core.errors import UserError
 
 Precision = Literal["fp32", "tf32", "bf16"]  # sweep.core.catalog.PRECISIONS
@@ -55,7 +55,7 @@ def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "li
         raise ValueError(f"unknown kernels {kernels!r} (allowed: {', '.join(KERNELS)})")
     if kernels == "grouped":
         return "grouped"
-    if model not in FUSED_MODELS or head != "linear":
+    if not has_fused_path(model, head):
         if kernels == "fused":
             raise UserError(f"kernels 'fused' exist for {', '.join(FUSED_MODELS)} with a linear head only, "
                             f"not {model!r} with a {head} head")

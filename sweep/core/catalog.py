@@ -93,3 +93,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
 # applies (LeNet-5 on CUDA), grouped elsewhere.
 KERNELS: tuple[str, ...] = ("auto", "fused", "grouped")
 FUSED_MODELS: tuple[str, ...] = ("lenet5",)  # models with a fused path (linear head only)
+
+
+def has_fused_path(model: str, head: str) -> bool:
+    """Whether a network of ``model`` with a ``head`` classifier can train on the fused kernels."""
+    return model in FUSED_MODELS and head == "linear"
