@@ -123,6 +123,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_data(r: ModelRecipe, g: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A training pool of uint8 images of the model's input shape and uniform labels."""
+    x = torch.randint(0, 256, (TRAIN_IMAGES, *r.in_shape), generator=g, dtype=torch.uint8)
+    return x.to(device), torch.randint(0, r.classes, (TRAIN_IMAGES,), generator=g).to(device)
+
+
 class Bench:
     """One packed model of P members with everything train_stage needs, on one device.
 
@@ -137,8 +143,7 @@ class Bench:
         self.device, self.members, self.graph = device, members, graph
         self.autocast = set_precision(precision, device)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randint(0, 256, (TRAIN_IMAGES, *r.in_shape), generator=g, dtype=torch.uint8).to(device)
-        self.y = torch.randint(0, r.classes, (TRAIN_IMAGES,), generator=g).to(device)
+        self.x, self.y = random_data(r, g, device)
         if kernels == "fused":
             from workers.fused_lenet import FusedLeNet5
 
@@ -225,8 +230,7 @@ class VmapLeNet5:
         self.r, self.members, self.device = r, members, device
         self.autocast = set_precision(precision, device)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randint(0, 256, (TRAIN_IMAGES, *r.in_shape), generator=g, dtype=torch.uint8).to(device)
-        self.y = torch.randint(0, r.classes, (TRAIN_IMAGES,), generator=g).to(device)
+        self.x, self.y = random_data(r, g, device)
         base = _PlainLeNet5(r.classes)
         self.params = {n: (torch.randn((members, *p.shape), generator=g) * 0.05).to(device).requires_grad_()
                        for n, p in base.named_parameters()}
@@ -314,6 +318,18 @@ def run_procs(k: int, args: dict) -> float:
     start = min(r[1] for r in results)
     end = max(r[2] for r in results)
     return k * args["iters"] / (end - start)
+
+
+class Procs:
+    """(b) as a runner: ``rate`` spawns the K processes."""
+
+    step_mode = "eager"
+
+    def __init__(self, k: int, args: dict) -> None:
+        self.k, self.args = k, args
+
+    def rate(self, iters: int, warmup: int) -> float:
+        return run_procs(self.k, {**self.args, "iters": iters, "warmup": warmup})
 
 
 def device_name(device: torch.device) -> str:
@@ -417,12 +433,8 @@ def main(argv: list[str] | None = None) -> str:
         if "a" in modes:
             measure("a", "(a) one network per process", prec, 1, lambda: Bench(a.model, 1, dev, prec))
         if "b" in modes and a.procs > 0:
-            if a.budget_seconds and time.perf_counter() - t_start > a.budget_seconds:
-                rows.append(Row("b", "(b) K processes", prec, a.procs, None, "skipped: --budget-seconds spent"))
-            else:
-                rate = run_procs(a.procs, {"device": a.device, "model": a.model, "precision": prec,
-                                           "iters": a.iters, "warmup": a.warmup})
-                rows.append(Row("b", "(b) K processes", prec, a.procs, rate))
+            measure("b", "(b) K processes", prec, a.procs, lambda: Procs(a.procs, {
+                "device": a.device, "model": a.model, "precision": prec}))
         for p in packs:
             if "c" in modes:
                 measure("c", "(c) grouped packed path", prec, p, lambda: Bench(a.model, p, dev, prec))
