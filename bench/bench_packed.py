@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> str:
         ra, rc = ref(row, "a", False), ref(row, "c", True)
         lines.append(f"| {row.label} | {row.precision} | {_size(row)} | {_rate(row.rate)} | "
                      f"{1000 * row.members / row.rate:,.2f} | {f'{row.rate / ra:.2f}x' if ra else '-'} | "
-                     f"{f'{row.rate / rc:.2f}x' if rc and row.label != '(c) grouped packed path' else '-'} | {row.note} |")
+                     f"{f'{row.rate / rc:.2f}x' if rc and row.mode != 'b' and row.label != '(c) grouped packed path' else '-'} | {row.note} |")
     lines.append("")
     timed = [row for row in rows if row.rate]
     if timed:
