@@ -1,4 +1,4 @@
-"""The ``sweep`` command: expand, run, resume, status, query, compact, report.
+"""The ``sweep`` command: expand, run, resume, status, query, compact, compare, findings, report.
 
 Floor: sweep.cli, the top (may import everything). Heavy modules (pyarrow, torch, Ray)
 are imported inside the commands that need them, so ``sweep --help`` and ``sweep expand``
@@ -301,6 +301,28 @@ def compare(store_dir: str, metric: str, by: str, reference: str | None, arms: s
         click.echo("pairs: the same training set (cell and repeat); p: Wilcoxon signed-rank (exact for small "
                    "n) and paired t, adjusted over all rows (Holm; Benjamini-Hochberg); median CI: bootstrap 95 %"
                    + raw_only)
+
+
+@cli.command()
+@click.argument("store_dir")
+@click.option("--paper", default="buda", show_default=True, help="Whose findings: buda.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table")
+@click.option("--dataset", default=None, help="The dataset to test (default: the store's only one).")
+@click.option("--pool-numerics", is_flag=True, help="Pool rows computed in different precisions or kernels.")
+@click.option("--into", "into", default=None, type=click.Path(dir_okay=False),
+              help="Write the markdown table into this file, between its 'sweep findings' markers.")
+def findings(store_dir: str, paper: str, fmt: str, dataset: str | None, pool_numerics: bool,
+             into: str | None) -> None:
+    """Each finding of the paper as a hypothesis: its test on the store and its verdict."""
+    from analysis.findings import evaluate_store, render, write_into
+
+    _existing_store(store_dir)
+    outcomes = evaluate_store(store_dir, paper, dataset, pool_numerics)
+    if into:
+        write_into(into, render(outcomes, "markdown"))
+        click.echo(f"wrote the verdicts of {len(outcomes)} findings into {into}")
+        return
+    click.echo(render(outcomes, fmt))
 
 
 @cli.command()
