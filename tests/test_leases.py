@@ -183,3 +183,17 @@ def test_run_pack_on_a_full_disk_raises_the_lease_error_and_stores_nothing(tmp_p
         run_pack(pack, store, dataset=small_mnist)
     monkeypatch.undo()
     assert os.listdir(store.lease_dir()) == [] and store.table_names() == []
+
+
+def test_the_heartbeat_stops_when_another_runner_has_taken_the_lease_over(tmp_path, caplog) -> None:
+    lease = leases.acquire(str(tmp_path), "p")
+    with caplog.at_level(logging.WARNING, logger=leases.__name__):
+        _make_old(lease.path)  # this runner stalled past the TTL...
+        other = leases.acquire(str(tmp_path), "p")  # ...and another took the pack over
+        assert other is not None
+        lease.start_heartbeat(interval_s=0.01)
+        assert _wait_until(lambda: not lease.beating)
+    assert "taken over by" in caplog.text
+    lease.release()  # leaves the new holder's lease alone
+    assert json.loads(open(other.path).read())["owner"] == other.owner
+    other.release()

@@ -81,6 +81,13 @@ class Lease:
 
         def beat() -> None:
             while not self._stop.wait(interval):
+                holder = _owner(self.path)
+                if holder is not None and holder != self.owner:
+                    # Taken over (this runner stalled past the TTL): touching it would keep
+                    # the new holder's lease alive for it, and say nothing about ours.
+                    log.warning("lease %s was taken over by %s; this runner's pack may be stored twice "
+                                "(reads keep one copy)", self.path, holder)
+                    return
                 self.refresh(force=True)
 
         self._beat = threading.Thread(target=beat, name=f"lease-heartbeat:{os.path.basename(self.path)}",
