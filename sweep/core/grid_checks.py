@@ -172,6 +172,8 @@ class _Errors:
         self.source = source
 
     def __call__(self, key: str, problem: str, allowed: str) -> GridError:
+        if len(key) > MAX_MESSAGE_VALUE:  # an unknown key is the user's text too
+            key = key[:MAX_MESSAGE_VALUE] + "..."
         where = f"{self.source}: {key}: " if key else f"{self.source}: "
         if len(problem) > MAX_MESSAGE_VALUE:  # it quotes the user's value, which may be huge
             problem = problem[:MAX_MESSAGE_VALUE] + f"... ({len(problem):,} characters)"
