@@ -152,3 +152,17 @@ def test_iters_1e20_is_refused_by_expand_with_the_allowed_range(tmp_path) -> Non
     res = CliRunner().invoke(cli, ["expand", str(path)])
     assert res.exit_code == 1 and "Traceback" not in res.output
     assert f"Error: {path}: recipe.iters: 100000000000000000000 is out of range (allowed: 1..100,000,000)" in res.output
+
+
+@pytest.mark.parametrize("key", ["name", "resources", "seed", "dataset", "lr"])
+def test_expand_quotes_a_shared_billion_value_document_in_a_few_characters(key) -> None:
+    # What a YAML alias bomb builds, handed to expand() without parse_grid_yaml (the Python
+    # API, a saved grid read by another path): quoting it must not print it.
+    from sweep.core.grid import expand
+
+    value: object = ["x"] * 9
+    for _ in range(9):
+        value = [value] * 9
+    with pytest.raises(GridError) as info:
+        expand({**GRID, key: value})
+    assert len(str(info.value)) < 1000 and "\n" not in str(info.value)

@@ -40,6 +40,7 @@ from sweep.core.grid_checks import (
     _num,
     max_networks_per_grid,
     parse_grid_yaml,
+    show,
 )
 from sweep.core.grid_recipe import recipe_of
 from sweep.core.recipes import RECIPES, epochs_to_iters, iters_per_epoch
@@ -143,18 +144,18 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
     err.unknown_keys(doc, TOP_KEYS, "")
     name = doc.get("name") or Path(source).stem
     if not isinstance(name, str) or not PATH_SEGMENT_RE.match(name) or len(name) > MAX_NAME_CHARS:
-        raise err("name", f"{name!r} cannot name a grid: it becomes a folder name in the store",
+        raise err("name", f"{show(name)} cannot name a grid: it becomes a folder name in the store",
                   f"at most {MAX_NAME_CHARS} characters; no / \\ % = or control characters; "
                   "not starting with . _ or a space")
     seed = _int(err, doc, "seed", 0)
     bounded(err, "seed", seed, BOUNDS["seed"])
     res = doc.get("resources", {}) or {}
     if not isinstance(res, dict):
-        raise err("resources", f"expected a mapping, got {res!r}", "keys: cpu, gpu")
+        raise err("resources", f"expected a mapping, got {show(res)}", "keys: cpu, gpu")
     err.unknown_keys(res, RESOURCE_KEYS, "resources")
     pack = doc.get("pack", {}) or {}
     if not isinstance(pack, dict):
-        raise err("pack", f"expected a mapping, got {pack!r}", "keys: max_networks")
+        raise err("pack", f"expected a mapping, got {show(pack)}", "keys: max_networks")
     err.unknown_keys(pack, PACK_KEYS, "pack")
 
     defaults = {k: v for k, v in doc.items() if k in EXPERIMENT_KEYS}
@@ -252,7 +253,7 @@ def _expand_experiment(
         recipe = dataclasses.replace(recipe, validation_fraction=0.1)
     latent = cfg.get("latent", False)
     if not isinstance(latent, bool):  # bool("no") is True
-        raise err(p + "latent", f"bad value {latent!r}", "true, false")
+        raise err(p + "latent", f"bad value {show(latent)}", "true, false")
     n_embed = _int(err, cfg, "embeddings", 0, p)
     bounded(err, p + "embeddings", n_embed, BOUNDS["embeddings"])
     revision = MODEL_REVISIONS.get(model, 1)
@@ -301,8 +302,8 @@ def _expand_experiment(
             if "epochs" in cfg:
                 r = epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
                 if r.iters > MAX_ITERS:
-                    raise err(p + "epochs", f"{cfg['epochs']!r} epochs are {r.iters:,} iterations at rho {rho:g}",
-                              f"at most {MAX_ITERS:,} iterations")
+                    raise err(p + "epochs", f"{show(cfg['epochs'])} epochs are {r.iters:,} iterations at "
+                              f"rho {rho:g}", f"at most {MAX_ITERS:,} iterations")
                 if selection != Selection.FINAL and r.select_every == 0:
                     # "The epoch with the best performing BAC is then selected" (Dablain et al.)
                     r = dataclasses.replace(r, select_every=iters_per_epoch(imb, info.num_classes, max_per_class,
@@ -331,7 +332,7 @@ def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tupl
     if cfg is None:
         return [(ImbalanceKind.NONE, 1.0, None)]
     if not isinstance(cfg, dict) or not cfg:
-        raise err(key, f"expected a mapping of kinds, got {cfg!r}", "kinds: " + ", ".join(IMBALANCE_PARAMS))
+        raise err(key, f"expected a mapping of kinds, got {show(cfg)}", "kinds: " + ", ".join(IMBALANCE_PARAMS))
     out: list[tuple[ImbalanceKind, float, float | None]] = []
     for kind_name, params in cfg.items():
         try:
@@ -341,7 +342,7 @@ def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tupl
                       "kinds: " + ", ".join(IMBALANCE_PARAMS)) from None
         params = params or {}
         if not isinstance(params, dict):
-            raise err(f"{key}.{kind_name}", f"expected a mapping, got {params!r}",
+            raise err(f"{key}.{kind_name}", f"expected a mapping, got {show(params)}",
                       "parameters: " + ", ".join(sorted(IMBALANCE_PARAMS[kind])) or "none")
         err.unknown_keys(params, IMBALANCE_PARAMS[kind], f"{key}.{kind_name}")
         if kind == ImbalanceKind.NONE:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import reprlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -92,10 +93,22 @@ BOUNDS: dict[str, Bound] = {
 }
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict = 3, 6, 6, 6
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 80, 80, 40
+
+
+def show(v: Any) -> str:
+    """A user's value as an error message quotes it: its repr, cut short. A grid document
+    built elsewhere than parse_grid_yaml may share sub-values billions of times over (a
+    YAML alias bomb), whose full repr would take gigabytes."""
+    return _SHOW.repr(v)
+
+
 def bounded(err: "_Errors", key: str, v: float, bound: Bound) -> None:
     """Raise a GridError naming ``key`` and ``bound`` unless ``v`` is finite and within it."""
     if not bound.holds(v):
-        raise err(key, f"{v!r} is {'not a finite number' if not math.isfinite(v) else 'out of range'}",
+        raise err(key, f"{show(v)} is {'not a finite number' if not math.isfinite(v) else 'out of range'}",
                   bound.text())
 
 
@@ -164,7 +177,7 @@ def max_networks_per_grid() -> int:
     try:
         return int(raw) if raw else DEFAULT_MAX_NETWORKS
     except ValueError:
-        raise GridError(f"{MAX_NETWORKS_ENV}={raw!r}: expected a whole number") from None
+        raise GridError(f"{MAX_NETWORKS_ENV}={show(raw)}: expected a whole number") from None
 
 
 class _Errors:
@@ -196,7 +209,7 @@ def _choice(err: _Errors, d: dict, key: str, allowed: Iterable[str], p: str,
         return default
     v = d[key]
     if v not in allowed:
-        raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
+        raise err(p + key, f"unknown value {show(v)}", ", ".join(allowed))
     return v
 
 
@@ -208,9 +221,9 @@ def _choices(err: _Errors, d: dict, key: str, allowed: list[str], p: str, defaul
     seen = []
     for v in vals:
         if v not in allowed:
-            raise err(p + key, f"unknown value {v!r}", ", ".join(allowed))
+            raise err(p + key, f"unknown value {show(v)}", ", ".join(allowed))
         if v in seen:
-            raise err(p + key, f"{v!r} is listed twice", "each value once")
+            raise err(p + key, f"{show(v)} is listed twice", "each value once")
         seen.append(v)
     return seen
 
@@ -227,9 +240,9 @@ def _list(err: _Errors, d: dict, key: str, default: Any, p: str, required: bool 
         raise err(p + key, "empty list", "at least one value")
     for x in v:
         if isinstance(x, bool) or not isinstance(x, (int, float, str)):
-            raise err(p + key, f"bad value {x!r}", "numbers or names")
+            raise err(p + key, f"bad value {show(x)}", "numbers or names")
         if not isinstance(x, str) and not _finite(x):
-            raise err(p + key, f"bad value {x!r}", "finite numbers")
+            raise err(p + key, f"bad value {show(x)}", "finite numbers")
     if key not in ("methods", "thresholding", "losses") and any(isinstance(x, str) for x in v):
         raise err(p + key, f"{v}: expected numbers", "numbers")
     return v
@@ -238,7 +251,7 @@ def _list(err: _Errors, d: dict, key: str, default: Any, p: str, required: bool 
 def _num(err: _Errors, d: dict, key: str, default: float, p: str = "") -> float:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
-        raise err(p + key, f"bad value {v!r}", "a finite number")
+        raise err(p + key, f"bad value {show(v)}", "a finite number")
     return v
 
 
@@ -253,5 +266,5 @@ def _finite(x: float) -> bool:
 def _int(err: _Errors, d: dict, key: str, default: int, p: str = "") -> int:
     v = d.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise err(p + key, f"bad value {v!r}", "an integer")
+        raise err(p + key, f"bad value {show(v)}", "an integer")
     return v

@@ -13,7 +13,7 @@ import dataclasses
 import math
 from typing import Any
 
-from sweep.core.grid_checks import MAX_ITERS, Bound, _Errors, bounded
+from sweep.core.grid_checks import MAX_ITERS, Bound, _Errors, bounded, show
 from sweep.core.recipes import RECIPES
 from sweep.core.spec import Augmentation, LrPolicy, Normalization, Recipe
 
@@ -58,7 +58,7 @@ def recipe_of(err: _Errors, cfg: Any, p: str) -> Recipe:
     else:
         name = cfg
     if name not in RECIPES:
-        raise err(key, f"unknown recipe {name!r}", "recipes: " + ", ".join(RECIPES))
+        raise err(key, f"unknown recipe {show(name)}", "recipes: " + ", ".join(RECIPES))
     base = RECIPES[name]
     fields = {f.name: f for f in dataclasses.fields(Recipe)}
     err.unknown_keys(overrides, set(fields), key)
@@ -88,8 +88,8 @@ def recipe_of(err: _Errors, cfg: Any, p: str) -> Recipe:
                 typed[k] = str(v)
         except (TypeError, ValueError, OverflowError):  # int(.inf) overflows
             allowed = {"lr_policy": LrPolicy, "normalization": Normalization, "augmentation": Augmentation}.get(k)
-            raise err(f"{key}.{k}", f"bad value {v!r}", ", ".join(allowed) if allowed
-                      else f"a value like {cur!r}") from None
+            raise err(f"{key}.{k}", f"bad value {show(v)}", ", ".join(allowed) if allowed
+                      else f"a value like {show(cur)}") from None
     r = dataclasses.replace(base, **typed)
     for name, bound in RECIPE_BOUNDS.items():
         value = getattr(r, name)
@@ -98,7 +98,7 @@ def recipe_of(err: _Errors, cfg: Any, p: str) -> Recipe:
     if r.iters < 1 or r.batch_size < 1:
         raise err(key, "iters and batch_size must be >= 1", "")
     if r.init not in ("xavier", "kaiming"):
-        raise err(key + ".init", f"unknown init {r.init!r}", "xavier, kaiming")
+        raise err(key + ".init", f"unknown init {show(r.init)}", "xavier, kaiming")
     if not (r.bias_lr_factor > 0 and math.isfinite(r.bias_lr_factor)):
         raise err(key + ".bias_lr_factor", f"{r.bias_lr_factor}", "a finite number > 0")
     for name in ("eval_every", "select_every", "checkpoint_every", "warmup_iters"):
