@@ -209,3 +209,41 @@ def test_good_files_still_load_and_a_bad_cache_is_rebuilt(tmp_path) -> None:
     datasets.clear_memo()
     again = load_dataset("cifar10", data_dir=str(tmp_path / "d"))
     assert int(again.train_y.max()) == 9
+
+
+# -- SVHN -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("x, y, needles", [
+    pytest.param(np.zeros((32, 32, 3, 10), np.uint8), np.arange(10).reshape(-1, 1), ["labels outside 1..10 (found 0)"],
+                 id="label-0"),
+    pytest.param(np.zeros((32, 32, 3, 10), np.uint8), np.full((10, 1), 11), ["labels outside 0..10 (found 11..11)"],
+                 id="label-11"),
+    pytest.param(np.zeros((28, 28, 1, 10), np.uint8), np.arange(1, 11).reshape(-1, 1),
+                 ["expected uint8 (32, 32, 3, N)"], id="wrong-shape"),
+    pytest.param(np.zeros((32, 32, 3, 10), np.uint8), np.arange(1, 10).reshape(-1, 1), ["9 labels", "for 10 images"],
+                 id="label-count"),
+    pytest.param(None, None, ["cannot be read as an SVHN .mat file"], id="garbage"),
+])
+def test_a_bad_svhn_file_names_the_file(tmp_path, monkeypatch, x, y, needles) -> None:
+    from scipy.io import savemat
+
+    monkeypatch.setattr(datasets, "SVHN_PER_CLASS", (1, 1))
+    folder = tmp_path / "svhn"
+    folder.mkdir()
+    savemat(folder / "test_32x32.mat", {"X": np.zeros((32, 32, 3, 10), np.uint8), "y": np.arange(1, 11).reshape(-1, 1)})
+    if x is None:
+        (folder / "train_32x32.mat").write_bytes(b"MATLAB 5.0 MAT-file, truncated" + bytes(50))
+    else:
+        savemat(folder / "train_32x32.mat", {"X": x, "y": y})
+    refused(tmp_path, "svhn", str(folder / "train_32x32.mat"), *needles)
+
+
+def test_too_few_svhn_images_of_a_class_names_the_file(tmp_path, monkeypatch) -> None:
+    from scipy.io import savemat
+
+    monkeypatch.setattr(datasets, "SVHN_PER_CLASS", (5, 1))
+    (tmp_path / "svhn").mkdir()
+    for split in ("train", "test"):
+        savemat(tmp_path / "svhn" / f"{split}_32x32.mat",
+                {"X": np.zeros((32, 32, 3, 10), np.uint8), "y": np.arange(1, 11).reshape(-1, 1)})
+    refused(tmp_path, "svhn", str(tmp_path / "svhn" / "train_32x32.mat"), "1 examples, 5 needed")

@@ -576,7 +576,10 @@ def _read_svhn(train: Path, test: Path, per_class: tuple[int, int]) -> _Arrays:
     arrays: list[np.ndarray] = []
     for path, n in ((train, per_class[0]), (test, per_class[1])):
         x, y = _read_svhn_mat(path)
-        keep = first_per_class(y, n, 10)
+        try:
+            keep = first_per_class(y, n, 10)
+        except ValueError as e:
+            raise DatasetError(f"{path}: {e}") from e
         arrays += [x[keep], y[keep]]
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
@@ -631,7 +634,7 @@ def _read_celeba(
         try:
             keep = first_per_class(labels, n, 2)
         except ValueError as e:
-            raise ValueError(f"{attrs}: partition {part}, black-haired women (0) / men (1): {e}") from e
+            raise DatasetError(f"{attrs}: partition {part}, black-haired women (0) / men (1): {e}") from e
         arrays += [_read_images([images / rows_in[i][0] for i in keep], side), labels[keep]]
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
