@@ -645,7 +645,7 @@ def _image_files(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
     found = []
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         if d.name not in index:
-            raise ValueError(f"{d}: class folder not among the training classes")
+            raise DatasetError(f"{d}: class folder not among the training classes")
         found += [(p, index[d.name]) for p in sorted(d.iterdir())
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return found
