@@ -197,3 +197,16 @@ def test_the_heartbeat_stops_when_another_runner_has_taken_the_lease_over(tmp_pa
     lease.release()  # leaves the new holder's lease alone
     assert json.loads(open(other.path).read())["owner"] == other.owner
     other.release()
+
+
+def test_a_taker_never_removes_a_lease_another_taker_put_there_meanwhile(tmp_path) -> None:
+    stale = tmp_path / "p.json"
+    stale.write_bytes(b"")  # judged stale by two runners at once
+    judged = os.stat(stale).st_ino
+    first = leases.acquire(str(tmp_path), "p")  # the first taker replaced it (maybe on the same inode)...
+    assert first is not None
+    leases._remove_if_same(str(stale), judged, b"")  # ...so the second's removal must leave it
+    assert json.loads(stale.read_text())["owner"] == first.owner
+    assert sorted(os.listdir(tmp_path)) == ["p.json"]
+    leases._remove_if_same(str(stale), os.stat(stale).st_ino, stale.read_bytes())  # the file judged goes
+    assert os.listdir(tmp_path) == []

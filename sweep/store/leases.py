@@ -134,11 +134,13 @@ def acquire(folder: str, pack_id: str, ttl_s: float = DEFAULT_TTL_SECONDS) -> Le
             lease = Lease(path, owner)
             lease.refresh(force=True)
             return lease
-        holder = _owner(path)
+        raw = _read(path)
+        holder = _owner_in(raw)
         try:
-            age = time.time() - os.stat(path).st_mtime
+            st = os.stat(path)
         except FileNotFoundError:
             continue  # released between our two calls
+        age = time.time() - st.st_mtime
         if holder is None:
             # Written whole before it is visible (_create), so unreadable means damaged or
             # left by a write that failed: nobody can hold it.
@@ -148,9 +150,30 @@ def acquire(folder: str, pack_id: str, ttl_s: float = DEFAULT_TTL_SECONDS) -> Le
             return None
         else:
             log.warning("taking over pack %s: its lease (%s) was not refreshed for %.0f s", pack_id, holder, age)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
+        _remove_if_same(path, st.st_ino, raw)
     return None
+
+
+def _remove_if_same(path: str, inode: int, content: bytes | None) -> None:
+    """Remove the lease judged stale, but not one another runner put there since.
+
+    Two runners that both judged a lease stale would otherwise each remove it, and the
+    second would remove the first's new lease: both would train the pack. The lease is
+    moved aside atomically and put back if it is not the file that was judged: another
+    inode, or other bytes (inode numbers are reused as soon as a file is removed; a new
+    lease's bytes name its own owner)."""
+    aside = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{secrets.token_hex(4)}.stale")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return  # removed by its holder or another taker: the next try decides
+    try:
+        if os.stat(aside).st_ino != inode or _read(aside) != content:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, path)  # a fresh lease taken meanwhile: give it back
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(aside)
 
 
 def _create(path: str, body: bytes) -> bool:
@@ -214,12 +237,26 @@ def _holder_is_dead(owner: str) -> bool:
     return False
 
 
-def _owner(path: str) -> str | None:
-    """The owner a lease names; None when it cannot be read or is not a lease."""
+def _read(path: str) -> bytes | None:
+    """A lease's bytes (None if it cannot be read); a lease is ~100 bytes, so never more
+    than 64 KB of whatever file sits at its name."""
     try:
         with open(path, "rb") as fh:
-            doc = json.loads(fh.read(64 * 1024))  # a lease is ~100 bytes; never read a huge file whole
-    except (OSError, ValueError):
+            return fh.read(64 * 1024)
+    except OSError:
+        return None
+
+
+def _owner_in(raw: bytes | None) -> str | None:
+    """The owner a lease's bytes name; None when they are not a lease."""
+    try:
+        doc = json.loads(raw) if raw is not None else None
+    except ValueError:
         return None
     owner = doc.get("owner") if isinstance(doc, dict) else None
     return owner if isinstance(owner, str) and owner else None
+
+
+def _owner(path: str) -> str | None:
+    """The owner a lease names; None when it cannot be read or is not a lease."""
+    return _owner_in(_read(path))
