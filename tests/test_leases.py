@@ -86,25 +86,26 @@ def test_the_heartbeat_refreshes_a_lease_while_its_holder_does_nothing(tmp_path)
     assert not lease.beating and not os.path.exists(lease.path)
 
 
-def test_a_pack_keeps_its_lease_fresh_during_evaluation_that_reports_no_progress(
-        tmp_path, small_mnist, monkeypatch) -> None:
+@pytest.mark.parametrize("phase", ["evaluate", "latent_tables"])
+def test_a_pack_keeps_its_lease_fresh_during_a_phase_that_reports_no_progress(
+        tmp_path, small_mnist, monkeypatch, phase) -> None:
     import workers.run_pack as rp
 
     store = ResultStore(str(tmp_path / "s"))
-    pack = Pack(expand(DOC).specs)
+    pack = Pack(expand({**DOC, "latent": phase == "latent_tables"}).specs)
     monkeypatch.setattr(leases, "REFRESH_SECONDS", 0.01)
     path = os.path.join(store.lease_dir(), f"{pack.pack_id}.json")
     seen: list[bool] = []
-    real = rp.evaluate
+    real = getattr(rp, phase)
 
-    def slow_evaluate(*args, **kwargs):
-        # An evaluation (or latent pass) long enough for the lease to age past its TTL...
+    def slow_phase(*args, **kwargs):
+        # An evaluation or latent pass long enough for the lease to age past its TTL...
         _make_old(path)
         # ...during which nothing reports progress: only a heartbeat can bring it back.
         seen.append(_wait_until(lambda: _age(path) < leases.DEFAULT_TTL_SECONDS))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(rp, "evaluate", slow_evaluate)
+    monkeypatch.setattr(rp, phase, slow_phase)
     result = run_pack(pack, store, dataset=small_mnist)
     assert seen and all(seen)
     assert not result.skipped and len(store.read_table("trials")) == 1
