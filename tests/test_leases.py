@@ -211,3 +211,16 @@ def test_a_taker_never_removes_a_lease_another_taker_put_there_meanwhile(tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["p.json"]
     leases._remove_if_same(str(stale), os.stat(stale).st_ino, stale.read_bytes())  # the file judged goes
     assert os.listdir(tmp_path) == []
+
+
+def test_a_fresh_lease_of_a_process_of_this_host_that_is_gone_is_taken_over(tmp_path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # a pid that has just exited
+    (tmp_path / "p.json").write_text(json.dumps({"owner": f"{socket.gethostname()}:{gone}:abcd", "pack_id": "p"}))
+    taken = leases.acquire(str(tmp_path), "p")
+    assert taken is not None and json.loads((tmp_path / "p.json").read_text())["owner"] == taken.owner
+    taken.release()

@@ -96,9 +96,11 @@ class Lease:
 
     @property
     def beating(self) -> bool:
+        """Whether the heartbeat thread is running."""
         return self._beat is not None and self._beat.is_alive()
 
     def stop_heartbeat(self) -> None:
+        """Stop the heartbeat and wait for it (it is between two touches within one interval)."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
