@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -151,8 +152,14 @@ def resume(store_dir: str, repair: bool, **kw: Any) -> None:
     _existing_store(store_dir)
     store = ResultStore(store_dir)
     if repair:
+        _refuse_read_only(store)  # before verify: nothing may move on a store that cannot be written
         damage = store.verify()
-        moved = store.quarantine(damage)
+        try:
+            moved = store.quarantine(damage)
+        except OSError as e:  # a folder that became unwritable after the check
+            raise click.ClickException(f"repair: cannot move the damaged files of {store_dir}: "
+                                       f"{' '.join(str(e).split())}; `sweep verify {store_dir}` lists what is "
+                                       "still damaged") from None
         nets = len({n for d in damage for n in d.network_ids})
         click.echo(f"repair: {len(damage)} damaged file(s); {moved} files of their pack writes moved to "
                    f"{store_dir}/_damaged; {nets} networks will be trained again" if damage
@@ -161,6 +168,36 @@ def resume(store_dir: str, repair: bool, **kw: Any) -> None:
     if not grids:
         raise click.ClickException(f"{store_dir}: no sweep recorded in this store (start one with `sweep run`)")
     _launch(grids, store_dir, **kw)
+
+
+def _refuse_read_only(store: Any) -> None:
+    """``--repair`` moves files between the store's folders: refuse, with one line and before
+    anything moves, a store where that cannot be done (a read-only mount, no permission)."""
+    from sweep.store.schema import StoreError
+
+    try:
+        store.check_writable()  # a probe file in the root (any filesystem)
+    except StoreError as e:
+        raise click.ClickException(f"repair refused, nothing was moved: {e}") from None
+    if not store.is_local:
+        return
+    blocked = []
+    for folder, subdirs, _ in os.walk(store.base_path):
+        subdirs[:] = [d for d in subdirs if d != "_ray"]  # Ray Tune's own; repair never moves it
+        if not _folder_writable(folder):
+            blocked.append(folder)
+    if blocked:
+        more = f" and {len(blocked) - 1} more folder(s)" if len(blocked) > 1 else ""
+        raise click.ClickException(f"repair refused, nothing was moved: results store {store.root} is read-only "
+                                   f"({blocked[0]}{more} cannot be written)")
+
+
+def _folder_writable(folder: str) -> bool:
+    """Files can be created in and renamed out of ``folder`` (permissions, read-only mounts)."""
+    try:
+        return os.access(folder, os.W_OK | os.X_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
