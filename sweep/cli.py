@@ -260,8 +260,9 @@ def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str)
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              metavar="SECONDS",
               help="Stop the query after this many seconds (0: no limit). Ctrl-C also stops it.")
-@click.option("--limit", type=click.IntRange(min=0), default=None,
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N",
               help="Write at most N rows (default: all, streamed in batches).")
 def query(store_dir: str, sql: str, fmt: str, timeout_s: float, limit: int | None) -> None:
     """Run SQL over the store's tables (trials, class_metrics, curves, ...).
@@ -275,6 +276,11 @@ def query(store_dir: str, sql: str, fmt: str, timeout_s: float, limit: int | Non
     except QueryStopped as e:
         stopped = click.ClickException(str(e))
         stopped.exit_code = 130 if e.interrupted else 1  # 130: the shell's code for Ctrl-C
+        raise stopped from None
+    except KeyboardInterrupt:  # before the query started (opening the store): nothing ran
+        stopped = click.ClickException(f"query against results store {store_dir} interrupted (Ctrl-C) "
+                                       "before it started; the store is unchanged")
+        stopped.exit_code = 130
         raise stopped from None
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, as other command-line tools do.

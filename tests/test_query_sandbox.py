@@ -255,9 +255,8 @@ def test_rows_are_written_one_bounded_batch_at_a_time(store, fmt):
     written = write_query(store.root, "select i, i * 0.5 as half from range(20000) t(i)", sink, fmt,
                           timeout_s=120, batch_rows=3000)
     assert written.rows == 20_000 and not written.limit_reached
-    per_row = 4 if fmt == "json" else 1  # json: "{", two fields, "}" per record
     assert len(sink.flushed) >= 20_000 // 3000
-    assert max(sink.flushed) <= 3000 * per_row + 2  # + header / opening bracket
+    assert max(sink.flushed) <= 3000 + 1  # a line per row, + the header or the opening bracket
 
 
 # -- what the formats write ----------------------------------------------------------
@@ -283,6 +282,9 @@ def test_streamed_formats(store):
     assert json.loads(written(store, empty, "json")) == []
     assert json.loads(written(store, "select 0.5 as d, null as n, sum(2) as s", "json")) == [
         {"d": 0.5, "n": None, "s": 2.0}]
+    slashes = ["a/b", "a\\/b", "\\", "x\\\\/y"]  # pandas escapes "/": undone, backslashes kept
+    sql = "select * from (values " + ", ".join(f"('{v}')" for v in slashes) + ") t(s)"
+    assert [r["s"] for r in json.loads(written(store, sql, "json"))] == slashes
 
 
 def test_cli_limit_says_when_it_was_reached(store):
