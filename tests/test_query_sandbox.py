@@ -26,7 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from sweep.cli import cli
-from sweep.store.query import QueryError, QueryStopped, query, write_query
+from sweep.store.query import QueryError, QueryStopped, Written, query, write_query
 from sweep.store.results import ResultStore
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
@@ -218,6 +218,8 @@ def test_limit_stops_an_endless_result(store):
     lines = out.getvalue().splitlines()
     assert lines[0] == "i" and lines[1] == "0" and lines[-1] == "24999" and len(lines) == 25_001
     assert len(query(store.root, ENDLESS_ROWS, timeout_s=120, limit=3)) == 3
+    assert query(store.root, ENDLESS_ROWS, timeout_s=120, limit=0).columns.tolist() == ["i"]
+    assert write_query(store.root, ENDLESS_ROWS, io.StringIO(), "csv", limit=0) == Written(0, True)
 
 
 class _Enough(Exception):

@@ -214,6 +214,7 @@ def _limited(reader: pa.RecordBatchReader, limit: int | None, stop: threading.Ev
              cut: list[bool]) -> Iterator[pa.RecordBatch]:
     """The reader's batches up to ``limit`` rows; ``cut[0]`` says whether the limit was reached."""
     left = limit
+    cut[0] = left == 0
     while not stop.is_set() and (left is None or left > 0):
         try:
             batch = reader.read_next_batch()
