@@ -195,6 +195,7 @@ def test_ctrl_c_interrupts_a_running_query_with_one_line_and_status_130(store):
     assert "store is unchanged" in res.output
 
 
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT needs the main thread")
 def test_ctrl_c_in_python_raises_query_stopped(store):
     _sigint_once_the_query_runs()
     with pytest.raises(QueryStopped, match="interrupted") as err:

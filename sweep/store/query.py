@@ -361,6 +361,8 @@ class _Writer:
 def _cell(value: object) -> str:
     if value is None or (isinstance(value, float) and value != value) or value is pd.NaT:
         return "NULL"
+    if hasattr(value, "tolist"):  # numpy arrays (lists, arrays) print as Python lists, with commas
+        value = value.tolist()
     if isinstance(value, float):
         return f"{value:.10g}"  # what pandas' to_json keeps, without a run of float noise
     return str(value)
