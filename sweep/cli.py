@@ -295,12 +295,35 @@ def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str)
 @click.argument("store_dir")
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-def query(store_dir: str, sql: str, fmt: str) -> None:
-    """Run SQL over the store's tables (trials, class_metrics, curves, ...)."""
-    from sweep.store.query import format_result, query as run_query
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              metavar="SECONDS",
+              help="Stop the query after this many seconds (0: no limit). Ctrl-C also stops it.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Write at most N rows (default: all, streamed in batches).")
+def query(store_dir: str, sql: str, fmt: str, timeout_s: float, limit: int | None) -> None:
+    """Run SQL over the store's tables (trials, class_metrics, curves, ...).
+
+    The query reads and writes no file: whatever the SQL, the store is unchanged."""
+    from sweep.store.query import QueryStopped, write_query
 
     _existing_store(store_dir)
-    click.echo(format_result(run_query(store_dir, sql), fmt))
+    try:
+        written = write_query(store_dir, sql, sys.stdout, fmt, timeout_s=timeout_s, limit=limit)  # type: ignore[arg-type]
+    except QueryStopped as e:
+        stopped = click.ClickException(str(e))
+        stopped.exit_code = 130 if e.interrupted else 1  # 130: the shell's code for Ctrl-C
+        raise stopped from None
+    except KeyboardInterrupt:  # before the query started (opening the store): nothing ran
+        stopped = click.ClickException(f"query against results store {store_dir} interrupted (Ctrl-C) "
+                                       "before it started; the store is unchanged")
+        stopped.exit_code = 130
+        raise stopped from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return
+    if limit is not None and written.limit_reached:
+        click.echo(f"(--limit {limit}: rows after the first {limit:,} were not read)", err=True)
 
 
 @cli.command()
