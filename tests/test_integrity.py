@@ -107,6 +107,7 @@ def test_a_file_without_manifest_is_checked_for_readability(tmp_path: Path) -> N
     _write(ResultStore(str(root)), "p", ["n1"])
     for m in (root / "_manifests").rglob("*.json"):
         m.unlink()
+    (root / "_format.json").unlink()  # what a store of 2026-11 looks like
     assert ResultStore(str(root)).verify() == []
     path = _file(root, "trials", "p")
     path.write_bytes(path.read_bytes()[:100])
