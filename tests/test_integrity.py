@@ -186,8 +186,8 @@ def test_a_checkpoint_that_cannot_be_written_costs_time_not_the_pack(tmp_path: P
     from sweep.core.plan import Pack
     from workers.run_pack import run_pack
 
-    def full(obj, path):
-        Path(path).write_bytes(b"partial")  # what a full disk leaves: a started temporary
+    def full(obj, fh):
+        fh.write(b"partial")  # what a full disk leaves: a started temporary
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
