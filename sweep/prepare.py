@@ -153,6 +153,9 @@ def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> dict[str,
     Returns the grid's datasets by name, loaded (an in-process runner can reuse them).
     """
     store.check_writable()
+    # A network damaged in any table is not stored: training around it would leave it so.
+    # The saved grid is left out: this run saves it again.
+    store.check_intact(grids=False)
     # Here, not at the top: `sweep expand` imports this module and must not wait for torch.
     from workers.datasets import load_dataset
 
