@@ -81,8 +81,8 @@ def _create_views(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list[st
     files = {table: store.files(table) for table in store.table_names()}
     _read_only_connection(con, [f for fs in files.values() for f in fs])
     trials = files.get(TRIALS, [])
-    # Other tables keep the rows of the pack whose trials rows are the latest for their
-    # network (ResultStore.read_table's rule), when both sides know the network.
+    # Other tables keep the rows of one write per network (ResultStore.read_table's rule,
+    # sweep.store.rows.rows_of_latest_packs), when both sides know the network.
     latest = _latest_sql(trials) if trials and "network_id" in store.columns(TRIALS) else None
     tables = []
     for table, paths in files.items():
@@ -91,13 +91,18 @@ def _create_views(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list[st
         if table == TRIALS:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM ({_latest_rows_sql(paths)})"
         elif latest is not None and "network_id" in store.columns(table):
-            # Per network: the rows of its latest write when that write has any, else all.
-            sql = (f"WITH latest AS ({latest}), src AS (SELECT *, {_stem_sql(_FILE_COL)} AS __stem "
-                   f"FROM {_source(paths)}), covered AS (SELECT DISTINCT s.grid, s.network_id FROM src s "
-                   f"JOIN latest l ON l.grid = s.grid AND l.network_id = s.network_id AND l.stem = s.__stem) "
+            # Per network: the rows of its latest write when that write has any, else those of
+            # the latest write here that holds trials rows of it, else all.
+            sql = (f"WITH latest AS ({latest}), every AS ({_writes_sql(trials)}), "
+                   f"src AS (SELECT *, {_stem_sql(_FILE_COL)} AS __stem FROM {_source(paths)}), "
+                   f"chosen AS (SELECT s.grid, s.network_id, s.__stem AS stem FROM (SELECT DISTINCT grid, network_id, "
+                   f"__stem FROM src) s JOIN every e ON e.grid = s.grid AND e.network_id = s.network_id "
+                   f"AND e.stem = s.__stem LEFT JOIN latest l ON l.grid = s.grid AND l.network_id = s.network_id "
+                   f"AND l.stem = s.__stem QUALIFY row_number() OVER (PARTITION BY s.grid, s.network_id ORDER BY "
+                   f"l.stem IS NOT NULL DESC, regexp_extract(s.__stem, '-([^-]*)$', 1) DESC) = 1) "
                    f"SELECT r.* EXCLUDE ({_FILE_COL}, __stem) FROM src r WHERE r.network_id IS NULL "
-                   f"OR EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid AND l.network_id = r.network_id "
-                   f"AND l.stem = r.__stem) OR NOT EXISTS (SELECT 1 FROM covered c WHERE c.grid = r.grid "
+                   f"OR EXISTS (SELECT 1 FROM chosen c WHERE c.grid = r.grid AND c.network_id = r.network_id "
+                   f"AND c.stem = r.__stem) OR NOT EXISTS (SELECT 1 FROM chosen c WHERE c.grid = r.grid "
                    f"AND c.network_id = r.network_id)")
         else:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM {_source(paths)}"
@@ -121,6 +126,11 @@ def _latest_rows_sql(trial_files: list[str]) -> str:
 def _latest_sql(trial_files: list[str]) -> str:
     return (f"SELECT DISTINCT grid, network_id, {_stem_sql(_FILE_COL)} AS stem "
             f"FROM ({_latest_rows_sql(trial_files)})")
+
+
+def _writes_sql(trial_files: list[str]) -> str:
+    """Every (grid, network, write) that has trials rows."""
+    return f"SELECT DISTINCT grid, network_id, {_stem_sql(_FILE_COL)} AS stem FROM {_source(trial_files)}"
 
 
 def _stem_sql(column: str) -> str:
