@@ -44,7 +44,6 @@ CHECKPOINT_RECORD_SUFFIX = ".json"
 
 # Grid names and pack ids become path segments; table names are also SQL view names.
 TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-_ATTEMPT_RE = re.compile(r"^\d{8}T\d{9}Z[0-9a-f]{6}$")
 _WRITER_RE = re.compile(r"^(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{6}$")
 
 
@@ -74,11 +73,6 @@ def attempt_of(name: str) -> str:
 def stem_of(path: str) -> str:
     """The stem of a data file's path."""
     return posixpath.basename(path)[: -len(DATA_SUFFIX)]
-
-
-def is_stem(name: str) -> bool:
-    pack, sep, attempt = name.rpartition("-")
-    return bool(pack and sep) and _ATTEMPT_RE.match(attempt) is not None
 
 
 def table_dir(base: str, table: str) -> str:
