@@ -130,10 +130,13 @@ class CommitLog:
             if isinstance(manifest, str):
                 out[key] = Commit(grid, stem, None, {}, info.path, manifest)
             elif manifest.version >= 2 or key in with_trials:  # version 1: trials was its commit
-                files = {t: paths.data_path(self._base, t, grid, stem) for t in manifest.files}
                 problem = None
                 if (manifest.grid, manifest.stem) != key:
                     problem = f"manifest names write {manifest.grid}/{manifest.stem}, not the one at its path"
+                elif not all(paths.TABLE_RE.match(t) for t in manifest.files):
+                    problem = f"manifest names tables that are not table names: {sorted(manifest.files)}"
+                # Paths are built here from the table names, never taken from the manifest.
+                files = {} if problem else {t: paths.data_path(self._base, t, grid, stem) for t in manifest.files}
                 out[key] = Commit(grid, stem, manifest, files, info.path, problem)
         if not self.sealed():
             legacy = [d for d in trials if d.key not in out]
@@ -219,8 +222,8 @@ class CommitLog:
 
     @staticmethod
     def _temp_or_stray(info: pafs.FileInfo, what: str) -> Leftover:
-        if not paths.is_temp(info.path):
-            return Leftover(info.path, "file that is not part of the store", "dead", _mtime(info))
+        if not paths.is_temp(info.path):  # put there by hand: removed when old, or by verify --clean
+            return Leftover(info.path, "file that is not part of the store", "unknown", _mtime(info))
         if paths.writer_is_dead(info.path):
             return Leftover(info.path, f"{what} whose writer died", "dead", _mtime(info))
         return Leftover(info.path, what, "live" if paths.temp_final_name(info.path) else "unknown", _mtime(info))
