@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -22,7 +18,6 @@ from sweep.store.provenance import provenance
 from sweep.store.query import query
 from sweep.store.results import ResultStore, StoreError, new_attempt
 
-REPO = Path(__file__).resolve().parents[1]
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 
 

@@ -83,7 +83,7 @@ class CommitLog:
         self._sealed = False
 
     # -- listing -----------------------------------------------------------------
-    def list(self, path: str, recursive: bool = True) -> list[pafs.FileInfo]:
+    def ls(self, path: str, recursive: bool = True) -> list[pafs.FileInfo]:
         selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
         try:
             return [i for i in self._fs.get_file_info(selector)]
@@ -91,12 +91,12 @@ class CommitLog:
             raise StoreError(f"results store {self.root}: cannot list {path}: {reason(exc)}") from exc
 
     def table_dirs(self) -> list[str]:
-        names = [posixpath.basename(i.path) for i in self.list(self._base, recursive=False)
+        names = [posixpath.basename(i.path) for i in self.ls(self._base, recursive=False)
                  if i.type == pafs.FileType.Directory]
         return sorted(n for n in names if paths.TABLE_RE.match(n))
 
     def _files(self, top: str) -> list[pafs.FileInfo]:
-        return [i for i in self.list(paths.table_dir(self._base, top)) if i.type == pafs.FileType.File]
+        return [i for i in self.ls(paths.table_dir(self._base, top)) if i.type == pafs.FileType.File]
 
     def data_files(self, tables: Iterable[str] | None = None) -> list[paths.DataPath]:
         out = []
@@ -212,10 +212,10 @@ class CommitLog:
             else:
                 out.append(self._temp_or_stray(info, "temporary manifest"))
         for folder in (paths.grids_dir(self._base), paths.checkpoints_dir(self._base)):
-            for info in self.list(folder, recursive=False):
+            for info in self.ls(folder, recursive=False):
                 if info.type == pafs.FileType.File and paths.is_temp(info.path):
                     out.append(self._temp_or_stray(info, "temporary file"))
-        for info in self.list(self._base, recursive=False):
+        for info in self.ls(self._base, recursive=False):
             if info.type == pafs.FileType.File and paths.is_probe(info.path):
                 out.append(Leftover(info.path, "write probe", "unknown", _mtime(info)))
         return out
@@ -257,7 +257,7 @@ class CommitLog:
             self._fs.create_dir(posixpath.dirname(target), recursive=True)
             atomic_write(self._fs, target, manifest.to_json())
             adopted += 1
-        for info in self.list(paths.grids_dir(self._base), recursive=False):
+        for info in self.ls(paths.grids_dir(self._base), recursive=False):
             if info.type != pafs.FileType.File or paths.grid_name_of(info.path) is None:
                 continue
             with self._fs.open_input_stream(info.path) as fh:

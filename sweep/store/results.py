@@ -299,7 +299,7 @@ class ResultStore:
     def _grid_files(self) -> list[tuple[str, bytes | None, str | None]]:
         """(path, the grid as given or None, what is wrong with it) of every saved grid."""
         out = []
-        for info in self._log.list(paths.grids_dir(self._base), recursive=False):
+        for info in self._log.ls(paths.grids_dir(self._base), recursive=False):
             if info.type != pafs.FileType.File or paths.grid_name_of(info.path) is None:
                 continue
             try:
