@@ -255,24 +255,43 @@ def status(store_dir: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("store_dir")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
-def verify(store_dir: str, as_json: bool) -> None:
-    """Check every committed file against the checksum recorded when it was written."""
+@click.option("--clean", is_flag=True, help="Remove the files no commit names (but what a live writer writes).")
+@click.option("--adopt", is_flag=True, help="Record checksums of a store written before manifests, once.")
+def verify(store_dir: str, as_json: bool, clean: bool, adopt: bool) -> None:
+    """Check every committed file against the checksum recorded when it was written, and
+    list the files that no commit names (they are never read)."""
     from sweep.store.integrity import summarize_damage
     from sweep.store.results import ResultStore
 
     _existing_store(store_dir)
-    damage = ResultStore(store_dir).verify()
+    store = ResultStore(store_dir)
+    notes = []
+    if adopt:
+        adopted, refused = store.adopt()
+        notes.append(f"adopted {adopted} pack write(s) stored before manifests"
+                     + (f"; {len(refused)} unreadable file(s) not adopted" if refused else ""))
+    if clean:
+        notes.append(f"removed {store.cleanup_uncommitted()} file(s) that no commit names")
+    damage = store.verify()
+    leftovers = store.leftovers()
     if as_json:
-        click.echo(json.dumps(summarize_damage(damage)))
+        click.echo(json.dumps({**summarize_damage(damage),
+                               "uncommitted_files": [{"path": f.path, "what": f.what, "writer": f.fate}
+                                                     for f in leftovers]}))
     else:
+        for note in notes:
+            click.echo(note)
         for d in damage:
             click.echo(d.describe())
             if d.network_ids:
                 click.echo("  networks: " + ", ".join(d.network_ids))
-        click.echo(f"{store_dir}: {len(damage)} damaged file(s)" + (
-            f"; `sweep resume {store_dir} --repair` moves their pack writes aside and trains their networks again"
-            if damage else ", every committed file is as written"))
-    if damage:
+        for f in leftovers:
+            click.echo(f"{f.path}: not committed ({f.what}{'; its writer is alive' if f.fate == 'live' else ''})")
+        ok = "every committed file is as written" if not damage else (
+            f"`sweep resume {store_dir} --repair` moves their pack writes aside and trains their networks again")
+        click.echo(f"{store_dir}: {len(damage)} damaged file(s), {len(leftovers)} file(s) no commit names "
+                   f"(never read{'; `sweep verify --clean` removes them' if leftovers else ''}); {ok}")
+    if damage or leftovers:
         sys.exit(1)
 
 

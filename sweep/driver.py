@@ -57,7 +57,6 @@ log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_SECONDS = 5.0  # progress reports from a running pack to the driver
 MAX_RAY_TEMP_DIR_CHARS = 48
-CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
 KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
 KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
 
@@ -87,9 +86,6 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     check_address(options.address or os.environ.get("RAY_ADDRESS"))
     store = ResultStore(store_root)
     preflight(grid, store, options.data_dir)
-    # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
-    # writing to the same store is never disturbed mid-write.
-    store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
     packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu",
                            pack_memory_bytes(gpu, options.gpu_memory_gb))
     total = grid.trained_networks

@@ -23,6 +23,7 @@ from sweep.store.results import ResultStore
 
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with an NVIDIA GPU
 ADDRESS_TIMEOUT_SECONDS = 10.0  # for a cluster address to accept a connection
+CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers of another host's writer older than any pack write
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
 
 
@@ -153,6 +154,13 @@ def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> dict[str,
     Returns the grid's datasets by name, loaded (an in-process runner can reuse them).
     """
     store.check_writable()
+    # A network damaged in any table is not stored: training around it would leave it so.
+    # The saved grid is left out: this run saves it again.
+    store.check_intact(grids=False)
+    # Readers already ignore uncommitted files. What a dead writer of this host left goes at
+    # once; anything else only when old, so a second sweep writing to the same store is
+    # never disturbed mid-write.
+    store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
     # Here, not at the top: `sweep expand` imports this module and must not wait for torch.
     from workers.datasets import load_dataset
 

@@ -245,12 +245,17 @@ def _register_tables(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list
         if table == TRIALS:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM ({_latest_rows_sql()})"
         elif latest is not None and "network_id" in dataset.schema.names:
-            # Per network: the rows of its latest write when that write has any, else all.
-            sql = (f"WITH latest AS ({latest}), covered AS (SELECT DISTINCT s.grid, s.network_id FROM {raw} s "
-                   f"JOIN latest l ON l.grid = s.grid AND l.network_id = s.network_id AND l.stem = s.{_FILE_COL}) "
+            # Per network: the rows of its latest write when that write has any, else those of
+            # the latest write here that holds trials rows of it, else all.
+            sql = (f"WITH latest AS ({latest}), every AS ({_writes_sql()}), "
+                   f"chosen AS (SELECT s.grid, s.network_id, s.stem FROM (SELECT DISTINCT grid, network_id, "
+                   f"{_FILE_COL} AS stem FROM {raw}) s JOIN every e ON e.grid = s.grid AND e.network_id = s.network_id "
+                   f"AND e.stem = s.stem LEFT JOIN latest l ON l.grid = s.grid AND l.network_id = s.network_id "
+                   f"AND l.stem = s.stem QUALIFY row_number() OVER (PARTITION BY s.grid, s.network_id ORDER BY "
+                   f"l.stem IS NOT NULL DESC, regexp_extract(s.stem, '-([^-]*)$', 1) DESC) = 1) "
                    f"SELECT r.* EXCLUDE ({_FILE_COL}) FROM {raw} r WHERE r.network_id IS NULL "
-                   f"OR EXISTS (SELECT 1 FROM latest l WHERE l.grid = r.grid AND l.network_id = r.network_id "
-                   f"AND l.stem = r.{_FILE_COL}) OR NOT EXISTS (SELECT 1 FROM covered c WHERE c.grid = r.grid "
+                   f"OR EXISTS (SELECT 1 FROM chosen c WHERE c.grid = r.grid AND c.network_id = r.network_id "
+                   f"AND c.stem = r.{_FILE_COL}) OR NOT EXISTS (SELECT 1 FROM chosen c WHERE c.grid = r.grid "
                    f"AND c.network_id = r.network_id)")
         else:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM {raw}"
@@ -295,6 +300,11 @@ def _latest_rows_sql() -> str:
 
 def _latest_sql() -> str:
     return f"SELECT DISTINCT grid, network_id, {_FILE_COL} AS stem FROM ({_latest_rows_sql()})"
+
+
+def _writes_sql() -> str:
+    """Every (grid, network, write) that has trials rows."""
+    return f'SELECT DISTINCT grid, network_id, {_FILE_COL} AS stem FROM "{RAW_PREFIX}{TRIALS}"'
 
 
 def _first_line(exc: BaseException) -> str:
