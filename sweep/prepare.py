@@ -61,6 +61,26 @@ def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str 
     return packs, sum(1 for s in grid.specs if s.network_id in done)
 
 
+def pack_threads(cpus_per_pack: float) -> int:
+    """torch's intra-op threads for one pack: its CPU share (``resources.cpu`` or
+    ``--cpus-per-pack``), at least 1. Both runners set it, from this one rule: on the CPU a
+    network's numbers depend on the thread count (parallel reductions split differently;
+    measured: accuracy 0.0008 apart after 60 LeNet-5 iterations, 1 vs 2 threads), so the
+    thread count is part of what a spec means, never the machine's core count. Rows record
+    it (``device`` column, e.g. ``cpu, 2 threads``)."""
+    return max(1, int(cpus_per_pack))
+
+
+def pack_resources(grid: Grid, cpus_per_pack: float | None, gpus_per_pack: float | None) -> tuple[float, float]:
+    """The CPUs and GPUs per pack: the option when given, else the grid's ``resources``."""
+    cpu = grid.cpu_per_pack if cpus_per_pack is None else cpus_per_pack
+    gpu = grid.gpu_per_pack if gpus_per_pack is None else gpus_per_pack
+    for flag, value in (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu)):
+        if value < 0:
+            raise SweepError(f"{flag} {value:g}: cannot be negative")
+    return cpu, gpu
+
+
 def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int | None:
     """GPU memory one pack may use: its share of the GPU (``--gpu-memory-gb``, else the
     driver's own GPU when it has one; None: unknown, ``sweep.core.plan`` assumes a small GPU)."""
@@ -85,10 +105,9 @@ def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
     Pure (no store, no Ray), so it runs before anything is created. The grid's own
     values are checked by ``sweep.core.grid``; these messages name the command-line option.
     """
-    cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
-    gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
-    counts = (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu), ("--max-concurrent", options.max_concurrent),
-              ("--retries", options.retries), ("--max-networks", options.max_networks))
+    cpu, gpu = pack_resources(grid, options.cpus_per_pack, options.gpus_per_pack)
+    counts = (("--max-concurrent", options.max_concurrent), ("--retries", options.retries),
+              ("--max-networks", options.max_networks))
     for flag, value in counts:
         if value < 0:
             raise SweepError(f"{flag} {value:g}: cannot be negative")
