@@ -67,11 +67,14 @@ def test_ctrl_c_of_the_local_command_says_what_is_stored_and_exits_non_zero(tmp_
     import yaml
 
     grid = tmp_path / "loc.yaml"
-    grid.write_text(yaml.safe_dump({**DOC, "recipe": {"preset": "buda_mnist", "iters": 400}, "max_per_class": 50}))
+    grid.write_text(yaml.safe_dump({**DOC, "recipe": {"preset": "buda_mnist", "iters": 200}, "max_per_class": 50,
+                                    "resources": {"cpu": 1, "gpu": 0}}))
     store = tmp_path / "s"
     cmd = [sys.executable, "-m", "sweep.local", str(grid), "--store", str(store), "--device", "cpu"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a shell's background job would start with it ignored.
+    proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while len(ResultStore(str(store)).completed_network_ids()) < 2:  # the first pack is stored
