@@ -111,7 +111,8 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
 def _run_options(f: Any) -> Any:
     opts = [
         click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)."),
-        click.option("--cpus-per-pack", type=float, default=None, help="CPUs per pack (default: grid's)."),
+        click.option("--cpus-per-pack", type=float, default=None,
+                     help="CPUs per pack, and torch threads per pack (default: grid's)."),
         click.option("--gpus-per-pack", type=float, default=None, help="GPUs per pack (default: grid's)."),
         click.option("--max-concurrent", type=int, default=0, help="Packs running at once (0: no limit)."),
         click.option("--max-networks", type=int, default=0, help="Networks per pack (0: grid's or device's)."),

@@ -50,7 +50,8 @@ from typing import Any
 
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
-from sweep.prepare import RunOptions, SweepError, check_address, check_options, pack_memory_bytes, plan_for, preflight
+from sweep.prepare import (RunOptions, SweepError, check_address, check_options, pack_memory_bytes, pack_threads,
+                            plan_for, preflight)
 from sweep.store.results import ResultStore
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 device=device,
                 precision=options.precision,
                 kernels=options.kernels,
-                threads=max(1, int(cpu)),
+                threads=pack_threads(cpu),
                 kill_hook=kill_hook,
             ),
             {"cpu": cpu, "gpu": gpu},
@@ -170,7 +171,7 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     import torch
     from ray import tune
 
-    torch.set_num_threads(threads)  # the pack's CPU share; more threads only contend
+    torch.set_num_threads(threads)  # sweep.prepare.pack_threads: as sweep.local, so the numbers are the same
 
     from workers.run_pack import run_pack
 
