@@ -1,6 +1,7 @@
 """A static cost model of the fused LeNet-5 training step on an H200, from the compiled code.
 
-    python bench/static_cost.py --pack 1024 --precision bf16 [--batch 64] [--eval] [--json out.json]
+    python bench/static_cost.py --pack 1024 --precision bf16 [--batch 64] [--eval] [--head-only]
+                                [--json out.json]
 
 No GPU is needed, and TRITON_INTERPRET must be unset (the interpreter compiles nothing and
 picks other tiles). What it does:
@@ -35,15 +36,16 @@ picks other tiles). What it does:
    arguments (e.g. ``B * HP * WP`` for a weight gradient). An instruction counts once per
    warp, times the trip counts of the loops around it; code outside loops counts once (both
    sides of a branch: an upper bound). Classes: integer (IMAD, IADD3, LOP3, SHF, ISETP, SEL,
-   LEA, ...), FP (FFMA, FADD, FMNMX, F2F, ...), global/local load-store (LDG, STG, LDGSTS,
-   ATOM, RED, ...), shared memory (LDS, STS, LDSM, ...), tensor core (HGMMA, HMMA) and other
-   (MOV, BAR, BRA, S2R, ...). Warp-instructions = per-warp count x num_warps x programs.
+   LEA, PRMT, ...; the uniform datapath's U* integer ops count as other), FP (FFMA, FADD,
+   FMNMX, F2F, ...), global/local load-store (LDG, STG, LDGSTS, ATOM, RED, ...), shared
+   memory (LDS, STS, LDSM, ...), tensor core (HGMMA, HMMA) and other (MOV, BAR, BRA, S2R, ...).
+   Warp-instructions = per-warp count x num_warps x programs.
    Tensor-core FLOPs from the instruction shapes: ``HGMMA.64xNx16`` is a warpgroup's
    64 x N x 16 product (a quarter per warp), ``HMMA.16816`` a warp's 16 x 8 x 16.
-4. **Bytes.** DRAM bytes of a Triton launch: the footprint (numel x element size) of every
-   tensor argument the kernel loads from, plus the same for every one it stores to (from
-   ``tt.load``/``tt.store`` of its TTIR, traced back to the pointer argument); i.e. unique
-   bytes read + written, re-reads assumed to hit L2. Torch ops: bytes of the tensors read
+4. **Bytes.** DRAM bytes of a Triton launch: the footprint (the bytes its elements span; an
+   expanded dimension adds none) of every tensor argument the kernel loads from, plus the
+   same for every one it stores to (``tt.load``/``tt.store`` of its TTIR traced back to the
+   pointer argument): unique bytes read + written, re-reads assumed to hit L2. Torch ops: bytes of the tensors read
    (gathers: the gathered output and the indices, not the whole source) plus the tensors
    written; views and allocations move nothing. FLOPs of bmm/baddbmm/mm/addmm: 2 m n k per
    product.
@@ -61,10 +63,10 @@ Ceilings (H200 SXM) and sources:
   NVIDIA's Hopper tuning guide / architecture whitepaper (datasheet). Integer
   instructions at about half that rate (64 INT32 lanes per SM against 128 FP32 lanes:
   whitepaper; "about half" is a model choice, not measured).
-- 4.3 TB/s HBM: a device-to-device copy (reads + writes) on the H200 this project uses
-  (measured, ../shared/PERFORMANCE.md; datasheet 4.8 TB/s).
-- 790 TFLOP/s dense bf16/fp16: 8192^3 matmuls on that H200 (measured, PERFORMANCE.md;
-  datasheet 989). fp32 (IEEE, no tensor cores): 67 TFLOP/s (datasheet).
+- 4.3 TB/s HBM: a device-to-device copy (reads + writes) on the project's H200 (measured in an
+  earlier session, the shared notes' PERFORMANCE.md; not by this script; datasheet 4.8 TB/s).
+- 790 TFLOP/s dense bf16/fp16: 8192^3 matmuls on that H200 (measured likewise; datasheet 989
+  dense). fp32 (IEEE, no tensor cores): 67 TFLOP/s (datasheet).
 - 2 us per launch (a CUDA-graph kernel node): assumed, not measured.
 None of these figures has been checked against a run of this step on a GPU.
 """
@@ -124,7 +126,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 class TensorArg:
     shape: tuple[int, ...]
     dtype: str
-    nbytes: int  # footprint: numel x element size
+    nbytes: int  # footprint (see footprint)
     offset: int  # byte offset in its storage (data_ptr on meta)
 
 
@@ -157,8 +159,16 @@ class TorchOp:
     dtype: str
 
 
+def footprint(t: torch.Tensor) -> int:
+    """Bytes a tensor covers in memory: an expanded (stride 0) dimension adds none."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+    return min(t.numel(), span) * t.element_size()
+
+
 def _tensor_arg(t: torch.Tensor) -> TensorArg:
-    return TensorArg(tuple(t.shape), str(t.dtype).removeprefix("torch."), t.numel() * t.element_size(),
+    return TensorArg(tuple(t.shape), str(t.dtype).removeprefix("torch."), footprint(t),
                      t.storage_offset() * t.element_size())
 
 
@@ -245,9 +255,9 @@ class _OpCounter(TorchDispatchMode):
             for t in (a if isinstance(a, (list, tuple)) else [a]):
                 if isinstance(t, torch.Tensor) and (id(t) not in written_inputs or
                                                     (name.endswith("_") and name not in _WRITE_ONLY_INPLACE)):
-                    read[id(t)] = t.numel() * t.element_size()
+                    read[id(t)] = footprint(t)
         outs = out if isinstance(out, (list, tuple)) else [out]
-        written = {id(t): t.numel() * t.element_size() for t in outs if isinstance(t, torch.Tensor)}
+        written = {id(t): footprint(t) for t in outs if isinstance(t, torch.Tensor)}
         dtypes = [t.dtype for t in (list(outs) + list(args)) if isinstance(t, torch.Tensor)]
         self.ops.append(TorchOp(f"aten.{name}", sum(read.values()) + sum(written.values()), _flops(name, args),
                                 str(dtypes[0]).removeprefix("torch.") if dtypes else "-"))
@@ -675,9 +685,8 @@ def table(result: dict[str, Any], title: str) -> str:
                      f"{r['registers']} | {r['spills']} |")
     shown, rest = result["torch"][:TORCH_ROWS], result["torch"][TORCH_ROWS:]
     if rest:
-        shown = shown + [{"name": f"other aten ops ({len(rest)} kinds)", "dtype": "-",
-                          "count": sum(r["count"] for r in rest), **{k: sum(r[k] for r in rest) for k in
-                                                                      ("bytes", "flops", "byte_s", "tensor_s", "time_s")}}]
+        sums = {k: sum(r[k] for r in rest) for k in ("count", "bytes", "flops", "byte_s", "tensor_s", "time_s")}
+        shown = shown + [{"name": f"other aten ops ({len(rest)} kinds)", "dtype": "-", **sums}]
     for r in shown:
         fl = f", {r['flops'] / 1e9:.1f} GFLOP" if r["flops"] else ""
         dtype = f" ({r['dtype']})" if r["dtype"] != "-" else ""
