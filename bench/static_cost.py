@@ -697,18 +697,34 @@ def table(result: dict[str, Any], title: str) -> str:
 
 
 SHARED_LIMIT = 227 * 1024  # dynamic shared memory per block on sm_90 (CUDA programming guide)
+GRID_YZ_LIMIT = 65535  # grid dimensions y and z (CUDA programming guide)
 
 
-def compile_checks(rows: list[dict[str, Any]]) -> str:
+def ctas_per_sm(registers: int, shared: int, warps: int) -> int:
+    """Resident blocks per SM on sm_90 (CUDA occupancy rules: 64 K registers allocated per warp
+    in units of 256, 228 KB shared with 1 KB reserved per block, 64 warps, 32 blocks).
+    Reported, not used by the time model."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * warps)
+    by_shared = (228 * 1024) // (shared + 1024)
+    return max(0, min(by_regs, by_shared, 64 // warps, 32))
+
+
+def compile_checks(rows: list[dict[str, Any]], title: str) -> str:
     """What bench/compile_fused_kernels.py used to print: per compiled launch, whether it
     spills, fits in shared memory, uses atomics, and whether its dots reach the tensor cores."""
-    lines, seen = ["compile checks (sm_90a):"], set()
+    lines, seen = [f"compile checks, {title} (sm_90a):"], set()
     for r in rows:
         if r["name"] in seen:
             continue
         seen.add(r["name"])
         mma = ", ".join(f"{n} {op}" for op, n in sorted(r["mma"].items())) or "no tensor-core instructions"
-        flags = [f"{r['registers']} registers", f"{r['spills']} spill instructions" +
+        ctas = ctas_per_sm(r["registers"], r["shared"], r["warps"])
+        waves = r["programs"] / (CEILINGS["sms"] * ctas) if ctas else math.inf
+        big = [d for d in r["grid"][1:] if d > GRID_YZ_LIMIT]
+        flags = [f"grid {tuple(r['grid'])}" + (" EXCEEDS the y/z limit 65,535" if big else ""),
+                 f"{ctas} CTAs/SM, {waves:,.1f} waves", f"{r['registers']} registers",
+                 f"{r['spills']} spill instructions" +
                  (f" ({r['local']} B local)" if r["local"] else ""),
                  f"{r['shared'] / 1024:.0f} KB shared" + (" EXCEEDS 227 KB" if r["shared"] > SHARED_LIMIT else ""),
                  f"{r['atomics']} atomics", mma] + [f"WARNING {w}" for w in r["warnings"]]
@@ -747,7 +763,9 @@ def main(argv: list[str] | None = None) -> None:
     st = model(rec["step"], a.pack)
     out["step"] = st
     print(table(st, "One training step (the step a CUDA graph captures)") + "\n")
-    print(compile_checks(st["triton"] + out.get("eval", {}).get("triton", [])) + "\n")
+    if a.eval:
+        print(compile_checks(out["eval"]["triton"], "evaluation chunk") + "\n")
+    print(compile_checks(st["triton"], "training step") + "\n")
     n_torch = sum(r["count"] for r in st["torch"])
     print(f"kernels: {', '.join(st['kernels'])} ({len(st['triton'])} Triton launches, {st['compiled']} compiled "
           f"specialisations; {n_torch} torch ops)")
