@@ -52,12 +52,12 @@ if [ -f .mnist/mnist.pkl.gz ] || [ -d .mnist/MNIST ]; then
 fi
 
 if [ "$DRY_RUN" = 1 ]; then  # the CPU check of this script: same steps, small and short
-  DEVICE=cpu PACKS=2,1 ITERS=2 WARMUP=1 PACK=1 MNIST_ITERS=20 MNIST_REPEATS=1 MAX_ERROR=1
+  DEVICE=cpu PACKS=2,1 ITERS=2 WARMUP=1 MNIST_ITERS=20 MNIST_REPEATS=1 MAX_ERROR=1
   KERNEL_ARGS=(--device cpu --pack 1 --batch 2 --steps 1 --warmup 1 --whole-steps 1)
   REPRO_ARGS=(--device cpu --precision fp32 --iters 2 --repeats 1 --max-networks 2 --max-packs 1)
   BENCH_BUDGET_IN=20
 else
-  DEVICE=cuda PACKS=1024,256 ITERS=100 WARMUP=10 PACK=1024 MNIST_ITERS=10000 MNIST_REPEATS=4 MAX_ERROR=0.011
+  DEVICE=cuda PACKS=1024,256 ITERS=100 WARMUP=10 MNIST_ITERS=10000 MNIST_REPEATS=4 MAX_ERROR=0.011
   KERNEL_ARGS=(--device cuda --pack 1024 --precision bf16 --steps 5 --warmup 2 --whole-steps 20)
   REPRO_ARGS=(--device cuda --precision bf16 --whole-repeats)
   BENCH_BUDGET_IN=$((B_BENCH - 35))  # bench_packed starts no configuration after this (one takes < 30 s)
