@@ -15,10 +15,11 @@ The table lists the launches in step order (the median over the timed steps), op
 0.5 % of the step folded into one row; below it the whole step timed without hooks,
 eagerly and replayed as a CUDA graph, and the network-iterations/s that gives.
 
-Beside each Triton launch it prints the static cost model's prediction where
-``bench/static_cost.py`` exists and imports (see ``_static_predictions``): the k-th launch
-of a kernel is matched with the model's k-th row for that kernel name. Without it, the
-measured column only. On the CPU the fused kernels run in Triton's interpreter (set
+The measured table is printed first (flushed); then, where ``bench/static_cost.py`` exists
+and runs (as a program of its own, see ``static_predictions``), the table again with the
+static cost model's prediction beside each Triton launch: the k-th launch of a kernel is
+matched with the model's k-th row for that kernel name. Without it, the measured column
+only. On the CPU the fused kernels run in Triton's interpreter (set
 ``TRITON_INTERPRET=1`` before starting) and the times are host wall times: they say
 nothing about a GPU; that run only checks that the script works.
 """
@@ -200,42 +201,55 @@ def _samplers(bench, batch: int):  # noqa: ANN001
     return [EpochSampler(np.arange(TRAIN_IMAGES), batch, 7919 + p) for p in range(bench.members)]
 
 
-def _static_predictions(pack: int, precision: str) -> tuple[dict[str, list[float]] | None, str]:
-    """``{kernel name: [predicted ms of its 1st, 2nd, ... launch in the step]}`` from
-    ``bench/static_cost.py``, or None and the reason. The model is written apart from this
-    script, so its interface is read loosely: the first of ``predict_step``,
-    ``step_table``, ``predict``, ``kernel_table``, ``table`` that it defines, called with
-    ``pack=`` and ``precision=``, giving rows (mappings or objects) with a kernel name
-    (``kernel`` / ``name``) and a time (``ms`` / ``time_ms`` / ``predicted_ms``, or
-    ``seconds`` / ``time_s``), in step order."""
-    if not (REPO / "bench" / "static_cost.py").exists():
-        return None, "bench/static_cost.py does not exist"
+def static_predictions(pack: int, precision: str, batch: int, timeout_s: float = 120.0,
+                       json_path: str | None = None) -> tuple[dict[str, list[float]] | None, str]:
+    """``{kernel name: [predicted ms of its 1st, 2nd, ... launch in the step]}`` from the
+    static cost model, or None and the reason (any failure: the measured column only).
+
+    ``bench/static_cost.py`` is written apart from this script, so it is run as a program of
+    its own (``--pack --precision --batch --json FILE``, without ``TRITON_INTERPRET``, under
+    ``timeout_s``), not imported; ``json_path`` reads a file it wrote earlier instead. The
+    JSON's ``step.triton`` rows, in launch order, give ``name`` (several launches of one
+    kernel relabelled ``name #i (...)``) and ``time_s``."""
+    script = REPO / "bench" / "static_cost.py"
+    t0 = time.perf_counter()
+    if json_path is None:
+        if not script.exists():
+            return None, "bench/static_cost.py does not exist"
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp, "static.json")
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            cmd = [sys.executable, str(script), "--pack", str(pack), "--precision", precision, "--batch", str(batch),
+                   "--json", str(out)]
+            try:
+                proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s, cwd=REPO)
+            except subprocess.TimeoutExpired:
+                return None, f"bench/static_cost.py ran past {timeout_s:.0f} s"
+            if proc.returncode != 0 or not out.exists():
+                tail = " ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])[-300:]
+                return None, f"bench/static_cost.py failed (exit {proc.returncode}: {tail})"
+            text = out.read_text(encoding="utf-8")
+        how = f"`python3 bench/static_cost.py --pack {pack} --precision {precision} --batch {batch}`"
+    else:
+        text, how = Path(json_path).read_text(encoding="utf-8"), json_path
     try:
-        from bench import static_cost  # noqa: PLC0415
-    except Exception as e:  # noqa: BLE001 - optional: any failure means measured only
-        return None, f"bench/static_cost.py does not import ({type(e).__name__}: {e})"
-    fn = next((getattr(static_cost, n) for n in ("predict_step", "step_table", "predict", "kernel_table", "table")
-               if callable(getattr(static_cost, n, None))), None)
-    if fn is None:
-        return None, "bench/static_cost.py has none of predict_step, step_table, predict, kernel_table, table"
-    try:
-        rows = fn(pack=pack, precision=precision)
-        rows = rows.get("kernels", rows.get("rows", rows)) if isinstance(rows, dict) else rows
-        out: dict[str, list[float]] = {}
+        import json
+
+        data = json.loads(text)
+        rows = (data.get("step") or data)["triton"]
+        out_ms: dict[str, list[float]] = {}
         for row in rows:
-            get = (lambda k, row=row: row.get(k)) if isinstance(row, dict) else (
-                lambda k, row=row: getattr(row, k, None))
-            name = get("kernel") or get("name")
-            ms = next((float(get(k)) for k in ("ms", "time_ms", "predicted_ms") if get(k) is not None), None)
-            if ms is None:
-                ms = next((1000 * float(get(k)) for k in ("seconds", "time_s") if get(k) is not None), None)
-            if name is not None and ms is not None:
-                out.setdefault(str(name), []).append(ms)
-        if not out:
-            return None, f"static_cost.{fn.__name__} gave no rows with a kernel name and a time"
-        return out, f"static_cost.{fn.__name__}(pack={pack}, precision={precision!r})"
+            out_ms.setdefault(str(row["name"]).split(" #")[0], []).append(1000 * float(row["time_s"]))
+        total = (data.get("step") or {}).get("net_it_per_s")
     except Exception as e:  # noqa: BLE001
-        return None, f"static_cost.{fn.__name__} failed ({type(e).__name__}: {e})"
+        return None, f"{how}: its JSON has no step.triton rows with name and time_s ({type(e).__name__}: {e})"
+    if not out_ms:
+        return None, f"{how}: no Triton launches in its JSON"
+    extra = f", predicted {total:,.0f} net-it/s for the whole step" if isinstance(total, (int, float)) else ""
+    return out_ms, f"{how} ({time.perf_counter() - t0:.0f} s{extra})"
 
 
 def _whole_step_ms(step, feed, model, device: torch.device, n: int, graph: bool) -> tuple[float | None, str]:  # noqa: ANN001
@@ -269,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps (the table gives the median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--whole-steps", type=int, default=20, help="steps timed without hooks (eager, graph)")
+    ap.add_argument("--no-static", action="store_true", help="no static model column (bench/static_cost.py)")
+    ap.add_argument("--static-json", default=None, help="predictions from this `static_cost.py --json` file")
+    ap.add_argument("--static-timeout", type=float, default=120.0, help="seconds for bench/static_cost.py")
     a = ap.parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -301,11 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for launch, t in zip(launches, ms):
             launch.times.append(t)
 
-    predicted, source = _static_predictions(a.pack, a.precision)
-    total = sum(x.ms for x in launches)
-    seen: Counter[str] = Counter()
-    head = f"| # | launch | grid | measured ms | share |{' predicted ms | measured / predicted |' if predicted else ''}"
-    lines = [
+    head = [
         f"### Fused LeNet-5 step, kernel by kernel: P={a.pack}, batch {batch}, {a.precision}, {dev.type}",
         "",
         f"- Command: `python3 bench/time_fused_kernels.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
@@ -313,11 +326,37 @@ def main(argv: list[str] | None = None) -> int:
         f"torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__version__}",
         f"- Timing: {'CUDA events' if dev.type == 'cuda' else 'host clock'} around each launch; median of "
         f"{len(launches[0].times) if launches else 0} steps after {max(a.warmup, 1)} untimed",
-        f"- Static model: {source}",
-        "",
-        head,
-        "|---:|---|---|---:|---:|" + ("---:|---:|" if predicted else ""),
     ]
+    print("\n".join(head + [""] + _table(launches, None)), flush=True)  # measured: kept if what follows fails
+    captured = True
+    for graph in (False, True):
+        try:
+            ms, mode = _whole_step_ms(step, feed, bench.model, dev, a.whole_steps if dev.type == "cuda" else 1, graph)
+        except Exception as e:  # noqa: BLE001 - report, keep the table printed above
+            ms, mode = None, f"failed: {type(e).__name__}: {e}"
+        what = "replayed as a CUDA graph" if graph else "eager"
+        if ms is None:
+            print(f"Whole step, {what}: not timed ({mode}).", flush=True)
+            captured = captured and not (dev.type == "cuda" or not graph)  # on the CPU no graph is expected
+        else:
+            print(f"Whole step, {what}: {ms:.3f} ms = {a.pack * 1000 / ms:,.0f} network-iterations/s "
+                  f"(step mode: {mode}).", flush=True)
+    if a.no_static:
+        print("\nStatic model: not asked (--no-static).", flush=True)
+    else:
+        predicted, source = static_predictions(a.pack, a.precision, batch, a.static_timeout, a.static_json)
+        print(f"\nStatic model: {source}", flush=True)
+        if predicted:
+            print("\n".join([""] + _table(launches, predicted)), flush=True)
+    return 0 if captured else 1
+
+
+def _table(launches: list[Launch], predicted: dict[str, list[float]] | None) -> list[str]:
+    """The launches in step order (torch ops under FOLD_SHARE folded), with the prediction beside."""
+    total = sum(x.ms for x in launches)
+    seen: Counter[str] = Counter()
+    lines = [f"| # | launch | grid | measured ms | share |{' predicted ms | measured / predicted |' if predicted else ''}",
+             "|---:|---|---|---:|---:|" + ("---:|---:|" if predicted else "")]
     folded, folded_ms = 0, 0.0
     for i, x in enumerate(launches):
         seen[x.name] += 1
@@ -327,8 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         label = x.name if x.kind == "triton" else f"torch {x.name}"
         row = f"| {i + 1} | {label} | {x.grid} | {x.ms:.3f} | {100 * x.ms / max(total, 1e-12):.1f} % |"
         if predicted:
-            pm = predicted.get(x.name, [])
-            k = seen[x.name] - 1
+            pm, k = predicted.get(x.name, []), seen[x.name] - 1
             if x.kind == "triton" and k < len(pm):
                 row += f" {pm[k]:.3f} | {x.ms / pm[k]:.2f}x |" if pm[k] > 0 else f" {pm[k]:.3f} | - |"
             else:
@@ -341,22 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Sum of the launches: {total:.3f} ms per step ({triton_ms:.3f} ms in Triton kernels, "
               f"{total - triton_ms:.3f} ms in torch ops)."]
     if predicted:
-        lines.append(f"Predicted for the Triton kernels: {sum(sum(v) for v in predicted.values()):.3f} ms.")
-    print("\n".join(lines), flush=True)
-    for graph in (False, True):
-        try:
-            ms, mode = _whole_step_ms(step, feed, bench.model, dev, a.whole_steps if dev.type == "cuda" else 1, graph)
-        except Exception as e:  # noqa: BLE001 - report, keep the table printed above
-            ms, mode = None, f"failed: {type(e).__name__}: {e}"
-        what = "replayed as a CUDA graph" if graph else "eager"
-        if ms is None:
-            print(f"Whole step, {what}: not timed ({mode}).", flush=True)
-        else:
-            print(f"Whole step, {what}: {ms:.3f} ms = {a.pack * 1000 / ms:,.0f} network-iterations/s "
-                  f"(step mode: {mode}).", flush=True)
-            if graph and mode != "graph":
-                return 1
-    return 0
+        pred = sum(sum(v) for v in predicted.values())
+        lines.append(f"Predicted for the Triton kernels: {pred:.3f} ms (measured {triton_ms:.3f} ms).")
+    return lines
 
 
 if __name__ == "__main__":

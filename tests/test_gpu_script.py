@@ -176,3 +176,24 @@ def test_a_failing_configuration_is_recorded_in_its_row_and_the_run_goes_on(tmp_
     assert "| (c) grouped packed path | fp32 | P=2 | - | - | - | - | error: RuntimeError: a kernel broke / badly |" in got
     assert re.search(r"^\| \(c\) grouped packed path \| fp32 \| P=1 \| [\d,.]+ \|", got, re.M)
     assert "error: RuntimeError" in text
+
+
+def test_the_kernel_timing_reads_the_static_models_json(tmp_path) -> None:
+    """bench/static_cost.py's --json rows (several launches of a kernel relabelled `#i (...)`)
+    become per-kernel lists in launch order; a file without them gives a reason, no table."""
+    import json
+
+    from bench.time_fused_kernels import static_predictions
+
+    good = tmp_path / "static.json"
+    good.write_text(json.dumps({"step": {"net_it_per_s": 123456.0, "triton": [
+        {"name": "conv_pool_fwd_kernel #1 (C_IN=1)", "time_s": 1e-3},
+        {"name": "conv_pool_fwd_kernel #2 (C_IN=20)", "time_s": 2e-3},
+        {"name": "sgd_kernel", "time_s": 5e-4}]}}))
+    got, how = static_predictions(8, "bf16", 64, json_path=str(good))
+    assert got == {"conv_pool_fwd_kernel": [1.0, 2.0], "sgd_kernel": [0.5]}
+    assert "123,456 net-it/s" in how
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"rows": []}))
+    got, how = static_predictions(8, "bf16", 64, json_path=str(bad))
+    assert got is None and "no step.triton rows" in how
