@@ -20,8 +20,8 @@
 # budget VERSIONS=15       1. versions and device            -> summary.txt (+ one status line per step)
 # budget TESTS=110         2. CUDA tests: tests/test_fused_lenet.py, tests/test_fast_path.py
 #                             (a failed graph capture fails its test)  -> tests.txt
-# budget KERNELS=60        3. per-kernel timing of one fused step, P = 1024 bf16, CUDA events,
-#                             (measured table first), then beside bench/static_cost.py's prediction
+# budget KERNELS=60        3. per-kernel timing of one fused step, P = 1024 bf16, CUDA events
+#                             (the measured table first), then beside bench/static_cost.py's prediction
 #                             where that runs (up to 25 s of the 60) -> kernels.md
 # budget BENCH=130         4. bench_packed (e) and (c) at P = 1024 and 256, bf16 then fp32, each row
 #                             appended as measured, errors recorded in their rows -> bench.md
