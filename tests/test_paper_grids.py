@@ -137,12 +137,22 @@ def test_minority_choice_values_are_all_used_by_some_grid():
 
 
 def test_buda_mnist_slice_is_part_of_the_full_grid():
-    """The CPU slice trains the full grid's own networks (same ids), 21 per repeat."""
+    """The CPU slice trains the full grid's own networks (same ids), 35 per repeat: 7 cells x
+    (baseline, over-, under-sampling, two-phase over and under)."""
     sl = load_grid(GRIDS / "buda_mnist_slice.yaml")
     full = load_grid(GRIDS / "buda_mnist.yaml")
     assert sl.name == full.name  # completion is per grid name: the full grid skips them
-    assert sl.trained_networks == 7 * 3 * 2 == 42
-    assert sl.evaluations == 2 * 42
+    assert sl.trained_networks == 7 * 5 * 2 == 70
+    assert sl.evaluations == 7 * 2 * (5 + 3)  # raw for five methods, thresholded for three
     full_ids = {s.network_id for s in full.specs}
     assert {s.network_id for s in sl.specs} <= full_ids
     assert all(s.recipe.iters == 10_000 and s.recipe.bias_lr_factor == 2.0 for s in sl.specs)
+
+
+def test_the_committed_slice_keeps_its_ids():
+    """Every network in the committed store is a network of today's slice grid: no change of
+    the code's identity rules has orphaned a stored result."""
+    from analysis.load import load
+
+    stored = set(load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id"])["network_id"])
+    assert stored and stored <= {s.network_id for s in load_grid(GRIDS / "buda_mnist_slice.yaml").specs}
