@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -150,6 +151,12 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                           if r.error is None and (r.metrics or {}).get("skipped"))
         except KeyboardInterrupt:  # a second Ctrl-C: what is stored stays stored
             failures, skipped = [], 0
+        except (EOFError, pickle.UnpicklingError) as exc:
+            # Tune reads back the state files it wrote under _ray; on a full disk it wrote
+            # them empty or cut short. What is stored stays stored: say so in one line.
+            raise SweepError(f"Ray Tune could not read back its own state under {store.root}/_ray "
+                             f"({type(exc).__name__}: {exc}); is the disk full? Free space and run "
+                             f"`sweep resume {store.root}`: stored packs are kept") from exc
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()

@@ -255,3 +255,26 @@ def test_ctrl_c_says_interrupted_counts_the_store_and_exits_non_zero(tmp_path, g
     again = sweep("resume", str(store), "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
     assert again.returncode == 0, again.stderr[-3000:]
     assert_exactly_once(store)
+
+
+@pytest.mark.ray
+def test_tune_state_unreadable_on_a_full_disk_is_one_clear_error(tmp_path, ray_dir, monkeypatch, mnist):
+    """On a full disk Tune writes its state files empty and fails reading them back inside
+    fit(): the sweep ends with one message naming the cause, not an UnpicklingError."""
+    import pickle
+
+    from ray import tune
+
+    from sweep.core.grid import expand
+    from sweep.driver import run_sweep
+    from sweep.prepare import RunOptions, SweepError
+
+    def full_disk(self):
+        raise pickle.UnpicklingError("pickle data was truncated")
+
+    monkeypatch.setattr(tune.Tuner, "fit", full_disk)
+    grid = expand({"name": "full", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 2},
+                   "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"], "repeats": 1,
+                   "resources": {"cpu": 1, "gpu": 0}})
+    with pytest.raises(SweepError, match="could not read back its own state.*disk full"):
+        run_sweep(grid, str(tmp_path / "s"), RunOptions(num_cpus=1, ray_temp_dir=ray_dir, device="cpu"))

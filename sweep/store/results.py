@@ -322,13 +322,15 @@ class ResultStore:
         would train networks nobody asked for."""
         import yaml
 
+        from sweep.core.grid_checks import parse_grid_yaml
+
         grids = []
         for path, body, problem in self._grid_files():
             if problem is not None:
                 raise StoreError(f"results store {self.root}: saved grid {path} is damaged ({problem}); "
                                  "`sweep run GRID_FILE --store ...` with the original grid file saves it again")
             try:
-                doc = yaml.safe_load(body)
+                doc = parse_grid_yaml(body, path)  # a saved grid gets the grid file's own limits
                 grids.append(expand(doc, source=path, file_hash=hashlib.sha256(body).hexdigest()))
             except (yaml.YAMLError, GridError) as exc:
                 raise StoreError(f"results store {self.root}: saved grid {path} "
