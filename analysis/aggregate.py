@@ -126,13 +126,30 @@ def t_halfwidth(std: pd.Series | np.ndarray, n: pd.Series | np.ndarray,
         return np.where(n >= 2, q * std / np.sqrt(n), np.nan)
 
 
-def _mean_ci(df: pd.DataFrame, keys: list[str], value: str) -> pd.DataFrame:
-    """n, mean, std, ci_low, ci_high of ``value`` (non-null) per ``keys``."""
+RANGE_BELOW_N = 3  # with fewer repeats a t-interval says little (t = 12.7 at n = 2): show the range
+INTERVALS = ("95 % t-interval of the mean where a point has 3 or more repeats (kept within the metric's "
+             "range), the range of the repeats (lowest to highest) where it has 2")
+
+
+def _mean_ci(df: pd.DataFrame, keys: list[str], value: str,
+             bounds: tuple[float, float] | None = None) -> pd.DataFrame:
+    """n, mean, std, ci_low, ci_high and ``interval`` of ``value`` (non-null) per ``keys``.
+
+    ``interval`` says what ci_low / ci_high are: ``"t95"``, the 95 % t-interval of the mean
+    (clipped to ``bounds``, the metric's possible values), for n >= RANGE_BELOW_N;
+    ``"range"``, the lowest and highest value, for 2 <= n < RANGE_BELOW_N; ``""`` (NaN
+    bounds) for a single value.
+    """
     g = df.groupby(keys, dropna=False, sort=True)[value]
     out = pd.DataFrame({"n": g.count(), "mean": g.mean(), "std": g.std(ddof=1)})
     half = t_halfwidth(out["std"], out["n"])
-    out["ci_low"] = out["mean"] - half
-    out["ci_high"] = out["mean"] + half
+    low, high = out["mean"] - half, out["mean"] + half
+    if bounds is not None:
+        low, high = low.clip(lower=bounds[0]), high.clip(upper=bounds[1])
+    few = (out["n"] >= 2) & (out["n"] < RANGE_BELOW_N)
+    out["ci_low"] = low.where(~few, g.min())
+    out["ci_high"] = high.where(~few, g.max())
+    out["interval"] = np.where(out["n"] >= RANGE_BELOW_N, "t95", np.where(few, "range", ""))
     return out
 
 
@@ -145,7 +162,8 @@ def _ok_values(trials: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def summarize(trials: pd.DataFrame, by: Sequence[str], metric: str = "roc_auc") -> pd.DataFrame:
-    """Mean, std and 95% t-interval of ``metric`` over repeats, per ``by`` cell.
+    """Mean, std and interval of ``metric`` over repeats, per ``by`` cell (``_mean_ci``: a 95 %
+    t-interval within the metric's 0-1 range from 3 repeats, the repeats' range at 2).
 
     Only ``status == "ok"`` rows with a finite metric enter ``n``/``mean``; every row
     is counted in ``n_rows`` and by status in ``n_ok``/``n_diverged``/``n_failed``.
@@ -156,14 +174,14 @@ def summarize(trials: pd.DataFrame, by: Sequence[str], metric: str = "roc_auc") 
     """
     by = list(by)
     if trials.empty:
-        return pd.DataFrame(columns=by + ["n", "mean", "std", "ci_low", "ci_high", "n_rows",
+        return pd.DataFrame(columns=by + ["n", "mean", "std", "ci_low", "ci_high", "interval", "n_rows",
                                           "n_ok", "n_diverged", "n_failed", "n_missing"])
     df = trials.assign(
         _value=pd.to_numeric(trials[metric], errors="coerce").where(trials["status"].eq(Status.OK)),
         **{f"_{s}": trials["status"].eq(s) for s in STATUSES},
     )
     df["_value"] = df["_value"].where(np.isfinite(df["_value"]))
-    out = _mean_ci(df, by, "_value")
+    out = _mean_ci(df, by, "_value", bounds=(0.0, 1.0))  # every metric summarized is a rate in [0, 1]
     g = df.groupby(by, dropna=False, sort=True)
     out["n_rows"] = g.size()
     for s in STATUSES:
@@ -222,10 +240,10 @@ def paired_vs_baseline(trials: pd.DataFrame, metric: str = "roc_auc",
     ``metric`` and status ok on both sides; the baseline is the ``baseline`` method
     trained with cross-entropy. Columns: PAIR_CELL, ``arm``, ``method``, ``loss``,
     ``resample_ratio``, ``n`` (pairs), ``mean_method``, ``mean_baseline``, ``mean``
-    (the mean difference), ``std``, ``ci_low``, ``ci_high``.
+    (the mean difference), ``std``, ``ci_low``, ``ci_high``, ``interval`` (see ``_mean_ci``).
     """
     cols = PAIR_CELL + ["arm", "method", "loss", "resample_ratio", "n", "mean_method",
-                        "mean_baseline", "mean", "std", "ci_low", "ci_high"]
+                        "mean_baseline", "mean", "std", "ci_low", "ci_high", "interval"]
     labelled = _labelled(trials)
     ok = _ok_values(labelled, metric)
     if ok.empty:
@@ -239,7 +257,7 @@ def paired_vs_baseline(trials: pd.DataFrame, metric: str = "roc_auc",
     if pairs.empty:
         return pd.DataFrame(columns=cols)
     pairs["diff"] = pairs["value"] - pairs["value_baseline"]
-    out = _mean_ci(pairs, arm_keys, "diff")
+    out = _mean_ci(pairs, arm_keys, "diff", bounds=(-1.0, 1.0))  # a difference of two rates
     g = pairs.groupby(arm_keys, dropna=False, sort=True)
     out["mean_method"] = g["value"].mean()
     out["mean_baseline"] = g["value_baseline"].mean()
@@ -254,7 +272,7 @@ def best_methods(trials: pd.DataFrame, metric: str = "roc_auc",
     ``baseline_mean``, ``baseline_n``, and the best arm's paired difference to the
     baseline: ``diff_mean``, ``diff_ci_low``, ``diff_ci_high``, ``n_pairs``.
     When the baseline itself is best the difference is 0 with no interval.
-    ``significant``: the 95% interval excludes 0.
+    ``significant``: the 95% t-interval excludes 0 (never with fewer than RANGE_BELOW_N pairs).
     """
     cols = PAIR_CELL + ["best", "best_mean", "best_n", "baseline_mean", "baseline_n",
                         "diff_mean", "diff_ci_low", "diff_ci_high", "n_pairs", "significant"]
@@ -281,7 +299,8 @@ def best_methods(trials: pd.DataFrame, metric: str = "roc_auc",
     best = best.rename(columns={"arm": "best", "mean": "best_mean", "n": "best_n"})
     best["n_pairs"] = best["n_pairs"].fillna(0).astype(int)
     best["baseline_n"] = best["baseline_n"].fillna(0).astype(int)
-    best["significant"] = (best["diff_ci_low"] > 0) | (best["diff_ci_high"] < 0)
+    # From 3 pairs the interval is a t-interval; below, the range of the pairs, which is no test.
+    best["significant"] = ((best["diff_ci_low"] > 0) | (best["diff_ci_high"] < 0)) & (best["n_pairs"] >= RANGE_BELOW_N)
     best = _unfill_keys(best)
     return best.sort_values(PAIR_CELL, kind="stable", na_position="first").reset_index(drop=True)[cols]
 

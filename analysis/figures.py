@@ -33,7 +33,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.aggregate import CELL, select_lr_runs, summarize, with_labels
+from analysis.aggregate import CELL, INTERVALS, select_lr_runs, summarize, with_labels
 from sweep.store.schema import Status
 
 log = logging.getLogger(__name__)
@@ -241,10 +241,8 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
     finite = [i for i in range(len(x)) if np.isfinite(lo[i]) and np.isfinite(hi[i])]
     meta = {"fig": fig_id, "arm": name or arm, "arm_base": base, "panel": panel}
     group = group or name or arm
-    # A t-interval over few repeats (t = 12.7 at n = 2) can reach past 0-100 %: the drawing
-    # stops at the metric's bounds, the hover gives the interval itself.
-    lo_drawn = [max(v, 0.0) for v in lo]
-    hi_drawn = [min(v, 100.0) for v in hi]
+    # Intervals come within the metric's range (aggregate._mean_ci); drawn as they are.
+    lo_drawn, hi_drawn = lo, hi
     if band and len(finite) >= 2:
         bx = [x[i] for i in finite] + [x[i] for i in reversed(finite)]
         by = [hi_drawn[i] for i in finite] + [lo_drawn[i] for i in reversed(finite)]
@@ -266,7 +264,7 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
         marker={"color": color, "size": 6}, error_y=error,
         customdata=[[n_i, l_i, h_i] for n_i, l_i, h_i in zip(n, lo, hi)],
         hovertemplate=(f"<b>{name or arm}</b><br>{x_title} = %{{x:.4g}}<br>{y_title} = %{{y:.2f}}%"
-                       "<br>95% CI %{customdata[1]:.2f} – %{customdata[2]:.2f}"
+                       "<br>interval %{customdata[1]:.2f} – %{customdata[2]:.2f}"
                        "<br>n = %{customdata[0]} networks<extra></extra>"),
         meta={**meta, "role": "mean"}), row=row, col=col)
 
@@ -556,7 +554,7 @@ def fig8_training_curves(curves: pd.DataFrame, trials: pd.DataFrame, *, dataset:
 
 
 _CAPTIONS = {
-    "buda-fig3": "Mean over repeats with its 95% t-interval (band). Thresholding is left out: "
+    "buda-fig3": f"Mean over repeats; the band is the {INTERVALS}. Thresholding is left out: "
                  "dividing each class's scores by one prior leaves one-vs-rest ROC AUC unchanged "
                  "(Fig. 6 shows its effect on accuracy).",
     "buda-fig4": "Undersampling trains on the same number of images at a fixed ρ, whatever the "
@@ -564,7 +562,7 @@ _CAPTIONS = {
     "buda-fig5": "Class counts interpolated linearly between the largest class and the largest/ρ.",
     "buda-fig6": "Thresholding divides the outputs by the imbalanced training set's class priors.",
     "buda-fig7": "ρ' = 1 is full re-sampling; the baseline (no re-sampling) sits at ρ' = ρ.",
-    "buda-fig8": "Mean accuracy of the networks of one imbalance cell, with its 95% t-interval.",
+    "buda-fig8": f"Mean accuracy of the networks of one imbalance cell; the band is the {INTERVALS}.",
 }
 
 

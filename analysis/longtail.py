@@ -27,7 +27,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analysis.aggregate import summarize
+from analysis.aggregate import INTERVALS, summarize
 from analysis.figures import ORDER, PERCENT, FigureResult, color_of
 from analysis.load import Results
 from sweep.store.schema import CLASS_METRICS, CONFUSION, Status
@@ -180,7 +180,7 @@ def _ordered(df: pd.DataFrame) -> tuple[list[str], list[str]]:
 def _mean_traces(fig: go.Figure, stats: pd.DataFrame, col: int, cells: list[str], arms: list[str],
                  bases: pd.Series, first: bool) -> None:
     """One line per arm over the cells (one panel's ``summarize`` rows): mean x 100 with its
-    95 % t-interval as error bars; the legend once, from the first panel."""
+    interval (aggregate._mean_ci) as error bars; the legend once, from the first panel."""
     for arm in arms:
         s = stats[stats["arm"] == arm].set_index("cell").reindex(cells)
         fig.add_trace(go.Scatter(
@@ -231,7 +231,7 @@ def f1_gmean_figure(trials: pd.DataFrame) -> go.Figure:
     fig = make_subplots(rows=1, cols=len(present), subplot_titles=[titles[m] for m in present])
     for col, metric in enumerate(present, start=1):
         _mean_traces(fig, summarize(df, ["cell", "arm"], metric), col, cells, arms, bases, col == 1)
-    fig.update_layout(title="Macro-F1 and G-mean (mean over repeats, 95% t-interval)", height=460)
+    fig.update_layout(title="Macro-F1 and G-mean (mean over repeats with its interval, see the caption)", height=460)
     return fig
 
 
@@ -315,13 +315,14 @@ def longtail_figures(trials: pd.DataFrame, tables: ClassTables,
     cm, conf = tables.class_metrics, tables.confusion
     with_metrics = with_trial_metrics(trials, cm, conf)
     shot_caption = (f"Shot groups by each network's training count ({thresholds.describe()}; the usual "
-                    "ImageNet-LT thresholds). Mean over repeats with its 95% t-interval.")
+                    f"ImageNet-LT thresholds). Mean over repeats; the bars are the {INTERVALS}.")
     builds = [
         ("longtail-shots", "Accuracy on many-, medium- and few-shot classes", shot_caption,
          _NO_CLASS_METRICS if cm is None else "", lambda: shot_figure(trials, cm, thresholds)),
         ("longtail-f1-gmean", "Macro-F1 and G-mean",
          "Macro-F1 from the test-set confusion counts; G-mean: the geometric mean of the per-class recalls "
-         "(0 when one class is never recognised)." + ("" if conf is not None else f" Macro-F1: {_NO_CONFUSION}."),
+         f"(0 when one class is never recognised). Mean over repeats; the bars are the {INTERVALS}."
+         + ("" if conf is not None else f" Macro-F1: {_NO_CONFUSION}."),
          "the store has neither class_metrics nor confusion tables" if cm is None and conf is None else "",
          lambda: f1_gmean_figure(with_metrics)),
         ("longtail-recall", "Per-class recall by cell and method",

@@ -32,7 +32,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from analysis.aggregate import CELL, best_methods, summarize, with_labels
+from analysis.aggregate import CELL, INTERVALS, best_methods, summarize, with_labels
 from analysis.compare import cd_figures
 from analysis.figures import FigureResult, buda_figures, color_of, figure_points, prepare
 from analysis.load import Results
@@ -190,9 +190,9 @@ def _points_sentence(figs: Sequence[FigureResult]) -> str:
         return ""
     lo, hi, med = min(ns), max(ns), int(np.median(ns))
     if lo == hi:
-        return f"Each point rests on n = {lo} networks (mean over repeats, 95% t-interval)."
+        return f"Each point rests on n = {lo} networks (mean over repeats; the band is the {INTERVALS})."
     return (f"Each point rests on n = {lo}–{hi} networks (median {med}); hover a point for its n. "
-            "Bands are 95% t-intervals of the mean over repeats.")
+            f"Bands: the {INTERVALS}.")
 
 
 def _missing_html(table: pd.DataFrame, missing: int | None, expected: pd.DataFrame | None,

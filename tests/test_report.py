@@ -237,10 +237,25 @@ def test_paired_difference_uses_only_pairs_where_both_are_ok():
     p = paired_vs_baseline(df, "roc_auc")
     one = p[(p["rho"] == 100) & (p["mu"] == 0.2) & (p["evaluation"] == "raw") & (p["arm"] == "undersampling")]
     diffs = [auc("undersampling", 100, 0.2, r) - auc("baseline", 100, 0.2, r) for r in (0, 2)]
-    m, lo, hi = hand_mean_ci(diffs)
+    m, _, _ = hand_mean_ci(diffs)
     assert one["n"].item() == 2
     assert one["mean"].item() == pytest.approx(m, abs=1e-12)
-    assert one["ci_low"].item() == pytest.approx(lo, abs=1e-12)
+    # Two pairs: the interval is their range, not a t-interval (t = 12.7 at n = 2).
+    assert one["interval"].item() == "range"
+    assert one["ci_low"].item() == pytest.approx(min(diffs), abs=1e-12)
+    assert one["ci_high"].item() == pytest.approx(max(diffs), abs=1e-12)
+
+
+def test_intervals_of_a_rate_stay_within_zero_and_one():
+    values = [0.999, 0.05, 0.998]
+    df = pd.DataFrame({"status": "ok", "cell": "c", "roc_auc": values})
+    s = summarize(df, ["cell"], "roc_auc").iloc[0]
+    m, lo, hi = hand_mean_ci(values)
+    assert hi > 1 and lo < 0  # the plain t-interval leaves the metric's range
+    assert (s["ci_low"], s["ci_high"], s["interval"]) == (0.0, 1.0, "t95")
+    assert s["mean"] == pytest.approx(m)
+    one = summarize(df.iloc[:1], ["cell"], "roc_auc").iloc[0]
+    assert np.isnan(one["ci_low"]) and one["interval"] == ""
 
 
 def test_best_methods_picks_highest_mean_with_its_paired_difference(trials):
@@ -293,6 +308,7 @@ def test_fig3_points_are_the_means_over_repeats_with_n(trials):
         mu = 0.2 if "0.2" in panel else 0.5
         values = [auc(arm, x, mu, r) for r in range(3)]
         m, l_, h_ = hand_mean_ci(values)
+        l_, h_ = max(l_, 0.0), min(h_, 1.0)  # a rate's interval stays within 0-100 %
         assert y == pytest.approx(100 * m, abs=1e-9)
         assert (lo, hi) == (pytest.approx(100 * l_, abs=1e-9), pytest.approx(100 * h_, abs=1e-9))
         assert n == 3
