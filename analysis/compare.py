@@ -158,33 +158,43 @@ def median_ci(d: np.ndarray, seed: int) -> dict[str, float]:
     return {"median_ci_low": float(res.confidence_interval.low), "median_ci_high": float(res.confidence_interval.high)}
 
 
-EXACT_PERMUTATION_MAX_N = 20  # 2^20 sign assignments: exact enumeration stays fast
+EXACT_MAX_N = 50  # exact null distribution up to this many non-zero differences (scipy's own limit)
 
 
 def wilcoxon(d: np.ndarray) -> tuple[float, str]:
     """The two-sided Wilcoxon signed-rank p of paired differences ``d``, and the method used.
 
-    Zero differences are dropped (scipy's ``zero_method="wilcox"``). Without ties among
-    the remaining absolute differences the exact null distribution is used (any n up to
-    scipy's limit of 50; beyond, the normal approximation). With ties the exact table no
-    longer applies: up to ``EXACT_PERMUTATION_MAX_N`` pairs the p is an exact permutation
-    over every sign assignment, beyond that the normal approximation. scipy's own
-    ``method="auto"`` falls back to the approximation as soon as one difference is zero,
-    which is what gave the slice's p = 0.15 for an exact 0.168.
+    Zero differences are dropped (scipy's ``zero_method="wilcox"``). Up to ``EXACT_MAX_N``
+    remaining pairs the p is exact: the null distribution of the positive rank sum over
+    every sign assignment, with midranks where absolute differences tie (where none tie it
+    is scipy's exact table). Beyond, the normal approximation with continuity correction.
+    scipy's own ``method="auto"`` falls back to the approximation as soon as one difference
+    is zero or two tie, which is what gave the slice's p = 0.15 for an exact 0.168.
     """
     d = np.asarray(d, dtype=float)
     nz = d[d != 0]
     if len(nz) < 1:
         return np.nan, "Wilcoxon signed-rank: no non-zero difference"
     zeros = f", {len(d) - len(nz)} zero difference(s) dropped" if len(nz) < len(d) else ""
+    if len(nz) > EXACT_MAX_N:
+        return float(stats.wilcoxon(nz, method="approx", correction=True).pvalue), \
+            f"Wilcoxon signed-rank, normal approximation{zeros}"
     ties = len(np.unique(np.abs(nz))) < len(nz)
-    if not ties and len(nz) <= 50:
-        return float(stats.wilcoxon(nz, method="exact").pvalue), f"Wilcoxon signed-rank, exact{zeros}"
-    if ties and len(nz) <= EXACT_PERMUTATION_MAX_N:
-        p = stats.wilcoxon(nz, method=stats.PermutationMethod(n_resamples=np.inf)).pvalue
-        return float(p), f"Wilcoxon signed-rank, exact permutation (tied ranks){zeros}"
-    return float(stats.wilcoxon(nz, method="approx", correction=True).pvalue), \
-        f"Wilcoxon signed-rank, normal approximation{zeros}"
+    return _exact_signed_rank_p(nz), f"Wilcoxon signed-rank, exact{' (midranks for ties)' if ties else ''}{zeros}"
+
+
+def _exact_signed_rank_p(nz: np.ndarray) -> float:
+    """P(|W+ - E W+| >= |w+ - E W+|) over the 2^n equally likely sign assignments, counted by
+    dynamic programming over twice the (mid)ranks, which are integers."""
+    twice = np.rint(2 * stats.rankdata(np.abs(nz))).astype(int)
+    total = int(twice.sum())
+    counts = np.zeros(total + 1)
+    counts[0] = 1.0
+    for r in twice:  # add rank r to the positive sum or not
+        counts[r:] = counts[r:] + counts[: total + 1 - r].copy()
+    observed = int(twice[nz > 0].sum())
+    distance = np.abs(np.arange(total + 1) - total / 2)
+    return float(min(1.0, counts[distance >= abs(observed - total / 2) - 1e-9].sum() / 2.0 ** len(nz)))
 
 
 def _ttest(g: pd.DataFrame) -> float:

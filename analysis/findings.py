@@ -177,12 +177,16 @@ def _prepare(trials: pd.DataFrame, dataset: str | None, pool_numerics: bool) -> 
 
 
 def _numerics(rows: pd.DataFrame) -> pd.Series:
-    """How each row was computed: its precision and kernels where recorded, else what the
-    device string says (fused rows name their compute dtype there; others are fp32)."""
-    if {"kernels", "compute_dtype"} <= set(rows.columns):
-        return rows["kernels"].astype(str) + "/" + rows["compute_dtype"].astype(str)
+    """How each row was computed, as ``kernels/compute_dtype``: from those columns where a row
+    has them, else from what older rows' device string says (fused rows end in
+    ``, fused kernels (dtype)``; the others trained on the grouped layers, in fp32 on the CPU)."""
     device = rows["device"].astype(str)
-    return device.str.extract(r"\(([^)]*)\)$", expand=False).fillna("float32")
+    fused = device.str.extract(r", fused kernels \(([^)]*)\)$", expand=False)
+    old = ("fused/" + fused).where(fused.notna(), "grouped/float32")
+    if {"kernels", "compute_dtype"} <= set(rows.columns):
+        new = rows["kernels"].astype(str) + "/" + rows["compute_dtype"].astype(str)
+        return new.where(rows["kernels"].notna() & rows["compute_dtype"].notna(), old)
+    return old
 
 
 # --- statistics --------------------------------------------------------------------------

@@ -22,10 +22,11 @@ from workers.members import MemberData
 
 
 def pack_tables(pack: Pack, ds: ArrayDataset, data: dict[str, MemberData], results: dict[str, Any],
-                grid_hash: str, resumed_from: int, device: str) -> dict[str, list[dict[str, Any]]]:
+                grid_hash: str, resumed_from: int, device: str,
+                numerics: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
     """The pack's trials, class_metrics, confusion and curves rows (rebuild members are stored
-    already)."""
-    prov = provenance(grid_hash, device)
+    already); ``numerics``: the kernels and compute dtype every trials row records."""
+    prov = {**provenance(grid_hash, device), **numerics}
     now = dt.datetime.now(dt.timezone.utc)
     test_counts = np.bincount(ds.test_y.numpy(), minlength=ds.num_classes).tolist()
     trials, classes, confusion, curves = [], [], [], []

@@ -225,9 +225,9 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         latent.append(tables)
 
     seconds = time.perf_counter() - t0
-    # The kernels change the numbers (16-bit arithmetic, other summation orders): rows say which.
-    device = device_name(dev) + ("" if fused is None else f", fused kernels ({str(fused).removeprefix('torch.')})")
-    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device)
+    device = device_name(dev)
+    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device,
+                         numerics(dev, ctx.autocast, fused))
     tables.update(stored_latent(pack, latent))
     if store is not None:
         store.write_pack(pack.pack_id, first.grid or "default", tables)
@@ -235,6 +235,19 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     statuses = [results[s.network_id].status for s in pack.stored_specs]
     return PackResult(pack.pack_id, tables, len(pack.stored_specs), statuses.count(Status.DIVERGED),
                       statuses.count(Status.FAILED), seconds, device, resumed_from)
+
+
+def numerics(dev: torch.device, autocast: torch.dtype | None, fused: torch.dtype | None) -> dict[str, str]:
+    """How a pack computed, as its rows record it: the kernels change the numbers (other
+    summation orders), and so does the arithmetic's dtype (bf16 inside the fused kernels or
+    under autocast; TF32 matmuls on CUDA unless fp32 was asked for)."""
+    if fused is not None:
+        dtype = str(fused).removeprefix("torch.")
+    elif autocast is not None:
+        dtype = str(autocast).removeprefix("torch.")
+    else:
+        dtype = "tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
+    return {"kernels": "grouped" if fused is None else "fused", "compute_dtype": dtype}
 
 
 def _stage_progress(ctx: _Pack, offset: int, total: int, phase: str) -> Callable[[int], None]:
