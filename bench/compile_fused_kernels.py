@@ -69,9 +69,13 @@ def conv_launches(batch: int, dtype: torch.dtype):
                {"x_ptr": f"*{t}", "gy_ptr": f"*{t}", "arg_ptr": "*i8", "gw_ptr": "*fp32"},
                {**shape, **fk.launch_config("grad_weight", batch * hp * hp, c_in, c_out, 5, dtype)})
         if layer != "conv1":  # the images need no gradient
-            yield (f"{layer} grad input", fk.conv_pool_grad_input_kernel,
-                   {"w_ptr": "*fp32", "gy_ptr": f"*{t}", "arg_ptr": "*i8", "gx_ptr": f"*{t}"},
-                   {**shape, **fk.launch_config("grad_input", batch * side * side, c_in, c_out, 5, dtype)})
+            cfg = fk.launch_config("grad_input", batch * side * side, c_in, c_out, 5, dtype)
+            yield (f"{layer} unpool", fk.unpool_kernel, {"gy_ptr": f"*{t}", "arg_ptr": "*i8", "gz_ptr": f"*{t}"},
+                   {"C_OUT": c_out, "HP": hp, "WP": hp, "CO_PAD": cfg["CO_PAD"],
+                    "BLOCK_R": triton.next_power_of_2(4 * hp * hp), "num_warps": 4})
+            yield (f"{layer} grad input", fk.conv_grad_input_kernel,
+                   {"gz_ptr": f"*{t}", "wt_ptr": f"*{t}", "gx_ptr": f"*{t}"},
+                   {k: v for k, v in {**shape, **cfg}.items() if k not in ("C_OUT",)})
 
 
 def sgd_pointers(w16: torch.dtype | None) -> dict[str, str]:

@@ -1,0 +1,110 @@
+"""The restructured fused LeNet-5 kernels (issue 21) against float64 references.
+
+Each gradient kernel is checked on its own, given the kernel forward's argmax, against a
+float64 computation of the same quantity from the same (rounded) inputs:
+
+* fp32 (IEEE products): the kernels' only difference from float64 is fp32 accumulation in our
+  own fixed order, so the tolerance is tight (1e-5 of the largest value);
+* fp16 (Triton's interpreter on the CPU): operands rounded to fp16 as the kernel rounds them,
+  fp32 accumulation, a 16-bit result where the kernel returns one: 2e-3 of the largest value
+  (fp16's half-ulp is 4.9e-4 relative, plus accumulation in fp32);
+* bf16: only where CUDA is present (Triton's interpreter mishandles bf16), 1.6e-2 of the
+  largest value (bf16's half-ulp is 3.9e-3 relative).
+
+Shapes are tiny on the CPU (every program runs in Python).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton", reason="triton is not installed (or does not import)", exc_type=ImportError)
+
+from workers import fused_kernels as fk  # noqa: E402
+from workers.fused_lenet import fused_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if not fused_available(DEVICE):
+    pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)
+
+# Relative to the largest reference value (see the module docstring).
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float32, torch.float16,
+          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="bf16 needs CUDA (the interpreter mishandles it)"))]
+# (c_in, c_out, side): LeNet's conv2, and a small odd-sized case (floor-mode pooling drops a row).
+SHAPES = [(20, 50, 12), (3, 5, 9)]
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{what} in {dtype}: max error {err:.3e} > {TOL[dtype]:.0e} x {scale:.3e}"
+
+
+def _case(c_in: int, c_out: int, side: int, dtype: torch.dtype, members: int = 2, batch: int = 2, seed: int = 0):
+    """Inputs already rounded to ``dtype`` (the kernels' operands), the kernel forward's argmax."""
+    g = torch.Generator().manual_seed(seed)
+    hp = (side - 4) // 2
+    x = torch.randn(members, batch, c_in, side, side, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(members, c_out, c_in, 5, 5, generator=g).to(dtype).float().to(DEVICE)  # fp32 masters
+    b = torch.randn(members, c_out, generator=g).to(DEVICE)
+    gy = torch.randn(members, batch, c_out, hp, hp, generator=g).to(dtype).to(DEVICE)
+    _, arg = fk.conv_pool_forward(x, w, b)
+    return x, w, b, gy, arg
+
+
+def _unpooled64(gy: torch.Tensor, arg: torch.Tensor, conv_side: int) -> torch.Tensor:
+    """float64 [P, B, C_out, conv_side, conv_side]: gy at its argmax cell, 0 elsewhere (and 0 in
+    a trailing conv row/column that floor-mode pooling dropped)."""
+    p, b, c, hp, wp = gy.shape
+    gz = torch.zeros(p, b, c, conv_side, conv_side, dtype=torch.float64, device=gy.device)
+    a = arg.long()
+    for dy in range(2):
+        for dx in range(2):
+            gz[..., dy:2 * hp:2, dx:2 * wp:2] = torch.where(a == dy * 2 + dx, gy.double(), 0.0)
+    return gz
+
+
+def _reference_grads(x: torch.Tensor, w: torch.Tensor, gy: torch.Tensor, arg: torch.Tensor):
+    """float64 gradients of the input, weight and bias of conv + pool for pooled gradient gy."""
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    z = torch.stack([F.conv2d(x64[p], w64[p]) for p in range(x.shape[0])])
+    gz = _unpooled64(gy, arg, z.shape[-1])
+    gx, gw = torch.autograd.grad(z, (x64, w64), gz)
+    return gx, gw, gz.sum(dim=(1, 3, 4))
+
+
+def test_unpool_routes_each_pooled_value_to_its_argmax_cell() -> None:
+    """Bit for bit: a copy and zeros, channels last, padded channels zero."""
+    x, w, b, gy, arg = _case(3, 5, 9, torch.float32)
+    gz = fk.unpool(gy, arg, torch.float32, co_pad=16)
+    assert gz.shape == (2, 2, 4, 4, 16)
+    want = _unpooled64(gy, arg, 4).float().permute(0, 1, 3, 4, 2)
+    assert torch.equal(gz[..., :5], want)
+    assert not gz[..., 5:].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in, c_out, side", SHAPES)
+def test_input_gradient_against_float64(c_in: int, c_out: int, side: int, dtype: torch.dtype) -> None:
+    x, w, b, gy, arg = _case(c_in, c_out, side, dtype)
+    want, _, _ = _reference_grads(x, w.to(dtype), gy, arg)
+    got = fk.conv_pool_grad_input(w, gy, arg, x.shape, dtype)
+    assert got.dtype == dtype
+    _close(got, want, dtype, "input gradient")
+
+
+def test_input_gradient_is_deterministic() -> None:
+    """Same inputs, same bits (no atomics; the taps are summed in a fixed order)."""
+    x, w, b, gy, arg = _case(3, 5, 9, torch.float32, seed=1)
+    first = fk.conv_pool_grad_input(w, gy, arg, x.shape, torch.float32)
+    assert torch.equal(first, fk.conv_pool_grad_input(w, gy, arg, x.shape, torch.float32))
