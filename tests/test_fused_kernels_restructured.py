@@ -108,3 +108,40 @@ def test_input_gradient_is_deterministic() -> None:
     x, w, b, gy, arg = _case(3, 5, 9, torch.float32, seed=1)
     first = fk.conv_pool_grad_input(w, gy, arg, x.shape, torch.float32)
     assert torch.equal(first, fk.conv_pool_grad_input(w, gy, arg, x.shape, torch.float32))
+
+
+@pytest.mark.parametrize("members", [1, 3, 1024, 5000])
+def test_sgd_member_index_by_magic_number(members: int) -> None:
+    """The SGD kernel's int32 division (multiply-high and shift) equals // on every element
+    offset of every LeNet-5 segment, checked at each member boundary and a sample inside."""
+    from workers.models import LeNet5
+
+    for name, p in LeNet5(1).named_parameters():
+        d = p.numel()  # elements per member
+        m, s = fk._magic(d)
+        assert 0 < m < 2 ** 32, name
+        k = torch.arange(members + 1, dtype=torch.int64)
+        n = torch.cat([k * d - 1, k * d, k * d + 1, torch.randint(0, members * d + fk.SGD_BLOCK, (4096,))])
+        n = n[(n >= 0) & (n < 2 ** 31)]
+        assert torch.equal(((n * m) >> 32) >> s, n // d), name
+
+
+def test_sgd_leaves_the_tail_padding_zero() -> None:
+    """The unmasked pass updates a segment's padding too: zero weights, gradients and momentum
+    stay zero (and the padding's member index is clamped into the [P, 4] table)."""
+    from workers.fused_lenet import FusedLeNet5, FusedSGD
+
+    model = FusedLeNet5(3, device=DEVICE)
+    for i, p in enumerate(model.parameters()):
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i)).to(DEVICE)
+    opt = FusedSGD(model, torch.tensor([0.9, 0.5, 0.0]), torch.tensor([5e-4, 1e-2, 0.0]), torch.full((3,), 2.0))
+    for _ in range(2):
+        opt.step(torch.tensor([0.1, 0.2, 0.3], device=DEVICE))
+    pad = torch.ones(model.layout.total, dtype=torch.bool, device=DEVICE)
+    for s in model.layout.segments:
+        pad[s.start:s.start + s.numel] = False
+    assert pad.any()
+    for t in (model.flat, model.flat_grad, opt.buf):
+        assert not t[pad].any()

@@ -368,41 +368,54 @@ def conv_pool_grad_input(w: Tensor, gy: Tensor, arg: Tensor, x_shape: torch.Size
 
 
 @triton.jit
-def sgd_kernel(w_ptr, g_ptr, buf_ptr, block_seg_ptr, seg_start_ptr, seg_numel_ptr, seg_per_member_ptr,
-               seg_is_bias_ptr, lr_ptr, factor_ptr, momentum_ptr, wd_ptr, w16_ptr, BLOCK: tl.constexpr,
-               WRITE16: tl.constexpr, EMULATE_FMA: tl.constexpr):
+def sgd_kernel(w_ptr, g_ptr, buf_ptr, block_seg_ptr, seg_start_ptr, seg_magic_ptr, seg_shift_ptr, seg_is_bias_ptr,
+               hyper_ptr, w16_ptr, P, BLOCK: tl.constexpr, WRITE16: tl.constexpr, EMULATE_FMA: tl.constexpr):
     """One pass over a flat parameter buffer: d = g + wd*w; buf = m*buf + d; w -= rate*buf.
 
     Reads w, g, buf and writes w, buf: 20 bytes per parameter (PackedSGD's passes: 36); with
     WRITE16 also the 16-bit copy of w the next forward's matrix products read (+2 bytes).
 
     Segments (one per parameter, each ``[P, ...]`` contiguous) start at multiples of BLOCK,
-    so program ``i`` covers ``[i * BLOCK, (i + 1) * BLOCK)`` inside segment
-    ``block_seg[i]``; the member of an element is its offset in the segment divided by the
-    segment's elements per member. A zero-filled ``buf`` gives PyTorch's first step
-    (buf = d) bit for bit: m*0 + d == d.
+    so program ``i`` covers ``[i * BLOCK, (i + 1) * BLOCK)`` inside segment ``block_seg[i]``,
+    unmasked: a segment's tail padding is zero in w, g and buf, and stays zero (d = 0, buf = 0,
+    w -= rate * 0), so full vector loads and stores need no bound. The member of an element is
+    its offset in the segment divided by the segment's elements per member, an int32 division
+    by a per-segment magic number (``_magic``: one multiply-high and a shift); padding past the
+    last member is clamped to it. ``hyper[p]`` = (lr, bias lr factor, weight decay, momentum).
+    A zero-filled ``buf`` gives PyTorch's first step (buf = d) bit for bit: m*0 + d == d.
     """
     pid = tl.program_id(0)
     seg = tl.load(block_seg_ptr + pid)
-    start = tl.load(seg_start_ptr + seg)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < start + tl.load(seg_numel_ptr + seg)  # the segment's tail padding stays untouched
-    member = tl.where(mask, (offs - start) // tl.load(seg_per_member_ptr + seg), 0)
-    lr = tl.load(lr_ptr + member, mask=mask, other=0.0)
+    base = pid.to(tl.int64) * BLOCK
+    local = (base - tl.load(seg_start_ptr + seg)).to(tl.int32) + tl.arange(0, BLOCK)
+    magic = tl.load(seg_magic_ptr + seg).to(tl.uint32)
+    member = (tl.umulhi(local.to(tl.uint32), magic) >> tl.load(seg_shift_ptr + seg).to(tl.uint32)).to(tl.int32)
+    row = hyper_ptr + tl.minimum(member, P - 1) * 4
+    lr = tl.load(row)
     if tl.load(seg_is_bias_ptr + seg) != 0:
-        lr = lr * tl.load(factor_ptr + member, mask=mask, other=1.0)  # as PackedSGD's lr * factor
-    w = tl.load(w_ptr + offs, mask=mask)
-    g = tl.load(g_ptr + offs, mask=mask)
-    buf = tl.load(buf_ptr + offs, mask=mask)
+        lr = lr * tl.load(row + 1)  # as PackedSGD's lr * factor
+    offs = base + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs)
+    g = tl.load(g_ptr + offs)
+    buf = tl.load(buf_ptr + offs)
     # PackedSGD's three addcmul_ calls, each one fused multiply-add as PyTorch's kernels
     # compute them (CPU: vectorised fmadd; CUDA: nvcc contracts a + b * c).
-    d = _fma(w, tl.load(wd_ptr + member, mask=mask, other=0.0), g, EMULATE_FMA)
-    buf = _fma(buf, tl.load(momentum_ptr + member, mask=mask, other=0.0), d, EMULATE_FMA)
-    tl.store(buf_ptr + offs, buf, mask=mask)
+    d = _fma(w, tl.load(row + 2), g, EMULATE_FMA)
+    buf = _fma(buf, tl.load(row + 3), d, EMULATE_FMA)
+    tl.store(buf_ptr + offs, buf)
     w = _fma(-buf, lr, w, EMULATE_FMA)
-    tl.store(w_ptr + offs, w, mask=mask)
+    tl.store(w_ptr + offs, w)
     if WRITE16:
-        tl.store(w16_ptr + offs, w.to(w16_ptr.dtype.element_ty), mask=mask)
+        tl.store(w16_ptr + offs, w.to(w16_ptr.dtype.element_ty))
+
+
+def _magic(d: int) -> tuple[int, int]:
+    """(m, s) with n // d == umulhi(n, m) >> s for every 0 <= n < 2**31 (Granlund-Montgomery:
+    l = ceil(log2 d), m = ceil(2**(31 + l) / d) < 2**32 satisfies 2**(31+l) <= m*d <= 2**(31+l) + 2**l)."""
+    if not 2 <= d < 2 ** 31:
+        raise ValueError(f"elements per member {d}: the SGD kernel's division needs 2 <= d < 2**31")
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), l - 1
 
 
 @triton.jit
@@ -414,12 +427,14 @@ def _fma(a, b, c, EMULATE: tl.constexpr):
     return tl.fma(a, b, c)
 
 
-def sgd_step(w: Tensor, g: Tensor, buf: Tensor, table: dict[str, Tensor], lr: Tensor, factor: Tensor,
-             momentum: Tensor, weight_decay: Tensor, w16: Tensor | None = None) -> None:
-    """Launch ``sgd_kernel`` over the flat fp32 buffers (``table``: see FlatLayout.table),
-    also writing the updated weights to ``w16`` (16-bit, same layout) if given."""
+def sgd_step(w: Tensor, g: Tensor, buf: Tensor, table: dict[str, Tensor], hyper: Tensor,
+             w16: Tensor | None = None) -> None:
+    """Launch ``sgd_kernel`` over the flat fp32 buffers (``table``: see FlatLayout.table;
+    ``hyper``: [P, 4] fp32 rows (lr, bias lr factor, weight decay, momentum)), also writing
+    the updated weights to ``w16`` (16-bit, same layout) if given."""
+    if hyper.dim() != 2 or hyper.shape[1] != 4 or hyper.dtype != torch.float32 or not hyper.is_contiguous():
+        raise ValueError(f"hyper must be a contiguous fp32 [P, 4], not {tuple(hyper.shape)} {hyper.dtype}")
     grid = (table["block_seg"].numel(),)
-    sgd_kernel[grid](w, g, buf, table["block_seg"], table["seg_start"], table["seg_numel"],
-                     table["seg_per_member"], table["seg_is_bias"], lr, factor, momentum, weight_decay,
-                     w if w16 is None else w16, BLOCK=SGD_BLOCK, WRITE16=w16 is not None,
-                     EMULATE_FMA=INTERPRETED, num_warps=8)
+    sgd_kernel[grid](w, g, buf, table["block_seg"], table["seg_start"], table["seg_magic"], table["seg_shift"],
+                     table["seg_is_bias"], hyper, w if w16 is None else w16, hyper.shape[0], BLOCK=SGD_BLOCK,
+                     WRITE16=w16 is not None, EMULATE_FMA=INTERPRETED, num_warps=8)

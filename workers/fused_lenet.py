@@ -91,11 +91,14 @@ class FlatLayout:
 
         def col(values: Sequence[int], dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
+        magic = [fk._magic(s.numel // self.members) for s in self.segments]
+        if any(s.numel + self.align >= 2 ** 31 for s in self.segments):
+            raise ValueError("a parameter of 2**31 elements or more: the SGD kernel's offsets are int32")
         return {
             "block_seg": col(block_seg, torch.int32),
             "seg_start": col([s.start for s in self.segments], torch.int64),
-            "seg_numel": col([s.numel for s in self.segments], torch.int64),
-            "seg_per_member": col([s.numel // self.members for s in self.segments], torch.int64),
+            "seg_magic": col([m for m, _ in magic], torch.int64),  # a uint32 value
+            "seg_shift": col([sh for _, sh in magic], torch.int32),
             "seg_is_bias": col([int(s.is_bias) for s in self.segments], torch.int32),
         }
 
@@ -302,10 +305,11 @@ class FusedSGD:
                  bias_lr_factor: Tensor | None = None) -> None:
         self.model = model
         p, dev = model.members, model.flat.device
-        self.momentum = momentum.to(dev, torch.float32).contiguous()
-        self.weight_decay = weight_decay.to(dev, torch.float32).contiguous()
-        ones = torch.ones(p, device=dev)
-        self.factor = ones if bias_lr_factor is None else bias_lr_factor.to(dev, torch.float32).contiguous()
+        # One row per member: (lr, bias lr factor, weight decay, momentum); step() writes column 0.
+        self.hyper = torch.zeros(p, 4, device=dev)
+        self.hyper[:, 1] = 1.0 if bias_lr_factor is None else bias_lr_factor.to(dev, torch.float32)
+        self.hyper[:, 2] = weight_decay.to(dev, torch.float32)
+        self.hyper[:, 3] = momentum.to(dev, torch.float32)
         self.table = model.layout.table(dev)
         # Zeros make the first step PyTorch's buf = d exactly (m*0 + d == d), with no branch.
         self.buf = torch.zeros_like(model.flat)
@@ -316,8 +320,8 @@ class FusedSGD:
         """One update; ``lr`` is the [P] learning rate of the weights (device tensor)."""
         model = self.model
         model.gather_grads()
-        fk.sgd_step(model.flat, model.flat_grad, self.buf, self.table, lr.to(torch.float32).contiguous(),
-                    self.factor, self.momentum, self.weight_decay, model.flat16)
+        self.hyper[:, 0].copy_(lr)  # one small copy per step (captured in the step's graph)
+        fk.sgd_step(model.flat, model.flat_grad, self.buf, self.table, self.hyper, model.flat16)
         if model.flat16 is not None:  # the pass rewrote every element of the 16-bit copy
             model.flat16_version = model.flat._version
         self.started = True
