@@ -145,3 +145,21 @@ def test_sgd_leaves_the_tail_padding_zero() -> None:
     assert pad.any()
     for t in (model.flat, model.flat_grad, opt.buf):
         assert not t[pad].any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c_in, c_out, side", SHAPES + [(1, 20, 28)])
+@pytest.mark.parametrize("from_gz", [False, True])
+def test_weight_and_bias_gradient_against_float64(c_in: int, c_out: int, side: int, dtype: torch.dtype,
+                                                  from_gz: bool) -> None:
+    """Both weight-gradient kernels: from the argmax (conv1's) and from the unpooled gradient
+    (conv2's, sharing ``unpool`` with the input gradient); the bias gradient is gy's sum."""
+    if from_gz and c_in == 1 and DEVICE == "cpu":
+        pytest.skip("conv1 never takes the unpooled path; too slow for the interpreter")
+    x, w, b, gy, arg = _case(c_in, c_out, side, dtype, batch=2 if side < 28 else 1)
+    _, want_w, want_b = _reference_grads(x, w.to(dtype), gy, arg)
+    gz = fk.unpool(gy, arg, dtype) if from_gz else None
+    got = fk.conv_pool_grad_weight(x, gy, arg, w.shape, gz=gz)
+    assert got.dtype == torch.float32
+    _close(got, want_w, dtype, "weight gradient")
+    _close(torch.sum(gy, dim=(1, 3, 4), dtype=torch.float32), want_b, dtype, "bias gradient")

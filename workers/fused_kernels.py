@@ -183,6 +183,41 @@ def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B,
 
 
 @triton.jit
+def conv_grad_weight_kernel(x_ptr, gz_ptr, gw_ptr, B,
+                            C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
+                            KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr, CO_PAD: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+    """Grid (P, cdiv(K, BLOCK_K)): the weight gradient from the unpooled gradient ``gz``.
+
+    ``gw[co, k] = sum_m gz[m, co] * im2col[m, k]`` with rows ``m`` the pooled area's
+    convolution outputs ``(b, oh, ow)`` of one member, in order (``gz``: ``unpool_kernel``,
+    channels last, so its tile is contiguous vector loads). One product per row tile, no
+    argmax test: the four window cells are rows of the same tile.
+    """
+    p = tl.program_id(0).to(tl.int64)
+    K: tl.constexpr = C_IN * KS * KS
+    OW2: tl.constexpr = 2 * WP
+    R: tl.constexpr = 2 * HP * OW2
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < K
+    cols = _tap_cols(offs_k, KS, H, W)
+    co = tl.arange(0, CO_PAD)
+    x_base = x_ptr + p * B * (C_IN * H * W)
+    g_base = gz_ptr + p * B * (R * CO_PAD)
+    acc = tl.zeros((CO_PAD, BLOCK_K), tl.float32)
+    for m0 in range(0, B * R, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < B * R
+        s = offs_m % R
+        rows = (offs_m // R).to(tl.int64) * (C_IN * H * W) + (s // OW2) * W + s % OW2
+        gzt = tl.load(g_base + offs_m.to(tl.int64)[None, :] * CO_PAD + co[:, None], mask=m_ok[None, :], other=0.0)
+        a = tl.load(x_base + rows[:, None] + cols[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = _dot(gzt, a, acc, IEEE)
+    out = p * (C_OUT * K) + co[:, None] * K + offs_k[None, :]
+    tl.store(gw_ptr + out, acc, mask=(co < C_OUT)[:, None] & k_ok[None, :])
+
+
+@triton.jit
 def unpool_kernel(gy_ptr, arg_ptr, gz_ptr, C_OUT: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                   CO_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
     """Grid (P * B,): the unpooled gradient of one image, channels last and zero-padded.
@@ -290,14 +325,19 @@ def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: t
                "BLOCK_K": _tile(c_in * ks * ks, 64)}
     elif kind == "grad_weight":
         cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_out, 128), "BLOCK_K": _tile(c_in * ks * ks, 32)}
+    elif kind == "grad_weight_gz":  # rows: convolution outputs of the pooled area
+        # 16-bit sm_90: 166 SASS per row tile at 4 warps (8 warps, BLOCK_K 32: 147 at 2x the programs)
+        cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_K": _tile(c_in * ks * ks, 32 if fp32 else 64),
+               "num_warps": 8 if fp32 else 4}
     elif kind == "grad_input":  # the reduction runs tap by tap over CO_PAD channels
         cfg = {"BLOCK_M": _tile(rows, 32 if fp32 else 128), "BLOCK_N": _tile(c_in, 128),
                "CO_PAD": _tile(c_out, 128), "UNROLL": not fp32}
     else:
         raise ValueError(f"unknown kernel kind {kind!r}")
-    if cfg["BLOCK_N"] < (c_in if kind == "grad_input" else c_out):
+    if cfg.get("BLOCK_N", cfg.get("CO_PAD", 128)) < (c_in if kind == "grad_input" else c_out) \
+            or cfg.get("CO_PAD", 128) < c_out:
         raise ValueError(f"{c_in} -> {c_out} channels: more than one channel tile is not implemented")
-    return {**cfg, "num_warps": 8, "IEEE": fp32}
+    return {"num_warps": 8, **cfg, "IEEE": fp32}
 
 
 def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
@@ -316,13 +356,22 @@ def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tenso
     return y, arg
 
 
-def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Size, out: Tensor | None = None) -> Tensor:
+def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Size, out: Tensor | None = None,
+                          gz: Tensor | None = None) -> Tensor:
     """Gradient of the weight (fp32, into ``out`` if given) from the pooled gradient ``gy``
-    and the argmax; ``x`` is the forward's input."""
+    and the argmax; ``x`` is the forward's input. With ``gz`` (``unpool``'s output, as the
+    input gradient makes it) one product per row tile instead of four selects and products."""
     p, b, c_in, h, wd = x.shape
     _, c_out, _, ks, _ = w_shape
     hp, wp = gy.shape[-2:]
     gw = torch.empty(w_shape, device=x.device, dtype=torch.float32) if out is None else out
+    if gz is not None:
+        cfg = launch_config("grad_weight_gz", b * 4 * hp * wp, c_in, c_out, ks, x.dtype)
+        if gz.shape[:4] != (p, b, 2 * hp, 2 * wp) or gz.shape[4] < c_out or gz.dtype != x.dtype:
+            raise ValueError(f"gz {tuple(gz.shape)} {gz.dtype} does not fit gy {tuple(gy.shape)} in {x.dtype}")
+        grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]))
+        conv_grad_weight_kernel[grid](x, gz, gw, b, c_in, h, wd, c_out, ks, hp, wp, gz.shape[4], **cfg)
+        return gw
     cfg = launch_config("grad_weight", b * hp * wp, c_in, c_out, ks, x.dtype)
     grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]))
     conv_pool_grad_weight_kernel[grid](x, gy, arg, gw, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)

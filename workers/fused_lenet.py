@@ -123,11 +123,14 @@ class ConvPool(torch.autograd.Function):
         x, w, arg = ctx.saved_tensors
         gy = gy.contiguous()
         sink_w, sink_b = ctx.sinks
-        gx = gw = gb = None
+        gx = gw = gb = gz = None
         if ctx.needs_input_grad[0]:  # conv1's input (the images) never asks
-            gx = fk.conv_pool_grad_input(w, gy, arg, x.shape, x.dtype)
+            # conv2: the unpooled gradient, made once, feeds both the input and weight gradient.
+            # (conv1's would be 24 x 24 x 32 per image: it keeps the argmax-select kernel.)
+            gz = fk.unpool(gy, arg, x.dtype)
+            gx = fk.conv_pool_grad_input(w, gy, arg, x.shape, x.dtype, gz=gz)
         if ctx.needs_input_grad[1]:
-            gw = _into(sink_w, lambda out: fk.conv_pool_grad_weight(x, gy, arg, w.shape, out))
+            gw = _into(sink_w, lambda out: fk.conv_pool_grad_weight(x, gy, arg, w.shape, out, gz=gz))
         if ctx.needs_input_grad[2]:
             # Each pooled value reaches exactly one pre-pool cell: the bias gradient is gy's sum.
             gb = _into(sink_b, lambda out: torch.sum(gy, dim=(1, 3, 4), dtype=torch.float32, out=out))
