@@ -163,3 +163,33 @@ def test_weight_and_bias_gradient_against_float64(c_in: int, c_out: int, side: i
     assert got.dtype == torch.float32
     _close(got, want_w, dtype, "weight gradient")
     _close(torch.sum(gy, dim=(1, 3, 4), dtype=torch.float32), want_b, dtype, "bias gradient")
+
+
+def test_forward_without_gradient_writes_no_argmax() -> None:
+    """Evaluation and predict (no gradient to come) get the same values and no argmax."""
+    from workers.fused_lenet import FusedLeNet5
+
+    x, w, b, _, arg = _case(3, 5, 9, torch.float32, seed=2)
+    y, none = fk.conv_pool_forward(x, w, b, with_arg=False)
+    assert none is None
+    assert torch.equal(y, fk.conv_pool_forward(x, w, b)[0])
+    model = FusedLeNet5(2, device=DEVICE)
+    images = torch.randn(2, 2, 1, 28, 28, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    with torch.no_grad():
+        _, quiet = model(images)
+    _, logits = model(images)
+    assert logits.requires_grad and torch.equal(quiet, logits.detach())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="out_dtype=float32 products are CUDA-only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fc_weight_gradient_written_in_fp32_in_place(dtype: torch.dtype) -> None:
+    from workers.fused_lenet import _bmm_fp32
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(3, 40, 16, generator=g).to(dtype).to(DEVICE)
+    c = torch.randn(3, 16, 24, generator=g).to(dtype).to(DEVICE)
+    out = torch.empty(3, 40, 24, device=DEVICE)
+    r = _bmm_fp32(a, c, out)
+    assert r.data_ptr() == out.data_ptr() and r.dtype == torch.float32
+    _close(out, a.double() @ c.double(), torch.float32, "fp32 product of 16-bit operands")  # fp32 accumulation

@@ -92,8 +92,9 @@ def conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, arg_ptr, B,
                          C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
                          KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         IEEE: tl.constexpr):
-    """Grid (P, cdiv(B * HP * WP, BLOCK_M)): one member, BLOCK_M pooled positions, all channels."""
+                         IEEE: tl.constexpr, WRITE_ARG: tl.constexpr = True):
+    """Grid (P, cdiv(B * HP * WP, BLOCK_M)): one member, BLOCK_M pooled positions, all channels.
+    Without WRITE_ARG (no gradient to come) only the pooled values are written."""
     p = tl.program_id(0).to(tl.int64)
     K: tl.constexpr = C_IN * KS * KS
     HW_OUT: tl.constexpr = HP * WP
@@ -134,7 +135,8 @@ def conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, arg_ptr, B,
     out = (p * B + b_idx)[:, None] * (C_OUT * HW_OUT) + offs_n[None, :] * HW_OUT + (offs_m % HW_OUT)[:, None]
     mask = m_ok[:, None] & n_ok[None, :]
     tl.store(y_ptr + out, best.to(y_ptr.dtype.element_ty), mask=mask)
-    tl.store(arg_ptr + out, arg.to(tl.int8), mask=mask)
+    if WRITE_ARG:
+        tl.store(arg_ptr + out, arg.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -340,19 +342,21 @@ def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: t
     return {"num_warps": 8, **cfg, "IEEE": fp32}
 
 
-def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor, with_arg: bool = True) -> tuple[Tensor, Tensor | None]:
     """max_pool2d(conv2d(x, w) + bias, 2) per member and its argmax cell (int8 0..3).
 
     ``x`` [P, B, C_in, H, W] contiguous (fp32 or 16-bit: the arithmetic dtype), ``w`` and
     ``bias`` fp32. Returns the pooled output in ``x``'s dtype and the argmax, both
-    [P, B, C_out, HP, WP].
+    [P, B, C_out, HP, WP]; without ``with_arg`` (no backward to come: evaluation, predict)
+    the argmax is neither written nor allocated, and None is returned for it.
     """
     p, b, c_in, h, wd, c_out, ks, hp, wp = _shapes(x, w)
     y = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=x.dtype)
-    arg = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=torch.int8)
+    arg = torch.empty((p, b, c_out, hp, wp), device=x.device, dtype=torch.int8) if with_arg else None
     cfg = launch_config("fwd", b * hp * wp, c_in, c_out, ks, x.dtype)
     grid = (p, triton.cdiv(b * hp * wp, cfg["BLOCK_M"]))
-    conv_pool_fwd_kernel[grid](x, w, bias, y, arg, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
+    conv_pool_fwd_kernel[grid](x, w, bias, y, y if arg is None else arg, b, c_in, h, wd, c_out, ks, hp, wp, **cfg,
+                               WRITE_ARG=with_arg)
     return y, arg
 
 

@@ -167,11 +167,21 @@ class PackedLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+# torch.bmm(..., out_dtype=torch.float32) of 16-bit operands: fp32 accumulation written as fp32
+# (CUDA only; aten::bmm.dtype_out exists in the torch versions in use, 2.11 and 2.14).
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype_out")
+
+
 def _bmm_fp32(a: Tensor, b: Tensor, out: Tensor | None) -> Tensor:
-    """``a @ b`` into an fp32 ``out``: directly in fp32, through a 16-bit result otherwise
-    (as autocast's weight gradient; the copy casts, no fp32 temporary)."""
+    """``a @ b`` into an fp32 ``out``: directly in fp32; for 16-bit operands on CUDA the fp32
+    accumulator written once as fp32 (``out_dtype``: 4 B per element instead of a 16-bit
+    result, its re-read and a 4-byte copy), elsewhere through a 16-bit result and a copy."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b, out=out)
+    if _BMM_OUT_DTYPE and a.is_cuda:
+        if out is None:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
     r = torch.bmm(a, b)
     return r.float() if out is None else out.copy_(r)
 
@@ -263,6 +273,9 @@ class FusedLeNet5(LeNet5):
 
     def _conv(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
         # The kernels read the fp32 masters and cast in registers (conv weights are few).
+        if not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad
+                                             or module.bias.requires_grad)):
+            return fk.conv_pool_forward(x, module.weight, module.bias, with_arg=False)[0]  # no argmax written
         return ConvPool.apply(x, module.weight, module.bias, self._sink(first), self._sink(first + 1))
 
     def _linear(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
