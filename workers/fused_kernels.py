@@ -36,6 +36,9 @@ INTERPRETED = bool(triton.knobs.runtime.interpret)
 # 8 elements per thread, 79 registers on sm_90. The interpreter pays Python time per
 # program, so it takes bigger blocks.
 SGD_BLOCK = 2048 * (16 if INTERPRETED else 1)
+# Row tiles per program of the argmax-select weight gradient (conv1's) when a member's rows
+# are split over several programs (see conv_pool_grad_weight).
+SPLIT_STEPS = 16
 
 
 def _tile(n: int, cap: int) -> int:
@@ -140,18 +143,22 @@ def conv_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, arg_ptr, B,
 
 
 @triton.jit
-def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B,
+def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B, CHUNK,
                                  C_IN: tl.constexpr, H: tl.constexpr, W: tl.constexpr, C_OUT: tl.constexpr,
                                  KS: tl.constexpr, HP: tl.constexpr, WP: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                  IEEE: tl.constexpr):
-    """Grid (P, cdiv(K, BLOCK_K)): gw[p, :, k-tile] = sum over images and pooled positions.
+    """Grid (P, cdiv(K, BLOCK_K), S): gw[p, :, k-tile] = sum over images and pooled positions.
 
     gw[co, k] = sum_m gz[m, co] * im2col[m, k]; gz is the pooled gradient placed at its
     argmax cell and zero at the other three, so each window cell d contributes
     ``where(arg == d, gy, 0)^T @ (the input gather shifted by cell d)``.
+    Program z of S sums rows [z * CHUNK, (z + 1) * CHUNK) into ``gw[p, z]`` ([P, S, C_OUT, K];
+    with S = 1 that is the gradient itself), and ``split_sum_kernel`` adds the S parts in
+    order: a member's rows spread over S programs, deterministic.
     """
     p = tl.program_id(0).to(tl.int64)
+    z = tl.program_id(2)
     K: tl.constexpr = C_IN * KS * KS
     HW_OUT: tl.constexpr = HP * WP
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -163,7 +170,7 @@ def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B,
     g_base = p * B * (C_OUT * HW_OUT)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for m0 in range(0, B * HW_OUT, BLOCK_M):
+    for m0 in range(z * CHUNK, tl.minimum((z + 1) * CHUNK, B * HW_OUT), BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < B * HW_OUT
         rows = _window_rows(offs_m, HW_OUT, WP, C_IN * H * W, W)
@@ -180,8 +187,20 @@ def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B,
         acc = _dot(tl.where(arg == 2, g, 0.0).to(dtype), tl.load(a_ptrs + W, mask=a_mask, other=0.0), acc, IEEE)
         acc = _dot(tl.where(arg == 3, g, 0.0).to(dtype), tl.load(a_ptrs + W + 1, mask=a_mask, other=0.0),
                    acc, IEEE)
-    out = p * (C_OUT * K) + offs_n[:, None] * K + offs_k[None, :]
+    out = (p * tl.num_programs(2) + z) * (C_OUT * K) + offs_n[:, None] * K + offs_k[None, :]
     tl.store(gw_ptr + out, acc, mask=n_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def split_sum_kernel(part_ptr, out_ptr, S, N: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (P, cdiv(N, BLOCK)): out[p] = part[p, 0] + part[p, 1] + ... in that order."""
+    p = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    acc = tl.load(part_ptr + p * S * N + offs, mask=ok)
+    for s in range(1, S):
+        acc += tl.load(part_ptr + (p * S + s) * N + offs, mask=ok)
+    tl.store(out_ptr + p * N + offs, acc, mask=ok)
 
 
 @triton.jit
@@ -361,10 +380,11 @@ def conv_pool_forward(x: Tensor, w: Tensor, bias: Tensor, with_arg: bool = True)
 
 
 def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Size, out: Tensor | None = None,
-                          gz: Tensor | None = None) -> Tensor:
+                          gz: Tensor | None = None, split: int | None = None) -> Tensor:
     """Gradient of the weight (fp32, into ``out`` if given) from the pooled gradient ``gy``
     and the argmax; ``x`` is the forward's input. With ``gz`` (``unpool``'s output, as the
-    input gradient makes it) one product per row tile instead of four selects and products."""
+    input gradient makes it) one product per row tile instead of four selects and products.
+    ``split``: parts a member's rows are summed in (default: from the batch, see below)."""
     p, b, c_in, h, wd = x.shape
     _, c_out, _, ks, _ = w_shape
     hp, wp = gy.shape[-2:]
@@ -377,8 +397,22 @@ def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Siz
         conv_grad_weight_kernel[grid](x, gz, gw, b, c_in, h, wd, c_out, ks, hp, wp, gz.shape[4], **cfg)
         return gw
     cfg = launch_config("grad_weight", b * hp * wp, c_in, c_out, ks, x.dtype)
-    grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]))
-    conv_pool_grad_weight_kernel[grid](x, gy, arg, gw, b, c_in, h, wd, c_out, ks, hp, wp, **cfg)
+    steps = triton.cdiv(b * hp * wp, cfg["BLOCK_M"])
+    # Split a member's rows over S programs of >= SPLIT_STEPS row tiles each (conv1 at batch 64:
+    # 144 tiles, S = 9): at P <= 132 one program per member would leave most SMs idle. S depends
+    # on the batch only, so a member gets the same bits alone and in a pack.
+    split = max(1, steps // SPLIT_STEPS) if split is None else max(1, min(split, steps))
+    chunk = triton.cdiv(steps, split)
+    split = triton.cdiv(steps, chunk)  # no empty parts
+    part = gw if split == 1 else torch.empty((p, split, c_out, c_in * ks * ks), device=x.device,
+                                             dtype=torch.float32)
+    grid = (p, triton.cdiv(c_in * ks * ks, cfg["BLOCK_K"]), split)
+    conv_pool_grad_weight_kernel[grid](x, gy, arg, part, b, chunk * cfg["BLOCK_M"], c_in, h, wd, c_out, ks, hp, wp,
+                                       **cfg)
+    if split > 1:
+        n = c_out * c_in * ks * ks
+        block = min(1024, triton.next_power_of_2(n))
+        split_sum_kernel[(p, triton.cdiv(n, block))](part, gw, split, n, block, num_warps=4)
     return gw
 
 
