@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--kernels", default="auto", choices=KERNELS,
-                    help="auto: LeNet-5 on CUDA trains on the fused Triton kernels; grouped: never")
+                    help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
     ap.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0: all)")
     ap.add_argument("--max-seconds", type=float, default=0.0, help="start no pack after this long (0: no limit)")
