@@ -62,7 +62,7 @@ def _window_rows(offs_m, HW_OUT: tl.constexpr, W_OUT: tl.constexpr, IMG: tl.cons
     s = offs_m % HW_OUT
     ph = s // W_OUT
     pw = s % W_OUT
-    return b.to(tl.int64) * IMG + (2 * ph) * W + 2 * pw
+    return b * IMG + (2 * ph) * W + 2 * pw  # int32: offsets inside one member (launch helpers check)
 
 
 @triton.jit
@@ -167,7 +167,8 @@ def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B, CHUNK,
     offs_n = tl.arange(0, BLOCK_N)
     n_ok = offs_n < C_OUT
     x_base = x_ptr + p * B * (C_IN * H * W)
-    g_base = p * B * (C_OUT * HW_OUT)
+    gy_base = gy_ptr + p * B * (C_OUT * HW_OUT)
+    arg_base = arg_ptr + p * B * (C_OUT * HW_OUT)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for m0 in range(z * CHUNK, tl.minimum((z + 1) * CHUNK, B * HW_OUT), BLOCK_M):
@@ -175,11 +176,10 @@ def conv_pool_grad_weight_kernel(x_ptr, gy_ptr, arg_ptr, gw_ptr, B, CHUNK,
         m_ok = offs_m < B * HW_OUT
         rows = _window_rows(offs_m, HW_OUT, WP, C_IN * H * W, W)
         # gy / arg tile [BLOCK_N, BLOCK_M] (channels x rows), transposed for the product
-        q = g_base + (offs_m // HW_OUT).to(tl.int64)[None, :] * (C_OUT * HW_OUT) \
-            + offs_n[:, None] * HW_OUT + (offs_m % HW_OUT)[None, :]
+        q = (offs_m // HW_OUT)[None, :] * (C_OUT * HW_OUT) + offs_n[:, None] * HW_OUT + (offs_m % HW_OUT)[None, :]
         g_mask = n_ok[:, None] & m_ok[None, :]
-        g = tl.load(gy_ptr + q, mask=g_mask, other=0.0)
-        arg = tl.load(arg_ptr + q, mask=g_mask, other=-1).to(tl.int32)
+        g = tl.load(gy_base + q, mask=g_mask, other=0.0)
+        arg = tl.load(arg_base + q, mask=g_mask, other=-1).to(tl.int32)
         a_ptrs = x_base + rows[:, None] + cols[None, :]
         a_mask = m_ok[:, None] & k_ok[None, :]
         acc = _dot(tl.where(arg == 0, g, 0.0).to(dtype), tl.load(a_ptrs, mask=a_mask, other=0.0), acc, IEEE)
@@ -326,7 +326,14 @@ def _shapes(x: Tensor, w: Tensor) -> tuple[int, int, int, int, int, int, int, in
     pw, c_out, c_in_w, ks, ks2 = w.shape
     if (pw, c_in_w) != (p, c_in) or ks != ks2 or h < ks + 1 or wd < ks + 1:
         raise ValueError(f"input {tuple(x.shape)} does not fit weight {tuple(w.shape)}")
+    _member_offsets_fit(b * c_in * h * wd, b * c_out * h * wd)
     return p, b, c_in, h, wd, c_out, ks, (h - ks + 1) // 2, (wd - ks + 1) // 2
+
+
+def _member_offsets_fit(*sizes: int) -> None:
+    """The kernels index inside one member's activations in int32 (a member's base in int64)."""
+    if max(sizes) >= 2 ** 31:
+        raise ValueError(f"{max(sizes)} elements per member: the kernels' in-member offsets are int32")
 
 
 def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: torch.dtype) -> dict[str, int]:
@@ -344,6 +351,8 @@ def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: t
     if kind == "fwd":
         cfg = {"BLOCK_M": _tile(rows, 32 if fp32 else 64), "BLOCK_N": _tile(c_out, 128),
                "BLOCK_K": _tile(c_in * ks * ks, 64)}
+        if not fp32 and c_in * ks * ks <= 32:  # conv1 (one reduction step): 0.54 G SASS per step at P=1024, not 0.72
+            cfg.update(BLOCK_M=_tile(rows, 128), num_warps=4)
     elif kind == "grad_weight":
         cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_out, 128), "BLOCK_K": _tile(c_in * ks * ks, 32)}
     elif kind == "grad_weight_gz":  # rows: convolution outputs of the pooled area
@@ -388,6 +397,7 @@ def conv_pool_grad_weight(x: Tensor, gy: Tensor, arg: Tensor, w_shape: torch.Siz
     p, b, c_in, h, wd = x.shape
     _, c_out, _, ks, _ = w_shape
     hp, wp = gy.shape[-2:]
+    _member_offsets_fit(b * c_in * h * wd, b * c_out * hp * wp)
     gw = torch.empty(w_shape, device=x.device, dtype=torch.float32) if out is None else out
     if gz is not None:
         cfg = launch_config("grad_weight_gz", b * 4 * hp * wp, c_in, c_out, ks, x.dtype)
