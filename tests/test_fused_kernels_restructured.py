@@ -209,3 +209,35 @@ def test_weight_gradient_split_over_programs(dtype: torch.dtype) -> None:
     _close(got, want, dtype, "split weight gradient")
     assert torch.equal(got, fk.conv_pool_grad_weight(x, gy, arg, w.shape, split=3))
     _close(fk.conv_pool_grad_weight(x, gy, arg, w.shape, split=1), want, dtype, "unsplit weight gradient")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs CUDA (the interpreter mishandles it)")
+def test_bf16_model_gradients_against_float64() -> None:
+    """Every parameter gradient of the bf16 fused model against the float64 LeNet5's: no
+    further from it than PyTorch's own autocast(bfloat16) LeNet5, times 1.5, plus 1e-2 of the
+    largest value (16-bit rounding moves pooling argmaxes between near-equal cells)."""
+    from workers.fused_lenet import FusedLeNet5
+    from workers.models import LeNet5
+
+    ref = LeNet5(2).to(DEVICE)
+    ref.reset_parameters("xavier", [0, 10])
+    x = torch.randn(2, 8, 1, 28, 28, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    y = torch.randint(0, 10, (2, 8), generator=torch.Generator().manual_seed(7)).to(DEVICE)
+
+    def grads(model, images, autocast=None):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast is not None):
+            _, logits = model(images)
+        F.cross_entropy(logits.double().transpose(1, 2), y, reduction="none").mean(1).sum().backward()
+        return {n: p.grad.detach().double() for n, p in model.named_parameters()}
+
+    exact = LeNet5(2).to(DEVICE).double()
+    exact.load_state_dict(ref.state_dict())
+    want = grads(exact, x.double())
+    fused = grads(FusedLeNet5.from_lenet(ref, compute_dtype=torch.bfloat16), x)
+    stock = grads(ref, x, autocast=torch.bfloat16)
+    for n, g in want.items():
+        scale = g.abs().max().item()
+        err = (fused[n] - g).abs().max().item() / scale
+        bound = 1.5 * (stock[n] - g).abs().max().item() / scale + 1e-2
+        assert err <= bound, f"{n}: {err:.2e} > {bound:.2e}"
