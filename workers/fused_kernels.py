@@ -13,7 +13,9 @@ virtual im2col matrix is one gather from the input.
 The forward computes the four convolution outputs of each 2x2 pooling window, adds the
 bias, and keeps only the maximum and its position 0..3 (``dy * 2 + dx``, PyTorch's order:
 the first maximum wins, NaN wins) as int8. The backward kernels route the pooled gradient
-through that position, so the pre-pool activation is never stored.
+through that position, so the pre-pool activation is never stored: conv1's weight gradient
+selects it per window cell; for conv2 ``unpool_kernel`` writes the unpooled gradient once
+(channels last) and the input and weight gradients are plain shifted matrix products of it.
 
 Stride 1, no padding, square kernels, floor-mode pooling (a trailing odd row or column
 of the convolution output is not pooled and gets no gradient), as LeNet-5 uses them.
