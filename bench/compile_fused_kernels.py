@@ -65,10 +65,13 @@ def conv_launches(batch: int, dtype: torch.dtype):
         yield (f"{layer} fwd", fk.conv_pool_fwd_kernel,
                {"x_ptr": f"*{t}", "w_ptr": "*fp32", "b_ptr": "*fp32", "y_ptr": f"*{t}", "arg_ptr": "*i8"},
                {**shape, **fk.launch_config("fwd", batch * hp * hp, c_in, c_out, 5, dtype)})
-        yield (f"{layer} grad weight", fk.conv_pool_grad_weight_kernel,
-               {"x_ptr": f"*{t}", "gy_ptr": f"*{t}", "arg_ptr": "*i8", "gw_ptr": "*fp32"},
-               {**shape, **fk.launch_config("grad_weight", batch * hp * hp, c_in, c_out, 5, dtype)})
-        if layer != "conv1":  # the images need no gradient
+        if layer == "conv1":  # argmax selects, rows split over programs, a fixed-order sum
+            yield (f"{layer} grad weight", fk.conv_pool_grad_weight_kernel,
+                   {"x_ptr": f"*{t}", "gy_ptr": f"*{t}", "arg_ptr": "*i8", "gw_ptr": "*fp32", "CHUNK": "i32"},
+                   {**shape, **fk.launch_config("grad_weight", batch * hp * hp, c_in, c_out, 5, dtype)})
+            yield (f"{layer} split sum", fk.split_sum_kernel, {"part_ptr": "*fp32", "out_ptr": "*fp32", "S": "i32"},
+                   {"N": c_out * c_in * 25, "BLOCK": triton.next_power_of_2(c_out * c_in * 25), "num_warps": 4})
+        else:  # the images need no gradient; conv2's backward runs on the unpooled gradient
             cfg = fk.launch_config("grad_input", batch * side * side, c_in, c_out, 5, dtype)
             yield (f"{layer} unpool", fk.unpool_kernel, {"gy_ptr": f"*{t}", "arg_ptr": "*i8", "gz_ptr": f"*{t}"},
                    {"C_OUT": c_out, "HP": hp, "WP": hp, "CO_PAD": cfg["CO_PAD"],
@@ -76,12 +79,16 @@ def conv_launches(batch: int, dtype: torch.dtype):
             yield (f"{layer} grad input", fk.conv_grad_input_kernel,
                    {"gz_ptr": f"*{t}", "wt_ptr": f"*{t}", "gx_ptr": f"*{t}"},
                    {k: v for k, v in {**shape, **cfg}.items() if k not in ("C_OUT",)})
+            yield (f"{layer} grad weight", fk.conv_grad_weight_kernel,
+                   {"x_ptr": f"*{t}", "gz_ptr": f"*{t}", "gw_ptr": "*fp32"},
+                   {**shape, "CO_PAD": cfg["CO_PAD"],
+                    **fk.launch_config("grad_weight_gz", batch * 4 * hp * hp, c_in, c_out, 5, dtype)})
 
 
 def sgd_pointers(w16: torch.dtype | None) -> dict[str, str]:
-    ptrs = {n: "*fp32" for n in ("w_ptr", "g_ptr", "buf_ptr", "lr_ptr", "factor_ptr", "momentum_ptr", "wd_ptr")}
-    ptrs.update(block_seg_ptr="*i32", seg_start_ptr="*i64", seg_numel_ptr="*i64", seg_per_member_ptr="*i64",
-                seg_is_bias_ptr="*i32", w16_ptr="*" + TRITON_TYPES[w16 or torch.float32])
+    ptrs = {n: "*fp32" for n in ("w_ptr", "g_ptr", "buf_ptr", "hyper_ptr")}
+    ptrs.update(block_seg_ptr="*i32", seg_start_ptr="*i64", seg_magic_ptr="*i64", seg_shift_ptr="*i32",
+                seg_is_bias_ptr="*i32", w16_ptr="*" + TRITON_TYPES[w16 or torch.float32], P="i32")
     return ptrs
 
 
