@@ -241,3 +241,39 @@ def test_bf16_model_gradients_against_float64() -> None:
         err = (fused[n] - g).abs().max().item() / scale
         bound = 1.5 * (stock[n] - g).abs().max().item() / scale + 1e-2
         assert err <= bound, f"{n}: {err:.2e} > {bound:.2e}"
+
+
+def test_head_only_steps_recast_only_the_head() -> None:
+    """With the body frozen, a step of PackedSGD on the head re-casts the head's segments only;
+    loading a member state (which may change frozen parameters) makes the next re-cast whole."""
+    from workers.fused_lenet import FusedLeNet5
+    from workers.optim import PackedSGD
+
+    model = FusedLeNet5(2, compute_dtype=torch.float16, device=DEVICE)
+    x = torch.randn(2, 2, 1, 28, 28, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    head = model.head_parameters()
+    for p in model.parameters():
+        p.requires_grad_(any(p is h for h in head))
+    opt = PackedSGD(head, 2, torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE))
+
+    def step() -> None:
+        opt.zero_grad()
+        with torch.no_grad():
+            z = model.body(x)
+        model.head(z)[1].float().sum().backward()
+        opt.step(torch.tensor([0.1, 0.2], device=DEVICE))
+
+    step()
+    model.refresh_compute_copy()  # the first re-cast under this frozen set is whole
+    body = [i for i, p in enumerate(model.parameters()) if not p.requires_grad]
+    marker = model.layout.view(model.flat16, body[0])
+    marker.fill_(7.0)  # a stale body copy would survive a partial re-cast: it must
+    step()
+    model.refresh_compute_copy()
+    assert torch.equal(marker, torch.full_like(marker, 7.0))  # the body was not re-cast
+    for i in range(len(model.layout.segments)):
+        if i not in body:
+            assert torch.equal(model.layout.view(model.flat16, i), model.layout.view(model.flat, i).half())
+    model.load_member_state(0, model.member_state(1))
+    model.refresh_compute_copy()
+    assert torch.equal(model.flat16, model.flat.half())  # whole again
