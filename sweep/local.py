@@ -4,7 +4,12 @@ Floor: sweep.local, a runner (imports sweep.prepare and everything below it; nev
 Ray). For a single GPU box (or a machine without Ray): the same checks, store, plan and
 resume semantics as ``sweep run``; packs are trained in repeat-major order, so a run
 cut short (``max_packs``, ``max_seconds``, a kill) leaves whole repeats but for the
-last pack's. Needs only torch, numpy, pyarrow, pandas and pyyaml:
+last pack's. The same spec on the same device gives the same numbers as ``sweep run``:
+the same packs (``sweep.prepare.plan_for``, sized for the grid's share of the GPU) and
+the same torch thread count (``sweep.prepare.pack_threads``, from ``resources.cpu`` or
+``--cpus-per-pack``, never the machine's core count). Ctrl-C ends it as it ends ``sweep
+run``: one line saying how many networks this run stored, exit status 130. Needs only
+torch, numpy, pyarrow, pandas and pyyaml:
 
     python -m sweep.local grids/buda_mnist.yaml --store results/buda_mnist --device cuda \\
         --precision bf16 --max-seconds 3000
@@ -13,60 +18,105 @@ last pack's. Needs only torch, numpy, pyarrow, pandas and pyyaml:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
 from sweep.core.catalog import KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
-from sweep.prepare import check_kernels, plan_for, preflight
+from sweep.prepare import check_kernels, pack_memory_bytes, pack_resources, pack_threads, plan_for, preflight
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
 from workers.run_pack import run_pack
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED_EXIT = 130  # as `sweep run` (sweep.cli.main): 128 + SIGINT
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`run_local`; ``stored``: networks of this run in the store,
+    read back from it (a pack cut short stores nothing), ``in_store`` of ``total``."""
+
+    def __init__(self, stored: int, in_store: int, total: int) -> None:
+        super().__init__(f"interrupted: {stored} networks stored by this run")
+        self.stored, self.in_store, self.total = stored, in_store, total
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
 
 def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_dir: str | None = None,
               max_networks: int = 0, precision: str = "fp32", kernels: str = "auto", max_packs: int = 0,
-              max_seconds: float = 0.0,
+              max_seconds: float = 0.0, cpus_per_pack: float | None = None,
               progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
     """Train what the store lacks; returns (networks trained, networks failed, seconds).
 
     ``max_packs`` / ``max_seconds`` (0: no limit) stop before starting another pack; a
-    started pack always finishes and is stored.
+    started pack always finishes and is stored. ``cpus_per_pack`` (None: the grid's
+    ``resources.cpu``) sets torch's thread count, as ``sweep run --cpus-per-pack`` does;
+    the process's own count is restored on return. Ctrl-C raises :class:`Interrupted`.
     """
     t0 = time.perf_counter()
+    cpu, _ = pack_resources(grid, cpus_per_pack, None)
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
     check_kernels(grid, kernels, dev.type)
     datasets = preflight(grid, store, data_dir)  # loaded once for all packs
     store.save_grid(grid)
-    memory = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    memory = None
+    if dev.type == "cuda":  # the driver's rule: the pack's share of the GPU, so the packs are the same
+        total = torch.cuda.get_device_properties(dev).total_memory
+        memory = pack_memory_bytes(grid.gpu_per_pack if grid.gpu_per_pack > 0 else 1.0, total / 2**30)
     packs, n_done = plan_for(grid, store, max_networks, dev.type, memory)
     trained = failed = 0
     if progress:
         progress(n_done, grid.trained_networks)
-    for i, pack in enumerate(packs):
-        if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
-            log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
-            break
-        result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash, precision=precision,  # type: ignore[arg-type]
-                          kernels=kernels,  # type: ignore[arg-type]
-                          dataset=datasets[pack.specs[0].dataset])
-        if result.skipped:
-            log.info("pack %d/%d: skipped (another runner holds it or has stored it)", i + 1, len(packs))
-            continue
-        trained += result.networks - result.failed
-        failed += result.failed
-        n_done += result.networks
-        log.info("pack %d/%d: %d networks in %.0f s", i + 1, len(packs), result.networks, result.seconds)
-        if progress:
-            progress(n_done, grid.trained_networks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(pack_threads(cpu))
+    try:
+        for i, pack in enumerate(packs):
+            if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
+                log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
+                break
+            result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash,
+                              precision=precision, kernels=kernels,  # type: ignore[arg-type]
+                              dataset=datasets[pack.specs[0].dataset])
+            if result.skipped:
+                log.info("pack %d/%d: skipped (another runner holds it or has stored it)", i + 1, len(packs))
+                continue
+            trained += result.networks - result.failed
+            failed += result.failed
+            n_done += result.networks
+            log.info("pack %d/%d: %d networks in %.0f s", i + 1, len(packs), result.networks, result.seconds)
+            if progress:
+                progress(n_done, grid.trained_networks)
+    except KeyboardInterrupt:
+        # What this run really stored, read back: never what it meant to (as sweep.driver).
+        # A second Ctrl-C must not cut the count short.
+        with _sigint_ignored():
+            in_store = store.completed_network_ids(grid=grid.name)
+        planned = {s.network_id for p in packs for s in p.stored_specs}
+        raise Interrupted(len(planned & in_store), sum(1 for s in grid.specs if s.network_id in in_store),
+                          grid.trained_networks) from None
+    finally:
+        torch.set_num_threads(threads)
     return trained, failed, time.perf_counter() - t0
 
 
@@ -80,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernels", default="auto", choices=KERNELS,
                     help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
+    ap.add_argument("--cpus-per-pack", type=float, default=None,
+                    help="torch threads per pack, as `sweep run --cpus-per-pack` (default: the grid's resources.cpu)")
     ap.add_argument("--max-packs", type=int, default=0, help="stop after this many packs (0: all)")
     ap.add_argument("--max-seconds", type=float, default=0.0, help="start no pack after this long (0: no limit)")
     a = ap.parse_args(argv)
@@ -89,17 +141,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(a.grid)
         resolve_device(a.device)  # RuntimeError: no CUDA here
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    try:
         trained, failed, seconds = run_local(
             grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
             precision=a.precision, kernels=a.kernels, max_packs=a.max_packs, max_seconds=a.max_seconds,
+            cpus_per_pack=a.cpus_per_pack,
             progress=lambda done, total: log.info("%d of %d networks stored", done, total))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            print(f"interrupted: {e.stored} networks stored by this run ({e.in_store} of {e.total} networks of "
+                  f"{grid.name} in the store); the same command continues", file=sys.stderr)
+        else:  # while checking the grid, store or data
+            print("interrupted before the first pack: 0 networks stored by this run", file=sys.stderr)
+        return INTERRUPTED_EXIT
     print(f"{grid.name}: {trained} networks trained, {failed} failed, in {seconds:.0f} s; results in {a.store}")
     return 1 if failed else 0
 

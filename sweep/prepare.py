@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from sweep.store.results import ResultStore
 
 NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with an NVIDIA GPU
 ADDRESS_TIMEOUT_SECONDS = 10.0  # for a cluster address to accept a connection
+CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers of another host's writer older than any pack write
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
 
 
@@ -61,6 +63,26 @@ def plan_for(grid: Grid, store: ResultStore, max_networks: int = 0, device: str 
     return packs, sum(1 for s in grid.specs if s.network_id in done)
 
 
+def pack_threads(cpus_per_pack: float) -> int:
+    """torch's intra-op threads for one pack: its CPU share (``resources.cpu`` or
+    ``--cpus-per-pack``), at least 1. Both runners set it, from this one rule: on the CPU a
+    network's numbers depend on the thread count (parallel reductions split differently;
+    measured: accuracy 0.0008 apart after 60 LeNet-5 iterations, 1 vs 2 threads), so the
+    thread count is part of what a spec means, never the machine's core count. Rows record
+    it (``device`` column, e.g. ``cpu, 2 threads``)."""
+    return max(1, int(cpus_per_pack))
+
+
+def pack_resources(grid: Grid, cpus_per_pack: float | None, gpus_per_pack: float | None) -> tuple[float, float]:
+    """The CPUs and GPUs per pack: the option when given, else the grid's ``resources``."""
+    cpu = grid.cpu_per_pack if cpus_per_pack is None else cpus_per_pack
+    gpu = grid.gpu_per_pack if gpus_per_pack is None else gpus_per_pack
+    for flag, value in (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu)):
+        if value < 0:
+            raise SweepError(f"{flag} {value:g}: cannot be negative")
+    return cpu, gpu
+
+
 def pack_memory_bytes(gpus_per_pack: float, gpu_memory_gb: float | None) -> int | None:
     """GPU memory one pack may use: its share of the GPU (``--gpu-memory-gb``, else the
     driver's own GPU when it has one; None: unknown, ``sweep.core.plan`` assumes a small GPU)."""
@@ -85,10 +107,9 @@ def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
     Pure (no store, no Ray), so it runs before anything is created. The grid's own
     values are checked by ``sweep.core.grid``; these messages name the command-line option.
     """
-    cpu = grid.cpu_per_pack if options.cpus_per_pack is None else options.cpus_per_pack
-    gpu = grid.gpu_per_pack if options.gpus_per_pack is None else options.gpus_per_pack
-    counts = (("--cpus-per-pack", cpu), ("--gpus-per-pack", gpu), ("--max-concurrent", options.max_concurrent),
-              ("--retries", options.retries), ("--max-networks", options.max_networks))
+    cpu, gpu = pack_resources(grid, options.cpus_per_pack, options.gpus_per_pack)
+    counts = (("--max-concurrent", options.max_concurrent), ("--retries", options.retries),
+              ("--max-networks", options.max_networks))
     for flag, value in counts:
         if value < 0:
             raise SweepError(f"{flag} {value:g}: cannot be negative")
@@ -117,10 +138,15 @@ def check_kernels(grid: Grid, kernels: str, device: str) -> None:
 
 
 def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_SECONDS) -> None:
-    """A cluster address that answers; Ray's own connect waits minutes for one that does not.
+    """A cluster address that answers as Ray does, within ``timeout_s`` in all; Ray's own
+    connect waits minutes for one that does not.
 
-    ``host:port`` and ``ray://host:port`` are tried with a TCP connect; ``auto`` and
-    ``local`` are Ray's to resolve.
+    ``host:port`` (Ray's GCS) and ``ray://host:port`` (Ray Client) are gRPC servers: after
+    a TCP connect they are sent HTTP/2's client preface and must answer with a SETTINGS
+    frame, as every HTTP/2 server does at once (RFC 9113, 3.4). A port that accepts TCP and
+    then stays silent, or answers anything else (an HTTP/1 server, SSH, a database), is
+    refused. With ``RAY_USE_TLS`` set only the TCP connect is tried (the server expects a
+    TLS handshake first). ``auto`` and ``local`` are Ray's to resolve.
     """
     if not address or address in ("auto", "local"):
         return
@@ -128,12 +154,47 @@ def check_address(address: str | None, timeout_s: float = ADDRESS_TIMEOUT_SECOND
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
         raise SweepError(f"--address {address!r}: expected host:port, ray://host:port, auto or local")
+    deadline = time.monotonic() + timeout_s
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s) as sock:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("0", "false", ""):
+                why = _http2_answer(sock, deadline, timeout_s)
+                if why is not None:
+                    raise SweepError(f"{address} is not a Ray cluster: {why} (a Ray GCS or Ray Client port answers "
+                                     f"gRPC at once); check the host and port of `ray start --head`")
     except OSError as exc:
         raise SweepError(f"cannot reach the Ray cluster at {address} within {timeout_s:g} s: "
                          f"{exc.strerror or exc}; is `ray start --head` running there?") from None
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_SETTINGS = 0x4  # frame type
+HTTP2_EMPTY_SETTINGS = bytes([0, 0, 0, HTTP2_SETTINGS, 0, 0, 0, 0, 0])  # length 0, no flags, stream 0
+
+
+def _http2_answer(sock: socket.socket, deadline: float, timeout_s: float) -> str | None:
+    """None if the peer answers HTTP/2's client preface with a SETTINGS frame before the
+    deadline, else what it did instead."""
+    sock.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+    head = b""
+    while len(head) < 9:  # a frame header: 3 bytes length, type, flags, 4 bytes stream id
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return (f"it accepted a connection but answered nothing within {timeout_s:g} s" if not head
+                    else "it sent an incomplete answer")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(9 - len(head))
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            return f"it closed the connection ({exc.strerror or exc})"
+        if not chunk:
+            return "it closed the connection without answering" if not head else "it sent an incomplete answer"
+        head += chunk
+    if head[3] != HTTP2_SETTINGS or head[5:9] != bytes(4):
+        return f"it answered {head[:9]!r}, not HTTP/2"
+    return None
 
 
 def _check_device(device: str, gpu: float) -> None:
@@ -153,6 +214,13 @@ def preflight(grid: Grid, store: ResultStore, data_dir: str | None) -> dict[str,
     Returns the grid's datasets by name, loaded (an in-process runner can reuse them).
     """
     store.check_writable()
+    # A network damaged in any table is not stored: training around it would leave it so.
+    # The saved grid is left out: this run saves it again.
+    store.check_intact(grids=False)
+    # Readers already ignore uncommitted files. What a dead writer of this host left goes at
+    # once; anything else only when old, so a second sweep writing to the same store is
+    # never disturbed mid-write.
+    store.cleanup_uncommitted(min_age_s=CLEANUP_MIN_AGE_SECONDS)
     # Here, not at the top: `sweep expand` imports this module and must not wait for torch.
     from workers.datasets import load_dataset
 

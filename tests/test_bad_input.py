@@ -334,3 +334,70 @@ def test_a_cluster_address_that_does_not_answer_is_a_clear_error(tmp_path, addre
     res = sweep("run", str(grid_file(tmp_path)), "--store", str(tmp_path / "s"), "--address", address)
     assert_refused(res, f"cannot reach the Ray cluster at {address}")
     assert_nothing_started(tmp_path / "s")
+
+
+@pytest.fixture
+def not_ray():
+    """Ports that accept TCP but are no Ray: one silent (a listener that never answers; the
+    probe's 209 s hang), one answering as an HTTP/1 server would. Yields {kind: port}."""
+    import socket
+    import threading
+
+    socks, conns, stop = [], [], threading.Event()
+
+    def listener(reply: bytes | None) -> int:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        s.settimeout(0.2)
+        socks.append(s)
+
+        def serve() -> None:
+            while not stop.is_set():
+                try:
+                    c, _ = s.accept()
+                except OSError:
+                    continue
+                conns.append(c)  # kept open: silence, not a closed connection
+                if reply is not None:
+                    c.sendall(reply)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return s.getsockname()[1]
+
+    yield {"silent": listener(None), "http1": listener(b"HTTP/1.1 400 Bad Request\r\n\r\n")}
+    stop.set()
+    for s in socks + conns:
+        s.close()
+
+
+@pytest.mark.parametrize("kind", ["silent", "http1"])
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_address_that_accepts_tcp_but_is_not_ray_is_refused_within_10_s(tmp_path, not_ray, kind, scheme):
+    import time
+
+    from sweep.prepare import ADDRESS_TIMEOUT_SECONDS
+
+    address = f"{scheme}127.0.0.1:{not_ray[kind]}"
+    t0 = time.monotonic()
+    res = sweep("run", str(grid_file(tmp_path)), "--store", str(tmp_path / "s"), "--address", address)
+    seconds = time.monotonic() - t0
+    assert_refused(res, f"{address} is not a Ray cluster")
+    assert res.stderr.strip().count("\n") == 0, res.stderr
+    assert_nothing_started(tmp_path / "s")
+    # The check itself is bounded by ADDRESS_TIMEOUT_SECONDS; the rest is the command's start.
+    assert seconds < ADDRESS_TIMEOUT_SECONDS + 30, seconds
+    if kind == "silent":
+        assert f"answered nothing within {ADDRESS_TIMEOUT_SECONDS:g} s" in res.stderr
+
+
+def test_the_address_check_keeps_its_time_bound(not_ray):
+    import time
+
+    from sweep.prepare import SweepError, check_address
+
+    for kind in ("silent", "http1"):
+        t0 = time.monotonic()
+        with pytest.raises(SweepError, match="is not a Ray cluster"):
+            check_address(f"127.0.0.1:{not_ray[kind]}", timeout_s=1.0)
+        assert time.monotonic() - t0 < (2.0 if kind == "silent" else 0.5)

@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from sweep.core.grid import expand
@@ -274,36 +275,85 @@ def _tiny_mnist(mnist) -> ArrayDataset:
                         test_x=mnist.test_x[:24], test_y=mnist.test_y[:24], num_classes=10, source="mnist[:400]")
 
 
-def _trained(pack: Pack, ds: ArrayDataset, kernels: str, **kw):
-    states: dict[str, dict[str, torch.Tensor]] = {}
+def _float64_models(monkeypatch) -> None:
+    """run_pack's grouped models in float64 (inputs cast on the way in; the loss still sees
+    fp32 logits, whose rounding, 6e-8 relative, is far below the tolerances below)."""
+    from workers import run_pack as rp
+
+    original = rp._new_model
+
+    def new_model(*args, **kwargs):  # noqa: ANN002, ANN003
+        model = original(*args, **kwargs).double()
+        forward = model.forward
+        model.forward = lambda x, *a, **k: forward(x.double(), *a, **k)
+        return model
+
+    monkeypatch.setattr(rp, "_new_model", new_model)
+
+
+def _trained_from(pack: Pack, ds: ArrayDataset, kernels: str, **kw):
+    """Like ``_trained``, with each member's weights at the start of training too."""
+    start: dict[str, dict[str, torch.Tensor]] = {}
+    end: dict[str, dict[str, torch.Tensor]] = {}
 
     def observe(plan, model, when):  # noqa: ANN001
-        if when == "end":
-            states.update({s.network_id: model.member_state(i) for i, s in enumerate(plan.specs)})
+        into = start if when == "start" else end
+        into.update({s.network_id: model.member_state(i) for i, s in enumerate(plan.specs)
+                     if when == "end" or s.network_id not in start})
 
     result = run_pack(pack, None, dataset=ds, kernels=kernels, observer=observe, **kw)
-    return result, states
+    return result, start, end
 
 
-def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist) -> None:
-    """run_pack on the fused LeNet-5 (batch tables, device counters, fused SGD): a member
-    trained in a pack equals it trained alone bit for bit, and the weights after four steps
-    equal the grouped reference path's within float32 summation-order error."""
+# Against the float64 reference, each tensor's error after the test's 4 SGD steps is measured
+# relative to how far those steps moved it (Frobenius norms): ||got - ref|| <= 2e-2 ||ref - init||.
+# Rounding alone gives at most 1e-5 of that (measured on the CPU, 1 or 2 threads). Another
+# summation order (2 CPU threads for the grouped path, or cuBLAS / cuDNN picking another
+# algorithm for another batch count) can move a pooling argmax between two near-equal cells:
+# measured once at 2e-3 for conv1.weight and conv2.weight (7e-4 of conv2.weight's largest
+# value, element-wise: why the bound is not element-wise).
+# A wrong gradient moves a tensor's update by its own order of magnitude.
+UPDATE_RTOL = 2e-2
+
+
+def _close_to(got: torch.Tensor, want: torch.Tensor, init: torch.Tensor, msg: str) -> None:
+    got, want, init = (t.double().cpu() for t in (got, want, init))
+    moved = (want - init).norm().item()
+    err = (got - want).norm().item()
+    assert moved > 0, f"{msg}: the steps did not move it"
+    assert err <= UPDATE_RTOL * moved, f"{msg}: error {err:.3g} = {err / moved:.2e} of the update {moved:.3g}"
+
+
+def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist, monkeypatch) -> None:
+    """run_pack on the fused LeNet-5 (batch tables, device counters, fused SGD): a member's
+    weights after four steps, trained in a pack and trained alone, and the grouped fp32 path's,
+    all equal a float64 reference run of the grouped path within ``UPDATE_RTOL``. Under Triton's
+    interpreter a member in a pack also equals it alone bit for bit (the kernels do the same
+    work per member whatever P is); on a GPU cuBLAS may pick another batched-GEMM algorithm
+    for another batch count, so only the float64 comparison is asked there."""
     g = expand({"name": "fast", "dataset": "mnist", "model": "lenet5",
                 "recipe": {"preset": "buda_mnist", "iters": 4, "batch_size": 8}, "max_per_class": 40,
                 "imbalance": {"step": {"rho": [4], "mu": [0.5]}}, "methods": ["baseline", "oversampling"],
                 "repeats": 1, "seed": 3})
     ds = _tiny_mnist(mnist)
     pack, one = Pack(g.specs), Pack(g.specs[1:])
-    fused_result, fused = _trained(pack, ds, "fused")
-    _, alone = _trained(one, ds, "fused")
-    _, grouped = _trained(pack, ds, "grouped")
+    fused_result, init, fused = _trained_from(pack, ds, "fused")
+    _, _, alone = _trained_from(one, ds, "fused")
+    _, _, grouped = _trained_from(pack, ds, "grouped")
+    with monkeypatch.context() as m:
+        _float64_models(m)
+        _, init64, ref = _trained_from(pack, ds, "grouped", device="cpu")
     member = g.specs[1].network_id
-    for name, v in fused[member].items():
-        assert torch.equal(v, alone[member][name]), name
     for nid in fused:
         for name, v in fused[nid].items():
-            torch.testing.assert_close(v, grouped[nid][name], rtol=1e-4, atol=1e-6, msg=name)
+            assert ref[nid][name].dtype == torch.float64, name
+            assert torch.equal(init64[nid][name], init[nid][name].double()), name  # the same start
+            _close_to(v, ref[nid][name], init[nid][name], f"fused {nid} {name}")
+            _close_to(grouped[nid][name], ref[nid][name], init[nid][name], f"grouped {nid} {name}")
+    for name, v in alone[member].items():
+        _close_to(v, ref[member][name], init[member][name], f"alone {name}")
+        if fk.INTERPRETED:
+            assert torch.equal(v, fused[member][name]), name
     assert all(r["device"].endswith(", fused kernels (float32)") for r in fused_result.tables["trials"])
     assert all(r["status"] == "ok" for r in fused_result.tables["trials"])
 
@@ -313,13 +363,28 @@ def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist) -> None:
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
+@pytest.fixture
+def cudnn_deterministic():
+    """Bit for bit needs deterministic cuDNN weight-gradient algorithms; restored after."""
+    saved = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True
+    yield
+    torch.backends.cudnn.deterministic = saved
+
+
+def _assert_captured(state, caplog, what: str) -> None:
+    """A failed capture steps eagerly and only logs a warning: here it fails, with the reason."""
+    reasons = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    assert state.step_mode == "graph", f"{what}: the step was not captured as a CUDA graph: {reasons or 'no reason logged'}"
+
+
 @cuda
 @pytest.mark.parametrize("fused", [False, True])
-def test_graph_replay_equals_eager_steps(fused: bool) -> None:
+def test_graph_replay_equals_eager_steps(fused: bool, cudnn_deterministic, caplog) -> None:
     """The captured step, replayed, gives the eager step's numbers bit for bit (grouped and
     fused LeNet-5, DRW switching at a device counter, augmentation)."""
+    caplog.set_level(logging.INFO, logger="workers.step_graph")
     dev = torch.device("cuda")
-    torch.backends.cudnn.deterministic = True  # bit for bit: no nondeterministic weight-gradient algorithms
     x, y = (t.to(dev) for t in _data())
     transform = stack_transforms([InputTransform("scale", None)] * P).to(dev)
     iters = 120
@@ -340,13 +405,28 @@ def test_graph_replay_equals_eager_steps(fused: bool) -> None:
 
     eager_state, eager = run(False)
     graph_state, graphed = run(True)
-    assert eager_state.step_mode == "eager" and graph_state.step_mode == "graph"
+    assert eager_state.step_mode == "eager"
+    _assert_captured(graph_state, caplog, "fused" if fused else "grouped")
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         assert torch.equal(a, b), name
 
 
 @cuda
-def test_head_only_fused_bf16_graph_evaluates_the_weights_it_trained() -> None:
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_benchmarked_fused_step_is_captured(precision: str, caplog) -> None:
+    """The fast path as bench_packed's (e) runs it (batch 64, the buda_mnist recipe, a pack of
+    256) is captured as one CUDA graph; a capture that fails fails here, with its reason."""
+    from bench.bench_packed import Bench
+
+    caplog.set_level(logging.INFO, logger="workers.step_graph")
+    b = Bench("lenet5", 256, torch.device("cuda"), precision, kernels="fused", graph=True)
+    state = train_stage(b.model, b.samplers, b.x, b.y, b.transform, b.loss, b.cfg(8))
+    _assert_captured(state, caplog, f"fused {precision}, P=256")
+    assert all(torch.isfinite(p).all() for p in b.model.parameters())
+
+
+@cuda
+def test_head_only_fused_bf16_graph_evaluates_the_weights_it_trained(caplog) -> None:
     """A head-only stage on the fused model in bf16 steps the head with PackedSGD, whose
     writes no replay's version counter follows: the curves measured between replays and the
     weights after the stage equal the eager run's."""
@@ -366,8 +446,148 @@ def test_head_only_fused_bf16_graph_evaluates_the_weights_it_trained() -> None:
         state = train_stage(model, _samplers(600), x, y, transform, _loss().to(dev), cfg)
         return state, model
 
+    caplog.set_level(logging.INFO, logger="workers.step_graph")
     (eager_state, eager), (graph_state, graphed) = run(False), run(True)
-    assert graph_state.step_mode == "graph"
+    _assert_captured(graph_state, caplog, "head-only fused bf16")
     assert [c["loss"] for c in graph_state.curves] == [c["loss"] for c in eager_state.curves]
     for (name, a), b in zip(eager.state_dict().items(), graphed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+# -- the fused kernels in bf16 against float64 references (need a GPU) ---------------------
+# Triton's interpreter mishandles bf16, so these run only where CUDA is. The references are
+# float64 computations on the very bf16 values the kernels read (images, weights rounded to
+# bf16 as the kernels round them in registers, upstream gradients), so what is left is the
+# kernels' fp32 accumulation (products of two bf16 values are exact in fp32) and the rounding
+# of a bf16 output: tolerances below. Where pooling takes a maximum, the reference takes the
+# cell the kernel chose (its argmax), after checking that cell is a maximum up to rounding;
+# near-equal cells may then differ between fp32 and float64 without any error of the kernel.
+
+gpu_bf16 = pytest.mark.skipif(not torch.cuda.is_available(),
+                              reason="bf16 kernels are checked on a GPU only (Triton's interpreter mishandles bf16)")
+BF16_ULP = 2.0 ** -8  # bf16 keeps 8 significant bits: one rounding is at most half this, relative
+ACC = 1e-4  # fp32 accumulation over at most 1,250 products, of the largest value
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16)
+
+
+def _members_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per member conv2d (float64): x [P, B, C, H, W], w [P, O, C, k, k], b [P, O]."""
+    p, n, c, h, wd = x.shape
+    z = F.conv2d(x.transpose(0, 1).reshape(n, p * c, h, wd), w.reshape(-1, *w.shape[2:]), b.reshape(-1), groups=p)
+    return z.reshape(n, p, -1, *z.shape[-2:]).transpose(0, 1)
+
+
+def _cells(z: torch.Tensor) -> torch.Tensor:
+    """[..., H', W'] -> [..., H'//2, W'//2, 4]: each 2x2 window's cells dy*2 + dx (floor mode)."""
+    hp, wp = z.shape[-2] // 2, z.shape[-1] // 2
+    z = z[..., :2 * hp, :2 * wp].unflatten(-2, (hp, 2)).unflatten(-1, (wp, 2))  # [..., hp, 2, wp, 2]
+    return z.movedim(-3, -2).flatten(-2)
+
+
+def _assert_within(got: torch.Tensor, want: torch.Tensor, rtol: float, of_max: float, what: str) -> None:
+    got, want = got.double().cpu(), want.double().cpu()
+    atol = of_max * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@gpu_bf16
+@pytest.mark.parametrize("c_in, c_out, side", [(1, 20, 28), (20, 50, 12), (3, 5, 9)])
+def test_bf16_conv_pool_kernels_against_float64(c_in: int, c_out: int, side: int) -> None:
+    """conv_pool_forward, conv_pool_grad_weight and conv_pool_grad_input in bf16 (LeNet's two
+    layers and an odd size) against float64 autograd of the same function.
+
+    Tolerances: pooled values within one bf16 rounding (2^-8 relative) plus ACC of the largest;
+    the weight gradient (fp32 out) within ACC of the largest, 1e-3 relative; the input gradient
+    (bf16 out) within one bf16 rounding plus ACC of the largest."""
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(21 + c_in)
+    p, n = 3, 5
+    x = _bf16(torch.randn(p, n, c_in, side, side, generator=g)).to(dev)
+    w = (0.2 * torch.randn(p, c_out, c_in, 5, 5, generator=g)).to(dev)
+    b = (0.1 * torch.randn(p, c_out, generator=g)).to(dev)
+    y, arg = fk.conv_pool_forward(x, w, b)
+    assert y.dtype == torch.bfloat16 and arg.dtype == torch.int8
+    gy = _bf16(torch.randn(y.shape, generator=g)).to(dev)
+    gw = fk.conv_pool_grad_weight(x, gy, arg, w.shape)
+    gx = fk.conv_pool_grad_input(w, gy, arg, x.shape, x.dtype)
+    assert gw.dtype == torch.float32 and gx.dtype == torch.bfloat16
+
+    x64 = x.double().cpu().requires_grad_()
+    w64 = _bf16(w).double().cpu().requires_grad_()  # the kernels read the weights rounded to bf16
+    b64 = b.double().cpu().requires_grad_()
+    cells = _cells(_members_conv(x64, w64, b64))  # [P, B, O, hp, wp, 4]
+    chosen = cells.gather(-1, arg.long().cpu()[..., None]).squeeze(-1)
+    best = cells.amax(-1)
+    assert (best - chosen).max().item() <= ACC * best.abs().max().item(), "the kernel's argmax is not a maximum"
+    _assert_within(y, chosen, BF16_ULP, ACC, "pooled values")
+    want_gx, want_gw = torch.autograd.grad(chosen, (x64, w64), gy.double().cpu())
+    _assert_within(gw, want_gw, 1e-3, ACC, "weight gradient")
+    _assert_within(gx, want_gx, BF16_ULP, ACC, "input gradient")
+
+
+@gpu_bf16
+def test_bf16_fused_model_gradients_against_float64() -> None:
+    """Every parameter gradient of the fused LeNet-5 in bf16 (conv kernels, fc layers on the
+    16-bit copy, loss) against a float64 LeNet5 on the same weights and images.
+
+    Whole-model bf16 error is not one rounding: 16-bit activations move pooling argmaxes
+    between near-equal cells and LeNet's conv gradients are sums with much cancellation. So,
+    as the fp16 test of tests/test_fused_lenet.py does, the bound is PyTorch's own bf16 path
+    on the same model (autocast(bfloat16), cuDNN and cuBLAS) measured against the same float64
+    reference: the fused model's error, of the largest float64 value, at most twice autocast's
+    plus 1e-2; logits within 3e-2 of the largest float64 logit."""
+    from workers.fused_lenet import FusedLeNet5
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(31)
+    members, batch = 4, 16
+    ref = LeNet5(members)
+    ref.reset_parameters("xavier", [40 + q for q in range(members)])
+    with torch.no_grad():
+        for m in (ref.conv1, ref.conv2, ref.fc1, ref.fc2):
+            m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    x = torch.randn(members, batch, 1, 28, 28, generator=g)
+    y = torch.randint(0, K, (members, batch), generator=g)
+
+    def loss(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().transpose(1, 2), y.to(logits.device), reduction="none").mean(1).sum()
+
+    def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: q.grad.detach().double().cpu() for name, q in model.named_parameters()}
+
+    ref64 = LeNet5(members).double()
+    ref64.load_state_dict({k: v.double() for k, v in ref.state_dict().items()})
+    _, logits64 = ref64(x.double())
+    F.cross_entropy(logits64.transpose(1, 2), y, reduction="none").mean(1).sum().backward()
+    want = grads(ref64)
+
+    fused = FusedLeNet5.from_lenet(ref.to(dev), compute_dtype=torch.bfloat16)
+    _, logits = fused(x.to(dev))
+    assert logits.dtype == torch.bfloat16
+    loss(logits).backward()
+    got = grads(fused)
+
+    stock = LeNet5(members).to(dev)
+    stock.load_state_dict(ref.state_dict())
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, stock_logits = stock(x.to(dev))
+    loss(stock_logits).backward()
+    theirs = grads(stock)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+
+    assert rel(logits, logits64.detach()) <= 3e-2
+    assert list(got) == list(want)
+    for name in want:
+        err, bound = rel(got[name], want[name]), 2 * rel(theirs[name], want[name]) + 1e-2
+        assert err <= bound, f"{name}: {err:.2e} > {bound:.2e} (autocast bf16: {rel(theirs[name], want[name]):.2e})"
+
+
+def test_cudnn_deterministic_is_left_as_it_was() -> None:
+    """Runs last in this module: no test above leaves cuDNN's deterministic flag set for the rest
+    of the run (the graph-replay test sets it through a fixture that restores it)."""
+    assert torch.backends.cudnn.deterministic is False

@@ -93,7 +93,8 @@ def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbe
 
     with pytest.raises(_Killed):
         run_pack(pack, store, dataset=small_mnist, progress=die)
-    assert [p.name for p in (tmp_path / "store" / "_checkpoints").iterdir()] == [f"{pack.pack_id}.pt"]
+    assert sorted(p.name for p in (tmp_path / "store" / "_checkpoints").iterdir()) == [
+        f"{pack.pack_id}.json", f"{pack.pack_id}.pt"]  # the checkpoint and its checksum record
     assert store.completed_trial_ids() == set()
     result = run_pack(pack, store, dataset=small_mnist)
     assert result.resumed_from_iter == 20
@@ -115,6 +116,35 @@ def test_checkpoints_of_another_pack_or_damaged_ones_are_ignored(small_mnist, tm
     ckpt.write_bytes(b"not a checkpoint")
     result = run_pack(pack, store, dataset=small_mnist)
     assert result.resumed_from_iter == 0 and not ckpt.exists()
+
+
+def test_a_checkpoint_with_one_flipped_byte_is_refused_by_name_and_the_pack_starts_over(small_mnist, tmp_path,
+                                                                                        caplog):
+    """A flipped weight byte still unpickles: without its checksum the pack would go on from
+    different weights and store different numbers, with nothing logged."""
+    g = expand({**GRID, "methods": ["baseline"], "repeats": 1})
+    pack = Pack(g.specs)
+    reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
+    store = ResultStore(str(tmp_path / "store"))
+
+    def die(fraction, phase):
+        if fraction >= 0.5:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        run_pack(pack, store, dataset=small_mnist, progress=die)
+    ckpt = tmp_path / "store" / "_checkpoints" / f"{pack.pack_id}.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) * 3 // 4] ^= 0x01
+    ckpt.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="workers.checkpoint"):
+        result = run_pack(pack, store, dataset=small_mnist)
+    assert result.resumed_from_iter == 0
+    assert any(str(ckpt) in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
+    by_id = {r["trial_id"]: r for r in result.tables["trials"]}
+    for r in reference:  # started over: the numbers of a run never stopped
+        assert by_id[r["trial_id"]]["accuracy"] == r["accuracy"]
+    assert not list((tmp_path / "store" / "_checkpoints").iterdir())
 
 
 # -- Ray ---------------------------------------------------------------------------------

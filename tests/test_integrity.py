@@ -27,8 +27,8 @@ def _write(store: ResultStore, pack: str, nets: list[str], auc: float = 0.987) -
     store.write_pack(pack, "g", {"trials": trials, "class_metrics": classes})
 
 
-def _file(root: Path, table: str, pack: str) -> Path:
-    (path,) = (root / table / "grid=g").glob(f"{pack}-*.parquet")
+def _file(root: Path, table: str, pack: str, grid: str = "g") -> Path:
+    (path,) = (root / table / f"grid={grid}").glob(f"{pack}-*.parquet")
     return path
 
 
@@ -107,6 +107,7 @@ def test_a_file_without_manifest_is_checked_for_readability(tmp_path: Path) -> N
     _write(ResultStore(str(root)), "p", ["n1"])
     for m in (root / "_manifests").rglob("*.json"):
         m.unlink()
+    (root / "_format.json").unlink()  # what a store of 2026-11 looks like
     assert ResultStore(str(root)).verify() == []
     path = _file(root, "trials", "p")
     path.write_bytes(path.read_bytes()[:100])
@@ -185,8 +186,8 @@ def test_a_checkpoint_that_cannot_be_written_costs_time_not_the_pack(tmp_path: P
     from sweep.core.plan import Pack
     from workers.run_pack import run_pack
 
-    def full(obj, path):
-        Path(path).write_bytes(b"partial")  # what a full disk leaves: a started temporary
+    def full(obj, fh):
+        fh.write(b"partial")  # what a full disk leaves: a started temporary
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", full)
@@ -198,3 +199,117 @@ def test_a_checkpoint_that_cannot_be_written_costs_time_not_the_pack(tmp_path: P
     assert result.networks == 1 and result.failed == 0
     assert len(store.read_table("trials")) == 2
     assert list((tmp_path / "s" / "_checkpoints").iterdir()) == []  # no orphan temporaries
+
+
+# -- the manifest is the commit (issue 22) ---------------------------------------------
+
+def _drop_forged_trials(root: Path, name: str) -> Path:
+    """A Parquet file put into trials/ by hand: every AUC 0.5, no manifest names it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = root / "trials" / "grid=g" / name
+    pq.write_table(pa.table({"trial_id": ["t-n1", "t-n2"], "network_id": ["n1", "n2"], "status": ["ok"] * 2,
+                             "roc_auc": [0.5, 0.5]}), path)
+    return path
+
+
+def test_a_file_no_manifest_names_is_never_read_and_verify_lists_and_cleans_it(tmp_path: Path) -> None:
+    from sweep.store.compact import compact_store
+    from sweep.store.paths import new_attempt
+
+    root = tmp_path / "s"
+    _write(ResultStore(str(root)), "good", ["n1", "n2"])
+    forged = _drop_forged_trials(root, f"forged-{new_attempt()}.parquet")
+    store = ResultStore(str(root))
+    assert set(store.read_table("trials")["roc_auc"]) == {0.987}
+    assert query(str(root), "select min(roc_auc) as lo from trials")["lo"][0] == 0.987
+    out = CliRunner().invoke(cli, ["verify", str(root)])
+    assert out.exit_code == 1 and str(forged) in out.output and "no commit names" in out.output
+    compact_store(str(root), str(tmp_path / "c"))
+    assert set(ResultStore(str(tmp_path / "c")).read_table("trials")["roc_auc"]) == {0.987}
+    assert CliRunner().invoke(cli, ["verify", str(tmp_path / "c")]).exit_code == 0
+    cleaned = CliRunner().invoke(cli, ["verify", str(root), "--clean"])
+    assert "removed 1 file(s)" in cleaned.output and cleaned.exit_code == 0, cleaned.output
+    assert not forged.exists() and len(ResultStore(str(root)).read_table("trials")) == 2
+
+
+def test_deleting_a_manifest_uncommits_its_write(damaged) -> None:
+    """With its manifest gone, a write whose trials file has a flipped bit is not read as
+    "written before manifests": it is not committed, and verify says so."""
+    root, flipped, _ = damaged
+    (manifest,) = (root / "_manifests" / "grid=g").glob("flip-*.json")
+    manifest.unlink()
+    store = ResultStore(str(root), on_damage="skip")
+    assert "n3" not in set(store.read_table("trials")["network_id"])
+    assert str(flipped) in {f.path for f in store.leftovers()}
+    assert CliRunner().invoke(cli, ["verify", str(root)]).exit_code == 1
+
+
+def test_a_flipped_bit_in_a_saved_grid_is_reported_and_refused(tmp_path: Path) -> None:
+    from sweep.core.grid import load_grid
+
+    grid = tmp_path / "fix.yaml"
+    grid.write_text(yaml.safe_dump({**GRID, "repeats": 1}))
+    root = tmp_path / "s"
+    store = ResultStore(str(root))
+    store.save_grid(load_grid(grid))
+    (saved,) = store.saved_grids()
+    assert saved.file_hash == load_grid(grid).file_hash  # the grid as given, not its saved form
+    copy = root / "_grids" / "fix.yaml"
+    copy.write_bytes(copy.read_bytes().replace(b"repeats: 1", b"repeats: 3"))  # one bit: 0x31 -> 0x33
+    (d,) = ResultStore(str(root)).verify()
+    assert d.path == str(copy) and "checksum" in d.problem
+    assert CliRunner().invoke(cli, ["verify", str(root)]).exit_code == 1
+    with pytest.raises(StoreError, match="fix.yaml"):
+        ResultStore(str(root)).saved_grids()
+    for args in (["status", str(root)], ["resume", str(root)]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 1 and str(copy) in out.output, out.output
+
+
+def test_damage_outside_trials_counts_as_not_stored_everywhere(tmp_path: Path) -> None:
+    from sweep.core.grid import load_grid
+
+    grid_file = tmp_path / "fix.yaml"
+    grid_file.write_text(yaml.safe_dump(GRID))
+    grid = load_grid(grid_file)
+    root = tmp_path / "s"
+    store = ResultStore(str(root))
+    store.save_grid(grid)
+    nets = [s.network_id for s in grid.specs]
+    for i, n in enumerate(nets):
+        store.write_pack(f"p{i}", "fix", {
+            "trials": [{"trial_id": s.trial_id(e), "network_id": n, "status": "ok"}
+                       for s in grid.specs if s.network_id == n for e in s.evaluations],
+            "class_metrics": [{"trial_id": "x", "network_id": n, "class": 0, "accuracy": 0.9}]})
+    cut = _file(root, "class_metrics", "p0", "fix")
+    cut.write_bytes(cut.read_bytes()[:-40])
+    info = store_status(str(root))
+    assert info["totals"]["done"] == len(nets) - 1 and info["totals"]["pending"] == 1
+    text = CliRunner().invoke(cli, ["status", str(root)]).output
+    assert "DAMAGED" in text and "every network is stored" not in text
+    for args in (["run", str(grid_file), "--store", str(root), "-q"], ["resume", str(root), "-q"]):
+        out = CliRunner().invoke(cli, args)
+        assert out.exit_code == 1 and "damaged" in out.output and "--repair" in out.output, out.output
+
+
+def test_every_table_reads_one_write_per_network_when_the_latest_lacks_it(tmp_path: Path) -> None:
+    """Three writes of the same networks; the latest has no class_metrics. Only the second
+    write's class rows are read (not the first's and the second's together)."""
+    import datetime as dt
+
+    store = ResultStore(str(tmp_path))
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    for k, with_classes in enumerate([True, True, False]):
+        trials = [{"trial_id": f"t{i}", "network_id": f"n{i}", "status": "ok", "created_at": t0 + dt.timedelta(k)}
+                  for i in range(2)]
+        data = {"trials": trials}
+        if with_classes:
+            data["class_metrics"] = [{"trial_id": f"t{i}", "network_id": f"n{i}", "class": c, "accuracy": k}
+                                     for i in range(2) for c in range(3)]
+        store.write_pack("p", "g", data)
+    cm = store.read_table("class_metrics")
+    assert len(cm) == 6 and set(cm["accuracy"]) == {1}
+    sql = query(str(tmp_path), "select count(*) as n, min(accuracy) as lo from class_metrics")
+    assert sql["n"][0] == 6 and sql["lo"][0] == 1

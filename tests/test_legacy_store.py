@@ -79,3 +79,48 @@ def test_resume_trains_exactly_what_the_store_lacks(legacy: Path) -> None:
     assert len(after) == 10 + 5 and stored <= set(after["network_id"])
     packs_left, _ = plan_for(grid, store)
     assert sum(len(p.stored_specs) for p in packs_left) == len(planned) - 3
+
+
+SLICE = Path(__file__).resolve().parents[1] / "docs" / "results" / "buda_mnist_slice"
+
+
+def test_the_committed_slice_store_reads_verifies_clean_and_keeps_every_row() -> None:
+    """docs/results/buda_mnist_slice: compacted with a version-1 manifest (written before the
+    data files, trials renamed last). It is read through the legacy branch, unchanged."""
+    import pyarrow.parquet as pq
+
+    before = sorted((p.relative_to(SLICE), p.read_bytes()) for p in SLICE.rglob("*") if p.is_file())
+    store = ResultStore(str(SLICE))
+    for table in ("trials", "class_metrics"):
+        (path,) = (SLICE / table / "grid=buda_mnist").glob("*.parquet")
+        assert len(store.read_table(table)) == pq.read_metadata(path).num_rows > 0
+    assert store.verify() == [] and store.leftovers() == []
+    out = CliRunner().invoke(cli, ["verify", str(SLICE)])
+    assert out.exit_code == 0, out.output
+    assert [g.name for g in store.saved_grids()] == ["buda_mnist"]
+    after = sorted((p.relative_to(SLICE), p.read_bytes()) for p in SLICE.rglob("*") if p.is_file())
+    assert after == before  # reading and verifying wrote nothing
+
+
+def test_adopt_records_checksums_once_and_from_then_on_only_manifests_commit(legacy: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from sweep.store.paths import new_attempt
+
+    rows = {t: len(ResultStore(str(legacy)).read_table(t)) for t in ("trials", "class_metrics", "curves")}
+    out = CliRunner().invoke(cli, ["verify", str(legacy), "--adopt"])
+    assert out.exit_code == 0 and "adopted" in out.output, out.output
+    assert (legacy / "_format.json").exists() and list((legacy / "_manifests").rglob("*.json"))
+    again = CliRunner().invoke(cli, ["verify", str(legacy), "--adopt"])
+    assert "adopted 0" in again.output and again.exit_code == 0
+    store = ResultStore(str(legacy))
+    assert {t: len(store.read_table(t)) for t in rows} == rows
+    forged = legacy / "trials" / "grid=legacy" / f"forged-{new_attempt()}.parquet"
+    pq.write_table(pa.table({"trial_id": ["x"], "network_id": ["y"], "status": ["ok"]}), forged)
+    assert len(ResultStore(str(legacy)).read_table("trials")) == rows["trials"]
+    first = min(p for p in (legacy / "trials" / "grid=legacy").glob("*.parquet") if p != forged)
+    data = bytearray(first.read_bytes())
+    data[len(data) // 2] ^= 1
+    first.write_bytes(bytes(data))
+    assert [d.path for d in ResultStore(str(legacy)).verify()] == [str(first)]  # now checksummed

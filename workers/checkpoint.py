@@ -1,24 +1,34 @@
 """Pack checkpoints: one dataclass, one writer, one reader.
 
-Floor: workers (torch; imports sweep.core only). A pack saves its state every
-``checkpoint_every`` iterations to ``<store>/_checkpoints/<pack_id>.pt``, replaced
-atomically at every save, and removes it once its rows are stored. A checkpoint records
-its members: one whose members differ (another plan that happens to hash alike), that
-cannot be read, or that an older version wrote is ignored, so a checkpoint can cost time
-but never results. Stores that are not local filesystems get no checkpoints.
+Floor: workers (torch; imports sweep.core and sweep.store's paths, atomic writer and
+checksums). A pack saves its state every ``checkpoint_every`` iterations to
+``<store>/_checkpoints/<pack_id>.pt`` (sweep.store.paths), replaced atomically at every
+save, with the file's size and SHA-256 in ``<pack_id>.json`` beside it, and removes both
+once its rows are stored. A checkpoint records its members: one whose members differ
+(another plan that happens to hash alike), that cannot be read, whose checksum differs
+(a flipped weight byte would train on to different numbers), that has no record, or that
+an older version wrote is refused with its file name logged, and the pack starts over, so
+a checkpoint can cost time but never results. Stores that are not local filesystems get
+no checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from sweep.core.plan import Pack
+from sweep.store import paths
+from sweep.store.atomic import atomic_write
+from sweep.store.integrity import FileRecord, check_record, digest
 from workers.engine import StageSnapshot
 
 log = logging.getLogger(__name__)
@@ -50,29 +60,43 @@ class CheckpointFile:
         self.pack_id = pack.pack_id
         self.members = [s.network_id for s in pack.specs]
         local = store is not None and getattr(store, "is_local", True)
-        self.path = os.path.join(store.checkpoint_dir(), f"{self.pack_id}.pt") if local else None
+        self.path = paths.checkpoint_path(store.base_path, self.pack_id) if local else None
+        self.record = paths.checkpoint_record_path(self.path) if self.path else None
 
     def write(self, ckpt: PackCheckpoint) -> None:
-        if self.path is None:
+        if self.path is None or self.record is None:
             return
+        fs = pafs.LocalFileSystem()
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        # Per-process temp name: a stray duplicate of this pack cannot clobber our temp file.
-        tmp = os.path.join(os.path.dirname(self.path), f".{self.pack_id}.pt.{os.getpid()}.tmp")
         try:
-            torch.save({"format": FORMAT, "checkpoint": ckpt}, tmp)
-            os.replace(tmp, self.path)  # atomic: a crash mid-save keeps the previous checkpoint
+            # The record is replaced after the file: a crash in between leaves a record that
+            # does not match, and the checkpoint is refused (time lost, never results).
+            atomic_write(fs, self.path, lambda fh: torch.save({"format": FORMAT, "checkpoint": ckpt}, fh))
+            record = digest(fs, self.path)
+            atomic_write(fs, self.record, json.dumps(record.to_dict()).encode())
         except (OSError, RuntimeError) as e:  # costs time, never results (a full disk among them)
             log.warning("pack %s: checkpoint not saved to %s: %s", self.pack_id, self.path, e)
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
         else:
             log.info("pack %s: checkpoint at stage %d, iteration %d", self.pack_id, ckpt.stage, ckpt.iteration)
 
     def read(self) -> PackCheckpoint | None:
-        if self.path is None or not os.path.exists(self.path):
+        if self.path is None or self.record is None or not os.path.exists(self.path):
             return None
         try:
-            saved = torch.load(self.path, map_location="cpu", weights_only=False)
+            with open(self.record, "rb") as fh:
+                record = FileRecord.from_dict(json.loads(fh.read()))
+            with open(self.path, "rb") as fh:
+                raw = fh.read()
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("refusing checkpoint %s: no readable checksum record %s (%s); the pack starts over",
+                        self.path, self.record, e)
+            return None
+        problem = check_record(FileRecord.of_bytes(raw), record)
+        if problem is not None:
+            log.warning("refusing damaged checkpoint %s: %s; the pack starts over", self.path, problem)
+            return None
+        try:
+            saved = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
             ckpt = saved["checkpoint"] if saved.get("format") == FORMAT else None
         except Exception as e:  # a damaged checkpoint costs time, never results
             log.warning("ignoring unreadable checkpoint %s: %s", self.path, e)
@@ -88,7 +112,7 @@ class CheckpointFile:
         return ckpt
 
     def remove(self) -> None:
-        if self.path is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(self.path)
+        for path in (self.path, self.record):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)

@@ -29,6 +29,13 @@ Layouts under a data directory ``<dir>`` (torchvision's, so its downloads fit):
 - celeba:   ``<dir>/celeba/{img_align_celeba/*.jpg,list_attr_celeba.txt,list_eval_partition.txt}``
 - imagenet: ``<dir>/imagenet/{train,val}/<class>/*.{JPEG,jpg,png}``
 
+Every file is validated as it is read: a truncated or corrupt file, a header that
+does not match its body, images of the wrong shape, labels out of range or a pickle that
+holds anything but plain arrays raise :class:`DatasetError`, one line naming the file and
+what is wrong (the CLI prints it and exits 1). Pickles (``mnist.pkl.gz``, CIFAR-10's
+batches) are read by an unpickler that only builds numpy arrays, lists and dicts, so a
+foreign pickle cannot run code.
+
 Decoded arrays are cached as ``.npz`` under ``$SWEEP_CACHE_DIR`` (default
 ``~/.cache/imbalance-sweep``), keyed by the source files' path, size and mtime and by
 the loader's parameters, so a second process loads MNIST in well under a second. A
@@ -38,18 +45,22 @@ cache that cannot be read is logged, ignored and rewritten. Within one process,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
+import io
 import json
 import logging
+import math
 import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +105,11 @@ CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
 DEFAULT_CACHE_DIR = "~/.cache/imbalance-sweep"
 _MNIST_SHAPE = (1, 28, 28)
 _CIFAR_SHAPE = (3, 32, 32)
+# The image shape each fixed-format dataset's files must give (the others are resized).
+_FILE_SHAPES: dict[str, tuple[int, int, int]] = {"mnist": _MNIST_SHAPE, "cifar10": _CIFAR_SHAPE,
+                                                 "svhn": _CIFAR_SHAPE}
+MAX_IDX_IMAGES = 1_000_000  # MNIST has 60,000: a random header cannot ask for gigabytes
+_MESSAGE_CHARS = 300  # of a low-level error quoted in a DatasetError
 
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train_x, train_y, test_x, test_y
 
@@ -126,6 +142,10 @@ class ArrayDataset:
     def image_shape(self) -> tuple[int, int, int]:
         c, h, w = self.train_x.shape[1:]
         return int(c), int(h), int(w)
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset file is there but unusable; the one-line message names it and what is wrong."""
 
 
 class DatasetNotFound(UserError, FileNotFoundError):
@@ -382,39 +402,109 @@ def _download(name: str, root: Path) -> None:
 # -- readers (numpy in, numpy out) -------------------------------------------------------
 
 
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """An IDX file of unsigned bytes (LeCun's MNIST format): magic 0x0000 08 <ndim>."""
+@contextlib.contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn whatever a damaged ``path`` makes a reader raise into one DatasetError naming it."""
+    try:
+        yield
+    except DatasetError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError,
+            zlib.error, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:_MESSAGE_CHARS]
+        raise DatasetError(f"{path}: cannot be read as {what}, truncated or corrupt? ({detail})") from exc
+
+
+def _check_labels(path: Path, labels: np.ndarray, num_classes: int, count: int) -> np.ndarray:
+    """Labels as int64, one per image and each in 0..num_classes-1, or a DatasetError."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or len(y) != count:
+        raise DatasetError(f"{path}: {y.size} labels in shape {y.shape} for {count} images")
+    if y.dtype.kind not in "iuf":
+        raise DatasetError(f"{path}: labels are {y.dtype}, expected integers")
+    if y.size and not (np.issubdtype(y.dtype, np.integer) or np.array_equal(y, np.rint(y))):
+        raise DatasetError(f"{path}: labels are not whole numbers ({y.dtype})")
+    y = y.astype(np.int64)
+    if y.size and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DatasetError(f"{path}: labels outside 0..{num_classes - 1} (found {int(y.min())}..{int(y.max())})")
+    return y
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Builds numpy arrays, dtypes and scalars and plain containers; refuses anything else,
+    so a pickle that is not a dataset cannot run code while it is read."""
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocol 2 writes bytes this way
+    })
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, not to numpy arrays")
+        return super().find_class(module, name)
+
+
+def _load_pickle(f: io.BufferedIOBase, encoding: str) -> Any:
+    return _ArrayUnpickler(f, encoding=encoding).load()
+
+
+def _read_idx(path: Path, ndim: int, tail: tuple[int, ...] = ()) -> np.ndarray:
+    """An IDX file of unsigned bytes (LeCun's MNIST format): magic 0x0000 08 <ndim>, then
+    ``ndim`` big-endian sizes; ``tail`` is what every size but the first must be."""
+    head_len = 4 + 4 * ndim
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or data[3] != ndim:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimensions")
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims}, body has {body.size} bytes")
-    return body.reshape(dims)
+    with _reading(path, "an IDX file"), opener(path, "rb") as f:
+        head = f.read(head_len)
+        if len(head) < head_len or head[:2] != b"\0\0" or head[2] != 0x08 or head[3] != ndim:
+            raise DatasetError(f"{path}: not an IDX file of unsigned bytes with {ndim} dimensions")
+        dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        if tail and tuple(dims[1:]) != tail:
+            raise DatasetError(f"{path}: images of {'x'.join(map(str, dims[1:]))} pixels, expected "
+                               f"{'x'.join(map(str, tail))}")
+        if dims[0] > MAX_IDX_IMAGES:
+            raise DatasetError(f"{path}: header says {dims[0]:,} items, more than {MAX_IDX_IMAGES:,}")
+        size = math.prod(dims)
+        data = f.read(size + 1)  # one more: a body longer than its header says is damaged too
+    if len(data) != size:
+        raise DatasetError(f"{path}: header says {dims} ({size:,} bytes), body has "
+                           f"{'more' if len(data) > size else f'{len(data):,}'} bytes")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _read_mnist_idx(files: Sequence[Path]) -> _Arrays:
-    train_x, train_y = _read_idx(files[0], 3), _read_idx(files[1], 1)
-    test_x, test_y = _read_idx(files[2], 3), _read_idx(files[3], 1)
-    return (train_x[:, None].copy(), train_y.astype(np.int64),
-            test_x[:, None].copy(), test_y.astype(np.int64))
+    train_x, train_y = _read_idx(files[0], 3, _MNIST_SHAPE[1:]), _read_idx(files[1], 1)
+    test_x, test_y = _read_idx(files[2], 3, _MNIST_SHAPE[1:]), _read_idx(files[3], 1)
+    return (train_x[:, None].copy(), _check_labels(files[1], train_y, 10, len(train_x)),
+            test_x[:, None].copy(), _check_labels(files[3], test_y, 10, len(test_x)))
 
 
 def _pixels_from_unit_float(x: np.ndarray, where: Path) -> np.ndarray:
     """Float pixels k/256 (the deeplearning.net MNIST pickle) back to uint8 k, exactly."""
     k = np.rint(np.asarray(x, dtype=np.float64) * 256.0)
     if k.min(initial=0) < 0 or k.max(initial=0) > 255 or not np.array_equal(k / 256.0, x):
-        raise ValueError(f"{where}: pixels are not exact multiples of 1/256 in [0, 255/256]")
+        raise DatasetError(f"{where}: pixels are not exact multiples of 1/256 in [0, 255/256]")
     return k.astype(np.uint8)
 
 
 def _read_mnist_pickle(path: Path) -> _Arrays:
-    # A pickle runs code when loaded: only read files the user pointed us to.
-    with gzip.open(path, "rb") as f:
-        (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = pickle.load(f, encoding="latin1")
+    with _reading(path, "the MNIST pickle (gzip)"), gzip.open(path, "rb") as f:
+        doc = _load_pickle(f, "latin1")
+    pixels = math.prod(_MNIST_SHAPE)
+    try:
+        splits = [(np.asarray(x), np.asarray(y)) for x, y in doc]
+    except (TypeError, ValueError):
+        splits = []
+    if len(splits) != 3:
+        raise DatasetError(f"{path}: not the MNIST pickle: expected (train, valid, test) pairs of images and labels")
+    for (x, y), split in zip(splits, ("train", "valid", "test")):
+        if x.ndim != 2 or x.shape[1] != pixels or x.dtype.kind != "f":
+            raise DatasetError(f"{path}: {split} images are {x.dtype} {x.shape}, expected float (N, {pixels})")
+        _check_labels(path, y, 10, len(x))
+    (tr_x, tr_y), (va_x, va_y), (te_x, te_y) = splits
     # train (50k) + valid (10k) together are MNIST's original 60k training images.
     train_x = _pixels_from_unit_float(np.concatenate([tr_x, va_x]), path)
     test_x = _pixels_from_unit_float(te_x, path)
@@ -423,15 +513,24 @@ def _read_mnist_pickle(path: Path) -> _Arrays:
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    with _reading(path, "a CIFAR-10 batch"), open(path, "rb") as f:
+        batch = _load_pickle(f, "bytes")
     # The official batches have bytes keys; files re-pickled by Python 3 may have str keys.
-    data = batch.get(b"data", batch.get("data"))
-    labels = batch.get(b"labels", batch.get("labels"))
+    data = labels = None
+    if isinstance(batch, dict):
+        data = batch.get(b"data", batch.get("data"))
+        labels = batch.get(b"labels", batch.get("labels"))
     if data is None or labels is None:
-        raise ValueError(f"{path}: not a CIFAR-10 batch (no data/labels)")
-    x = np.asarray(data, dtype=np.uint8).reshape(-1, *_CIFAR_SHAPE)  # rows are R, G, B planes
-    return x, np.asarray(labels, dtype=np.int64)
+        raise DatasetError(f"{path}: not a CIFAR-10 batch (no data/labels)")
+    pixels = math.prod(_CIFAR_SHAPE)
+    with _reading(path, "a CIFAR-10 batch"):
+        raw = np.asarray(data)
+    if raw.ndim != 2 or raw.shape[1] != pixels or raw.dtype != np.uint8:
+        raise DatasetError(f"{path}: data is {raw.dtype} {raw.shape}, expected uint8 (N, {pixels})")
+    x = raw.reshape(-1, *_CIFAR_SHAPE)  # rows are R, G, B planes
+    with _reading(path, "a CIFAR-10 batch"):
+        y = np.asarray(labels)
+    return x, _check_labels(path, y, 10, len(x))
 
 
 def _read_cifar10(files: Sequence[Path]) -> _Arrays:
@@ -459,9 +558,16 @@ def first_per_class(labels: np.ndarray, per_class: int, num_classes: int) -> np.
 def _read_svhn_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     from scipy.io import loadmat  # scipy is only needed for SVHN
 
-    mat = loadmat(str(path))
-    x = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
-    y = np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+    with _reading(path, "an SVHN .mat file"):
+        mat = loadmat(str(path))
+        raw, labels = np.asarray(mat["X"]), np.asarray(mat["y"])
+    if raw.ndim != 4 or raw.shape[:3] != (32, 32, 3) or raw.dtype != np.uint8:
+        raise DatasetError(f"{path}: X is {raw.dtype} {raw.shape}, expected uint8 (32, 32, 3, N)")
+    x = np.ascontiguousarray(np.transpose(raw, (3, 2, 0, 1)))  # HWCN -> NCHW
+    y = labels.reshape(-1) if labels.size == len(x) else labels
+    y = _check_labels(path, y, 11, len(x)).copy()
+    if y.size and int(y.min()) < 1:
+        raise DatasetError(f"{path}: labels outside 1..10 (found {int(y.min())})")
     y[y == 10] = 0  # SVHN labels the digit 0 as 10
     return x, y
 
@@ -470,7 +576,10 @@ def _read_svhn(train: Path, test: Path, per_class: tuple[int, int]) -> _Arrays:
     arrays: list[np.ndarray] = []
     for path, n in ((train, per_class[0]), (test, per_class[1])):
         x, y = _read_svhn_mat(path)
-        keep = first_per_class(y, n, 10)
+        try:
+            keep = first_per_class(y, n, 10)
+        except ValueError as e:
+            raise DatasetError(f"{path}: {e}") from e
         arrays += [x[keep], y[keep]]
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
@@ -483,7 +592,7 @@ def _read_image(path: Path, side: int) -> np.ndarray:
     """
     from PIL import Image  # pillow comes with torchvision
 
-    with Image.open(path) as img:
+    with _reading(path, "an image"), Image.open(path) as img:
         img.draft("RGB", (side, side))
         img = img.convert("RGB")
         w, h = img.size
@@ -502,7 +611,7 @@ def _read_images(paths: Sequence[Path], side: int) -> np.ndarray:
 
 
 def _read_table(path: Path) -> list[list[str]]:
-    with open(path) as f:
+    with _reading(path, "a text table"), open(path) as f:
         return [line.split() for line in f if line.strip()]
 
 
@@ -510,9 +619,14 @@ def _read_celeba(
     attrs: Path, parts: Path, images: Path, per_class: tuple[int, int], side: int
 ) -> _Arrays:
     rows = _read_table(attrs)
-    names = rows[1]  # line 1: image count; line 2: the 40 attribute names
-    black, male = names.index("Black_Hair") + 1, names.index("Male") + 1  # +1: file name column
-    partition = {r[0]: int(r[1]) for r in _read_table(parts)}
+    with _reading(attrs, "CelebA's attribute list"):
+        names = rows[1]  # line 1: image count; line 2: the 40 attribute names
+        black, male = names.index("Black_Hair") + 1, names.index("Male") + 1  # +1: file name column
+        if any(len(r) <= max(black, male) for r in rows[2:]):
+            raise DatasetError(f"{attrs}: a row has fewer columns than the attribute names")
+    rows_parts = _read_table(parts)
+    with _reading(parts, "CelebA's partition list"):
+        partition = {r[0]: int(r[1]) for r in rows_parts}
     arrays: list[np.ndarray] = []
     for part, n in ((CELEBA_TRAIN_PARTITION, per_class[0]), (CELEBA_TEST_PARTITION, per_class[1])):
         rows_in = [r for r in rows[2:] if partition.get(r[0]) == part and r[black] == "1"]
@@ -520,7 +634,7 @@ def _read_celeba(
         try:
             keep = first_per_class(labels, n, 2)
         except ValueError as e:
-            raise ValueError(f"{attrs}: partition {part}, black-haired women (0) / men (1): {e}") from e
+            raise DatasetError(f"{attrs}: partition {part}, black-haired women (0) / men (1): {e}") from e
         arrays += [_read_images([images / rows_in[i][0] for i in keep], side), labels[keep]]
     return arrays[0], arrays[1], arrays[2], arrays[3]
 
@@ -531,7 +645,7 @@ def _image_files(folder: Path, classes: Sequence[str]) -> list[tuple[Path, int]]
     found = []
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         if d.name not in index:
-            raise ValueError(f"{d}: class folder not among the training classes")
+            raise DatasetError(f"{d}: class folder not among the training classes")
         found += [(p, index[d.name]) for p in sorted(d.iterdir())
                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
     return found
@@ -599,12 +713,40 @@ def _write_cache(path: Path, arrays: _Arrays) -> None:
             os.remove(tmp)
 
 
+def check_arrays(name: str, arrays: _Arrays, num_classes: int, source: str) -> None:
+    """Raise a DatasetError naming ``source`` unless the arrays are a usable dataset: uint8
+    images [N, C, H, W] of the dataset's shape, one int64 label in 0..num_classes-1 each,
+    at least one image per split."""
+    shape = _FILE_SHAPES.get(name)
+    for split, x, y in (("train", arrays[0], arrays[1]), ("test", arrays[2], arrays[3])):
+        if x.dtype != np.uint8 or x.ndim != 4 or (shape is not None and tuple(x.shape[1:]) != shape):
+            raise DatasetError(f"{source}: {split} images are {x.dtype} {x.shape}, expected uint8 "
+                               f"(N, {', '.join(map(str, shape or ('C', 'H', 'W')))})")
+        if len(x) == 0:
+            raise DatasetError(f"{source}: no {split} images")
+        if y.dtype != np.int64 or y.shape != (len(x),):
+            raise DatasetError(f"{source}: {split} labels are {y.dtype} {y.shape}, expected int64 ({len(x)},)")
+        if int(y.min()) < 0 or int(y.max()) >= num_classes:
+            raise DatasetError(f"{source}: {split} labels outside 0..{num_classes - 1} "
+                               f"(found {int(y.min())}..{int(y.max())})")
+    if arrays[0].shape[1:] != arrays[2].shape[1:]:
+        raise DatasetError(f"{source}: train images {arrays[0].shape[1:]} and test images "
+                           f"{arrays[2].shape[1:]} differ in shape")
+
+
 def _cached(name: str, found: _Found, root: Path) -> _Arrays:
     path = _cache_path(name, found, root)
     arrays = _read_cache(path)
     if arrays is not None:
-        log.debug("dataset %s from cache %s", name, path)
-        return arrays
-    arrays = found.read()
+        try:
+            check_arrays(name, arrays, found.num_classes, str(path))
+            log.debug("dataset %s from cache %s", name, path)
+            return arrays
+        except DatasetError as e:
+            log.warning("ignoring dataset cache %s (%s); rebuilding it", path, e)
+    # The readers name the file they choke on; this names the copy for anything they miss.
+    with _reading(Path(found.source), f"the {name} dataset"):
+        arrays = found.read()
+    check_arrays(name, arrays, found.num_classes, found.source)  # never cache a bad copy
     _write_cache(path, arrays)
     return arrays

@@ -32,9 +32,13 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
+    """What the rows' ``device`` column says: the GPU's name, or ``cpu, N threads``. On the
+    CPU the numbers depend on torch's thread count (``sweep.prepare.pack_threads``), so it
+    is recorded; on a GPU the arithmetic runs there and the CPU threads change nothing."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    return device.type
+    n = torch.get_num_threads()
+    return f"{device.type}, {n} thread{'s' if n != 1 else ''}"
 
 
 def set_precision(precision: str, dev: torch.device) -> torch.dtype | None:

@@ -153,13 +153,9 @@ def run_pack(
             if lease is not None:  # stored by another runner since this one planned
                 lease.release()
             return PackResult(pack.pack_id, {}, 0, 0, 0, 0.0, device_name(dev), skipped=True)
-
-        def progress_and_lease(fraction: float, phase: str, report: Progress | None = progress) -> None:
-            lease.refresh()
-            if report is not None:
-                report(fraction, phase)
-
-        progress = progress_and_lease
+        # A timer, not progress reports: evaluation, latent statistics and the write report
+        # nothing for minutes; the heartbeat stops in release().
+        lease.start_heartbeat()
     try:
         return _run_pack(pack, store, dev, autocast, fused, data_dir, grid_hash, progress, dataset, observer)
     finally:

@@ -22,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from sweep.core.catalog import DATASETS, DEFAULT_NORMALIZATION, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD
 from sweep.core.grid_checks import (
+    BOUNDS,
+    MAX_GRID_BYTES,
+    MAX_ITERS,
     MAX_NETWORKS_ENV,
     PATH_SEGMENT_RE,
     GridError,
+    bounded,
     _choice,
     _choices,
     _Errors,
@@ -36,6 +39,8 @@ from sweep.core.grid_checks import (
     _list,
     _num,
     max_networks_per_grid,
+    parse_grid_yaml,
+    show,
 )
 from sweep.core.grid_recipe import recipe_of
 from sweep.core.recipes import RECIPES, epochs_to_iters, iters_per_epoch
@@ -93,6 +98,7 @@ IMBALANCE_PARAMS = {
     ImbalanceKind.EXPONENTIAL: {"rho"},
     ImbalanceKind.NONE: set(),
 }
+MAX_NAME_CHARS = 128  # a folder name in the store (filesystems allow 255 bytes)
 DEFAULT_THRESHOLDED = (Method.BASELINE, Method.OVERSAMPLING, Method.UNDERSAMPLING)
 
 
@@ -121,11 +127,12 @@ def load_grid(path: str | Path) -> Grid:
     path = Path(path)
     if not path.is_file():
         raise GridError(f"{path}: grid file not found")
-    raw = path.read_bytes()
     try:
-        doc = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise GridError(f"{path}: not valid YAML: {e}") from None
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_GRID_BYTES + 1)  # never more: parse_grid_yaml refuses a larger file
+    except OSError as e:
+        raise GridError(f"{path}: cannot read the grid file: {e.strerror or e}") from None
+    doc = parse_grid_yaml(raw, str(path))
     return expand(doc, source=str(path), file_hash=hashlib.sha256(raw).hexdigest())
 
 
@@ -136,17 +143,19 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
         raise err("", "the grid must be a YAML mapping", "top-level keys: " + ", ".join(TOP_KEYS))
     err.unknown_keys(doc, TOP_KEYS, "")
     name = doc.get("name") or Path(source).stem
-    if not isinstance(name, str) or not PATH_SEGMENT_RE.match(name):
-        raise err("name", f"{name!r} cannot name a grid: it becomes a folder name in the store",
-                  "no / \\ % = or control characters; not starting with . _ or a space")
+    if not isinstance(name, str) or not PATH_SEGMENT_RE.match(name) or len(name) > MAX_NAME_CHARS:
+        raise err("name", f"{show(name)} cannot name a grid: it becomes a folder name in the store",
+                  f"at most {MAX_NAME_CHARS} characters; no / \\ % = or control characters; "
+                  "not starting with . _ or a space")
     seed = _int(err, doc, "seed", 0)
+    bounded(err, "seed", seed, BOUNDS["seed"])
     res = doc.get("resources", {}) or {}
     if not isinstance(res, dict):
-        raise err("resources", f"expected a mapping, got {res!r}", "keys: cpu, gpu")
+        raise err("resources", f"expected a mapping, got {show(res)}", "keys: cpu, gpu")
     err.unknown_keys(res, RESOURCE_KEYS, "resources")
     pack = doc.get("pack", {}) or {}
     if not isinstance(pack, dict):
-        raise err("pack", f"expected a mapping, got {pack!r}", "keys: max_networks")
+        raise err("pack", f"expected a mapping, got {show(pack)}", "keys: max_networks")
     err.unknown_keys(pack, PACK_KEYS, "pack")
 
     defaults = {k: v for k, v in doc.items() if k in EXPERIMENT_KEYS}
@@ -171,9 +180,12 @@ def expand(doc: Any, source: str = "<grid>", file_hash: str = "") -> Grid:
     gpu = float(_num(err, res, "gpu", 0, "resources."))
     if cpu < 0 or gpu < 0:
         raise err("resources", f"cpu {cpu:g}, gpu {gpu:g}: cannot be negative", "cpu >= 0, gpu >= 0")
+    bounded(err, "resources.cpu", cpu, BOUNDS["resources.cpu"])
+    bounded(err, "resources.gpu", gpu, BOUNDS["resources.gpu"])
     max_networks = _int(err, pack, "max_networks", 0, "pack.")
     if max_networks < 0:
         raise err("pack.max_networks", f"{max_networks}: cannot be negative", "0 (sized for the device) or more")
+    bounded(err, "pack.max_networks", max_networks, BOUNDS["pack.max_networks"])
     return Grid(
         name=str(name),
         path=source,
@@ -219,22 +231,31 @@ def _expand_experiment(
     ratios = [float(r) for r in _list(err, cfg, "resample_ratios", [1], p)]
     if any(not math.isfinite(r) or r < 1 for r in ratios):
         raise err(p + "resample_ratios", f"{ratios}: every ratio must be >= 1", "1 = fully balanced")
+    for r in ratios:
+        bounded(err, p + "resample_ratios", r, BOUNDS["resample_ratios"])
     losses = [Loss(x) for x in _choices(err, cfg, "losses", [l.value for l in Loss], p, default=["ce"])]
     # Cao et al. build the model with a normalised classifier whenever the loss is LDAM.
     ldam_head = Head(_choice(err, cfg, "ldam_head", [h.value for h in Head], p, default="cosine"))
     lrs = [float(x) for x in _list(err, cfg, "lr", [recipe.base_lr], p)]
     if any(not (x > 0) for x in lrs):
         raise err(p + "lr", f"{lrs}: learning rates must be > 0", "")
+    for x in lrs:
+        bounded(err, p + "lr", x, BOUNDS["lr"])
     lr_runs = _int(err, cfg, "lr_runs", 1, p)
     selection = Selection(_choice(err, cfg, "selection", [s.value for s in Selection], p,
                                   default="final"))
     repeats = _int(err, cfg, "repeats", 1, p)
     if repeats < 1 or lr_runs < 1:
         raise err(p + "repeats", "repeats and lr_runs must be >= 1", "")
+    bounded(err, p + "repeats", repeats, BOUNDS["repeats"])
+    bounded(err, p + "lr_runs", lr_runs, BOUNDS["lr_runs"])
     if selection == Selection.VALIDATION and recipe.validation_fraction == 0:
         recipe = dataclasses.replace(recipe, validation_fraction=0.1)
-    latent = bool(cfg.get("latent", False))
+    latent = cfg.get("latent", False)
+    if not isinstance(latent, bool):  # bool("no") is True
+        raise err(p + "latent", f"bad value {show(latent)}", "true, false")
     n_embed = _int(err, cfg, "embeddings", 0, p)
+    bounded(err, p + "embeddings", n_embed, BOUNDS["embeddings"])
     revision = MODEL_REVISIONS.get(model, 1)
     if "ldam_head" in cfg and Loss.LDAM not in losses:
         raise err(p + "ldam_head", "set, but no network of this experiment uses the LDAM loss", "losses: [ldam]")
@@ -254,6 +275,7 @@ def _expand_experiment(
         epochs = _num(err, cfg, "epochs", 0, p)
         if epochs <= 0:
             raise err(p + "epochs", f"{epochs}: must be > 0", "")
+        bounded(err, p + "epochs", epochs, BOUNDS["epochs"])
 
     def ratios_of(method: Method) -> list[float]:
         resampled = (Method.OVERSAMPLING, Method.UNDERSAMPLING)
@@ -279,6 +301,9 @@ def _expand_experiment(
             r = recipe
             if "epochs" in cfg:
                 r = epochs_to_iters(recipe, float(cfg["epochs"]), imb, info.num_classes, max_per_class)
+                if r.iters > MAX_ITERS:
+                    raise err(p + "epochs", f"{show(cfg['epochs'])} epochs are {r.iters:,} iterations at "
+                              f"rho {rho:g}", f"at most {MAX_ITERS:,} iterations")
                 if selection != Selection.FINAL and r.select_every == 0:
                     # "The epoch with the best performing BAC is then selected" (Dablain et al.)
                     r = dataclasses.replace(r, select_every=iters_per_epoch(imb, info.num_classes, max_per_class,
@@ -307,7 +332,7 @@ def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tupl
     if cfg is None:
         return [(ImbalanceKind.NONE, 1.0, None)]
     if not isinstance(cfg, dict) or not cfg:
-        raise err(key, f"expected a mapping of kinds, got {cfg!r}", "kinds: " + ", ".join(IMBALANCE_PARAMS))
+        raise err(key, f"expected a mapping of kinds, got {show(cfg)}", "kinds: " + ", ".join(IMBALANCE_PARAMS))
     out: list[tuple[ImbalanceKind, float, float | None]] = []
     for kind_name, params in cfg.items():
         try:
@@ -317,7 +342,7 @@ def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tupl
                       "kinds: " + ", ".join(IMBALANCE_PARAMS)) from None
         params = params or {}
         if not isinstance(params, dict):
-            raise err(f"{key}.{kind_name}", f"expected a mapping, got {params!r}",
+            raise err(f"{key}.{kind_name}", f"expected a mapping, got {show(params)}",
                       "parameters: " + ", ".join(sorted(IMBALANCE_PARAMS[kind])) or "none")
         err.unknown_keys(params, IMBALANCE_PARAMS[kind], f"{key}.{kind_name}")
         if kind == ImbalanceKind.NONE:
@@ -326,6 +351,8 @@ def _imbalances(err: "_Errors", cfg: Any, p: str, num_classes: int) -> list[tupl
         rhos = [float(r) for r in _list(err, params, "rho", None, f"{key}.{kind_name}.", required=True)]
         if any(not math.isfinite(r) or r < 1 for r in rhos):
             raise err(f"{key}.{kind_name}.rho", f"{rhos}: every rho must be >= 1", "")
+        for r in rhos:
+            bounded(err, f"{key}.{kind_name}.rho", r, BOUNDS["rho"])
         if kind == ImbalanceKind.STEP:
             mus = [float(m) for m in _list(err, params, "mu", None, f"{key}.{kind_name}.", required=True)]
             for m in mus:

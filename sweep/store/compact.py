@@ -26,7 +26,7 @@ def compact_store(source: str, target: str, tables: Sequence[str] | None = None,
 
     Returns the number of rows written per table. ``target`` must hold no tables yet:
     compaction never mixes with or replaces stored results. ``trials`` is always
-    copied (it is what marks a pack as committed).
+    copied (completed ids and the dedupe of every other table are read from it).
     """
     src, dst = ResultStore(source), ResultStore(target)
     names = src.table_names()

@@ -1,25 +1,27 @@
 """The results store: Parquet tables, hive-partitioned by grid, written one pack at a time.
 
 Floor: sweep.store (where results live; imports sweep.core only, no torch).
-It is longer than 400 lines because the write protocol (temporary files, commit order,
-clean-up) and the read rules (committed files only, latest row per trial) are one
-contract and are checked together.
+It is longer than 400 lines because the write protocol (the manifest as the commit,
+clean-up) and the read rules (committed files only, checksums, latest row per trial) are
+one contract and are checked together.
 
-Layout (see docs/store.md)::
+Paths are sweep.store.paths' (docs/store.md); every file is written by
+sweep.store.atomic. A pack write, :meth:`ResultStore.write_pack`, is:
 
-    ROOT/<table>/grid=<grid>/<pack_id>-<attempt>.parquet
-    ROOT/_checkpoints/...
+1. the *intent*: an empty temporary of the write's manifest, whose name says which
+   process writes it (so a later run knows whether the write can still finish);
+2. each table's file, written to a temporary, fsynced and renamed to
+   ``<table>/grid=<grid>/<pack_id>-<attempt>.parquet``; no manifest names it yet, so
+   no reader sees it;
+3. the manifest (each file's size, SHA-256 and rows; the write's network ids) written into
+   the intent, fsynced and renamed to ``_manifests/grid=<grid>/<stem>.json``: this
+   rename is the write's one commit point; then the folder is fsynced.
 
-A pack's tables are first written to temporary dot-files (``.<name>.tmp``) next to
-their final place and then renamed; ``trials`` is renamed last, so its file is the
-pack's commit marker. Readers only ever look at committed packs: a file of another
-table whose ``<pack_id>-<attempt>`` has no ``trials`` file (a crash between renames)
-is invisible until :meth:`ResultStore.cleanup_uncommitted` removes it.
-
-``attempt`` is a fresh, time-ordered token per call, so running a pack again adds
-files and never replaces any. The duplicate rows this can create are resolved on
-read: per ``(grid, trial_id)`` the row with the latest ``created_at`` wins, ties going
-to the later attempt.
+Readers (``read_table``, completed ids, ``sweep query``, status, resume, compact) take
+committed files from manifests only (sweep.store.commits, which also holds the legacy
+branch for older stores), check each against its record, and resolve the duplicates that
+writing a pack again creates: per ``(grid, trial_id)`` the row with the latest
+``created_at`` wins, ties going to the later attempt.
 """
 
 from __future__ import annotations
@@ -31,11 +33,10 @@ import logging
 import os
 import posixpath
 import re
-import secrets
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import pandas as pd
@@ -48,17 +49,21 @@ import pyarrow.parquet as pq
 from sweep.core.grid import Grid, GridError, expand
 from sweep.core.grid_checks import PATH_SEGMENT_RE
 from sweep.core.plan import Pack
+from sweep.store import paths
+from sweep.store.atomic import atomic_write, create_temp, remove_quietly
+from sweep.store.commits import Commit, CommitLog, Leftover
 from sweep.store.integrity import (
-    DAMAGED,
-    MANIFESTS,
     Damage,
+    FileRecord,
     Manifest,
     check_file,
     digest,
-    manifest_record,
     network_ids_of,
+    open_grid,
+    seal_grid,
 )
 from sweep.store.leases import LEASES
+from sweep.store.paths import CHECKPOINTS, GRIDS, new_attempt  # noqa: F401  (re-exported)
 from sweep.store.rows import (
     FILE_COL,
     Filters,
@@ -77,25 +82,21 @@ from sweep.store.schema import COMPLETED, PARTITION, TRIALS, Measurement, StoreE
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "_checkpoints"
-GRIDS = "_grids"
-
-_TMP_SUFFIX = ".tmp"
-_PROBE_PREFIX = ".write-probe-"
 _NAME_RE = PATH_SEGMENT_RE  # grid names and pack ids become path segments
-# Table names are also SQL view names in sweep.store.query.
-_TABLE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_TABLE_RE = paths.TABLE_RE
 _PARTITIONING = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
 _MAX_IO_THREADS = 16
 
 
 @dataclass(frozen=True)
 class _DataFile:
+    """A committed data file and the record its manifest holds (None: a legacy write)."""
+
     table: str
     grid: str
     stem: str  # <pack_id>-<attempt>: shared by all tables of one write_pack call
     path: str
-    mtime: float | None
+    record: FileRecord | None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -108,13 +109,15 @@ class ResultStore:
     def __init__(self, root: str, on_damage: Literal["raise", "skip"] = "raise") -> None:
         """``on_damage``: a committed file that fails its checksum raises StoreError when
         read ("raise"), or its whole pack write is left out as if never stored ("skip":
-        what ``sweep status`` shows and ``resume --repair`` retrains)."""
+        what ``sweep status`` shows and ``resume --repair`` retrains). In "skip" mode a
+        write damaged in any table is left out of every table."""
         if on_damage not in ("raise", "skip"):
             raise ValueError(f"on_damage must be 'raise' or 'skip', got {on_damage!r}")
         self.root = str(root)
         self.on_damage = on_damage
         self._fs, self._base = _resolve(self.root)
-        self._checked: dict[tuple[str, float | None], Damage | None] = {}  # (path, mtime) -> damage
+        self._log = CommitLog(self._fs, self._base, self.root)
+        self._checked: dict[tuple[str, int | None, int | None], str | None] = {}  # (path, size, mtime) -> problem
 
     def __repr__(self) -> str:
         return f"ResultStore({self.root!r})"
@@ -131,7 +134,7 @@ class ResultStore:
     # -- writing ---------------------------------------------------------------
     def check_writable(self) -> None:
         """Create the root if needed and write/remove a probe file; never touches data."""
-        probe = _join(self._base, f"{_PROBE_PREFIX}{secrets.token_hex(6)}")
+        probe = paths.probe_path(self._base)
         try:
             self._fs.create_dir(self._base, recursive=True)
             with self._fs.open_output_stream(probe) as out:
@@ -139,52 +142,46 @@ class ResultStore:
         except (OSError, pa.ArrowException) as exc:
             raise StoreError(f"results store {self.root} is not writable: {reason(exc)}") from exc
         finally:
-            self._remove_quietly(probe)
+            remove_quietly(self._fs, probe)
 
     def write_pack(self, pack_id: str, grid: str, tables: Mapping[str, TableData]) -> None:
-        """Store one pack's tables atomically (trials committed last); see module doc.
+        """Store one pack's tables atomically: its manifest's rename commits it (module doc).
 
         Empty tables are skipped. When some other table has rows but ``trials`` has none,
-        an empty ``trials`` file is still written: it is the commit marker.
+        an empty ``trials`` file is still written, so that every write has one.
         """
         _check_name("pack_id", pack_id, _NAME_RE)
         _check_name("grid", grid, _NAME_RE)
         prepared = self._prepare(tables)
         if not prepared:
             return
-        stem = f"{pack_id}-{new_attempt()}"
-        order = sorted(n for n in prepared if n != TRIALS) + [TRIALS]  # trials last
-        temps: list[str] = []
-        placed: list[str] = []
-        where = self._base  # for the error message: the file being written or renamed
+        stem = paths.stem(pack_id, new_attempt())
+        manifest_path = paths.manifest_path(self._base, grid, stem)
+        created: list[str] = []  # undone in this order when the write fails: the manifest first
+        intent = None
+        where = self._base  # for the error message: the file being written
         need = 0  # bytes this write puts on disk, for a full disk's message
         try:
-            for name in order:
-                folder = self._partition_dir(name, grid)
-                self._fs.create_dir(folder, recursive=True)
-                where = _join(folder, f".{stem}.parquet{_TMP_SUFFIX}")
-                temps.append(where)
+            self._adopt_before_first_write()
+            self._fs.create_dir(posixpath.dirname(manifest_path), recursive=True)
+            where = manifest_path
+            intent = create_temp(self._fs, manifest_path)
+            records = {}
+            for name in sorted(prepared):  # any order: nothing is visible before the manifest
+                where = paths.data_path(self._base, name, grid, stem)
+                self._fs.create_dir(posixpath.dirname(where), recursive=True)
                 need += prepared[name].nbytes
+                created.append(where)
                 self._write_file(prepared[name], where)
-            # The manifest is in place before any data file: a committed file always has one.
-            manifest = Manifest(pack_id, grid, stem, {n: digest(self._fs, t) for n, t in zip(order, temps)},
-                                tuple(sorted({i for t in prepared.values() for i in network_ids_of(t)})))
-            folder = self._partition_dir(MANIFESTS, grid)
-            self._fs.create_dir(folder, recursive=True)
-            where = _join(folder, f".{stem}.json{_TMP_SUFFIX}")
-            temps.append(where)
-            with self._fs.open_output_stream(where) as out:
-                out.write(manifest.to_json())
-            placed.append(_join(folder, f"{stem}.json"))
-            self._commit_file(where, placed[-1])
-            for name, tmp in zip(order, temps):
-                where = _join(self._partition_dir(name, grid), f"{stem}.parquet")
-                placed.append(where)  # before the move: a move that fails halfway is undone too
-                self._commit_file(tmp, where)
+                records[name] = replace(digest(self._fs, where), rows=prepared[name].num_rows)
+            ids = tuple(sorted({i for t in prepared.values() for i in network_ids_of(t)}))
+            where = manifest_path
+            created.insert(0, manifest_path)
+            atomic_write(self._fs, manifest_path, Manifest(pack_id, grid, stem, records, ids).to_json(), intent)
         except BaseException as exc:
             # Everything this call created is new (unique attempt): removing it loses nothing.
-            for path in temps + placed:
-                self._remove_quietly(path)
+            for path in created + ([intent] if intent else []):
+                remove_quietly(self._fs, path)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt and friends: clean up, then let them through
             full = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
@@ -194,7 +191,25 @@ class ResultStore:
                 + (f"; the pack needs about {need:,} bytes there (nothing was stored, "
                    f"everything stored before is intact)" if full else "")
             ) from exc
-        log.debug("stored pack %s of grid %s as %s (%s)", pack_id, grid, stem, ", ".join(order))
+        log.debug("stored pack %s of grid %s as %s (%s)", pack_id, grid, stem, ", ".join(sorted(prepared)))
+
+    def _adopt_before_first_write(self) -> None:
+        """A store of an older version gets its legacy writes' manifests (and its format
+        marker) before its first version-2 write: from then on only manifests commit."""
+        if self._log.sealed():
+            return
+        adopted, refused = self._log.adopt()
+        if adopted or refused:
+            log.warning("results store %s: recorded checksums of %d pack writes stored before manifests%s",
+                        self.root, adopted, f"; {len(refused)} unreadable file(s) left out: {refused[:3]}"
+                        if refused else "")
+
+    def adopt(self) -> tuple[int, list[str]]:
+        """``sweep verify --adopt``: see :meth:`sweep.store.commits.CommitLog.adopt`."""
+        try:
+            return self._log.adopt()
+        finally:
+            self._checked.clear()
 
     def _prepare(self, tables: Mapping[str, TableData]) -> dict[str, pa.Table]:
         prepared: dict[str, pa.Table] = {}
@@ -209,73 +224,31 @@ class ResultStore:
         return prepared
 
     def _write_file(self, table: pa.Table, path: str) -> None:
-        if self.is_local:
-            # fsync before the rename so that a machine crash cannot leave a renamed
-            # but empty file behind (a killed process alone could not).
-            with open(path, "wb") as fh:
-                pq.write_table(table, fh, compression="zstd")
-                fh.flush()
-                os.fsync(fh.fileno())
-        else:
-            pq.write_table(table, path, filesystem=self._fs, compression="zstd")
-
-    def _commit_file(self, tmp: str, final: str) -> None:
-        """Rename a finished temp file into place (atomic on local filesystems)."""
-        self._fs.move(tmp, final)
-
-    def _remove_quietly(self, path: str) -> bool:
-        try:
-            self._fs.delete_file(path)
-            return True
-        except (OSError, pa.ArrowException):
-            return False
+        atomic_write(self._fs, path, lambda fh: pq.write_table(table, fh, compression="zstd"))
 
     def cleanup_uncommitted(self, min_age_s: float = 0.0) -> int:
-        """Remove temp dot-files and files of packs whose ``trials`` file is missing.
+        """Remove leftovers: temporaries and files that no commit names.
 
-        Only files at least ``min_age_s`` seconds old are removed: pass a positive age
-        when another process may be writing to the same store right now. Returns the
-        number of files removed.
+        A leftover that provably never becomes part of a commit (its writer on this host
+        is gone, or no writer announced it) is removed whatever its age. Others only when
+        at least ``min_age_s`` seconds old; with ``min_age_s`` 0 everything is removed but
+        what a live process on this host is writing. Pass a positive age when another host
+        may be writing to the same store right now. Returns the number of files removed.
         """
         cutoff = time.time() - min_age_s
-
-        def old(mtime: float | None) -> bool:
-            return min_age_s <= 0 or mtime is None or mtime <= cutoff
-
         removed = 0
-        # List the other tables before trials: a pack committed in between is then
-        # seen as committed rather than deleted as an orphan.
-        others = [t for t in self._table_dirs() if t != TRIALS]
-        candidates: list[_DataFile] = []
-        for table in others + [TRIALS]:
-            for info in self._list_partition_files(table):
-                name = posixpath.basename(info.path)
-                if name.startswith(".") and name.endswith(_TMP_SUFFIX) and old(_mtime(info)):
-                    removed += self._remove_logged(info.path, "temporary file")
-            if table != TRIALS:
-                candidates.extend(self._data_files(table))
-        committed = self._committed_keys()
-        for f in candidates:
-            if f.key not in committed and old(f.mtime):
-                removed += self._remove_logged(f.path, "uncommitted file")
-        for info in self._list(self._base, recursive=False):
-            name = posixpath.basename(info.path)
-            if name.startswith(_PROBE_PREFIX) and old(_mtime(info)):
-                removed += self._remove_logged(info.path, "write probe")
-        for info in self._list(_join(self._base, GRIDS), recursive=False):
-            name = posixpath.basename(info.path)
-            if name.startswith(".") and name.endswith(_TMP_SUFFIX) and old(_mtime(info)):
-                removed += self._remove_logged(info.path, "temporary grid copy")
-        for info in self._list_partition_files(MANIFESTS):  # manifests of writes never committed
-            name = posixpath.basename(info.path)
-            grid = posixpath.basename(posixpath.dirname(info.path)).split("=", 1)[1]
-            orphan = name.endswith(".json") and (grid, name[: -len(".json")]) not in committed
-            if (orphan or name.endswith(_TMP_SUFFIX)) and old(_mtime(info)):
-                removed += self._remove_logged(info.path, "uncommitted manifest")
+        for left in self.leftovers():
+            old = left.mtime is None or left.mtime <= cutoff
+            if left.fate == "dead" or (old and (min_age_s > 0 or left.fate != "live")):
+                removed += self._remove_logged(left.path, left.what)
         return removed
 
+    def leftovers(self) -> list[Leftover]:
+        """Files in the store's folders that no commit names (``sweep verify`` lists them)."""
+        return self._log.leftovers()
+
     def _remove_logged(self, path: str, what: str) -> int:
-        if self._remove_quietly(path):
+        if remove_quietly(self._fs, path):
             log.info("removed %s %s", what, path)
             return 1
         log.warning("could not remove %s %s", what, path)
@@ -302,8 +275,10 @@ class ResultStore:
     def save_grid(self, grid: Grid) -> None:
         """Keep a copy of the grid file as ``_grids/<name>.yaml``, for ``sweep resume``.
 
-        The copy of a grid run earlier under the same name is replaced. A grid that was
-        not read from a file (expanded in memory) cannot be copied and is skipped.
+        The copy starts with a comment line holding the checksum of the rest (the grid
+        file as given), so a changed byte is refused when the copy is used. The copy of a
+        grid run earlier under the same name is replaced. A grid that was not read from a
+        file (expanded in memory) cannot be copied and is skipped.
         """
         _check_name("grid", grid.name, _NAME_RE)
         try:
@@ -314,34 +289,49 @@ class ResultStore:
             return
         if grid.file_hash and hashlib.sha256(raw).hexdigest() != grid.file_hash:
             log.warning("grid file %s changed since it was loaded; saving its current content", grid.path)
-        folder = _join(self._base, GRIDS)
-        final = _join(folder, f"{grid.name}.yaml")
-        tmp = _join(folder, f".{grid.name}.yaml.{secrets.token_hex(3)}{_TMP_SUFFIX}")
+        final = paths.grid_path(self._base, grid.name)
         try:
-            self._fs.create_dir(folder, recursive=True)
-            with self._fs.open_output_stream(tmp) as out:
-                out.write(raw)
-            self._fs.move(tmp, final)
+            self._fs.create_dir(paths.grids_dir(self._base), recursive=True)
+            atomic_write(self._fs, final, seal_grid(raw))
         except (OSError, pa.ArrowException) as exc:
-            self._remove_quietly(tmp)
             raise StoreError(f"results store {self.root}: cannot save grid to {final}: {reason(exc)}") from exc
 
-    def saved_grids(self) -> list[Grid]:
-        """The grids saved by :meth:`save_grid`, expanded again, sorted by name."""
-        import yaml
-
-        grids = []
-        for info in self._list(_join(self._base, GRIDS), recursive=False):
-            name = posixpath.basename(info.path)
-            if info.type != pafs.FileType.File or name.startswith(".") or not name.endswith(".yaml"):
+    def _grid_files(self) -> list[tuple[str, bytes | None, str | None]]:
+        """(path, the grid as given or None, what is wrong with it) of every saved grid."""
+        out = []
+        for info in self._log.ls(paths.grids_dir(self._base), recursive=False):
+            if info.type != pafs.FileType.File or paths.grid_name_of(info.path) is None:
                 continue
             try:
                 with self._fs.open_input_stream(info.path) as fh:
                     raw = fh.read()
-                doc = yaml.safe_load(raw)
-                grids.append(expand(doc, source=info.path, file_hash=hashlib.sha256(raw).hexdigest()))
-            except (OSError, pa.ArrowException, yaml.YAMLError, GridError) as exc:
-                raise StoreError(f"results store {self.root}: saved grid {info.path} "
+            except (OSError, pa.ArrowException) as exc:
+                out.append((info.path, None, f"unreadable: {reason(exc)}"))
+                continue
+            body, problem, recorded = open_grid(raw)
+            if problem is None and not recorded and self._log.sealed():
+                problem = ("no checksum: not saved by `sweep run` (`sweep verify --adopt` records one "
+                           "for a copy you trust)")
+            out.append((info.path, body, problem))
+        return out
+
+    def saved_grids(self) -> list[Grid]:
+        """The grids saved by :meth:`save_grid`, expanded again, sorted by name.
+
+        A copy that is not what was saved is refused (StoreError naming it): resuming it
+        would train networks nobody asked for."""
+        import yaml
+
+        grids = []
+        for path, body, problem in self._grid_files():
+            if problem is not None:
+                raise StoreError(f"results store {self.root}: saved grid {path} is damaged ({problem}); "
+                                 "`sweep run GRID_FILE --store ...` with the original grid file saves it again")
+            try:
+                doc = yaml.safe_load(body)
+                grids.append(expand(doc, source=path, file_hash=hashlib.sha256(body).hexdigest()))
+            except (yaml.YAMLError, GridError) as exc:
+                raise StoreError(f"results store {self.root}: saved grid {path} "
                                  f"cannot be loaded: {reason(exc)}") from exc
         return sorted(grids, key=lambda g: g.name)
 
@@ -360,7 +350,8 @@ class ResultStore:
 
     def table_names(self) -> list[str]:
         """Tables with at least one committed file, sorted."""
-        return [t for t in self._table_dirs() if self.files(t)]
+        named = sorted({t for c in self._log.commits().values() for t in c.files})
+        return [t for t in named if self.files(t)]
 
     def columns(self, table: str) -> list[str]:
         """The columns of ``table`` over all its committed files (with ``grid``)."""
@@ -375,7 +366,7 @@ class ResultStore:
         """``<root>/_checkpoints``; created when the store is local."""
         if not self.is_local:
             return self.root.rstrip("/") + "/" + CHECKPOINTS
-        path = os.path.join(self._base, CHECKPOINTS)
+        path = paths.checkpoints_dir(self._base)
         os.makedirs(path, exist_ok=True)
         return path
 
@@ -409,7 +400,7 @@ class ResultStore:
             # keep those of the pack whose trials rows are the latest, as for trials.
             extra = ["grid", "network_id"] if "network_id" in schema.names else []
             table = self._scan(files, schema, union(want, extra), expr)
-            return rows_of_latest_packs(table, self._latest_trials()).select(want).to_pandas()
+            return rows_of_latest_packs(table, *self._trials_writes()).select(want).to_pandas()
         needed = want if filter_cols is not None else list(schema.names)
         keys = ["grid", "trial_id", "created_at"]
         table = latest_rows(self._scan(files, schema, union(needed, filter_cols or (), keys)))
@@ -417,15 +408,18 @@ class ResultStore:
             table = table.filter(expr)
         return table.select(want).to_pandas()
 
-    def _latest_trials(self) -> pa.Table:
-        """grid, network_id and source file of the latest row of every trial."""
+    def _trials_writes(self) -> tuple[pa.Table, pa.Table]:
+        """grid, network_id and source file of the latest row of every trial; and of every
+        trials row (which writes hold trials rows of a network at all)."""
         files = self._committed_files(TRIALS)
         schema = self._schema(TRIALS, files) if files else None
         if schema is None or "network_id" not in schema.names:
-            return pa.table({"grid": pa.array([], pa.string()), "network_id": pa.array([], pa.string()),
-                             FILE_COL: pa.array([], pa.string())})
+            empty = pa.table({"grid": pa.array([], pa.string()), "network_id": pa.array([], pa.string()),
+                              FILE_COL: pa.array([], pa.string())})
+            return empty, empty
         cols = [c for c in ("grid", "trial_id", "network_id", "created_at") if c in schema.names]
-        return latest_rows(self._scan(files, schema, cols), keep_file=True)
+        every = self._scan(files, schema, cols)
+        return latest_rows(every, keep_file=True), every.select(["grid", "network_id", FILE_COL])
 
     def completed_trial_ids(
         self, statuses: Iterable[str] = COMPLETED, grid: str | None = None
@@ -458,90 +452,57 @@ class ResultStore:
         return set(ids.to_pylist())
 
     # -- internals -------------------------------------------------------------
-    def _partition_dir(self, table: str, grid: str) -> str:
-        return _join(self._base, table, f"{PARTITION}={grid}")
-
-    def _list(self, path: str, recursive: bool) -> list[pafs.FileInfo]:
-        selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
-        try:
-            return self._fs.get_file_info(selector)
-        except (OSError, pa.ArrowException) as exc:
-            raise StoreError(f"results store {self.root}: cannot list {path}: {reason(exc)}") from exc
-
-    def _table_dirs(self) -> list[str]:
-        names = [
-            posixpath.basename(i.path)
-            for i in self._list(self._base, recursive=False)
-            if i.type == pafs.FileType.Directory
-        ]
-        return sorted(n for n in names if _TABLE_RE.match(n))
-
-    def _list_partition_files(self, table: str) -> list[pafs.FileInfo]:
-        """Regular files exactly one partition folder below the table folder."""
-        table_dir = _join(self._base, table)
-        out = []
-        for info in self._list(table_dir, recursive=True):
-            rel = info.path[len(table_dir):].strip("/").split("/")
-            if info.type == pafs.FileType.File and len(rel) == 2 and rel[0].startswith(f"{PARTITION}="):
-                out.append(info)
-        return out
-
-    def _data_files(self, table: str) -> list[_DataFile]:
-        files = []
-        for info in self._list_partition_files(table):
-            name = posixpath.basename(info.path)
-            if name.startswith((".", "_")) or not name.endswith(".parquet"):
-                continue
-            grid = posixpath.basename(posixpath.dirname(info.path)).split("=", 1)[1]
-            files.append(_DataFile(table, grid, name[: -len(".parquet")], info.path, _mtime(info)))
-        return sorted(files, key=lambda f: f.path)
-
-    def _committed_keys(self) -> set[tuple[str, str]]:
-        return {f.key for f in self._data_files(TRIALS)}
-
     def _committed_files(self, table: str) -> list[_DataFile]:
-        """The table's files of committed pack writes, checked against their manifests."""
-        files = self._data_files(table)
-        if table != TRIALS and files:
-            committed = self._committed_keys()
-            files = [f for f in files if f.key in committed]
-        damage = self._damage_among(files)
-        if not damage:
-            return files
-        if self.on_damage == "raise":
+        """The table's files of committed pack writes, checked against their records.
+
+        "raise": a damaged file among them (or a damaged manifest anywhere) raises;
+        "skip": every write with a damaged file in any table is left out whole, so a
+        network damaged in one table counts as not stored in all of them.
+        """
+        commits = self._log.commits()
+        files = self._files_of(commits.values(), table)
+        if self.on_damage == "skip":
+            bad = {d.key for d in self._verify(commits)}
+            return [f for f in files if f.key not in bad]
+        damage = [self._manifest_damage(c) for c in commits.values() if c.problem is not None]
+        damage += self._damage_among(files, commits)
+        if damage:
             raise self._damage_error(damage)
-        bad = {self._stem_key(d) for d in self.verify()}  # a damaged write is left out whole
-        return [f for f in files if f.key not in bad]
+        return files
 
     @staticmethod
-    def _stem_key(d: Damage) -> tuple[str, str]:
-        return (d.grid, d.stem)
+    def _files_of(commits: Iterable[Commit], table: str) -> list[_DataFile]:
+        files = []
+        for c in commits:
+            if table in c.files:
+                record = c.manifest.files.get(table) if c.manifest is not None else None
+                files.append(_DataFile(table, c.grid, c.stem, c.files[table], record))
+        return sorted(files, key=lambda f: f.path)
 
-    def _manifest(self, grid: str, stem: str) -> Manifest | None:
-        path = _join(self._partition_dir(MANIFESTS, grid), f"{stem}.json")
+    @staticmethod
+    def _manifest_damage(c: Commit) -> Damage:
+        return Damage(paths.MANIFESTS, c.grid, c.stem, c.manifest_path or "", c.problem or "", c.network_ids)
+
+    def _damage_among(self, files: list[_DataFile], commits: Mapping[tuple[str, str], Commit]) -> list[Damage]:
+        """The damaged ones of ``files``; each file is checked once per store object and
+        state on disk (size, mtime)."""
+        if not files:
+            return []
         try:
-            with self._fs.open_input_stream(path) as fh:
-                return Manifest.from_json(fh.read())
-        except FileNotFoundError:
-            return None  # written before manifests existed
-        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
-            raise StoreError(f"results store {self.root}: manifest {path} is unreadable: {reason(exc)}") from exc
-
-    def _damage_among(self, files: list[_DataFile]) -> list[Damage]:
-        """The damaged ones of ``files``; each file is checked once per store object."""
+            infos = self._fs.get_file_info([f.path for f in files])
+        except (OSError, pa.ArrowException) as exc:
+            raise StoreError(f"results store {self.root}: cannot read {files[0].table}: {reason(exc)}") from exc
         damage = []
-        for f in files:
-            key = (f.path, f.mtime)
-            if key not in self._checked:
-                try:
-                    manifest = self._manifest(f.grid, f.stem)
-                    problem = check_file(self._fs, f.path, manifest_record(manifest, f.table))
-                except StoreError as exc:
-                    manifest, problem = None, str(exc)
-                ids = manifest.network_ids if manifest is not None else ()
-                self._checked[key] = None if problem is None else Damage(f.table, f.grid, f.stem, f.path, problem, ids)
-            if self._checked[key] is not None:
-                damage.append(self._checked[key])
+        for f, info in zip(files, infos):
+            if info.type != pafs.FileType.File:
+                problem: str | None = "missing: its commit names it, but it is not there"
+            else:
+                key = (f.path, info.size, info.mtime_ns)
+                if key not in self._checked:
+                    self._checked[key] = check_file(self._fs, f.path, f.record)
+                problem = self._checked[key]
+            if problem is not None:
+                damage.append(Damage(f.table, f.grid, f.stem, f.path, problem, commits[f.key].network_ids))
         return damage
 
     def _damage_error(self, damage: list[Damage]) -> StoreError:
@@ -551,36 +512,45 @@ class ResultStore:
                           f"\n`sweep verify {self.root}` lists them all; `sweep resume {self.root} --repair` "
                           "moves them aside and trains their networks again")
 
-    def check_intact(self) -> None:
-        """Raise StoreError naming every damaged committed file (when ``on_damage`` is "raise")."""
-        damage = self.verify()
+    def check_intact(self, grids: bool = True) -> None:
+        """Raise StoreError naming every damaged file (when ``on_damage`` is "raise").
+
+        ``grids=False``: saved grids are left out (``sweep run`` saves its grid again)."""
+        damage = [d for d in self.verify() if grids or d.table != GRIDS]
         if damage and self.on_damage == "raise":
             raise self._damage_error(damage)
 
     def verify(self) -> list[Damage]:
-        """Every committed file that is not what its pack wrote (checksum, size, or unreadable)."""
-        committed = self._committed_keys()
-        damage = []
-        for table in self._table_dirs():
-            files = [f for f in self._data_files(table) if table == TRIALS or f.key in committed]
-            damage.extend(self._damage_among(files))
+        """Every committed file that is not what its write recorded (checksum, size,
+        missing or unreadable), every damaged manifest, and every saved grid whose checksum
+        differs. Files that no commit names are :meth:`leftovers`, not damage."""
+        return self._verify(self._log.commits()) + [
+            Damage(GRIDS, paths.grid_name_of(p) or "", "", p, problem)
+            for p, _, problem in self._grid_files() if problem is not None]
+
+    def _verify(self, commits: Mapping[tuple[str, str], Commit]) -> list[Damage]:
+        damage = [self._manifest_damage(c) for c in commits.values() if c.problem is not None]
+        tables = sorted({t for c in commits.values() for t in c.files})
+        for table in tables:
+            damage.extend(self._damage_among(self._files_of(commits.values(), table), commits))
         return damage
 
     def quarantine(self, damage: list[Damage]) -> int:
         """Move every file of the damaged pack writes (all tables and the manifest) to
         ``_damaged/<grid>/<stem>/``: their networks read as never stored, nothing is deleted.
-        Returns the number of files moved."""
+        Saved grids are not moved (``sweep run`` saves a grid again). Returns the number of
+        files moved."""
         moved = 0
-        for grid, stem in sorted({self._stem_key(d) for d in damage}):
-            target = _join(self._base, DAMAGED, grid, stem)
+        for grid, stem in sorted({(d.grid, d.stem) for d in damage if d.table != GRIDS}):
+            target = paths.damaged_dir(self._base, grid, stem)
             self._fs.create_dir(target, recursive=True)
-            sources = [f.path for t in self._table_dirs() for f in self._data_files(t) if f.key == (grid, stem)]
-            sources.append(_join(self._partition_dir(MANIFESTS, grid), f"{stem}.json"))
+            sources = [d.path for d in self._log.data_files() if d.key == (grid, stem)]
+            sources.append(paths.manifest_path(self._base, grid, stem))  # last: the commit goes with its files
             for src in sources:
                 if self._fs.get_file_info(src).type != pafs.FileType.File:
                     continue
                 table = posixpath.basename(posixpath.dirname(posixpath.dirname(src)))
-                self._fs.move(src, _join(target, f"{table}-{posixpath.basename(src)}"))
+                self._fs.move(src, paths.join(target, f"{table}-{posixpath.basename(src)}"))
                 moved += 1
                 log.warning("moved damaged %s to %s", src, target)
         self._checked.clear()
@@ -599,7 +569,7 @@ class ResultStore:
 
     def _factory(self, table: str, files: list[_DataFile]) -> ds.FileSystemDatasetFactory:
         options = ds.FileSystemFactoryOptions(
-            partition_base_dir=_join(self._base, table), partitioning=_PARTITIONING
+            partition_base_dir=paths.table_dir(self._base, table), partitioning=_PARTITIONING
         )
         return ds.FileSystemDatasetFactory(
             self._fs, [f.path for f in files], ds.ParquetFileFormat(), options
@@ -635,13 +605,8 @@ class ResultStore:
         return table.select(list(dict.fromkeys(columns)) + [FILE_COL])
 
 
+
 # -- helpers -------------------------------------------------------------------
-def new_attempt() -> str:
-    """A short token, unique per write and ordered by time: ``YYYYmmddTHHMMSSmmmZ`` + 6 hex."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return f"{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z{secrets.token_hex(3)}"
-
-
 def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
     if "://" not in root:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
@@ -652,17 +617,6 @@ def _resolve(root: str) -> tuple[pafs.FileSystem, str]:
     return fs, path.rstrip("/") or "/"
 
 
-def _join(*parts: str) -> str:
-    return posixpath.join(*parts)
-
-
-def _mtime(info: pafs.FileInfo) -> float | None:
-    mtime = info.mtime
-    return None if mtime is None else mtime.timestamp()
-
-
 def _check_name(what: str, value: str, pattern: re.Pattern[str]) -> None:
     if not isinstance(value, str) or not pattern.match(value):
         raise ValueError(f"invalid {what} {value!r}: must match {pattern.pattern}")
-
-

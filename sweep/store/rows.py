@@ -9,7 +9,6 @@ spells the same rule in SQL).
 from __future__ import annotations
 
 import datetime as _dt
-import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -18,13 +17,14 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from sweep.store.paths import attempt_of, stem_of
 from sweep.store.schema import PARTITION, StoreError
 
 TableData = Union[pd.DataFrame, pa.Table, Sequence[Mapping[str, Any]]]
 Filters = Union[ds.Expression, Sequence[Any], None]
 
 CREATED_AT_TYPE = pa.timestamp("us", tz="UTC")
-# The commit marker written when a pack has no trial rows but other tables have rows.
+# The (empty) trials file of a pack write that has no trial rows but other tables have rows.
 MARKER_SCHEMA = pa.schema(
     [("trial_id", pa.string()), ("network_id", pa.string()), ("status", pa.string()),
      ("created_at", CREATED_AT_TYPE)]
@@ -124,25 +124,34 @@ def latest_rows(table: pa.Table, keep_file: bool = False) -> pa.Table:
 
 def pack_key(grid: str | None, network_id: str | None, path: str) -> str:
     """Which write of which network a row of any table belongs to: grid, network, file stem."""
-    return f"{grid}\x00{network_id}\x00{posixpath.basename(path)[: -len('.parquet')]}"
+    return f"{grid}\x00{network_id}\x00{stem_of(path)}"
 
 
-def rows_of_latest_packs(table: pa.Table, latest_trials: pa.Table) -> pa.Table:
-    """The rows of ``table`` (any table but trials, with FILE_COL) once per network: where a
-    network has rows in the pack write whose trials rows are its latest, only those; the
-    others are leftovers of an earlier or concurrent run of the same networks. Networks with
-    no rows in that write (rows added apart), and rows without a network id, are kept."""
+def rows_of_latest_packs(table: pa.Table, latest_trials: pa.Table, every_trials: pa.Table) -> pa.Table:
+    """The rows of ``table`` (any table but trials, with FILE_COL) from one write per network.
+
+    That write is the one whose trials rows are the network's latest when it has rows
+    here; else the latest (by attempt) of the writes here that hold trials rows of the
+    network at all: the others are leftovers of an earlier or concurrent run of the same
+    networks, and reading two of them would count the network twice. Networks none of
+    whose writes here hold trials rows (rows added apart), and rows without a network id,
+    are kept whole.
+    """
     if "network_id" not in table.column_names or table.num_rows == 0:
         return table.drop_columns([FILE_COL])
     lg, ln, lf = (latest_trials[c].to_pylist() for c in ("grid", "network_id", FILE_COL))
     winners = {pack_key(g, n, f) for g, n, f in zip(lg, ln, lf)}
+    eg, en, ef = (every_trials[c].to_pylist() for c in ("grid", "network_id", FILE_COL))
+    with_trials = {pack_key(g, n, f) for g, n, f in zip(eg, en, ef)}
     grids, ids, paths = (table[c].to_pylist() for c in ("grid", "network_id", FILE_COL))
     keys = [pack_key(g, n, f) for g, n, f in zip(grids, ids, paths)]
-    covered = {f"{g}\x00{n}" for g, n, k in zip(grids, ids, keys) if k in winners}
-    keep = [n is None or k in winners or f"{g}\x00{n}" not in covered for g, n, k in zip(grids, ids, keys)]
+    chosen: dict[str, str] = {}  # grid + network -> the write whose rows are read
+    for g, n, k, f in zip(grids, ids, keys, paths):
+        net = f"{g}\x00{n}"
+        if k in winners:
+            chosen[net] = k
+        elif k in with_trials and chosen.get(net) not in winners:
+            if net not in chosen or attempt_of(f) > attempt_of(chosen[net].rsplit("\x00", 1)[1]):
+                chosen[net] = k
+    keep = [n is None or chosen.get(f"{g}\x00{n}", k) == k for g, n, k in zip(grids, ids, keys)]
     return table.filter(pa.array(keep, pa.bool_())).drop_columns([FILE_COL])
-
-
-def attempt_of(path: str) -> str:
-    stem = posixpath.basename(path)[: -len(".parquet")]
-    return stem.rsplit("-", 1)[-1]

@@ -20,7 +20,7 @@ from sweep.core.errors import UserError
 from sweep.core.spec import Evaluation, ImbalanceKind, TrialSpec
 
 # Table names (also the SQL view names of ``sweep query``).
-TRIALS = "trials"  # one row per evaluation of a network; its file is a pack's commit marker
+TRIALS = "trials"  # one row per evaluation of a network
 CLASS_METRICS = "class_metrics"  # one row per trial and class
 CONFUSION = "confusion"  # one row per trial, true class and predicted class with a count > 0
 CURVES = "curves"  # one row per network, evaluation point and split
