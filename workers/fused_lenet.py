@@ -178,7 +178,7 @@ def _bmm_fp32(a: Tensor, b: Tensor, out: Tensor | None) -> Tensor:
     result, its re-read and a 4-byte copy), elsewhere through a 16-bit result and a copy."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b, out=out)
-    if _BMM_OUT_DTYPE and a.is_cuda:
+    if _BMM_OUT_DTYPE and a.device.type in ("cuda", "meta"):  # meta: bench/static_cost.py's recording
         if out is None:
             return torch.bmm(a, b, out_dtype=torch.float32)
         return torch.bmm(a, b, out_dtype=torch.float32, out=out)
