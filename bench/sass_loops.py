@@ -80,8 +80,6 @@ def loops(compiled) -> list[dict]:
     addr = {a: i for i, (a, _) in enumerate(ins)}
     found = []
     for i, (a, op) in enumerate(ins):
-        m = re.search(r"\bBRA\b.*?`?\(?\.L_x_\d+\)?|BRA\s+(0x[0-9a-f]+)", op)
-        t = re.search(r"BRA(?:\.\w+)*\s+`?\(?\.?L?_?x?_?(\d+)?\)?\s*;?$", op)
         tgt = re.search(r"0x([0-9a-f]+)", op) if "BRA" in op else None
         if tgt is None:
             continue

@@ -36,9 +36,9 @@ if not fused_available(DEVICE):
 
 # Relative to the largest reference value (see the module docstring).
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-DTYPES = [torch.float32, torch.float16,
-          pytest.param(torch.bfloat16, marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                 reason="bf16 needs CUDA (the interpreter mishandles it)"))]
+_NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(),
+                                 reason="bf16 needs CUDA (the interpreter mishandles it)")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=_NEEDS_CUDA)]
 # (c_in, c_out, side): LeNet's conv2, and a small odd-sized case (floor-mode pooling drops a row).
 SHAPES = [(20, 50, 12), (3, 5, 9)]
 

@@ -342,12 +342,13 @@ def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: t
     """Tiles and warps of one convolution kernel launch.
 
     ``kind``: "fwd" (rows: pooled positions of all images of a member), "grad_weight" (the
-    same rows, reduced over) or "grad_input" (rows: input positions). One tile spans all
-    output channels (forward, weight gradient) or all input channels (input gradient).
-    First guesses for sm_90, chosen so that every LeNet-5 launch compiles without register
-    spills (bench/compile_fused_kernels.py prints registers and spills without a GPU);
-    their speed is still to be measured. fp32 (IEEE products, no tensor cores) keeps
-    smaller forward tiles: four 64 x 64 fp32 accumulators spill.
+    same rows, reduced over, argmax selects), "grad_weight_gz" (rows: convolution outputs,
+    from the unpooled gradient) or "grad_input" (rows: input positions, tap by tap over
+    CO_PAD channels). One tile spans all output channels (forward, weight gradient) or all
+    input channels (input gradient). 16-bit tiles and warps are chosen by the sm_90 SASS
+    count of each launch at P = 1024, batch 64 (bench/sass_loops.py; bench/static_cost.py
+    for the whole step), with no register spills; their speed is still to be measured. fp32
+    (IEEE products, no tensor cores) keeps smaller tiles: four 64 x 64 fp32 accumulators spill.
     """
     fp32 = dtype == torch.float32
     if kind == "fwd":
@@ -357,7 +358,7 @@ def launch_config(kind: str, rows: int, c_in: int, c_out: int, ks: int, dtype: t
             cfg.update(BLOCK_M=_tile(rows, 128), num_warps=4)
     elif kind == "grad_weight":
         cfg = {"BLOCK_M": _tile(rows, 64), "BLOCK_N": _tile(c_out, 128), "BLOCK_K": _tile(c_in * ks * ks, 32)}
-        if not fp32:  # conv1 16-bit sm_90: 793 SASS per 32-row tile at 2 warps (0.47 G per step at
+        if not fp32:  # conv1 16-bit sm_90: 828 SASS per 32-row tile at 2 warps (0.49 G per step at
             cfg.update(BLOCK_M=_tile(rows, 32), num_warps=2)  # P=1024) against 945 per 64 rows at 8 (1.11 G)
     elif kind == "grad_weight_gz":  # rows: convolution outputs of the pooled area
         # 16-bit sm_90: 166 SASS per row tile at 4 warps (8 warps, BLOCK_K 32: 147 at 2x the programs)
