@@ -122,7 +122,7 @@ def _run_options(f: Any) -> Any:
         click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="fp32"),
         click.option("--kernels", type=click.Choice(KERNELS), default="auto",
-                     help="auto: LeNet-5 on CUDA trains on the fused Triton kernels; grouped: never."),
+                     help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never."),
         click.option("--retries", type=int, default=2, help="Retries of a failed pack."),
         click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use."),
         click.option("--ray-temp-dir", default=None, help="Embedded Ray: its temp folder."),

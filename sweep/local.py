@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--kernels", default="auto", choices=KERNELS,
-                    help="auto: LeNet-5 on CUDA trains on the fused Triton kernels; grouped: never")
+                    help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
     ap.add_argument("--cpus-per-pack", type=float, default=None,
                     help="torch threads per pack, as `sweep run --cpus-per-pack` (default: the grid's resources.cpu)")

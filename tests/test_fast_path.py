@@ -163,7 +163,9 @@ def test_drw_member_loss_is_the_same_alone_or_with_an_active_packmate() -> None:
 def test_kernel_choice_is_applied_or_rejected(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_kernels("auto", "lenet5", cpu) == "grouped"  # the interpreter is for tests only
-    assert resolve_kernels("auto", "lenet5", cuda) == "fused"
+    assert resolve_kernels("auto", "lenet5", cuda, precision="bf16") == "fused"
+    assert resolve_kernels("auto", "lenet5", cuda) == "grouped"  # fp32: IEEE fused is no faster than cuDNN
+    assert resolve_kernels("auto", "lenet5", cuda, precision="tf32") == "grouped"
     assert resolve_kernels("auto", "lenet5", cuda, head="cosine") == "grouped"
     assert resolve_kernels("auto", "allcnn", cuda) == "grouped"
     assert resolve_kernels("grouped", "lenet5", cuda) == "grouped"

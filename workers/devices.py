@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from sweep.core.catalog import FUSED_MODELS, KERNELS, PRECISIONS, has_fused_path
+from sweep.core.catalog import FUSED_AUTO_PRECISIONS, FUSED_MODELS, KERNELS, PRECISIONS, has_fused_path
 from sweep.core.errors import UserError
 
 Precision = Literal["fp32", "tf32", "bf16"]  # sweep.core.catalog.PRECISIONS
@@ -51,10 +51,13 @@ def set_precision(precision: str, dev: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if precision == "bf16" else None
 
 
-def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "linear") -> Literal["fused", "grouped"]:
+def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "linear",
+                    precision: str = "fp32") -> Literal["fused", "grouped"]:
     """The kernels a pack of ``model`` trains on: ``fused`` (the Triton LeNet-5 fast path) or
-    ``grouped`` (the packed layers). ``auto`` is fused for LeNet-5 with a linear head on CUDA,
-    else grouped; ``fused`` where it cannot run is an error, not a silent fallback."""
+    ``grouped`` (the packed layers). ``auto`` is fused for LeNet-5 with a linear head on CUDA
+    in 16-bit ``precision`` (bf16; ``FUSED_AUTO_PRECISIONS``), else grouped (fp32 and tf32:
+    the fused kernels' IEEE fp32 is no faster than cuDNN); ``fused`` where it cannot run is
+    an error, not a silent fallback."""
     if kernels not in KERNELS:
         raise ValueError(f"unknown kernels {kernels!r} (allowed: {', '.join(KERNELS)})")
     if kernels == "grouped":
@@ -65,7 +68,7 @@ def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "li
                             f"not {model!r} with a {head} head")
         return "grouped"
     if kernels == "auto":  # the interpreter runs on the CPU, but only tests want it
-        return "fused" if dev.type == "cuda" else "grouped"
+        return "fused" if dev.type == "cuda" and precision in FUSED_AUTO_PRECISIONS else "grouped"
     from workers.fused_lenet import fused_available  # imports Triton: only where it may be used
 
     if fused_available(dev):

@@ -91,11 +91,14 @@ class FlatLayout:
 
         def col(values: Sequence[int], dtype: torch.dtype) -> Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
+        magic = [fk._magic(s.numel // self.members) for s in self.segments]
+        if any(s.numel + self.align >= 2 ** 31 for s in self.segments):
+            raise ValueError("a parameter of 2**31 elements or more: the SGD kernel's offsets are int32")
         return {
             "block_seg": col(block_seg, torch.int32),
             "seg_start": col([s.start for s in self.segments], torch.int64),
-            "seg_numel": col([s.numel for s in self.segments], torch.int64),
-            "seg_per_member": col([s.numel // self.members for s in self.segments], torch.int64),
+            "seg_magic": col([m for m, _ in magic], torch.int64),  # a uint32 value
+            "seg_shift": col([sh for _, sh in magic], torch.int32),
             "seg_is_bias": col([int(s.is_bias) for s in self.segments], torch.int32),
         }
 
@@ -120,11 +123,14 @@ class ConvPool(torch.autograd.Function):
         x, w, arg = ctx.saved_tensors
         gy = gy.contiguous()
         sink_w, sink_b = ctx.sinks
-        gx = gw = gb = None
+        gx = gw = gb = gz = None
         if ctx.needs_input_grad[0]:  # conv1's input (the images) never asks
-            gx = fk.conv_pool_grad_input(w, gy, arg, x.shape, x.dtype)
+            # conv2: the unpooled gradient, made once, feeds both the input and weight gradient.
+            # (conv1's would be 24 x 24 x 32 per image: it keeps the argmax-select kernel.)
+            gz = fk.unpool(gy, arg, x.dtype)
+            gx = fk.conv_pool_grad_input(w, gy, arg, x.shape, x.dtype, gz=gz)
         if ctx.needs_input_grad[1]:
-            gw = _into(sink_w, lambda out: fk.conv_pool_grad_weight(x, gy, arg, w.shape, out))
+            gw = _into(sink_w, lambda out: fk.conv_pool_grad_weight(x, gy, arg, w.shape, out, gz=gz))
         if ctx.needs_input_grad[2]:
             # Each pooled value reaches exactly one pre-pool cell: the bias gradient is gy's sum.
             gb = _into(sink_b, lambda out: torch.sum(gy, dim=(1, 3, 4), dtype=torch.float32, out=out))
@@ -161,11 +167,21 @@ class PackedLinearFn(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
+# torch.bmm(..., out_dtype=torch.float32) of 16-bit operands: fp32 accumulation written as fp32
+# (CUDA only; aten::bmm.dtype_out exists in the torch versions in use, 2.11 and 2.14).
+_BMM_OUT_DTYPE = hasattr(torch.ops.aten.bmm, "dtype_out")
+
+
 def _bmm_fp32(a: Tensor, b: Tensor, out: Tensor | None) -> Tensor:
-    """``a @ b`` into an fp32 ``out``: directly in fp32, through a 16-bit result otherwise
-    (as autocast's weight gradient; the copy casts, no fp32 temporary)."""
+    """``a @ b`` into an fp32 ``out``: directly in fp32; for 16-bit operands on CUDA the fp32
+    accumulator written once as fp32 (``out_dtype``: 4 B per element instead of a 16-bit
+    result, its re-read and a 4-byte copy), elsewhere through a 16-bit result and a copy."""
     if a.dtype == torch.float32:
         return torch.bmm(a, b, out=out)
+    if _BMM_OUT_DTYPE and a.device.type in ("cuda", "meta"):  # meta: bench/static_cost.py's recording
+        if out is None:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out)
     r = torch.bmm(a, b)
     return r.float() if out is None else out.copy_(r)
 
@@ -214,6 +230,7 @@ class FusedLeNet5(LeNet5):
         sixteen = self.compute_dtype != torch.float32
         self.flat16 = torch.empty_like(self.flat, dtype=self.compute_dtype) if sixteen else None
         self.flat16_version: int | None = None  # flat._version that flat16 was made from
+        self._whole_under: frozenset[int] | None = None  # trainable set when flat16 was last made whole
         for (mod, attr), view in zip(self._slots, self.layout.views(self.flat)):
             holder = self.get_submodule(mod)
             old = holder._parameters[attr]
@@ -237,13 +254,38 @@ class FusedLeNet5(LeNet5):
         # copy only when nothing else holds that tensor object.
         return lambda: self.layout.view(self.flat_grad, i) if holder._parameters[attr].grad is None else None
 
-    def refresh_compute_copy(self) -> None:
+    def refresh_compute_copy(self, full: bool = False) -> None:
         """Re-cast ``flat16`` if the parameters changed since it was made. Forward passes do
         this themselves; a CUDA graph replay runs no Python, so a caller that changes the
-        parameters between replays (loading a state, restoring the best) calls it."""
-        if self.flat16 is not None and self.flat16_version != self.flat._version:
+        parameters between replays (loading a state, restoring the best) calls it.
+
+        While some parameters are frozen (``requires_grad`` False: a head-only stage) and
+        ``flat16`` was made whole under the same frozen set, only the trainable parameters'
+        segments are re-cast (fc2: 5,010 of 431,080 per member; a whole re-cast is 2.6 GB per
+        step at P = 1024). Contract: frozen parameters change only through
+        ``load_state_dict``, ``load_member_state`` or ``_member_tensors`` (restoring a best
+        state), which make the next re-cast whole; after any other in-place change of a frozen
+        parameter pass ``full=True``.
+        """
+        if self.flat16 is None or (self.flat16_version == self.flat._version and not full):
+            return
+        trainable = frozenset(i for i, p in enumerate(self.parameters()) if p.requires_grad)
+        if not full and self._whole_under is not None and trainable == self._whole_under:
+            for i in sorted(trainable):
+                self.layout.view(self.flat16, i).copy_(self.layout.view(self.flat, i))
+        else:
             self.flat16.copy_(self.flat)
-            self.flat16_version = self.flat._version
+            # Partial re-casts are valid from here on only while the same parameters are frozen.
+            self._whole_under = trainable if len(trainable) < len(self.layout.segments) else None
+        self.flat16_version = self.flat._version
+
+    def _member_tensors(self) -> dict[str, Tensor]:
+        self._whole_under = None  # a caller may write into these (engine._restore_best)
+        return super()._member_tensors()
+
+    def load_state_dict(self, *args, **kwargs):  # noqa: ANN002, ANN003 - nn.Module's signature
+        self._whole_under = None
+        return super().load_state_dict(*args, **kwargs)
 
     def forget_compute_copy(self) -> None:
         """Make the next forward re-cast ``flat16``: after CUDA-graph replays, whose writes
@@ -257,6 +299,9 @@ class FusedLeNet5(LeNet5):
 
     def _conv(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
         # The kernels read the fp32 masters and cast in registers (conv weights are few).
+        if not (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad
+                                             or module.bias.requires_grad)):
+            return fk.conv_pool_forward(x, module.weight, module.bias, with_arg=False)[0]  # no argmax written
         return ConvPool.apply(x, module.weight, module.bias, self._sink(first), self._sink(first + 1))
 
     def _linear(self, x: Tensor, module: nn.Module, first: int) -> Tensor:
@@ -302,10 +347,11 @@ class FusedSGD:
                  bias_lr_factor: Tensor | None = None) -> None:
         self.model = model
         p, dev = model.members, model.flat.device
-        self.momentum = momentum.to(dev, torch.float32).contiguous()
-        self.weight_decay = weight_decay.to(dev, torch.float32).contiguous()
-        ones = torch.ones(p, device=dev)
-        self.factor = ones if bias_lr_factor is None else bias_lr_factor.to(dev, torch.float32).contiguous()
+        # One row per member: (lr, bias lr factor, weight decay, momentum); step() writes column 0.
+        self.hyper = torch.zeros(p, 4, device=dev)
+        self.hyper[:, 1] = 1.0 if bias_lr_factor is None else bias_lr_factor.to(dev, torch.float32)
+        self.hyper[:, 2] = weight_decay.to(dev, torch.float32)
+        self.hyper[:, 3] = momentum.to(dev, torch.float32)
         self.table = model.layout.table(dev)
         # Zeros make the first step PyTorch's buf = d exactly (m*0 + d == d), with no branch.
         self.buf = torch.zeros_like(model.flat)
@@ -316,8 +362,8 @@ class FusedSGD:
         """One update; ``lr`` is the [P] learning rate of the weights (device tensor)."""
         model = self.model
         model.gather_grads()
-        fk.sgd_step(model.flat, model.flat_grad, self.buf, self.table, lr.to(torch.float32).contiguous(),
-                    self.factor, self.momentum, self.weight_decay, model.flat16)
+        self.hyper[:, 0].copy_(lr)  # one small copy per step (captured in the step's graph)
+        fk.sgd_step(model.flat, model.flat_grad, self.buf, self.table, self.hyper, model.flat16)
         if model.flat16 is not None:  # the pass rewrote every element of the 16-bit copy
             model.flat16_version = model.flat._version
         self.started = True

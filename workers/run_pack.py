@@ -128,9 +128,9 @@ def run_pack(
     returned). ``progress`` receives the fraction of the pack's iterations done and what
     the pack is doing ("loading data", "training", "evaluating", "latent statistics");
     ``observer`` sees every stage's model as it starts and ends (:data:`StageObserver`).
-    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA with
-    the fused Triton fast path (``bf16`` precision: 16-bit arithmetic, fp32 master weights),
-    everything else on the grouped layers.
+    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA in
+    ``bf16`` precision with the fused Triton fast path (16-bit arithmetic, fp32 master weights),
+    everything else (fp32 and tf32 included) on the grouped layers.
     """
     if not pack.specs:
         raise ValueError("empty pack")
@@ -141,7 +141,7 @@ def run_pack(
     autocast = set_precision(precision, dev)  # raises on an unknown precision
     # bf16 on the fused path: 16-bit arithmetic inside the kernels instead of autocast.
     fused = None
-    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head)) == "fused":
+    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head), precision) == "fused":
         fused, autocast = autocast or torch.float32, None
     if store is not None and not hasattr(store, "write_pack"):
         store = ResultStore(str(store))  # a path
