@@ -20,7 +20,6 @@ whose trials rows are the latest for their network.
 from __future__ import annotations
 
 import json
-import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
+from sweep.store import paths as store_paths
 from sweep.store.results import TRIALS, ResultStore, StoreError
 from sweep.store.schema import PARTITION
 
@@ -282,14 +282,9 @@ def _dataset(store: ResultStore, table: str) -> ds.Dataset | None:
             schema = schema.append(pa.field(name, pa.string()))
     # A column a file lacks is filled from its partition expression: that is how every row
     # gets its grid and stem, and how a WHERE on grid skips the other grids' files.
-    parts = [(pc.field(PARTITION) == grid) & (pc.field(_FILE_COL) == stem) for grid, stem in map(_grid_stem, paths)]
+    parsed = [store_paths.parse_data_path(store.base_path, p) for p in paths]  # committed data files only
+    parts = [(pc.field(PARTITION) == d.grid) & (pc.field(_FILE_COL) == d.stem) for d in parsed]
     return ds.FileSystemDataset.from_paths(paths, schema=schema, format=fmt, filesystem=fs, partitions=parts)
-
-
-def _grid_stem(path: str) -> tuple[str, str]:
-    """``.../<table>/grid=<grid>/<pack_id>-<attempt>.parquet`` -> (grid, stem)."""
-    folder = posixpath.basename(posixpath.dirname(path))
-    return folder.split("=", 1)[1], posixpath.basename(path)[: -len(".parquet")]
 
 
 def _latest_rows_sql() -> str:
