@@ -75,3 +75,16 @@ def resolve_kernels(kernels: str, model: str, dev: torch.device, head: str = "li
         return "fused"
     raise DeviceUnavailable(f"kernels 'fused' need a CUDA device (or TRITON_INTERPRET=1 on the CPU, "
                             f"for tests), not {dev}")
+
+
+def numerics(dev: torch.device, autocast: torch.dtype | None, fused: torch.dtype | None) -> dict[str, str]:
+    """How a pack computed, as its rows record it: the kernels change the numbers (other
+    summation orders), and so does the arithmetic's dtype (bf16 inside the fused kernels or
+    under autocast; TF32 matmuls on CUDA unless fp32 was asked for)."""
+    if fused is not None:
+        dtype = str(fused).removeprefix("torch.")
+    elif autocast is not None:
+        dtype = str(autocast).removeprefix("torch.")
+    else:
+        dtype = "tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
+    return {"kernels": "grouped" if fused is None else "fused", "compute_dtype": dtype}

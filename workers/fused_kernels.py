@@ -2,6 +2,9 @@
 
 Floor: workers (trial execution; imports sweep.core and sweep.store only).
 
+It is longer than 400 lines on purpose: this is the project's only Triton code (docs/layout.md), so
+every kernel of the fused step, its launch helper and its tile choice stay in one place.
+
 Activations are laid out ``[P, B, C, H, W]`` (contiguous), weights ``[P, C_out, C_in, k, k]``
 and biases ``[P, C_out]`` as in ``workers.packed_layers``. Each convolution is an implicit
 GEMM per member: rows are output positions of several images of one member, columns are

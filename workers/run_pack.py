@@ -27,7 +27,8 @@ from sweep.store.schema import Measurement, Status
 from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
-from workers.devices import Kernels, Precision, device_name, resolve_device, resolve_kernels, set_precision
+from workers.devices import (Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels,
+                             set_precision)
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
@@ -235,19 +236,6 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     statuses = [results[s.network_id].status for s in pack.stored_specs]
     return PackResult(pack.pack_id, tables, len(pack.stored_specs), statuses.count(Status.DIVERGED),
                       statuses.count(Status.FAILED), seconds, device, resumed_from)
-
-
-def numerics(dev: torch.device, autocast: torch.dtype | None, fused: torch.dtype | None) -> dict[str, str]:
-    """How a pack computed, as its rows record it: the kernels change the numbers (other
-    summation orders), and so does the arithmetic's dtype (bf16 inside the fused kernels or
-    under autocast; TF32 matmuls on CUDA unless fp32 was asked for)."""
-    if fused is not None:
-        dtype = str(fused).removeprefix("torch.")
-    elif autocast is not None:
-        dtype = str(autocast).removeprefix("torch.")
-    else:
-        dtype = "tf32" if dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
-    return {"kernels": "grouped" if fused is None else "fused", "compute_dtype": dtype}
 
 
 def _stage_progress(ctx: _Pack, offset: int, total: int, phase: str) -> Callable[[int], None]:
