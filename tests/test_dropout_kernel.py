@@ -9,6 +9,12 @@ two agree exactly (keep = 0.5: 1 / 0.5 = 2). On CUDA it is compared with the tor
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,6 +187,49 @@ def test_the_cpu_runs_the_torch_path() -> None:
     z = _z((2, 6, 3, 3), torch.float32, False)
     keys, draws = noise.member_keys([1, 2], CPU), torch.tensor(0)
     assert torch.equal(noise.member_dropout(z, 2, keys, draws, 0.8), noise.torch_dropout(z, 2, keys, draws, 0.8))
+
+
+_SM90 = """
+import json, torch
+from bench import static_cost as sc
+from workers import dropout_kernel as dk
+rec = sc._Recorder()
+rec.launches = []
+meta = torch.device("meta")
+with sc._patched(rec):
+    for dtype in (torch.bfloat16, torch.float32):
+        for cl in (False, True):
+            z = torch.empty(4, 3 * 96, 5, 7, dtype=dtype, device=meta)
+            z = z.to(memory_format=torch.channels_last) if cl else z
+            keys = torch.empty(3, dtype=torch.int64, device=meta)
+            draws = torch.empty((), dtype=torch.int64, device=meta)
+            dk._launch(z, 3, keys, draws, 0.8, False, torch.empty_like(draws))
+            dk._launch(z, 3, keys, draws, 0.8, True, None)
+out = []
+for launch in rec.launches:
+    k = sc.analyse(launch)
+    out.append({"registers": k.registers, "spills": k.spill_instructions, "local": k.local,
+                "warp_instructions_per_element": sum(k.per_warp.values()) * 4 / launch.constexprs["BLOCK"]})
+print(json.dumps(out))
+"""
+
+
+def test_the_kernel_compiles_for_sm90_without_spills() -> None:
+    """Every specialisation the model launches (layout x direction x dtype) compiles for sm_90
+    with the installed Triton, on the GPU's code path (not the interpreter's): in a subprocess,
+    as bench/static_cost.py does. About 1.1 warp-instructions per element (Triton 3.8)."""
+    pytest.importorskip("triton")
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(repo), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    proc = subprocess.run([sys.executable, "-c", _SM90], cwd=repo, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 8
+    for r in rows:
+        assert r["spills"] == 0 and r["local"] == 0 and r["registers"] <= 64, r
+        assert r["warp_instructions_per_element"] < 2.0, r  # the hash, not index arithmetic
 
 
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
