@@ -104,15 +104,13 @@ class PackedNet(nn.Module):
 
     def member_dropout(self, z: Tensor, rate: float) -> Tensor:
         """Dropout on grouped activations ``[B, P*C, H, W]``, member p's mask from member p's
-        stream (``workers.noise``: counter-based, a few kernels for all members, no host work)."""
+        stream (``workers.noise``: counter-based, one kernel for all members on CUDA, no host work)."""
         if not self.training or rate == 0:
             return z
-        keep = 1.0 - rate
-        per = z.unflatten(1, (self.members, -1))  # [B, P, C, H, W], any memory layout
         keys, draws = self._noise(z.device)
-        mask = noise.keep_mask(per.shape, keys, draws, keep, z.dtype)
+        out = noise.member_dropout(z, self.members, keys, draws, 1.0 - rate)
         draws.add_(1)
-        return (per * mask).div_(keep).flatten(1, 2)
+        return out
 
     def bias_parameters(self) -> list[nn.Parameter]:
         """The additive biases of convolutions and linear layers (Caffe's second blob)."""

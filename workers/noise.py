@@ -1,4 +1,4 @@
-"""Counter-based random masks: every member's dropout in a few element-wise kernels.
+"""Counter-based random masks: every member's dropout in one element-wise kernel (CUDA).
 
 Floor: workers (trial execution; imports sweep.core and sweep.store only).
 
@@ -8,6 +8,9 @@ the member's ``[B, C, H, W]``. So a member's masks depend on its seed and the nu
 draws alone (the same alone or in any pack, in any memory layout), all members are drawn
 by the same few kernels (no launch, no generator per member), and nothing is read back to
 the host: a CUDA graph can hold it. A stream's state is one integer, the draw count.
+
+On CUDA ``member_dropout`` runs ``workers.dropout_kernel`` (one Triton kernel per call and
+per backward, the same bits); elsewhere the torch ops below (about 40 per element).
 """
 
 from __future__ import annotations
@@ -48,3 +51,29 @@ def keep_mask(shape: torch.Size, keys: Tensor, draws: Tensor, keep: float, dtype
     salt = mix32(keys ^ mix32(draws.expand(keys.shape[0])))  # [P]: this draw of each stream
     u = mix32(_element_hashes(shape, keys.device) ^ salt.view(1, -1, *([1] * (len(shape) - 2))))
     return (u < int(keep * 2 ** 32)).to(dtype)
+
+
+def torch_dropout(z: Tensor, members: int, keys: Tensor, draws: Tensor, keep: float) -> Tensor:
+    """Member dropout as torch ops: ``[B, P*C, H, W]`` in any memory layout, draw ``draws``."""
+    per = z.unflatten(1, (members, -1))  # [B, P, C, H, W], any memory layout
+    mask = keep_mask(per.shape, keys, draws, keep, z.dtype)
+    return (per * mask).div_(keep).flatten(1, 2)
+
+
+def member_dropout(z: Tensor, members: int, keys: Tensor, draws: Tensor, keep: float,
+                   kernel: bool | None = None) -> Tensor:
+    """Every member's dropout of draw ``draws`` (not advanced here), scaled by ``1 / keep``.
+
+    ``kernel``: whether to run ``workers.dropout_kernel`` (default: on CUDA, where it gives
+    the torch path's bits; True on the CPU runs it in Triton's interpreter, for tests).
+    """
+    if kernel is None:
+        kernel = z.is_cuda
+    if kernel:
+        try:
+            from workers import dropout_kernel
+        except ImportError:  # no Triton here: the torch ops, the same bits
+            dropout_kernel = None
+        if dropout_kernel is not None and dropout_kernel.supported(z, members, keep):
+            return dropout_kernel.dropout(z, members, keys, draws, keep)
+    return torch_dropout(z, members, keys, draws, keep)
