@@ -382,16 +382,24 @@ def _f3d_gap_shrinks_with_mu(ev: Evidence):
     return Verdict.NOT_REPRODUCED, summary, tuple(tests)
 
 
-def _two_phase_between(ev: Evidence):
-    pairs = [(m, p) for m, p in (("two_phase_over", "oversampling"), ("two_phase_under", "undersampling"))
-             if ev.has(m)]
-    if not pairs:
-        return _not_testable("needs two-phase networks (methods: [..., two_phase_over, two_phase_under])")
+TWO_PHASE = (("two_phase_over", "oversampling"), ("two_phase_under", "undersampling"))
+
+
+def _two_phase_cells(ev: Evidence) -> list[tuple[str, str, pd.DataFrame]]:
+    """Per two-phase variant in the store: (method, its phase-1 method, cell means ``tp``,
+    ``p1`` and ``base`` of the cells that have all three)."""
     base = _cell_means(ev.values("baseline"))
+    return [(m, p1, pd.concat([_cell_means(ev.values(m)), _cell_means(ev.values(p1)), base], axis=1,
+                              keys=["tp", "p1", "base"]).dropna())
+            for m, p1 in TWO_PHASE if ev.has(m)]
+
+
+def _two_phase_between(ev: Evidence):
+    cells = _two_phase_cells(ev)
+    if not cells:
+        return _not_testable("needs two-phase networks (methods: [..., two_phase_over, two_phase_under])")
     parts, tests, shares = [], [], []
-    for m, p1 in pairs:
-        tp, one = _cell_means(ev.values(m)), _cell_means(ev.values(p1))
-        w = pd.concat([tp, one, base], axis=1, keys=["tp", "p1", "base"]).dropna()
+    for m, p1, w in cells:
         between = (w["tp"] >= w[["p1", "base"]].min(axis=1) - 1e-9) & (w["tp"] <= w[["p1", "base"]].max(axis=1) + 1e-9)
         tests.append(sign_test(f"{m} between the baseline and {p1} (cells)", int(between.sum()), len(w)))
         shares.append(between.mean())
@@ -405,16 +413,12 @@ def _two_phase_between(ev: Evidence):
 
 
 def _two_phase_direction(ev: Evidence):
-    pairs = [(m, p) for m, p in (("two_phase_over", "oversampling"), ("two_phase_under", "undersampling"))
-             if ev.has(m)]
-    if not pairs:
+    cells = _two_phase_cells(ev)
+    if not cells:
         return _not_testable("needs two-phase networks (methods: [..., two_phase_over, two_phase_under])")
-    base = _cell_means(ev.values("baseline"))
     hits = n = 0
     tests = []
-    for m, p1 in pairs:
-        tp, one = _cell_means(ev.values(m)), _cell_means(ev.values(p1))
-        w = pd.concat([tp, one, base], axis=1, keys=["tp", "p1", "base"]).dropna()
+    for m, p1, w in cells:
         want = np.sign(w["base"] - w["p1"])  # baseline better: fine-tuning should improve the method
         got = np.sign(w["tp"] - w["p1"])
         ok = want.ne(0) & want.eq(got)
