@@ -88,7 +88,7 @@ class Test:
     def describe(self) -> str:
         parts = []
         if self.effect_name:
-            unit = "" if self.effect_name.startswith(("Spearman", "share")) else " pp"
+            unit = "" if self.effect_name.startswith("Spearman") else " pp"
             ci = (f" (95 % CI {self.ci_low:+.3g} to {self.ci_high:+.3g})"
                   if np.isfinite(self.ci_low) and np.isfinite(self.ci_high) else "")
             parts.append(f"{self.effect_name} {self.effect:+.3g}{unit}{ci}")

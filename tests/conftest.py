@@ -46,3 +46,25 @@ def ray_dir():
     d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def isolated_datasets(tmp_path, monkeypatch):
+    """A private on-disk dataset cache, no data directory from the environment, a fresh memo
+    (the dataset-loading tests use it for every test: ``pytestmark``)."""
+    from workers import datasets
+
+    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)
+    datasets.clear_memo()
+    yield
+    datasets.clear_memo()
+
+
+def tiny_grid(name: str, **changes):
+    """A grid document of one LeNet-5 on 50 MNIST images per class, 5 iterations: the smallest
+    real grid, for tests that need one to refuse or to run."""
+    doc = {"name": name, "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 5},
+           "max_per_class": 50, "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"],
+           "repeats": 1, "seed": 1, "resources": {"cpu": 1, "gpu": 0}}
+    return {**doc, **changes}

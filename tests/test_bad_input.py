@@ -22,18 +22,11 @@ import yaml
 
 from sweep.core.grid import load_grid
 from sweep.store.results import ResultStore
+from conftest import tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
-GRID = {
-    "name": "bad", "dataset": "mnist", "model": "lenet5",
-    "recipe": {"preset": "buda_mnist", "iters": 5},
-    "max_per_class": 50,
-    "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
-    "methods": ["baseline"],
-    "repeats": 1, "seed": 1,
-    "resources": {"cpu": 1, "gpu": 0},
-}
+GRID = tiny_grid("bad")
 # Embedded Ray on this machine's CPUs only, even where it has a GPU: the resource and
 # device cases below must be refused everywhere, never trained.
 CPU_ONLY = {**os.environ, "RAY_AUTH_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}

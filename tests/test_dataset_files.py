@@ -27,13 +27,7 @@ from workers.datasets import DatasetError, load_dataset
 IDX_NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)
-    datasets.clear_memo()
-    yield
-    datasets.clear_memo()
+pytestmark = pytest.mark.usefixtures("isolated_datasets")  # conftest: private cache, fresh memo
 
 
 def mnist_pickle(path: Path, n: int = 40, pixels: int = 784, labels: np.ndarray | None = None) -> bytes:

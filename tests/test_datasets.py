@@ -16,14 +16,7 @@ from workers import datasets
 from workers.datasets import DATASET_NAMES, DatasetNotFound, first_per_class, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A private on-disk cache, no data directory from the environment, a fresh memo."""
-    monkeypatch.setenv("SWEEP_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("SWEEP_DATA_DIR", raising=False)
-    datasets.clear_memo()
-    yield
-    datasets.clear_memo()
+pytestmark = pytest.mark.usefixtures("isolated_datasets")  # conftest: private cache, fresh memo
 
 
 def cached_files(tmp_path: Path) -> list[Path]:

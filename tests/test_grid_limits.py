@@ -18,16 +18,9 @@ from sweep.cli import cli
 from sweep.core.grid import GridError, load_grid
 from sweep.core.grid_checks import MAX_GRID_BYTES, MAX_GRID_NODES
 from sweep.core.grid_recipe import RECIPE_BOUNDS
+from conftest import tiny_grid
 
-GRID = {
-    "name": "hostile", "dataset": "mnist", "model": "lenet5",
-    "recipe": {"preset": "buda_mnist", "iters": 5},
-    "max_per_class": 50,
-    "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
-    "methods": ["baseline"],
-    "repeats": 1, "seed": 1,
-    "resources": {"cpu": 1, "gpu": 0},
-}
+GRID = tiny_grid("hostile")
 
 
 def write(tmp_path: Path, text: str) -> Path:

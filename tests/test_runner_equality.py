@@ -20,19 +20,12 @@ import pytest
 import yaml
 
 from sweep.store.results import ResultStore
+from conftest import tiny_grid
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 
-GRID = {
-    "name": "same", "dataset": "mnist", "model": "lenet5",
-    "recipe": {"preset": "buda_mnist", "iters": 5},
-    "max_per_class": 50,
-    "imbalance": {"step": {"rho": [10], "mu": [0.5]}},
-    "methods": ["baseline", "oversampling"], "thresholding": ["baseline"],
-    "repeats": 1, "seed": 3,
-    "resources": {"cpu": 1, "gpu": 0},
-}
+GRID = tiny_grid("same", methods=["baseline", "oversampling"], thresholding=["baseline"], seed=3)
 # What may differ between two runs of the same network: when and how fast it ran.
 RUN_COLUMNS = {"created_at", "train_seconds", "eval_seconds", "latent_seconds", "host"}
 ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
