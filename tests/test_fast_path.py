@@ -324,6 +324,7 @@ def _close_to(got: torch.Tensor, want: torch.Tensor, init: torch.Tensor, msg: st
     assert err <= UPDATE_RTOL * moved, f"{msg}: error {err:.3g} = {err / moved:.2e} of the update {moved:.3g}"
 
 
+@pytest.mark.interpreter
 def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist, monkeypatch) -> None:
     """run_pack on the fused LeNet-5 (batch tables, device counters, fused SGD): a member's
     weights after four steps, trained in a pack and trained alone, and the grouped fp32 path's,

@@ -55,6 +55,7 @@ def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_pat
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_of_the_local_command_says_what_is_stored_and_exits_non_zero(tmp_path, mnist):
     """Ctrl-C (SIGINT) during the second pack: one line, the networks really stored (the first
     pack's two), exit 130, no traceback; running the command again trains only the rest."""

@@ -38,6 +38,8 @@ from workers.losses import PackedLoss  # noqa: E402
 from workers.samplers import EpochSampler  # noqa: E402
 from workers.transforms import InputTransform, stack_transforms  # noqa: E402
 
+pytestmark = [pytest.mark.subprocess, pytest.mark.interpreter]  # tiers: pyproject.toml, tests/conftest.py
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "static_cost.py"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
