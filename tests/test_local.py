@@ -1,3 +1,5 @@
+import pytest
+
 from sweep.core.grid import expand
 from sweep.local import run_local
 from sweep.store.results import ResultStore
@@ -22,7 +24,8 @@ def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
     assert trials["trial_id"].is_unique and len(trials) == g.evaluations
 
 
-def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys):
+def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys, monkeypatch):
+    import torch
     import yaml
 
     from sweep.local import main
@@ -34,7 +37,9 @@ def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys):
     assert len(ResultStore(str(store)).completed_network_ids()) == 2
     assert main([str(grid), "--store", str(store), "--device", "cpu"]) == 0
     assert "4 networks trained" in capsys.readouterr().out
-    assert main([str(grid), "--store", str(store), "--device", "cuda"]) == 1  # no GPU here
+    # On a machine without CUDA (simulated, so the check runs on GPU machines too):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([str(grid), "--store", str(store), "--device", "cuda"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
 
 
