@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import html
-import os
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field

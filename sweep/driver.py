@@ -51,8 +51,16 @@ from typing import Any
 
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
-from sweep.prepare import (RunOptions, SweepError, check_address, check_options, pack_memory_bytes, pack_threads,
-                            plan_for, preflight)
+from sweep.prepare import (
+    RunOptions,
+    SweepError,
+    check_address,
+    check_options,
+    pack_memory_bytes,
+    pack_threads,
+    plan_for,
+    preflight,
+)
 from sweep.store.results import ResultStore
 
 log = logging.getLogger(__name__)

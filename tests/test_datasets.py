@@ -15,7 +15,6 @@ import torch
 from workers import datasets
 from workers.datasets import DATASET_NAMES, DatasetNotFound, first_per_class, load_dataset
 
-
 pytestmark = pytest.mark.usefixtures("isolated_datasets")  # conftest: private cache, fresh memo
 
 

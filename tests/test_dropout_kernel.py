@@ -20,8 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workers import dropout_kernel as dk
-from workers import noise
+from workers import dropout_kernel as dk, noise
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = torch.device("cpu")

@@ -17,16 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sweep.core.errors import UserError
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
 from sweep.prepare import RunOptions, SweepError, check_kernels, check_options
-from workers import fused_kernels as fk
+from workers import engine, fused_kernels as fk
 from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
 from workers.batch_feed import BatchFeed
 from workers.datasets import ArrayDataset
-from sweep.core.errors import UserError
 from workers.devices import DeviceUnavailable, resolve_kernels
-from workers import engine
 from workers.engine import StageConfig, train_stage
 from workers.losses import PackedLoss
 from workers.models import LeNet5

@@ -25,9 +25,8 @@ import torch
 from plotly.offline import get_plotlyjs
 
 from analysis import figures as F
+from analysis.aggregate import best_methods, method_label, paired_vs_baseline, select_lr_runs, summarize, with_labels
 from analysis.compare import ranking
-from analysis.aggregate import (best_methods, method_label, paired_vs_baseline, select_lr_runs,
-                                summarize, with_labels)
 from analysis.report import ReportSummary, write_report
 from sweep.store.results import ResultStore
 

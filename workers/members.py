@@ -10,11 +10,12 @@ images), the re-sampling and the batch order from the network's own id.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from sweep.core.catalog import DATASETS
-from sweep.core.spec import Method, TrialSpec, derive_seed
 from sweep.core.counts import class_counts, resampled_counts
+from sweep.core.spec import Method, TrialSpec, derive_seed
 from workers.imbalance import draw_subset, resample
 
 

@@ -27,8 +27,7 @@ from sweep.store.schema import Measurement, Status
 from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
-from workers.devices import (Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels,
-                             set_precision)
+from workers.devices import Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels, set_precision
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss

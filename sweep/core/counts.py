@@ -12,6 +12,7 @@ import numpy as np
 
 from sweep.core.spec import Imbalance, ImbalanceKind, Method
 
+
 def class_counts(imbalance: Imbalance, num_classes: int, n_max: int) -> np.ndarray:
     """Per-class training counts (indexed by label) for an imbalance and a majority count.
 

@@ -31,13 +31,13 @@ from sweep.core.grid_checks import (
     MAX_NETWORKS_ENV,
     PATH_SEGMENT_RE,
     GridError,
-    bounded,
     _choice,
     _choices,
     _Errors,
     _int,
     _list,
     _num,
+    bounded,
     max_networks_per_grid,
     parse_grid_yaml,
     show,
@@ -58,7 +58,6 @@ from sweep.core.spec import (
     TrialSpec,
     derive_seed,
 )
-
 
 EXPERIMENT_KEYS = {
     "dataset": "dataset name: " + ", ".join(DATASETS),
