@@ -4,6 +4,20 @@ from sweep.core.grid import expand
 from sweep.local import run_local
 from sweep.store.results import ResultStore
 
+@pytest.fixture
+def fewer_test_images(mnist, monkeypatch):
+    """Real MNIST with its first 1,000 test images: evaluating every network on all 10,000 was
+    nine tenths of these tests' time, and what they check (packs, resumes, threads) does not
+    depend on the test set's size."""
+    from sweep import local
+    from workers.datasets import ArrayDataset
+
+    fewer = ArrayDataset(name="mnist", train_x=mnist.train_x, train_y=mnist.train_y, test_x=mnist.test_x[:1000],
+                         test_y=mnist.test_y[:1000], num_classes=10, source=mnist.source + " [test 1000]")
+    preflight = local.preflight
+    monkeypatch.setattr(local, "preflight", lambda *args, **kw: {**preflight(*args, **kw), "mnist": fewer})
+
+
 DOC = {
     "name": "loc", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 5},
     "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline", "oversampling"],
@@ -11,7 +25,7 @@ DOC = {
 }
 
 
-def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
+def test_local_runs_whole_repeats_first_and_resumes(tmp_path, fewer_test_images):
     g = expand(DOC)
     store = str(tmp_path / "s")
     trained, failed, _ = run_local(g, store, device="cpu", max_packs=2)
@@ -24,7 +38,7 @@ def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
     assert trials["trial_id"].is_unique and len(trials) == g.evaluations
 
 
-def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys, monkeypatch):
+def test_local_command_stops_on_its_budget_and_resumes(tmp_path, fewer_test_images, capsys, monkeypatch):
     import torch
     import yaml
 
@@ -46,7 +60,7 @@ def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys, 
 TINY = {**DOC, "max_per_class": 50, "methods": ["baseline"], "repeats": 1, "resources": {"cpu": 2, "gpu": 0}}
 
 
-def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_path, mnist):
+def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_path, fewer_test_images):
     """As `sweep run` (sweep.prepare.pack_threads): the grid's resources.cpu, or --cpus-per-pack;
     never the machine's core count. The rows say it, and the caller's count is restored."""
     import torch
