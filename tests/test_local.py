@@ -4,6 +4,7 @@ from sweep.core.grid import expand
 from sweep.local import run_local
 from sweep.store.results import ResultStore
 
+
 @pytest.fixture
 def fewer_test_images(mnist, monkeypatch):
     """Real MNIST with its first 1,000 test images: evaluating every network on all 10,000 was
