@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from workers.pack_work import Phase, PackWork
+from workers.pack_work import PackWork, Phase
 from workers.stages import StagePlan
 
 if TYPE_CHECKING:  # the model's type only: a monitor never touches a network itself
@@ -150,9 +150,10 @@ class PackMonitor:
         total = work.iters_total
         if phase == Phase.WRITING:
             return PackEvent(self.pack_id, phase, work.fraction(phase), 0, 0, total, total)
-        iters = next(s.iters for s in work.segments if s.stage == stage and s.iters)
+        iters = next((s.iters for s in work.segments if s.stage == stage and s.iters), 0)
         if phase not in (Phase.TRAINING, Phase.TRAINING_FROM_PHASE1):
             it = iters  # evaluation and latent statistics come after the stage's training
+        # work.fraction raises ValueError on a phase the plan does not have (a bug of the caller)
         within = it / iters if iters else 1.0
         return PackEvent(self.pack_id, phase, work.fraction(phase, stage, within), stage, it,
                          work.iters_before(stage) + it, total)
