@@ -17,19 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from sweep.core.plan import Pack
+from workers.compute import Numerics
 from workers.datasets import ArrayDataset, load_dataset
 from workers.monitor import PackMonitor
 from workers.store_sink import StoreSink
-
-
-@dataclass(frozen=True)
-class PackNumerics:
-    """How a pack computes on its device: the autocast dtype (None: none) and, on the
-    fused LeNet-5 kernels, their compute dtype (None: the grouped layers). One value so
-    that the choice travels as one field (``workers.devices.numerics`` names it in rows)."""
-
-    autocast: torch.dtype | None = None
-    fused: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -38,7 +29,7 @@ class PackRun:
 
     pack: Pack
     device: torch.device
-    numerics: PackNumerics
+    numerics: Numerics  # kernels, compute dtype, TF32 (workers.compute), resolved once per pack
     store: StoreSink | None
     monitor: PackMonitor
     grid_hash: str = ""  # the grid file's hash, for the rows' provenance

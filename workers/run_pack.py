@@ -21,25 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from sweep.core.numerics import Kernels, Precision
 from sweep.core.plan import Pack
 from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
 from sweep.store.schema import Measurement, Status
 from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
+from workers.compute import Numerics, new_model, resolve_numerics
 from workers.datasets import ArrayDataset
-from workers.devices import (Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels,
-                             set_precision)
+from workers.devices import device_name, resolve_device
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
 from workers.metrics import evaluate
-from workers.models import PackedNet, model_for
+from workers.models import PackedNet
 from workers.monitor import PackListener, PackMonitor, StageObserver, StageObserverListener
 from workers.optim import lr_table
 from workers.pack_rows import pack_tables, stored_latent
-from workers.pack_run import PackNumerics, PackRun
+from workers.pack_run import PackRun
 from workers.pack_work import Phase, estimate_work
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, plan_stages, stage_plan
@@ -117,8 +118,8 @@ def run_pack(
     device: str | None = None,
     data_dir: str | None = None,
     grid_hash: str = "",
-    precision: Precision = "fp32",
-    kernels: Kernels = "auto",
+    precision: Precision | str = Precision.FP32,
+    kernels: Kernels | str = Kernels.AUTO,
     listeners: Sequence[PackListener] = (),
     dataset: ArrayDataset | None = None,
     observer: StageObserver | None = None,
@@ -131,7 +132,7 @@ def run_pack(
     pack's expected work); ``observer`` is short for a listener that sees every stage's
     model as it starts and ends (:data:`workers.monitor.StageObserver`). A listener that
     raises stops the pack before its rows are written.
-    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA in
+    ``kernels`` (:func:`workers.compute.resolve_numerics`): ``auto`` trains LeNet-5 on CUDA in
     ``bf16`` precision with the fused Triton fast path (16-bit arithmetic, fp32 master weights),
     everything else (fp32 and tf32 included) on the grouped layers.
     """
@@ -142,14 +143,12 @@ def run_pack(
         raise ValueError(f"pack mixes incompatible specs: {sorted(map(str, keys))}")
     sink = as_sink(store)  # first: a wrong store fails before a device or data is touched
     dev = resolve_device(device)
-    autocast = set_precision(precision, dev)  # raises on an unknown precision
-    # bf16 on the fused path: 16-bit arithmetic inside the kernels instead of autocast.
-    fused = None
-    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head), precision) == "fused":
-        fused, autocast = autocast or torch.float32, None
+    # Raises on an unknown precision or kernels, and on fused kernels where they cannot run.
+    numerics = resolve_numerics(precision, kernels, pack.specs[0].model, str(pack.specs[0].head), dev)
+    numerics.apply()
     if observer is not None:
         listeners = (*listeners, StageObserverListener(observer))
-    run = PackRun(pack, dev, PackNumerics(autocast, fused), sink, PackMonitor(pack.pack_id, listeners),
+    run = PackRun(pack, dev, numerics, sink, PackMonitor(pack.pack_id, listeners),
                   grid_hash, data_dir, dataset)
     lease = None
     if sink is not None and sink.is_local:  # leases need a local path, as checkpoints do
@@ -171,7 +170,7 @@ def run_pack(
 
 def _run_pack(run: PackRun) -> PackResult:
     t0 = time.perf_counter()
-    pack, dev, fused, monitor = run.pack, run.device, run.numerics.fused, run.monitor
+    pack, dev, numerics, monitor = run.pack, run.device, run.numerics, run.monitor
     monitor.phase(Phase.LOADING)
     ds = run.load_data()
     labels = ds.train_y.numpy()
@@ -194,7 +193,7 @@ def _run_pack(run: PackRun) -> PackResult:
                 results, parent_states = resumed.stage1_results, resumed.parent_states
                 latent = resumed.stage1_latent
                 continue
-            model = _new_model(plan.specs, ds, dev, fused)
+            model = _new_model(plan.specs, ds, dev, numerics)
             out, tables = _run_stage(ctx, plan, model, resumed)
             results.update(out)
             latent.append(tables)
@@ -214,7 +213,7 @@ def _run_pack(run: PackRun) -> PackResult:
         if not runnable:
             continue
         plan = stage_plan(2, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
-        model = _new_model(plan.specs, ds, dev, fused)
+        model = _new_model(plan.specs, ds, dev, numerics)
         for i, s in enumerate(plan.specs):
             model.load_member_state(i, parent_states[s.parent_id])
         stage1 = (dict(results), parent_states, list(latent))
@@ -227,7 +226,7 @@ def _run_pack(run: PackRun) -> PackResult:
     monitor.phase(Phase.WRITING)  # the last moment a listener can stop the pack: nothing is stored yet
     device = device_name(dev)
     tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, run.grid_hash, resumed_from, device,
-                         numerics(dev, ctx.autocast, fused))
+                         numerics.columns())
     tables.update(stored_latent(pack, latent))
     if run.store is not None:
         run.store.write_pack(pack.pack_id, run.grid, tables)
@@ -249,14 +248,8 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
     return None
 
 
-def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device,
-               fused: torch.dtype | None = None) -> PackedNet:
-    s0 = specs[0]
-    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]), fused)
-    # Same training set -> same initial weights for every method (paired comparisons).
-    model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
-    model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
-    return model.to(dev)
+def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device, numerics: Numerics) -> PackedNet:
+    return new_model(specs, numerics, ds.num_classes, tuple(ds.train_x.shape[1:]), dev)
 
 
 def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageConfig:
