@@ -221,7 +221,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
                 bar = tqdm(total=total, initial=done, unit="net", desc=g.name, dynamic_ncols=True)
             bar.n = round(done, 1)  # in-flight packs count pro rata
             # What the running packs do ("2 training, 1 latent statistics"): a bar that stands
-            # still while data load or latent statistics run still says why.
+            # still while data load or latent statistics run still says why. ``done`` counts
+            # running packs by their expected work, every phase weighed (workers.pack_work),
+            # so the time left counts evaluation, latent statistics and the write too.
             bar.set_postfix_str(f"packs: {doing}" if doing else "", refresh=False)
             bar.refresh()
 

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,12 @@ NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with 
 ADDRESS_TIMEOUT_SECONDS = 10.0  # for a cluster address to accept a connection
 CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers of another host's writer older than any pack write
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
+
+
+# What both runners tell a progress bar (sweep.cli's): networks done, with the running packs
+# counted pro rata of the fraction of their expected work (workers.pack_work: every phase,
+# not only training); the grid's networks; what the running packs do ("1 latent statistics").
+ProgressFn = Callable[[float, int, str], None]
 
 
 class SweepError(UserError, RuntimeError):

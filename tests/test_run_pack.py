@@ -7,6 +7,7 @@ from sweep.core.grid import expand
 from sweep.core.plan import Pack, plan_packs
 from sweep.core.spec import Method
 from sweep.store.results import ResultStore
+from workers.monitor import PackListener
 from workers.run_pack import run_pack
 
 
@@ -153,12 +154,19 @@ def test_unknown_precision_and_mixed_packs_are_rejected(small_mnist):
 def test_progress_says_what_the_pack_is_doing(small_mnist):
     g = grid(methods=["baseline", "two_phase_over", "oversampling"], latent=True)
     seen = []
-    run_pack(Pack(g.specs), None, dataset=small_mnist, progress=lambda f, phase: seen.append((f, phase)))
+
+    class Listen(PackListener):
+        def on_phase(self, event):
+            seen.append((event.fraction, str(event.phase)))
+
+        on_iteration = on_phase
+
+    run_pack(Pack(g.specs), None, dataset=small_mnist, listeners=[Listen()])
     phases = list(dict.fromkeys(p for _, p in seen))
     assert phases == ["loading data", "training", "evaluating", "latent statistics",
-                      "training (from phase-1 networks)"]
+                      "training (from phase-1 networks)", "writing"]
     fractions = [f for f, _ in seen]
-    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] <= 1
+    assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] < 1
 
 
 def test_curves_on_the_test_set_and_each_networks_own_training_subset(small_mnist):
