@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from sweep.core.plan import Pack
-from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
+from sweep.core.spec import Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
 from sweep.store.results import ResultStore
 from sweep.store.schema import Measurement, Status
-from workers.augment import CropFlipDraws
+from workers.augment import augment_stream
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
 from workers.devices import (Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels,
@@ -330,8 +330,7 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     samplers = [EpochSampler(m.train_indices, plan.batch_size, derive_seed(s.network_id, "batches"))
                 for s, m in zip(specs, md)]
     # Each member's own crop/flip stream, seeded from its id (a stage-2 network draws anew).
-    augment = [CropFlipDraws(derive_seed(s.network_id, "augment"))
-               if s.recipe.augmentation == Augmentation.CROP_FLIP else None for s in specs]
+    augment = [augment_stream(s.recipe.augmentation, derive_seed(s.network_id, "augment")) for s in specs]
     state, opt_state = None, None
     if resume is not None:
         snap = resume.snapshot
