@@ -283,6 +283,7 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
         weight_decay=per_member([s.recipe.weight_decay for s in specs]),
         bias_lr_factor=per_member([s.recipe.bias_lr_factor for s in specs]),
         head_only=plan.head_only,
+        body_train=plan.body_train,
         eval_every=plan.eval_every if (select_on is not None or plan.curves) else 0,
         select_on=select_on,
         curve_sets=_curve_sets(ctx, plan, md) if plan.curves else (),
