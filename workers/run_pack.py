@@ -23,7 +23,7 @@ from sweep.core.plan import Pack
 from sweep.core.spec import Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
 from sweep.store.results import ResultStore
-from sweep.store.schema import Measurement, Status
+from sweep.store.schema import CURVE_SET_TEST, CURVE_SET_TRAINED, Measurement, Status
 from workers.augment import augment_stream
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.datasets import ArrayDataset, load_dataset
@@ -43,7 +43,7 @@ from workers.transforms import InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
-TRAIN_CURVE_IMAGES = 10_000  # per member and curve point: a training-set accuracy to 1 % or better
+TRAIN_CURVE_IMAGES = 10_000  # multiset elements per member and curve point: a training-set accuracy to 1 % or better
 
 
 Progress = Callable[[float, str], None]  # (fraction of the pack's iterations, what it is doing)
@@ -293,17 +293,33 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
 
 
 def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[EvalSet, ...]:
-    """Learning curves on the test set and on each member's own training subset (Buda et
-    al.'s Fig. 8: does over-sampling overfit?): the imbalanced subset the network learns
-    from, before re-sampling, at most TRAIN_CURVE_IMAGES of it (a seeded sample)."""
-    subsets = []
+    """Learning curves on the test set and on the set each member trains on (Buda et al.'s
+    Fig. 8: does over-sampling overfit?), the ``curve_set`` "trained" of the curves table.
+
+    The trained set is the multiset the member's sampler walks (``MemberData.train_indices``):
+    an under-sampled network's under-sampled images, an over-sampled network's subset with
+    each image counted as often as the balanced stream holds it, the baseline's (and a
+    two-phase phase 2's) imbalanced subset, re-training's balanced set. Each distinct image
+    is evaluated once and weighted by its multiplicity, so the curve's accuracy is that over
+    the multiset without duplicated tensors. A multiset larger than TRAIN_CURVE_IMAGES is
+    a seeded uniform sample of its elements (each replicate as likely as any other).
+    """
+    images, weights = [], []
     for s, m in zip(plan.specs, md):
-        rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
-        sub = m.subset if len(m.subset) <= TRAIN_CURVE_IMAGES else np.sort(
-            rng.choice(m.subset, TRAIN_CURVE_IMAGES, replace=False))
-        subsets.append(sub)
-    idx, labels = pad_members(subsets, ctx.y_train)
-    return (EvalSet(ctx.x_test, ctx.y_test, "test"), EvalSet(ctx.x_train, labels, "train", idx=idx))
+        stream = m.train_indices
+        if len(stream) > TRAIN_CURVE_IMAGES:
+            rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
+            stream = rng.choice(stream, TRAIN_CURVE_IMAGES, replace=False)
+        unique, counts = np.unique(stream, return_counts=True)
+        images.append(unique)
+        weights.append(counts)
+    idx, labels = pad_members(images, ctx.y_train)
+    weight = torch.zeros(labels.shape, dtype=torch.float32)
+    for p, w in enumerate(weights):
+        weight[p, :len(w)] = torch.from_numpy(w.astype(np.float32))
+    return (EvalSet(ctx.x_test, ctx.y_test, "test", curve_set=CURVE_SET_TEST),
+            EvalSet(ctx.x_train, labels, "train", idx=idx, weight=weight.to(labels.device),
+                    curve_set=CURVE_SET_TRAINED))
 
 
 def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTransform:
