@@ -47,6 +47,19 @@ EMBEDDINGS = "embeddings"  # raw FE vectors of the first networks of a grid
 CLASSIFIER_WEIGHTS = "classifier_weights"  # W_C and bias of those networks
 FAILURES = "failures"  # one row per network of a pack that finally failed
 LATENT_TABLES = (LATENT_STATS, EMBEDDINGS, CLASSIFIER_WEIGHTS)
+# The latent tables' ``feature_scale`` column (workers.latent_tables): FE and W_C as the
+# network computes them before any normalisation (every network; Dablain et al.'s scale),
+# or as a normalised (cosine, LDAM) head multiplies them (unit FE, s * unit W_C columns).
+FEATURE_SCALE_RAW = "raw"
+FEATURE_SCALE_NORMALISED = "normalised"
+
+
+def feature_scale(stored: str | None, head: str | None) -> str:
+    """The scale of a latent row of any store: its ``feature_scale``, or, in stores written
+    before the column, the one scale they held (normalised for a cosine head, else raw)."""
+    if isinstance(stored, str) and stored:
+        return stored
+    return FEATURE_SCALE_NORMALISED if head == "cosine" else FEATURE_SCALE_RAW
 PARTITION = "grid"  # every table is hive-partitioned by the grid's name
 
 
