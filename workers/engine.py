@@ -86,10 +86,8 @@ class StageConfig:
     weight_decay: Tensor  # [P]
     bias_lr_factor: Tensor | None = None  # [P]: biases' lr as a multiple of the weights'
     head_only: bool = False  # phase 2 / classifier re-training: body parameters frozen, only the head trains
-    # head_only: the frozen body in training mode (dropout masks drawn, BatchNorm on batch
-    # statistics updating its running averages: Caffe's lr_mult 0 layers in the TRAIN phase,
-    # two-phase phase 2) or in eval mode (classifier re-training on fixed features).
-    # workers.stages explains the choice.
+    # head_only: the frozen body in training mode (dropout, BatchNorm batch statistics: Caffe's
+    # TRAIN phase, two-phase phase 2) or eval mode (re-training); workers.stages says why.
     body_train: bool = False
     eval_every: int = 0  # curve / selection points (0: none)
     select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
@@ -281,7 +279,6 @@ def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Te
         with _autocast(x_train.device, cfg.autocast_dtype):
             xb = transform.apply(images)
             if cfg.head_only:
-                # No gradient reaches the frozen body; its parameters are not in the optimizer.
                 with torch.no_grad():
                     z = model.body(xb)
                 _, logits = model.head(z)

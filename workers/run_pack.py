@@ -32,7 +32,7 @@ from workers.devices import (Kernels, Precision, device_name, numerics, resolve_
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
-from workers.members import MemberData, member_data
+from workers.members import MemberData, member_data, trained_multiset
 from workers.metrics import evaluate
 from workers.models import PackedNet, model_for
 from workers.optim import lr_table
@@ -293,30 +293,15 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
 
 
 def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[EvalSet, ...]:
-    """Learning curves on the test set and on the set each member trains on (Buda et al.'s
-    Fig. 8: does over-sampling overfit?), the ``curve_set`` "trained" of the curves table.
-
-    The trained set is the multiset the member's sampler walks (``MemberData.train_indices``):
-    an under-sampled network's under-sampled images, an over-sampled network's subset with
-    each image counted as often as the balanced stream holds it, the baseline's (and a
-    two-phase phase 2's) imbalanced subset, re-training's balanced set. Each distinct image
-    is evaluated once and weighted by its multiplicity, so the curve's accuracy is that over
-    the multiset without duplicated tensors. A multiset larger than TRAIN_CURVE_IMAGES is
-    a seeded uniform sample of its elements (each replicate as likely as any other).
-    """
-    images, weights = [], []
-    for s, m in zip(plan.specs, md):
-        stream = m.train_indices
-        if len(stream) > TRAIN_CURVE_IMAGES:
-            rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
-            stream = rng.choice(stream, TRAIN_CURVE_IMAGES, replace=False)
-        unique, counts = np.unique(stream, return_counts=True)
-        images.append(unique)
-        weights.append(counts)
-    idx, labels = pad_members(images, ctx.y_train)
+    """Learning curves (Buda et al.'s Fig. 8: does over-sampling overfit?) on the test set and
+    on the multiset each member trains on, its images weighted by their multiplicity
+    (:func:`workers.members.trained_multiset`; the curves' ``curve_set`` "trained")."""
+    drawn = [trained_multiset(m, TRAIN_CURVE_IMAGES, derive_seed(s.network_id, "train-curve"))
+             for s, m in zip(plan.specs, md)]
+    idx, labels = pad_members([images for images, _ in drawn], ctx.y_train)
     weight = torch.zeros(labels.shape, dtype=torch.float32)
-    for p, w in enumerate(weights):
-        weight[p, :len(w)] = torch.from_numpy(w.astype(np.float32))
+    for p, (_, counts) in enumerate(drawn):
+        weight[p, :len(counts)] = torch.from_numpy(counts.astype(np.float32))
     return (EvalSet(ctx.x_test, ctx.y_test, "test", curve_set=CURVE_SET_TEST),
             EvalSet(ctx.x_train, labels, "train", idx=idx, weight=weight.to(labels.device),
                     curve_set=CURVE_SET_TRAINED))
