@@ -6,10 +6,17 @@ It is longer than 400 lines because it holds one builder per figure and table of
 et al. over one shared preparation step.
 
 Input: the tidy frame written by :func:`workers.latent.statistics_table`
-(``network_id, split, class, statistic, k, feature, value``), usually joined with
+(``network_id, split, feature_scale, class, statistic, k, feature, value``), usually joined with
 network-level columns of ``trials`` by :func:`join_trials` (dataset, method,
 loss, imbalance, rho, class_counts, ...). Statistic keys and their definitions
 are in :mod:`workers.latent` (``STATISTICS`` and the module docstring).
+
+Feature scales: an LDAM network's cosine head normalises FE and W_C inside the last layer,
+so its rows come on two scales (``feature_scale``: ``raw``, before normalisation, and
+``normalised``, what the head multiplies; :mod:`workers.latent_tables`); every other
+network has one, ``raw``. :func:`on_scale` picks one; :func:`dablain_figures` draws the
+paper's, ``raw`` (Dablain et al. read the penultimate features of Cao et al.'s ResNet-32),
+and its captions say so.
 
 Every builder takes ``where`` (``{column: value or list of values}``) to pick a
 subset of the store, averages each plotted quantity over the networks that
@@ -42,8 +49,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from sweep.store.schema import FEATURE_SCALE_NORMALISED, FEATURE_SCALE_RAW, feature_scale
+
 __all__ = [
-    "join_trials", "select", "complete_coverage", "coverage_data", "coverage_figure", "coverage_by_class_figure",
+    "join_trials", "select", "on_scale", "complete_coverage", "coverage_data", "coverage_figure", "coverage_by_class_figure",
     "features_needed_data", "features_needed_figure", "ranked_data", "ranked_figure",
     "magnitude_table_data", "magnitude_table", "tp_fp_norms_data", "tp_fp_norms_figure",
     "class_accuracy_data", "class_accuracy_figure", "accuracy_table_data", "accuracy_table",
@@ -75,6 +84,30 @@ def join_trials(latent: pd.DataFrame, trials: pd.DataFrame,
     cols = [c for c in columns if c in trials.columns and c not in latent.columns]
     nets = trials.drop_duplicates("network_id")[["network_id", *cols]]
     return latent.merge(nets, on="network_id", how="left")
+
+
+def on_scale(latent: pd.DataFrame, trials: pd.DataFrame, scale: str = FEATURE_SCALE_RAW) -> pd.DataFrame:
+    """The latent rows on one feature scale (``raw`` or ``normalised``).
+
+    Rows of stores written before the ``feature_scale`` column hold the one scale those
+    stores kept: normalised for a cosine head (LDAM), raw otherwise. The head comes from
+    ``trials`` (its ``head`` column, or, where that is absent, LDAM = cosine).
+    """
+    if scale not in (FEATURE_SCALE_RAW, FEATURE_SCALE_NORMALISED):
+        raise ValueError(f"unknown feature scale {scale!r} (allowed: {FEATURE_SCALE_RAW}, {FEATURE_SCALE_NORMALISED})")
+    stored = latent["feature_scale"] if "feature_scale" in latent.columns else pd.Series(None, index=latent.index)
+    if stored.notna().all():
+        return latent[stored == scale]
+    nets = trials.drop_duplicates("network_id").set_index("network_id")
+    if "head" in nets.columns:
+        heads = nets["head"]
+    elif "loss" in nets.columns:
+        heads = nets["loss"].map(lambda loss: "cosine" if loss == "ldam" else "linear")
+    else:
+        heads = pd.Series(dtype=object)
+    head_of = latent["network_id"].map(heads)
+    named = [feature_scale(s, h) for s, h in zip(stored, head_of)]
+    return latent[np.asarray(named, dtype=object) == scale]
 
 
 def select(df: pd.DataFrame, where: Where = None, **equal: Any) -> pd.DataFrame:
@@ -529,13 +562,32 @@ _REPORT_FIGURES: list[tuple[str, str, str, str | None, Any]] = [
 FACETS = ("loss", "method", "imbalance")
 
 
-def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[str, str, str, go.Figure]]:
+_SCALE_CAPTIONS = {
+    FEATURE_SCALE_RAW: " Features on the paper's scale: the penultimate features after ReLU and W_C as "
+                       "the network holds them (for LDAM's normalised head, before it normalises them; "
+                       "LDAM networks of stores that kept only normalised features are left out).",
+    FEATURE_SCALE_NORMALISED: " Features as the heads multiply them: for LDAM's cosine head unit-length FE "
+                              "and s times unit-length W_C columns; other networks' raw features.",
+}
+
+
+def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame,
+                    scale: str = FEATURE_SCALE_RAW) -> list[tuple[str, str, str, go.Figure]]:
     """Every Dablain figure and table the data supports: ``(id, title, caption, figure)``.
 
     ``latent`` is the ``latent_stats`` table, ``trials`` the ``trials`` table (network
     columns are joined on ``network_id``). A figure whose statistics are absent is left
-    out; Table 1 needs classifier re-training networks in ``trials``.
+    out; Table 1 needs classifier re-training networks in ``trials``. ``scale``: the
+    feature scale drawn (:func:`on_scale`), by default the paper's (``raw``); every
+    caption says which. With ``normalised``, networks with a linear head show their raw
+    rows (their only scale).
     """
+    if scale == FEATURE_SCALE_NORMALISED:
+        normalised = on_scale(latent, trials, FEATURE_SCALE_NORMALISED)
+        raw = on_scale(latent, trials, FEATURE_SCALE_RAW)
+        latent = pd.concat([normalised, raw[~raw["network_id"].isin(set(normalised["network_id"]))]])
+    else:
+        latent = on_scale(latent, trials, scale)
     joined = join_trials(latent, trials)
     have = set(joined["statistic"].unique())
     facet = next((c for c in FACETS if c in joined.columns and joined[c].nunique() > 1), None)
@@ -546,5 +598,6 @@ def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[st
                 continue
         elif needs not in have:
             continue
-        out.append((fig_id, title, caption, build(joined, trials, facet)))
+        out.append((fig_id, title, caption + ("" if needs is None else _SCALE_CAPTIONS[scale]),
+                    build(joined, trials, facet)))
     return out

@@ -114,8 +114,10 @@ def test_dablain():
     assert {s.recipe.validation_fraction for s in g.specs} == {0}
     assert exp_cifar.recipe.select_every == 97  # every epoch is a candidate
     # Cao et al.'s regime: per-channel standardisation, crops of padded images and flips,
-    # and the normalised classifier for LDAM.
-    assert {(s.normalization, s.recipe.augmentation) for s in g.specs} == {("standardize", "crop_flip")}
+    # and the normalised classifier for LDAM; SVHN's digits are cropped, never mirrored.
+    assert {(s.dataset, s.normalization, s.recipe.augmentation) for s in g.specs} == {
+        ("cifar10", "standardize", "crop_flip"), ("celeba", "standardize", "crop_flip"),
+        ("svhn", "standardize", "crop")}
     assert {s.loss for s in g.specs if s.head == "cosine"} == {Loss.LDAM}
     assert all(s.head == "cosine" for s in g.specs if s.loss == Loss.LDAM)
     assert all(s.evaluations == (Evaluation.RAW,) for s in g.specs)

@@ -52,12 +52,16 @@ class EvalSet:
     Shared by all members (``y`` [N]), or per member (``idx`` [P, N] into ``x``, ``y``
     [P, N] with -1 for padding): each member's validation split is carved from its own
     training set, so members of different training sets are judged on different images.
+    ``weight`` [P, N] counts each of those images that many times (the multiset a member's
+    sampler walks: an over-sampled image as often as the stream holds it); None: once each.
     """
 
     x: Tensor
     y: Tensor
-    split: str  # "test" | "validation"
+    split: str  # "test" | "validation" | "train"
     idx: Tensor | None = None
+    weight: Tensor | None = None
+    curve_set: str | None = None  # the curves' ``curve_set`` column (sweep.store.schema.CURVE_SETS); None: split
 
 
 def pad_members(index_sets: list[np.ndarray], y: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,7 +85,10 @@ class StageConfig:
     momentum: Tensor  # [P]
     weight_decay: Tensor  # [P]
     bias_lr_factor: Tensor | None = None  # [P]: biases' lr as a multiple of the weights'
-    head_only: bool = False  # phase 2 / classifier re-training: body frozen, eval mode
+    head_only: bool = False  # phase 2 / classifier re-training: body parameters frozen, only the head trains
+    # head_only: the frozen body in training mode (dropout, BatchNorm batch statistics: Caffe's
+    # TRAIN phase, two-phase phase 2) or eval mode (re-training); workers.stages says why.
+    body_train: bool = False
     eval_every: int = 0  # curve / selection points (0: none)
     select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
     curve_sets: tuple[EvalSet, ...] = ()
@@ -261,7 +268,7 @@ def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Te
 
     def step() -> None:
         batch, draws = feed.batch()  # [P, B], [P, B, 3]
-        model.train(not cfg.head_only)
+        model.train(not cfg.head_only or cfg.body_train)
         images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws)
         with _autocast(x_train.device, cfg.autocast_dtype):
             xb = transform.apply(images)
@@ -323,7 +330,7 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
     for es in sets:
         logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
         if es.idx is not None:  # each member on its own images (labels [P, N], -1 = padding)
-            acc, bac, lss = _member_metrics(logits, es.y)
+            acc, bac, lss = _member_metrics(logits, es.y, es.weight)
         else:
             m = classification_metrics(logits, es.y, logits.shape[-1])
             loss = torch.nn.functional.cross_entropy(
@@ -333,20 +340,25 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
                              loss.cpu().numpy())
         if any(es is c for c in cfg.curve_sets):
             for p in range(model.members):
-                state.curves.append({"member": p, "iter": it, "split": es.split, "loss": float(lss[p]),
+                state.curves.append({"member": p, "iter": it, "split": es.split,
+                                     "curve_set": es.curve_set or es.split, "loss": float(lss[p]),
                                      "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
         if es is cfg.select_on:
             _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
 
 
-def _member_metrics(logits: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy, balanced accuracy and mean cross-entropy per member on padded per-member sets."""
+def _member_metrics(logits: Tensor, labels: Tensor,
+                    weights: Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, balanced accuracy and mean cross-entropy per member on padded per-member sets,
+    each image counted ``weights`` times (None: once)."""
     valid = labels >= 0
-    n = valid.sum(1).clamp_min(1)
-    acc = ((logits.argmax(-1) == labels) & valid).sum(1) / n
+    w = valid.to(logits.dtype) if weights is None else torch.where(valid, weights.to(logits.dtype), 0.0)
+    n = w.sum(1).clamp_min(1)
+    acc = (w * (logits.argmax(-1) == labels)).sum(1) / n
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-    loss = (ce * valid).sum(1) / n
-    return acc.cpu().numpy(), member_balanced_accuracy(logits, labels).cpu().numpy(), loss.cpu().numpy()
+    loss = (ce * w).sum(1) / n
+    return (acc.cpu().numpy(), member_balanced_accuracy(logits, labels, weights).cpu().numpy(),
+            loss.cpu().numpy())
 
 
 def _track_best(model: PackedNet, state: StageState, score: np.ndarray, it: int) -> None:

@@ -54,6 +54,24 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
                       np.bincount(labels[train], minlength=num_classes))
 
 
+def trained_multiset(m: MemberData, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct images, how often each occurs) of the multiset a network trains on: what its
+    sampler walks, ``train_indices`` (an under-sampled network's under-sampled images, an
+    over-sampled network's subset with each image as often as the balanced stream holds it,
+    the baseline's and a two-phase phase 2's imbalanced subset, re-training's balanced set).
+
+    Evaluating each distinct image once and weighting it by its count gives the metrics of
+    the multiset without duplicated tensors. A multiset of more than ``cap`` elements is a
+    uniform sample of ``cap`` of its elements (each replicate as likely as any other),
+    seeded by ``seed``.
+    """
+    stream = m.train_indices
+    if len(stream) > cap:
+        stream = np.random.default_rng(seed).choice(stream, cap, replace=False)
+    images, counts = np.unique(stream, return_counts=True)
+    return images, counts
+
+
 def balanced_full_set(spec: TrialSpec, labels: np.ndarray, num_classes: int, validation: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
     """Dablain RQ1: the *balanced full* training set classifier re-training trains W_C on.

@@ -23,10 +23,10 @@ import torch
 
 from sweep.core.numerics import Kernels, Precision
 from sweep.core.plan import Pack
-from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
+from sweep.core.spec import Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
-from sweep.store.schema import Measurement, Status
-from workers.augment import CropFlipDraws
+from sweep.store.schema import CURVE_SET_TEST, CURVE_SET_TRAINED, Measurement, Status
+from workers.augment import augment_stream
 from workers.checkpoint import CheckpointFile, PackCheckpoint
 from workers.compute import Numerics, new_model, resolve_numerics
 from workers.datasets import ArrayDataset
@@ -34,7 +34,7 @@ from workers.devices import device_name, resolve_device
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
-from workers.members import MemberData, member_data
+from workers.members import MemberData, member_data, trained_multiset
 from workers.metrics import evaluate
 from workers.models import PackedNet
 from workers.monitor import PackListener, PackMonitor, StageObserver, StageObserverListener
@@ -49,7 +49,7 @@ from workers.transforms import InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
-TRAIN_CURVE_IMAGES = 10_000  # per member and curve point: a training-set accuracy to 1 % or better
+TRAIN_CURVE_IMAGES = 10_000  # multiset elements per member and curve point: a training-set accuracy to 1 % or better
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,7 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
         weight_decay=per_member([s.recipe.weight_decay for s in specs]),
         bias_lr_factor=per_member([s.recipe.bias_lr_factor for s in specs]),
         head_only=plan.head_only,
+        body_train=plan.body_train,
         eval_every=plan.eval_every if (select_on is not None or plan.curves) else 0,
         select_on=select_on,
         curve_sets=_curve_sets(ctx, plan, md) if plan.curves else (),
@@ -281,17 +282,18 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
 
 
 def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[EvalSet, ...]:
-    """Learning curves on the test set and on each member's own training subset (Buda et
-    al.'s Fig. 8: does over-sampling overfit?): the imbalanced subset the network learns
-    from, before re-sampling, at most TRAIN_CURVE_IMAGES of it (a seeded sample)."""
-    subsets = []
-    for s, m in zip(plan.specs, md):
-        rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
-        sub = m.subset if len(m.subset) <= TRAIN_CURVE_IMAGES else np.sort(
-            rng.choice(m.subset, TRAIN_CURVE_IMAGES, replace=False))
-        subsets.append(sub)
-    idx, labels = pad_members(subsets, ctx.y_train)
-    return (EvalSet(ctx.x_test, ctx.y_test, "test"), EvalSet(ctx.x_train, labels, "train", idx=idx))
+    """Learning curves (Buda et al.'s Fig. 8: does over-sampling overfit?) on the test set and
+    on the multiset each member trains on, its images weighted by their multiplicity
+    (:func:`workers.members.trained_multiset`; the curves' ``curve_set`` "trained")."""
+    drawn = [trained_multiset(m, TRAIN_CURVE_IMAGES, derive_seed(s.network_id, "train-curve"))
+             for s, m in zip(plan.specs, md)]
+    idx, labels = pad_members([images for images, _ in drawn], ctx.y_train)
+    weight = torch.zeros(labels.shape, dtype=torch.float32)
+    for p, (_, counts) in enumerate(drawn):
+        weight[p, :len(counts)] = torch.from_numpy(counts.astype(np.float32))
+    return (EvalSet(ctx.x_test, ctx.y_test, "test", curve_set=CURVE_SET_TEST),
+            EvalSet(ctx.x_train, labels, "train", idx=idx, weight=weight.to(labels.device),
+                    curve_set=CURVE_SET_TRAINED))
 
 
 def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTransform:
@@ -319,8 +321,7 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     samplers = [EpochSampler(m.train_indices, plan.batch_size, derive_seed(s.network_id, "batches"))
                 for s, m in zip(specs, md)]
     # Each member's own crop/flip stream, seeded from its id (a stage-2 network draws anew).
-    augment = [CropFlipDraws(derive_seed(s.network_id, "augment"))
-               if s.recipe.augmentation == Augmentation.CROP_FLIP else None for s in specs]
+    augment = [augment_stream(s.recipe.augmentation, derive_seed(s.network_id, "augment")) for s in specs]
     state, opt_state = None, None
     if resume is not None:
         snap = resume.snapshot

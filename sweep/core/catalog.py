@@ -50,6 +50,12 @@ DEFAULT_NORMALIZATION: dict[str, str] = {
     "imagenet": "standardize",
 }
 
+# Datasets whose images are digits: a mirrored digit is another symbol or none, so a recipe
+# preset's horizontal flip (Cao et al.'s CIFAR regime, ``crop_flip``) becomes ``crop`` for
+# them at expansion (sweep.core.grid). A grid that writes `augmentation: crop_flip` itself
+# keeps it. Buda's MNIST recipe has no augmentation at all.
+NOT_MIRRORED: frozenset[str] = frozenset({"mnist", "svhn"})
+
 # model name -> the datasets' image shapes it accepts (by name, for the error message)
 MODELS: dict[str, tuple[str, ...]] = {
     "lenet5": ("mnist",),

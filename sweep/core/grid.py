@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sweep.core.catalog import DATASETS, DEFAULT_NORMALIZATION, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD
+from sweep.core.catalog import DATASETS, DEFAULT_NORMALIZATION, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD, NOT_MIRRORED
 from sweep.core.grid_checks import (
     BOUNDS,
     MAX_GRID_BYTES,
@@ -264,8 +264,11 @@ def _expand_experiment(
                   "to normalise", "ldam_head: linear, or another model")
     if recipe.normalization is None:  # every spec names how its inputs are normalised
         recipe = dataclasses.replace(recipe, normalization=Normalization(DEFAULT_NORMALIZATION[dataset]))
-    if recipe.augmentation == Augmentation.CROP_FLIP and info.image_shape[1] != info.image_shape[2]:
-        raise err(p + "recipe.augmentation", f"crop_flip needs square images, {dataset} has "
+    if recipe.augmentation == Augmentation.CROP_FLIP and dataset in NOT_MIRRORED and not _asks(cfg, "augmentation"):
+        # The preset's flip is CIFAR's (Cao et al.); digits get its crop alone (spec.Augmentation.CROP).
+        recipe = dataclasses.replace(recipe, augmentation=Augmentation.CROP)
+    if recipe.augmentation != Augmentation.NONE and info.image_shape[1] != info.image_shape[2]:
+        raise err(p + "recipe.augmentation", f"{recipe.augmentation} needs square images, {dataset} has "
                   f"{info.image_shape[1]}x{info.image_shape[2]}", "augmentation: none")
     if (latent or n_embed) and (model, revision) in NO_LINEAR_HEAD:
         raise err(p + "latent", f"{model} ends in a ReLU after its classifier (Buda et al.'s model): its "
@@ -383,3 +386,9 @@ def _draw_classes(kind: ImbalanceKind, mu: float | None, n: int, choice: Minorit
     if choice == MinorityChoice.HIGHEST:
         return tuple(range(n))  # Cao et al.'s CIFAR-LT order: label 0 gets the most
     return tuple(int(c) for c in rng.permutation(n))
+
+
+def _asks(cfg: Any, field: str) -> bool:
+    """Whether the experiment's recipe mapping sets ``field`` itself (not through its preset)."""
+    recipe = cfg.get("recipe")
+    return isinstance(recipe, dict) and field in recipe

@@ -111,6 +111,11 @@ class Augmentation(StrEnum):
     # Cao et al.'s CIFAR regime (Dablain et al.): zero-pad 4 pixels on each side, take a
     # random crop of the original size, flip horizontally with probability 1/2.
     CROP_FLIP = "crop_flip"
+    # The same crop without the mirror, for digits (SVHN): a mirrored 2, 3, 4, 5, 7 or 9 is
+    # another symbol or none. Neither Dablain et al. nor Cao et al.'s code (CIFAR only) gives
+    # an SVHN transform; the crop is kept from Cao's regime, the flip dropped
+    # (sweep.core.catalog.NOT_MIRRORED).
+    CROP = "crop"
 
 
 class Head(StrEnum):
