@@ -203,7 +203,8 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
     and reports the best run. Averaging over the runs would blur the methods, so per
     (cell, method, loss, resample_ratio, repeat) the network with the best validation
     balanced accuracy wins (``selection == "validation"``), else the best ``metric``
-    on the test set (their way). The choice is made on the raw evaluation and keeps
+    on the test set (close to their way: they took the best of all runs and snapshots on
+    the test set at once; here each run's point was already chosen by its worker). The choice is made on the raw evaluation and keeps
     all evaluations of the winning network. Frames without a search pass unchanged.
     """
     group = [c for c in CELL + ["method", "loss", "resample_ratio", "repeat"] if c in trials.columns]

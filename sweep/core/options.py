@@ -102,7 +102,9 @@ class Selection(StrEnum):
 
     FINAL = "final"  # the network after the last iteration
     VALIDATION = "validation"  # best by balanced accuracy on a validation split
-    TEST = "test"  # best on the test set: Buda et al.'s CIFAR-10 procedure, on request only
+    # Best on the test set, on request only: close to Buda et al.'s CIFAR-10 procedure (they
+    # took the best of all runs and snapshots on the test set; grids/buda_cifar10.yaml).
+    TEST = "test"
 
 
 class Normalization(StrEnum):
