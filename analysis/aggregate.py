@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sweep.core.spec import Method
 from sweep.store.schema import Status
 
 CELL = ["grid", "dataset", "model", "imbalance", "rho", "mu"]
@@ -47,9 +48,8 @@ _METHOD_NAMES = {
     "classifier_retraining": "classifier re-training",
 }
 _LOSS_NAMES = {"ce": "", "focal": "focal loss", "ldam": "LDAM-DRW"}
-# Re-sampling methods: only these have a meaningful resample_ratio (grid.py gives
-# every other method 1.0).
-_RESAMPLED = {"oversampling", "undersampling", "two_phase_over", "two_phase_under"}
+# The methods with a meaningful resample_ratio (grid expansion gives every other one 1.0).
+_RESAMPLED = {str(m) for m in Method if m.takes_resample_ratio}
 
 
 # -- labels --------------------------------------------------------------------

@@ -47,6 +47,7 @@ from analysis.plotkit import (
     metric_name,
     title_and_legend_on_top,
 )
+from sweep.core.spec import Method
 from sweep.store.schema import Status
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,7 @@ def _fig7(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
           metric: str = "roc_auc") -> go.Figure:
     df = _base_rows(trials, dataset, model, grid, metric, None)
     df = df[df["evaluation"].eq("raw")]
-    sampled = df[df["method"].isin(["oversampling", "undersampling"])]
+    sampled = df[df["method"].isin([str(m) for m in Method if m.resamples])]
     levels = sampled.groupby(["experiment", "imbalance", "rho"], dropna=False)["resample_ratio"].nunique()
     partial = levels[levels > 1].reset_index()[["experiment", "imbalance", "rho"]]
     if partial.empty:
