@@ -8,7 +8,8 @@ models). Every key is checked: an unknown key or value raises :class:`GridError`
 naming the file, the key and what is allowed.
 
 Expansion is a pure function: the same file gives the same specs, with the same ids,
-in the same order, on any machine.
+in the same order, on any machine. This module reads the file's top level; each
+experiment block is read and expanded by ``sweep.core.grid_experiment``.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ EXPERIMENT_KEYS = {
     "ldam_head": "the head of LDAM networks: cosine (Cao et al.'s normalised classifier, the default) "
                  "or linear",
     "lr": "list of base learning rates to search (default: the recipe's)",
-    "lr_runs": "runs per learning rate (Buda CIFAR-10: 2)",
+    "lr_runs": "runs per learning rate, on the same training subset from other initial weights "
+               "(Buda CIFAR-10: 2)",
     "selection": "lr-search / evaluation-point selection: " + ", ".join(Selection),
     "repeats": "number of repeats (minority classes redrawn each repeat)",
     "latent": "compute Dablain latent statistics (true/false)",
