@@ -28,10 +28,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from sweep.core.catalog import KERNELS, PRECISIONS
+from sweep.core.numerics import Kernels, Precision
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
-from sweep.prepare import check_kernels, pack_memory_bytes, pack_resources, pack_threads, plan_for, preflight
+from sweep.prepare import check_numerics, pack_memory_bytes, pack_resources, pack_threads, plan_for, preflight
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
 from workers.run_pack import run_pack
@@ -77,7 +77,7 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
     cpu, _ = pack_resources(grid, cpus_per_pack, None)
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
-    check_kernels(grid, kernels, dev.type)
+    check_numerics(grid, precision, kernels, dev.type)
     datasets = preflight(grid, store, data_dir)  # loaded once for all packs
     store.save_grid(grid)
     memory = None
@@ -126,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True, help="results store folder")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+    ap.add_argument("--precision", default=Precision.FP32.value, choices=Precision.values())
+    ap.add_argument("--kernels", default=Kernels.AUTO.value, choices=Kernels.values(),
                     help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
     ap.add_argument("--cpus-per-pack", type=float, default=None,

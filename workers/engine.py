@@ -31,10 +31,10 @@ from torch import Tensor
 
 from workers.augment import CropFlipDraws, crop_flip
 from workers.batch_feed import BatchFeed
+from workers.compute import new_optimizer
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
-from workers.optim import PackedSGD
 from workers.samplers import EpochSampler
 from workers.step_graph import StepRunner
 
@@ -251,14 +251,8 @@ class _Counters:
 
 
 def _optimizer(model: PackedNet, params: list[Tensor], cfg: StageConfig) -> Any:
-    """One fused SGD pass over the flat buffer for a fused LeNet-5 training every parameter;
-    ``PackedSGD`` otherwise (and for head-only stages, on the fused model's views)."""
-    if getattr(model, "flat", None) is not None and not cfg.head_only:
-        from workers.fused_lenet import FusedSGD  # Triton, only where the fused model is in use
-
-        return FusedSGD(model, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor)
-    return PackedSGD(params, model.members, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor,
-                     model.bias_parameters())
+    """The stage's optimizer of ``params`` (``workers.compute.new_optimizer`` chooses)."""
+    return new_optimizer(model, params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor)
 
 
 def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Tensor, transform: Any,

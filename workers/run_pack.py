@@ -19,6 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from sweep.core.numerics import Kernels, Precision
 from sweep.core.plan import Pack
 from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
@@ -26,15 +27,15 @@ from sweep.store.results import ResultStore
 from sweep.store.schema import Measurement, Status
 from workers.augment import CropFlipDraws
 from workers.checkpoint import CheckpointFile, PackCheckpoint
+from workers.compute import Numerics, new_model, resolve_numerics
 from workers.datasets import ArrayDataset, load_dataset
-from workers.devices import (Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels,
-                             set_precision)
+from workers.devices import device_name, resolve_device
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
 from workers.members import MemberData, member_data
 from workers.metrics import evaluate
-from workers.models import PackedNet, model_for
+from workers.models import PackedNet
 from workers.optim import lr_table
 from workers.pack_rows import pack_tables, stored_latent
 from workers.samplers import EpochSampler
@@ -117,8 +118,8 @@ def run_pack(
     device: str | None = None,
     data_dir: str | None = None,
     grid_hash: str = "",
-    precision: Precision = "fp32",
-    kernels: Kernels = "auto",
+    precision: Precision | str = Precision.FP32,
+    kernels: Kernels | str = Kernels.AUTO,
     progress: Progress | None = None,
     dataset: ArrayDataset | None = None,
     observer: StageObserver | None = None,
@@ -129,7 +130,7 @@ def run_pack(
     returned). ``progress`` receives the fraction of the pack's iterations done and what
     the pack is doing ("loading data", "training", "evaluating", "latent statistics");
     ``observer`` sees every stage's model as it starts and ends (:data:`StageObserver`).
-    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA in
+    ``kernels`` (:func:`workers.compute.resolve_numerics`): ``auto`` trains LeNet-5 on CUDA in
     ``bf16`` precision with the fused Triton fast path (16-bit arithmetic, fp32 master weights),
     everything else (fp32 and tf32 included) on the grouped layers.
     """
@@ -139,11 +140,9 @@ def run_pack(
     if len(keys) != 1:
         raise ValueError(f"pack mixes incompatible specs: {sorted(map(str, keys))}")
     dev = resolve_device(device)
-    autocast = set_precision(precision, dev)  # raises on an unknown precision
-    # bf16 on the fused path: 16-bit arithmetic inside the kernels instead of autocast.
-    fused = None
-    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head), precision) == "fused":
-        fused, autocast = autocast or torch.float32, None
+    # Raises on an unknown precision or kernels, and on fused kernels where they cannot run.
+    numerics = resolve_numerics(precision, kernels, pack.specs[0].model, str(pack.specs[0].head), dev)
+    numerics.apply()
     if store is not None and not hasattr(store, "write_pack"):
         store = ResultStore(str(store))  # a path
     lease = None
@@ -158,14 +157,13 @@ def run_pack(
         # nothing for minutes; the heartbeat stops in release().
         lease.start_heartbeat()
     try:
-        return _run_pack(pack, store, dev, autocast, fused, data_dir, grid_hash, progress, dataset, observer)
+        return _run_pack(pack, store, dev, numerics, data_dir, grid_hash, progress, dataset, observer)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None,
-              fused: torch.dtype | None, data_dir: str | None,
+def _run_pack(pack: Pack, store: Any, dev: torch.device, numerics: Numerics, data_dir: str | None,
               grid_hash: str, progress: Progress | None, dataset: ArrayDataset | None,
               observer: StageObserver | None) -> PackResult:
     t0 = time.perf_counter()
@@ -176,7 +174,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     labels = ds.train_y.numpy()
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     ctx = _Pack(pack, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
-                ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), autocast,
+                ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), numerics.autocast,
                 CheckpointFile(store, pack), observer, progress)
     resumed = ctx.checkpoints.read()
     resumed_from = 0 if resumed is None else resumed.iteration
@@ -196,7 +194,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
                 results, parent_states = resumed.stage1_results, resumed.parent_states
                 latent = resumed.stage1_latent
                 continue
-            model = _new_model(plan.specs, ds, dev, fused)
+            model = _new_model(plan.specs, ds, dev, numerics)
             out, tables = _run_stage(ctx, plan, model, resumed, report)
             results.update(out)
             latent.append(tables)
@@ -216,7 +214,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         if not runnable:
             continue
         plan = stage_plan(2, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
-        model = _new_model(plan.specs, ds, dev, fused)
+        model = _new_model(plan.specs, ds, dev, numerics)
         for i, s in enumerate(plan.specs):
             model.load_member_state(i, parent_states[s.parent_id])
         stage1 = (dict(results), parent_states, list(latent))
@@ -228,7 +226,7 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
     seconds = time.perf_counter() - t0
     device = device_name(dev)
     tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device,
-                         numerics(dev, ctx.autocast, fused))
+                         numerics.columns())
     tables.update(stored_latent(pack, latent))
     if store is not None:
         store.write_pack(pack.pack_id, first.grid or "default", tables)
@@ -253,14 +251,8 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
     return None
 
 
-def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device,
-               fused: torch.dtype | None = None) -> PackedNet:
-    s0 = specs[0]
-    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]), fused)
-    # Same training set -> same initial weights for every method (paired comparisons).
-    model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
-    model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
-    return model.to(dev)
+def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device, numerics: Numerics) -> PackedNet:
+    return new_model(specs, numerics, ds.num_classes, tuple(ds.train_x.shape[1:]), dev)
 
 
 def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageConfig:
