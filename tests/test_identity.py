@@ -151,6 +151,12 @@ def test_classifier_retraining_names_its_procedure_revision_in_its_id():
     assert retrain.parent_id == base.network_id
     old = dataclasses.replace(retrain, method_revision=1)
     assert old.network_id != retrain.network_id
+    # Planning refuses to train the old procedure's spec: it would store new weights under its id.
+    from sweep.core.plan import plan_packs
+
+    assert len(plan_packs([base, retrain], 8)) == 1
+    with pytest.raises(ValueError, match="classifier_retraining revision 1 is no longer run"):
+        plan_packs([base, old], 8)
     # A stored spec of the first procedure reads back as such.
     d = dataclasses.asdict(retrain)
     d.pop("method_revision")

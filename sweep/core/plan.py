@@ -109,6 +109,12 @@ def plan_packs(
     for the same inputs.
     """
     size_of = max_networks if callable(max_networks) else (lambda spec: max_networks)
+    for s in specs:
+        # The workers run each method's current procedure only: training an older revision's
+        # spec would store new weights under the old procedure's id.
+        if s.method_revision != s.method.revision:
+            raise ValueError(f"network {s.network_id}: {s.method} revision {s.method_revision} is no longer "
+                             f"run (the workers run revision {s.method.revision}); expand the grid again")
     done = set(done_network_ids)
     by_id = {s.network_id: s for s in specs}
     groups: dict[PackKey, dict[str, list[TrialSpec]]] = defaultdict(lambda: defaultdict(list))
