@@ -49,6 +49,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.plotkit import PERCENT, SPLIT_COLORS, class_color
 from sweep.store.schema import FEATURE_SCALE_NORMALISED, FEATURE_SCALE_RAW, feature_scale
 
 __all__ = [
@@ -153,16 +154,6 @@ def _faceted(facets: list[str], title: str) -> go.Figure:
     return fig
 
 
-# One colour per class and per split in every panel and figure.
-_SPLIT_COLORS = {"train": "#d62728", "test": "#1f77b4"}
-_CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                 "#bcbd22", "#17becf")
-
-
-def _class_color(c: int) -> str:
-    return "#222222" if c == -1 else _CLASS_COLORS[c % len(_CLASS_COLORS)]
-
-
 def _class_name(c: int) -> str:
     return "all classes" if c == -1 else f"class {c}"
 
@@ -208,7 +199,7 @@ def coverage_figure(df: pd.DataFrame, split: str = "train", facet: str | None = 
             fig.add_trace(go.Scatter(
                 x=d["k"].astype(int).tolist(), y=d["value"].tolist(), mode="lines",
                 name=f"{_class_name(c)} ({_n_text(d['n'])})", legendgroup=str(c), showlegend=col == 1,
-                line=dict(dash="dash" if c == -1 else "solid", color=_class_color(c)), customdata=d["n"].tolist(),
+                line=dict(dash="dash" if c == -1 else "solid", color=class_color(c)), customdata=d["n"].tolist(),
                 hovertemplate="K=%{x}<br>coverage=%{y:.3f}<br>n=%{customdata} networks",
             ), row=1, col=col)
         fig.update_xaxes(title_text="K (number of largest ce of the predicted class)", row=1, col=col)
@@ -417,9 +408,9 @@ def class_accuracy_figure(df: pd.DataFrame, facet: str | None = "imbalance", whe
     for col, fv in enumerate(facets, start=1):
         for s, d in data[data["facet"] == fv].groupby("split", sort=True):
             fig.add_trace(go.Scatter(
-                x=d["class"].astype(int).tolist(), y=(100 * d["value"]).tolist(), mode="lines+markers",
+                x=d["class"].astype(int).tolist(), y=(PERCENT * d["value"]).tolist(), mode="lines+markers",
                 name=f"{s} ({_n_text(d['n'])})", legendgroup=str(s), showlegend=col == 1,
-                line=dict(color=_SPLIT_COLORS.get(s)),
+                line=dict(color=SPLIT_COLORS.get(s)),
                 customdata=d["n"].tolist(), hovertemplate="class %{x}<br>%{y:.2f}%<br>n=%{customdata}",
             ), row=1, col=col)
         fig.update_xaxes(title_text="class", dtick=1, row=1, col=col)
@@ -459,7 +450,7 @@ def accuracy_table(df: pd.DataFrame, group: Sequence[str] = ("dataset", "loss"),
     keys = [g for g in group if g in data.columns]
     cols = ["train majority", "test majority", "train minority", "test minority"]
     label = [" / ".join(str(r[g]) for g in keys) or "all" for _, r in data.iterrows()]
-    cells = [label] + [_fmt(100 * data[c] if c in data else [np.nan] * len(data), 2) for c in cols]
+    cells = [label] + [_fmt(PERCENT * data[c] if c in data else [np.nan] * len(data), 2) for c in cols]
     return _table([" / ".join(keys) or "networks", *[f"{c} (%)" for c in cols], "n networks"],
                   cells + [data["n"].tolist()], "Per-class accuracy, majority vs minority class (mean over networks)")
 
@@ -502,7 +493,7 @@ def retraining_table(trials: pd.DataFrame, group: Sequence[str] = ("dataset", "l
     for role, title in roles:
         vals = data[role] if role in data else pd.Series(np.nan, index=data.index)
         ns = data[f"n {role}"] if f"n {role}" in data else pd.Series(np.nan, index=data.index)
-        cells.append(_fmt(100 * vals, 2))
+        cells.append(_fmt(PERCENT * vals, 2))
         cells.append(["" if pd.isna(x) else int(x) for x in ns])
         header += [f"{title} ({metric}, %)", "n"]
     return _table(header, cells, f"Classifier re-training: {metric} (mean over networks)")

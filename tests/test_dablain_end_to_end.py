@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.figures import fig8_training_curves
+from analysis.figures import buda_figure
 from analysis.report import write_report
 from sweep.core.grid import expand
 from sweep.local import run_local
@@ -156,7 +156,7 @@ def test_report_draws_buda_fig8_from_trained_train_and_test_curves(small_mnist, 
     curves = store.read_table("curves")
     assert set(curves["split"]) == {"train", "test"}
     assert sorted(set(curves["iter"])) == [10, 20]
-    fig = fig8_training_curves(curves, store.read_table("trials"))
+    fig = buda_figure(8, store.read_table("trials"), curves)
     dashes = {t.line.dash for t in fig.data if t.mode and "lines" in t.mode}
     assert {"solid", "dot"} <= dashes  # test (solid) and train (dotted) lines, from the store
     summary = write_report(store.root, str(tmp_path / "r.html"))

@@ -152,9 +152,12 @@ def test_buda_mnist_slice_is_part_of_the_full_grid():
 
 
 def test_the_committed_slice_keeps_its_ids():
-    """Every network in the committed store is a network of today's slice grid: no change of
-    the code's identity rules has orphaned a stored result."""
+    """Every network and every evaluation in the committed store is one of today's slice
+    grid, and the grid has no other: no change of the code's identity rules has orphaned a
+    stored result (or made a stored network look undone)."""
     from analysis.load import load
 
-    stored = set(load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id"])["network_id"])
-    assert stored and stored <= {s.network_id for s in load_grid(GRIDS / "buda_mnist_slice.yaml").specs}
+    stored = load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id", "trial_id"])
+    specs = load_grid(GRIDS / "buda_mnist_slice.yaml").specs
+    assert set(stored["network_id"]) == {s.network_id for s in specs}
+    assert set(stored["trial_id"]) == {t for s in specs for t in s.trial_ids}

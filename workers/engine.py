@@ -86,10 +86,9 @@ class StageConfig:
     weight_decay: Tensor  # [P]
     bias_lr_factor: Tensor | None = None  # [P]: biases' lr as a multiple of the weights'
     head_only: bool = False  # phase 2 / classifier re-training: body parameters frozen, only the head trains
-    # head_only: the frozen body in training mode (dropout, BatchNorm batch statistics: Caffe's
-    # TRAIN phase, two-phase phase 2) or eval mode (re-training); workers.stages says why.
-    body_train: bool = False
-    eval_every: int = 0  # curve / selection points (0: none)
+    body_train: bool = False  # head_only: frozen body in training mode (Caffe's TRAIN phase; workers.stages)
+    eval_every: int = 0  # curve points (0: none)
+    select_every: int = 0  # selection points (0: none), apart from curves: curves change nothing learnt
     select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
     curve_sets: tuple[EvalSet, ...] = ()
     checkpoint_every: int = 0
@@ -214,9 +213,11 @@ def train_stage(
             it += 1
             if it % DIVERGENCE_CHECK_ITERS == 0:
                 watch.poll(state)
-            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
+            curve_point = _is_point(it, cfg.eval_every, cfg.iters)
+            select_point = cfg.select_on is not None and _is_point(it, cfg.select_every, cfg.iters)
+            if curve_point or select_point:
                 after_replays()
-                _eval_point(model, transform, cfg, state, it)
+                _eval_point(model, transform, cfg, state, it, curve_point, select_point)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
         if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
@@ -323,9 +324,15 @@ def _note_divergence(state: StageState, first_bad: Tensor) -> None:
     state.diverged_at = np.where(state.diverged_at < 0, fb, state.diverged_at)
 
 
-def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int) -> None:
-    sets = list(cfg.curve_sets)
-    if cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
+def _is_point(it: int, every: int, iters: int) -> bool:
+    """Whether iteration ``it`` is one of every ``every`` (and the last) iterations (0: none)."""
+    return every > 0 and (it % every == 0 or it == iters)
+
+
+def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int,
+                curve_point: bool = True, select_point: bool = True) -> None:
+    sets = list(cfg.curve_sets) if curve_point else []
+    if select_point and cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
         sets.append(cfg.select_on)
     for es in sets:
         logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
@@ -338,12 +345,12 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
             ).view(logits.shape[0], -1).mean(1)
             acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(),
                              loss.cpu().numpy())
-        if any(es is c for c in cfg.curve_sets):
+        if curve_point and any(es is c for c in cfg.curve_sets):
             for p in range(model.members):
                 state.curves.append({"member": p, "iter": it, "split": es.split,
                                      "curve_set": es.curve_set or es.split, "loss": float(lss[p]),
                                      "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
-        if es is cfg.select_on:
+        if select_point and es is cfg.select_on:
             _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
 
 

@@ -3,8 +3,9 @@
 Floor: workers (trial execution; imports sweep.core and sweep.store only).
 
 All draws are seeded from the spec: the imbalanced subset from the training-set
-seed (shared by every method on that set, so methods are compared on the same
-images), the re-sampling and the batch order from the network's own id.
+seed (``TrialSpec.training_set_seed``, shared by every method on that set, so methods
+are compared on the same images), the re-sampling and the batch order from the
+network's own id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 
 from sweep.core.catalog import DATASETS
 from sweep.core.spec import Method, TrialSpec, derive_seed
-from sweep.core.counts import class_counts, resampled_counts
+from sweep.core.counts import class_counts, majority_count, resampled_counts
 from workers.imbalance import draw_subset, resample
 
 
@@ -45,7 +46,7 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
     rng = np.random.default_rng(derive_seed(spec.network_id, "resample"))
     if method == Method.CLASSIFIER_RETRAINING:
         train = balanced_full_set(spec, labels, num_classes, validation, rng)
-    elif method in (Method.OVERSAMPLING, Method.UNDERSAMPLING):
+    elif method.resamples:
         target = resampled_counts(counts, method, spec.resample_ratio)
         train = resample(subset, labels, target, rng)
     else:
@@ -91,11 +92,11 @@ def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple
     """(imbalanced training subset, validation split carved from it), from the set's seed."""
     counts = class_counts(spec.imbalance, num_classes, _n_max(spec, labels, num_classes))
     counts = _available(counts, labels, num_classes)
-    subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.seed, "subset")))
+    subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.training_set_seed, "subset")))
     fraction = spec.recipe.validation_fraction
     if fraction <= 0:
         return subset, np.empty(0, dtype=np.int64)
-    rng = np.random.default_rng(derive_seed(spec.seed, "validation"))
+    rng = np.random.default_rng(derive_seed(spec.training_set_seed, "validation"))
     val = []
     for c in range(num_classes):
         members = subset[labels[subset] == c]
@@ -107,15 +108,11 @@ def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def _n_max(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> int:
-    """The majority count: max_per_class, at most the smallest class (at most the largest
-    class when the grid asks for a cap above the catalog's smallest class: ImageNet's 1,000)."""
+    """The majority count (sweep.core.counts.majority_count) from the classes there are."""
     available = np.bincount(labels, minlength=num_classes)
-    cap = spec.imbalance.max_per_class
     info = DATASETS.get(spec.dataset)
-    if cap is not None and info is not None and cap > info.train_per_class:
-        return min(cap, int(available.max()))
-    smallest = int(available.min())
-    return min(cap or smallest, smallest)
+    return majority_count(spec.imbalance.max_per_class, int(available.min()), int(available.max()),
+                          None if info is None else info.train_per_class)
 
 
 def _available(counts: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

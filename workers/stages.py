@@ -45,8 +45,12 @@ class StagePlan:
     iters: int
     batch_size: int
     selection: Selection  # which state a member reports: final, best on validation, best on test
-    eval_every: int  # iterations between evaluation points (curves and/or selection; 0: none)
+    eval_every: int  # iterations between curve points (the recipe's; 0: no curves)
     curves: bool  # record learning curves (the recipe's eval_every > 0)
+    # Iterations between the points a selection picks its state from (0: none). Never the
+    # curve points: asking for curves must not change which state a network reports, so
+    # curves stay out of its identity (sweep.core.spec.FIELD_ROLES).
+    select_every: int
     checkpoint_every: int  # iterations between pack checkpoints (0: none)
     # head_only stages: run the frozen body in training mode (two-phase phase 2, Caffe's
     # TRAIN phase) rather than eval mode (classifier re-training); see the module doc.
@@ -72,9 +76,9 @@ def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
     """One stage's settings; every pack-wide setting is part of the specs' pack key."""
     r = specs[0].recipe
     selection = specs[0].selection
-    eval_every = r.eval_every  # curve points; a selection looks at the same points
-    if selection != Selection.FINAL and eval_every == 0:
-        eval_every = r.select_every or max(1, r.iters // DEFAULT_SELECT_POINTS)
+    select_every = 0
+    if selection != Selection.FINAL:
+        select_every = r.select_every or max(1, r.iters // DEFAULT_SELECT_POINTS)
     head_only = number == 2
     body_train = False
     if head_only:
@@ -87,6 +91,7 @@ def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
     return StagePlan(
         number=number, specs=specs, head_only=head_only,
         lr_factors=tuple(s.recipe.phase2_lr_factor if head_only else 1.0 for s in specs),
-        iters=r.iters, batch_size=r.batch_size, selection=selection, eval_every=eval_every,
-        curves=r.eval_every > 0, checkpoint_every=r.checkpoint_every, body_train=body_train,
+        iters=r.iters, batch_size=r.batch_size, selection=selection, eval_every=r.eval_every,
+        curves=r.eval_every > 0, select_every=select_every, checkpoint_every=r.checkpoint_every,
+        body_train=body_train,
     )
