@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from sweep.core.spec import Method
 from sweep.store.schema import Status
 
 CELL = ["grid", "dataset", "model", "imbalance", "rho", "mu"]
@@ -47,9 +48,8 @@ _METHOD_NAMES = {
     "classifier_retraining": "classifier re-training",
 }
 _LOSS_NAMES = {"ce": "", "focal": "focal loss", "ldam": "LDAM-DRW"}
-# Re-sampling methods: only these have a meaningful resample_ratio (grid.py gives
-# every other method 1.0).
-_RESAMPLED = {"oversampling", "undersampling", "two_phase_over", "two_phase_under"}
+# The methods with a meaningful resample_ratio (grid expansion gives every other one 1.0).
+_RESAMPLED = {str(m) for m in Method if m.takes_resample_ratio}
 
 
 # -- labels --------------------------------------------------------------------
@@ -203,7 +203,8 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
     and reports the best run. Averaging over the runs would blur the methods, so per
     (cell, method, loss, resample_ratio, repeat) the network with the best validation
     balanced accuracy wins (``selection == "validation"``), else the best ``metric``
-    on the test set (their way). The choice is made on the raw evaluation and keeps
+    on the test set (close to their way: they took the best of all runs and snapshots on
+    the test set at once; here each run's point was already chosen by its worker). The choice is made on the raw evaluation and keeps
     all evaluations of the winning network. Frames without a search pass unchanged.
     """
     group = [c for c in CELL + ["method", "loss", "resample_ratio", "repeat"] if c in trials.columns]

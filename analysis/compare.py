@@ -41,9 +41,9 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.aggregate import BASELINE, CELL, method_label, select_lr_runs, with_labels
-from analysis.figures import FigureResult
 from analysis.load import Results
 from analysis.longtail import LONGTAIL_METRICS, read_class_tables, with_trial_metrics
+from analysis.plotkit import AXIS_COLOR, MARK_COLOR, FigureResult
 from sweep.core.errors import UserError
 from sweep.store.schema import CLASS_METRICS, CONFUSION, TRIALS, Status
 
@@ -264,11 +264,11 @@ def cd_diagram(r: Ranking, metric: str = "roc_auc"):
         j = max(m for m in range(i, k) if values[m] - values[i] < r.critical_difference)
         if j > i and j > reach:
             fig.add_trace(go.Scatter(x=[values[i], values[j]], y=[level, level], mode="lines",
-                                     line={"width": 5, "color": "#555"}, showlegend=False, hoverinfo="skip"))
+                                     line={"width": 5, "color": AXIS_COLOR}, showlegend=False, hoverinfo="skip"))
             level, reach = level + 0.08, j
     fig.add_trace(go.Scatter(x=[1, 1 + r.critical_difference], y=[-0.3, -0.3], mode="lines+text",
                              text=["", f"CD = {r.critical_difference:.2f}"], textposition="middle right",
-                             line={"width": 3, "color": "#c0392b"}, name=f"Nemenyi CD (alpha {r.alpha:g})"))
+                             line={"width": 3, "color": MARK_COLOR}, name=f"Nemenyi CD (alpha {r.alpha:g})"))
     fig.update_layout(
         title=f"Average rank by {metric} over {r.blocks} cells (1 = best); Friedman chi2 = {r.statistic:.1f}, "
               f"p = {r.p_value:.2g}", xaxis={"title": "average rank", "range": [k + 0.5, 0.5]},

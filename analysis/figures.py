@@ -8,23 +8,21 @@ It is longer than 400 lines because it holds one builder per figure of Buda et a
 Each figure shows, per point, the mean over repeats with a 95% t-interval (a band,
 or error bars where a line has a single point) and says in its hover how many
 networks the point rests on. An arm (method x evaluation) has one colour in every
-figure: :data:`COLORS`, looked up through :func:`color_of`.
+figure: ``analysis.plotkit``'s, which also draws the intervals and lays out the panels.
 
 Numbering follows the paper's text (Sec. 4): Fig. 3 fixes the number of minority
 classes (x = ρ), Fig. 4 fixes ρ (x = number of minority classes), Fig. 5 is linear
 imbalance, Fig. 6 accuracy with and without thresholding, Fig. 7 partial
 re-sampling, Fig. 8 training curves.
 
-Public builders return ``None`` when the store has nothing for them;
-:func:`buda_figures` returns every figure with a note saying why one is absent.
+:func:`buda_figure` draws one figure by its number and returns ``None`` when the store has
+nothing for it; :func:`buda_figures` returns every figure with a note saying why one is absent.
 None of them raises on missing data.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,87 +32,27 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.aggregate import CELL, INTERVALS, select_lr_runs, summarize, with_labels
+from analysis.plotkit import (
+    METRIC_TITLES,
+    PERCENT,
+    X_TITLES,
+    Absent,
+    FigureResult,
+    arm_rank,
+    color_of,
+    figure_result,
+    interval_band,
+    interval_error_bars,
+    layout_panels,
+    metric_name,
+    title_and_legend_on_top,
+)
+from sweep.core.spec import Method
 from sweep.store.schema import Status
 
 log = logging.getLogger(__name__)
 
-# One colour per arm label (without the re-sampling level), in every figure. Okabe-Ito
-# colours first (distinguishable with the common colour-vision deficiencies); the
-# thresholded variant of a method is drawn dashed as well, so colour is not the only cue.
-COLORS: dict[str, str] = {
-    "baseline": "#4D4D4D",
-    "oversampling": "#0072B2",
-    "undersampling": "#D55E00",
-    "two-phase (oversampling)": "#56B4E9",
-    "two-phase (undersampling)": "#E69F00",
-    "thresholding": "#009E73",
-    "oversampling + thresholding": "#CC79A7",
-    "undersampling + thresholding": "#8C510A",
-    "two-phase (oversampling) + thresholding": "#7570B3",
-    "two-phase (undersampling) + thresholding": "#B2182B",
-    "classifier re-training": "#66A61E",
-    "baseline, focal loss": "#1B7837",
-    "baseline, LDAM-DRW": "#762A83",
-}
-# Labels not listed above (new methods, losses) get a colour from their name's hash:
-# still one colour per label across all figures and reports.
-_FALLBACK = ["#E7298A", "#1F78B4", "#33A02C", "#FB9A99", "#6A3D9A", "#B15928", "#A6CEE3",
-             "#FDBF6F", "#CAB2D6", "#B2DF8A", "#666666", "#17BECF"]
-# Preferred legend order: the paper's list of methods.
-ORDER = list(COLORS)
-
-PERCENT = 100.0  # metrics are stored as fractions; the paper plots percentages
-METRIC_TITLES = {
-    "roc_auc": "multi-class ROC AUC (%)",
-    "accuracy": "accuracy (%)",
-    "balanced_accuracy": "balanced accuracy (%)",
-}
-X_TITLES = {
-    "rho": "imbalance ratio ρ (log scale)",
-    "n_minority": "number of minority classes",
-    "mu": "fraction of minority classes μ",
-    "resample_ratio": "imbalance ratio left after re-sampling ρ' (log scale)",
-    "iter": "iteration",
-}
-_PANELS_PER_ROW = 3
-_PANEL_HEIGHT_PX = 300
-_TOP_PX = 130  # title + up to two legend rows
-
-
-def color_of(arm_base: str) -> str:
-    """The colour of an arm (its label without the re-sampling level)."""
-    if arm_base in COLORS:
-        return COLORS[arm_base]
-    digest = hashlib.sha256(arm_base.encode()).digest()
-    return _FALLBACK[digest[0] % len(_FALLBACK)]
-
-
-def _rgba(hex_color: str, alpha: float) -> str:
-    h = hex_color.lstrip("#")
-    r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
-    return f"rgba({r},{g},{b},{alpha})"
-
-
-def _arm_rank(label: str) -> tuple[int, str]:
-    return (ORDER.index(label) if label in ORDER else len(ORDER), label)
-
-
 # -- selection -----------------------------------------------------------------
-class _Absent(Exception):
-    """The store has no data for a figure; the message says what is missing."""
-
-
-@dataclass
-class FigureResult:
-    """One figure of the report: ``figure`` is None when ``note`` says why it is absent."""
-
-    fig_id: str
-    title: str
-    caption: str
-    figure: go.Figure | None
-    note: str = ""
-
-
 def prepare(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFrame:
     """Labels arms and keeps one network per lr search (idempotent, cheap on reuse)."""
     if "arm" in trials.columns:
@@ -144,13 +82,13 @@ def _base_rows(trials: pd.DataFrame, dataset: str | None, model: str | None, gri
                metric: str, imbalance: str | None) -> pd.DataFrame:
     df = filter_trials(trials, dataset, model, grid)
     if df.empty:
-        raise _Absent("no trials for this selection")
+        raise Absent("no trials for this selection")
     if metric not in df.columns or df[metric].isna().all():
-        raise _Absent(f"no {metric} values")
+        raise Absent(f"no {metric} values")
     if imbalance is not None:
         df = df[df["imbalance"].eq(imbalance).fillna(False)]
         if df.empty:
-            raise _Absent(f"no {imbalance}-imbalance trials")
+            raise Absent(f"no {imbalance}-imbalance trials")
     df = prepare(df, metric)
     return df.assign(experiment=_experiments(df))
 
@@ -171,18 +109,6 @@ class _Axes:
     panel_label: Callable[[object], str]
 
 
-def _layout_panels(keys: list[tuple[str, object]]) -> tuple[int, int, dict[tuple[str, object], tuple[int, int]]]:
-    """Rows/cols for (experiment, panel value) keys: one experiment wraps, several are rows."""
-    experiments = list(dict.fromkeys(k[0] for k in keys))
-    if len(experiments) == 1:
-        cols = min(_PANELS_PER_ROW, len(keys))
-        pos = {k: (i // cols + 1, i % cols + 1) for i, k in enumerate(keys)}
-        return math.ceil(len(keys) / cols), cols, pos
-    values = list(dict.fromkeys(k[1] for k in keys))
-    pos = {k: (experiments.index(k[0]) + 1, values.index(k[1]) + 1) for k in keys}
-    return len(experiments), len(values), pos
-
-
 def _sort_key(v: object) -> tuple[int, object]:
     if isinstance(v, (int, float, np.integer, np.floating)) and not pd.isna(v):
         return (0, float(v))
@@ -200,7 +126,7 @@ def _panel_figure(stats: pd.DataFrame, axes: _Axes, fig_id: str, title: str,
     keys = sorted({(e, p) for e, p in zip(stats["experiment"], stats[panel_col])},
                   key=lambda k: (k[0], _sort_key(k[1])))
     experiments = {k[0] for k in keys}
-    rows, cols, pos = _layout_panels(keys)
+    rows, cols, pos = layout_panels(keys)
     titles = [""] * (rows * cols)
     for k, (r, c) in pos.items():
         label = axes.panel_label(k[1]) if axes.panel else ""
@@ -213,7 +139,7 @@ def _panel_figure(stats: pd.DataFrame, axes: _Axes, fig_id: str, title: str,
         r, c = pos[k]
         panel = stats[(stats["experiment"] == k[0]) & (stats[panel_col] == k[1])]
         panel_name = titles[(r - 1) * cols + (c - 1)]
-        for arm in sorted(panel["arm"].unique(), key=_arm_rank):
+        for arm in sorted(panel["arm"].unique(), key=arm_rank):
             line = panel[panel["arm"] == arm].sort_values(axes.x)
             _add_mean_ci(fig, line, axes, fig_id, panel_name, r, c, show_legend=arm not in shown)
             shown.add(arm)
@@ -244,19 +170,13 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
     # Intervals come within the metric's range (aggregate._mean_ci); drawn as they are.
     lo_drawn, hi_drawn = lo, hi
     if band and len(finite) >= 2:
-        bx = [x[i] for i in finite] + [x[i] for i in reversed(finite)]
-        by = [hi_drawn[i] for i in finite] + [lo_drawn[i] for i in reversed(finite)]
-        fig.add_trace(go.Scatter(
-            x=bx, y=by, mode="lines", fill="toself", fillcolor=_rgba(color, 0.15), line={"width": 0},
-            hoverinfo="skip", showlegend=False, legendgroup=group,
-            meta={**meta, "role": "band"}), row=row, col=col)
+        fig.add_trace(interval_band([x[i] for i in finite], [lo_drawn[i] for i in finite],
+                                    [hi_drawn[i] for i in finite], color, group, meta), row=row, col=col)
     error = None
     if len(x) == 1 or (band and len(finite) < 2):
         # A band needs two points: show the interval as error bars instead.
-        error = {"type": "data", "symmetric": False, "color": color, "thickness": 1.2,
-                 "array": [h - m if np.isfinite(h) else 0 for h, m in zip(hi_drawn, mean)],
-                 "arrayminus": [m - l_ if np.isfinite(l_) else 0 for l_, m in zip(lo_drawn, mean)]}
-    y_title = METRIC_TITLES.get(axes.y_metric, axes.y_metric).replace(" (%)", "")
+        error = interval_error_bars(mean, lo_drawn, hi_drawn, color)
+    y_title = metric_name(axes.y_metric)
     x_title = X_TITLES.get(axes.x, axes.x).replace(" (log scale)", "")
     fig.add_trace(go.Scatter(
         x=x, y=mean, mode="lines+markers", name=name or arm, legendgroup=group,
@@ -271,19 +191,7 @@ def _add_mean_ci(fig: go.Figure, line: pd.DataFrame, axes: _Axes, fig_id: str, p
 
 def _finish(fig: go.Figure, title: str, axes: _Axes, rows: int, cols: int,
             used: set[tuple[int, int]]) -> None:
-    height = _TOP_PX + rows * _PANEL_HEIGHT_PX
-    # Title and legend both live in the top margin (container coordinates), so a long
-    # legend wraps below the title instead of over it.
-    fig.update_layout(
-        title={"text": title, "x": 0.01, "xanchor": "left", "yref": "container",
-               "y": 1 - 12 / height, "yanchor": "top"},
-        template="plotly_white", height=height,
-        margin={"l": 70, "r": 20, "t": _TOP_PX, "b": 60},
-        legend={"orientation": "h", "yref": "container", "y": 1 - 44 / height, "yanchor": "top",
-                "x": 0, "xanchor": "left", "groupclick": "togglegroup"},
-        hovermode="closest",
-    )
-    fig.update_annotations(font_size=12)
+    title_and_legend_on_top(fig, title, rows)
     for r, c in used:
         below = (r + 1, c) in used
         fig.update_xaxes(type="log" if axes.log_x else "linear",
@@ -320,7 +228,7 @@ def _fig3(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     by = ["mu", "n_minority"] if "n_minority" in df.columns else ["mu"]
     stats = _stats(df, by + ["rho"], metric)
     if stats.empty:
-        raise _Absent("no finished step-imbalance networks")
+        raise Absent("no finished step-imbalance networks")
     if "n_minority" in stats.columns and stats["n_minority"].notna().all():
         label = _minority_panel_label(stats)
     else:
@@ -328,7 +236,7 @@ def _fig3(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     axes = _Axes("rho", metric, True, "mu", label)
     return _panel_figure(stats, axes, "buda-fig3",
                          "Fig. 3 · step imbalance, fixed number of minority classes: "
-                         f"{_metric_name(metric)} vs ρ")
+                         f"{metric_name(metric)} vs ρ")
 
 
 def _minority_panel_label(stats: pd.DataFrame) -> Callable[[object], str]:
@@ -347,10 +255,10 @@ def _fig4(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     x = _minority_axis(df)
     stats = _stats(df, ["rho", x], metric)
     if stats.empty:
-        raise _Absent("no finished step-imbalance networks")
+        raise Absent("no finished step-imbalance networks")
     axes = _Axes(x, metric, False, "rho", _rho_label)
     return _panel_figure(stats, axes, "buda-fig4",
-                         f"Fig. 4 · step imbalance, fixed ratio ρ: {_metric_name(metric)} "
+                         f"Fig. 4 · step imbalance, fixed ratio ρ: {metric_name(metric)} "
                          "vs number of minority classes")
 
 
@@ -360,10 +268,10 @@ def _fig5(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     df = df[df["evaluation"].eq("raw")]
     stats = _stats(df, ["rho"], metric)
     if stats.empty:
-        raise _Absent("no finished linear-imbalance networks")
+        raise Absent("no finished linear-imbalance networks")
     axes = _Axes("rho", metric, True, None, str)
     return _panel_figure(stats, axes, "buda-fig5",
-                         f"Fig. 5 · linear imbalance: {_metric_name(metric)} vs ρ")
+                         f"Fig. 5 · linear imbalance: {metric_name(metric)} vs ρ")
 
 
 def _fig6(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: str | None,
@@ -371,15 +279,15 @@ def _fig6(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     df = _full_resampling(_base_rows(trials, dataset, model, grid, metric, "step"))
     thresholded = set(df.loc[df["evaluation"].eq("threshold"), "method"].dropna())
     if not thresholded:
-        raise _Absent("no thresholded evaluations (grid key `thresholding`)")
+        raise Absent("no thresholded evaluations (grid key `thresholding`)")
     df = df[df["method"].isin(thresholded)]
     x = _minority_axis(df)
     stats = _stats(df, ["rho", x], metric)
     if stats.empty:
-        raise _Absent("no finished step-imbalance networks")
+        raise Absent("no finished step-imbalance networks")
     axes = _Axes(x, metric, False, "rho", _rho_label)
     return _panel_figure(stats, axes, "buda-fig6",
-                         f"Fig. 6 · step imbalance: {_metric_name(metric)} with (dashed) and "
+                         f"Fig. 6 · step imbalance: {metric_name(metric)} with (dashed) and "
                          "without thresholding vs number of minority classes")
 
 
@@ -387,11 +295,11 @@ def _fig7(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
           metric: str = "roc_auc") -> go.Figure:
     df = _base_rows(trials, dataset, model, grid, metric, None)
     df = df[df["evaluation"].eq("raw")]
-    sampled = df[df["method"].isin(["oversampling", "undersampling"])]
+    sampled = df[df["method"].isin([str(m) for m in Method if m.resamples])]
     levels = sampled.groupby(["experiment", "imbalance", "rho"], dropna=False)["resample_ratio"].nunique()
     partial = levels[levels > 1].reset_index()[["experiment", "imbalance", "rho"]]
     if partial.empty:
-        raise _Absent("no partial re-sampling (grid key `resample_ratios` with more than one level)")
+        raise Absent("no partial re-sampling (grid key `resample_ratios` with more than one level)")
     sampled = sampled.merge(partial, on=["experiment", "imbalance", "rho"])
     # Colour by method: the partial levels are points of the method's line.
     sampled = sampled.assign(arm=sampled["arm_base"])
@@ -403,7 +311,7 @@ def _fig7(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
     base_stats = _stats(base.assign(panel=_fig7_panels(base), resample_ratio=base["rho"]),
                         ["panel", "resample_ratio"], metric)
     if stats.empty:
-        raise _Absent("no finished partially re-sampled networks")
+        raise Absent("no finished partially re-sampled networks")
 
     def add_baseline(fig: go.Figure, panel_stats: pd.DataFrame, r: int, c: int, legend: bool) -> None:
         key = panel_stats[["experiment", "panel"]].iloc[0]
@@ -414,7 +322,7 @@ def _fig7(trials: pd.DataFrame, dataset: str | None, model: str | None, grid: st
 
     axes = _Axes("resample_ratio", metric, True, "panel", str)
     return _panel_figure(stats, axes, "buda-fig7",
-                         f"Fig. 7 · partial re-sampling: {_metric_name(metric)} vs imbalance "
+                         f"Fig. 7 · partial re-sampling: {metric_name(metric)} vs imbalance "
                          "left after over-/under-sampling", extra=add_baseline)
 
 
@@ -431,9 +339,9 @@ def _fig7_panels(df: pd.DataFrame) -> pd.Series:
 def _fig8(curves: pd.DataFrame, trials: pd.DataFrame, dataset: str | None, model: str | None,
           grid: str | None, cell: dict | None = None, metric: str = "accuracy") -> go.Figure:
     if curves is None or curves.empty or "network_id" not in curves.columns:
-        raise _Absent("no training curves (recipe `eval_every` was 0)")
+        raise Absent("no training curves (recipe `eval_every` was 0)")
     if metric not in curves.columns:
-        raise _Absent(f"curves have no {metric}")
+        raise Absent(f"curves have no {metric}")
     nets = _base_rows(trials, dataset, model, grid, "roc_auc" if "roc_auc" in trials.columns else metric, None)
     nets = nets[nets["evaluation"].eq("raw") & nets["status"].eq(Status.OK)]
     nets = _full_resampling(nets)
@@ -441,12 +349,12 @@ def _fig8(curves: pd.DataFrame, trials: pd.DataFrame, dataset: str | None, model
     nets = nets[[c for c in cols if c in nets.columns]].drop_duplicates("network_id")
     nets = nets[nets["network_id"].isin(set(curves["network_id"]))]
     if nets.empty:
-        raise _Absent("no curves of finished networks in this selection")
+        raise Absent("no curves of finished networks in this selection")
     nets = _fig8_cells(nets, cell)
     data = curves[curves["split"].isin(["test", "train"])].merge(nets, on="network_id")
     data = data[np.isfinite(pd.to_numeric(data[metric], errors="coerce"))]
     if data.empty:
-        raise _Absent(f"no finite {metric} in the curves")
+        raise Absent(f"no finite {metric} in the curves")
     stats = summarize(data.assign(status=str(Status.OK)), ["experiment", "cell_label", "arm", "arm_base", "split", "iter"],
                       metric)
     return _fig8_draw(stats, metric)
@@ -462,7 +370,7 @@ def _fig8_cells(nets: pd.DataFrame, cell: dict | None) -> pd.DataFrame:
         for k, v in cell.items():
             nets = nets[nets[k].eq(v).fillna(False)] if k in nets.columns else nets
         if nets.empty:
-            raise _Absent(f"no curves for cell {cell}")
+            raise Absent(f"no curves for cell {cell}")
     keys = [c for c in ["imbalance", "rho", "mu"] if c in nets.columns]
     counts = nets.groupby(["experiment"] + keys, dropna=False).size().rename("count").reset_index()
     counts = counts.sort_values(["count", "rho", "mu"], ascending=False, na_position="last")
@@ -475,7 +383,7 @@ def _fig8_cells(nets: pd.DataFrame, cell: dict | None) -> pd.DataFrame:
 
 def _fig8_draw(stats: pd.DataFrame, metric: str) -> go.Figure:
     stats = stats[stats["n"] > 0]
-    arms = sorted(stats["arm"].unique(), key=_arm_rank)
+    arms = sorted(stats["arm"].unique(), key=arm_rank)
     experiments = sorted(stats["experiment"].unique())
     keys = [(e, a) for e in experiments for a in arms if ((stats["experiment"] == e) & (stats["arm"] == a)).any()]
     rows, cols, pos = len(experiments), len(arms), {}
@@ -496,63 +404,12 @@ def _fig8_draw(stats: pd.DataFrame, metric: str) -> go.Figure:
             _add_mean_ci(fig, line.sort_values("iter"), axes, "buda-fig8", titles[(r - 1) * cols + c - 1],
                          r, c, show_legend=split == "test" and r == 1, name=f"{a} ({split})" if split == "train"
                          else a, dash=dash, band=True, group=a)
-    _finish(fig, f"Fig. 8 · training curves: {_metric_name(metric)} on the test set (solid) and "
+    _finish(fig, f"Fig. 8 · training curves: {metric_name(metric)} on the test set (solid) and "
                  "the training set (dotted)", axes, rows, cols, set(pos.values()))
     return fig
 
 
-def _metric_name(metric: str) -> str:
-    return METRIC_TITLES.get(metric, metric).replace(" (%)", "")
-
-
 # -- public API ----------------------------------------------------------------
-def _quiet(build: Callable[[], go.Figure]) -> go.Figure | None:
-    try:
-        return build()
-    except _Absent as why:
-        log.info("figure skipped: %s", why)
-        return None
-
-
-def fig3_auc_vs_rho(trials: pd.DataFrame, *, dataset: str | None = None, model: str | None = None,
-                    grid: str | None = None, metric: str = "roc_auc") -> go.Figure | None:
-    """Buda Fig. 3: step imbalance; a panel per μ (number of minority classes), x = ρ (log)."""
-    return _quiet(lambda: _fig3(trials, dataset, model, grid, metric))
-
-
-def fig4_auc_vs_minority(trials: pd.DataFrame, *, dataset: str | None = None, model: str | None = None,
-                         grid: str | None = None, metric: str = "roc_auc") -> go.Figure | None:
-    """Buda Fig. 4: step imbalance; a panel per ρ, x = number of minority classes."""
-    return _quiet(lambda: _fig4(trials, dataset, model, grid, metric))
-
-
-def fig5_linear(trials: pd.DataFrame, *, dataset: str | None = None, model: str | None = None,
-                grid: str | None = None, metric: str = "roc_auc") -> go.Figure | None:
-    """Buda Fig. 5: linear imbalance; x = ρ (log)."""
-    return _quiet(lambda: _fig5(trials, dataset, model, grid, metric))
-
-
-def fig6_accuracy_thresholding(trials: pd.DataFrame, *, dataset: str | None = None,
-                               model: str | None = None, grid: str | None = None,
-                               metric: str = "accuracy") -> go.Figure | None:
-    """Buda Fig. 6: accuracy of the thresholded methods, with and without thresholding."""
-    return _quiet(lambda: _fig6(trials, dataset, model, grid, metric))
-
-
-def fig7_partial_resampling(trials: pd.DataFrame, *, dataset: str | None = None,
-                            model: str | None = None, grid: str | None = None,
-                            metric: str = "roc_auc") -> go.Figure | None:
-    """Buda Fig. 7: over-/under-sampling to several levels at a fixed ρ; x = ρ' (log)."""
-    return _quiet(lambda: _fig7(trials, dataset, model, grid, metric))
-
-
-def fig8_training_curves(curves: pd.DataFrame, trials: pd.DataFrame, *, dataset: str | None = None,
-                         model: str | None = None, grid: str | None = None, cell: dict | None = None,
-                         metric: str = "accuracy") -> go.Figure | None:
-    """Buda Fig. 8: test (and train) accuracy during training, a panel per method."""
-    return _quiet(lambda: _fig8(curves, trials, dataset, model, grid, cell, metric))
-
-
 _CAPTIONS = {
     "buda-fig3": f"Mean over repeats; the band is the {INTERVALS}. Thresholding is left out: "
                  "dividing each class's scores by one prior leaves one-vs-rest ROC AUC unchanged "
@@ -564,6 +421,38 @@ _CAPTIONS = {
     "buda-fig7": "ρ' = 1 is full re-sampling; the baseline (no re-sampling) sits at ρ' = ρ.",
     "buda-fig8": f"Mean accuracy of the networks of one imbalance cell; the band is the {INTERVALS}.",
 }
+# Buda's figure number -> (report title, the metric it plots by default)
+_FIGURES: dict[int, tuple[str, str]] = {
+    3: ("Fig. 3 · ROC AUC vs imbalance ratio", "roc_auc"),
+    4: ("Fig. 4 · ROC AUC vs number of minority classes", "roc_auc"),
+    5: ("Fig. 5 · linear imbalance", "roc_auc"),
+    6: ("Fig. 6 · accuracy and thresholding", "accuracy"),
+    7: ("Fig. 7 · partial re-sampling", "roc_auc"),
+    8: ("Fig. 8 · training curves", "accuracy"),
+}
+
+
+def _draw(number: int, trials: pd.DataFrame, curves: pd.DataFrame | None, dataset: str | None,
+          model: str | None, grid: str | None, metric: str | None, cell: dict | None) -> go.Figure:
+    metric = metric or _FIGURES[number][1]
+    if number == 8:
+        return _fig8(curves, trials, dataset, model, grid, cell, metric)
+    build = {3: _fig3, 4: _fig4, 5: _fig5, 6: _fig6, 7: _fig7}[number]
+    return build(trials, dataset, model, grid, metric)
+
+
+def buda_figure(number: int, trials: pd.DataFrame, curves: pd.DataFrame | None = None, *,
+                dataset: str | None = None, model: str | None = None, grid: str | None = None,
+                metric: str | None = None, cell: dict | None = None) -> go.Figure | None:
+    """Buda's Fig. ``number`` (3-8; Fig. 8 from ``curves``, one imbalance ``cell`` of them),
+    or None when the store has nothing for it (logged)."""
+    if number not in _FIGURES:
+        raise ValueError(f"Buda et al. have no figure {number} here (figures: {', '.join(map(str, _FIGURES))})")
+    try:
+        return _draw(number, trials, curves, dataset, model, grid, metric, cell)
+    except Absent as why:
+        log.info("figure skipped: %s", why)
+        return None
 
 
 def buda_figures(trials: pd.DataFrame, curves: pd.DataFrame | None = None, *,
@@ -571,26 +460,9 @@ def buda_figures(trials: pd.DataFrame, curves: pd.DataFrame | None = None, *,
                  grid: str | None = None) -> list[FigureResult]:
     """Figs. 3-8 in order, each with its figure or the reason it is absent."""
     prepared = prepare(filter_trials(trials, dataset, model, grid)) if not trials.empty else trials
-    builds: list[tuple[str, str, Callable[[], go.Figure]]] = [
-        ("buda-fig3", "Fig. 3 · ROC AUC vs imbalance ratio", lambda: _fig3(prepared, None, None, None)),
-        ("buda-fig4", "Fig. 4 · ROC AUC vs number of minority classes", lambda: _fig4(prepared, None, None, None)),
-        ("buda-fig5", "Fig. 5 · linear imbalance", lambda: _fig5(prepared, None, None, None)),
-        ("buda-fig6", "Fig. 6 · accuracy and thresholding", lambda: _fig6(prepared, None, None, None)),
-        ("buda-fig7", "Fig. 7 · partial re-sampling", lambda: _fig7(prepared, None, None, None)),
-        ("buda-fig8", "Fig. 8 · training curves", lambda: _fig8(curves, prepared, None, None, None)),
-    ]
-    results = []
-    for fig_id, title, build in builds:
-        figure, note = None, ""
-        try:
-            figure = build()
-        except _Absent as why:
-            note = str(why)
-        except Exception as exc:  # a report shows what it can rather than nothing
-            log.exception("figure %s failed", fig_id)
-            note = f"could not be drawn: {type(exc).__name__}: {exc}"
-        results.append(FigureResult(fig_id, title, _CAPTIONS.get(fig_id, ""), figure, note))
-    return results
+    return [figure_result(f"buda-fig{n}", title, _CAPTIONS.get(f"buda-fig{n}", ""),
+                          lambda n=n: _draw(n, prepared, curves, None, None, None, None, None))
+            for n, (title, _) in _FIGURES.items()]
 
 
 def figure_points(fig: go.Figure) -> list[dict]:

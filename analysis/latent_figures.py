@@ -6,10 +6,17 @@ It is longer than 400 lines because it holds one builder per figure and table of
 et al. over one shared preparation step.
 
 Input: the tidy frame written by :func:`workers.latent.statistics_table`
-(``network_id, split, class, statistic, k, feature, value``), usually joined with
+(``network_id, split, feature_scale, class, statistic, k, feature, value``), usually joined with
 network-level columns of ``trials`` by :func:`join_trials` (dataset, method,
 loss, imbalance, rho, class_counts, ...). Statistic keys and their definitions
 are in :mod:`workers.latent` (``STATISTICS`` and the module docstring).
+
+Feature scales: an LDAM network's cosine head normalises FE and W_C inside the last layer,
+so its rows come on two scales (``feature_scale``: ``raw``, before normalisation, and
+``normalised``, what the head multiplies; :mod:`workers.latent_tables`); every other
+network has one, ``raw``. :func:`on_scale` picks one; :func:`dablain_figures` draws the
+paper's, ``raw`` (Dablain et al. read the penultimate features of Cao et al.'s ResNet-32),
+and its captions say so.
 
 Every builder takes ``where`` (``{column: value or list of values}``) to pick a
 subset of the store, averages each plotted quantity over the networks that
@@ -42,8 +49,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.plotkit import PERCENT, SPLIT_COLORS, class_color
+from sweep.store.schema import FEATURE_SCALE_NORMALISED, FEATURE_SCALE_RAW, feature_scale
+
 __all__ = [
-    "join_trials", "select", "complete_coverage", "coverage_data", "coverage_figure", "coverage_by_class_figure",
+    "join_trials", "select", "on_scale", "complete_coverage", "coverage_data", "coverage_figure", "coverage_by_class_figure",
     "features_needed_data", "features_needed_figure", "ranked_data", "ranked_figure",
     "magnitude_table_data", "magnitude_table", "tp_fp_norms_data", "tp_fp_norms_figure",
     "class_accuracy_data", "class_accuracy_figure", "accuracy_table_data", "accuracy_table",
@@ -75,6 +85,30 @@ def join_trials(latent: pd.DataFrame, trials: pd.DataFrame,
     cols = [c for c in columns if c in trials.columns and c not in latent.columns]
     nets = trials.drop_duplicates("network_id")[["network_id", *cols]]
     return latent.merge(nets, on="network_id", how="left")
+
+
+def on_scale(latent: pd.DataFrame, trials: pd.DataFrame, scale: str = FEATURE_SCALE_RAW) -> pd.DataFrame:
+    """The latent rows on one feature scale (``raw`` or ``normalised``).
+
+    Rows of stores written before the ``feature_scale`` column hold the one scale those
+    stores kept: normalised for a cosine head (LDAM), raw otherwise. The head comes from
+    ``trials`` (its ``head`` column, or, where that is absent, LDAM = cosine).
+    """
+    if scale not in (FEATURE_SCALE_RAW, FEATURE_SCALE_NORMALISED):
+        raise ValueError(f"unknown feature scale {scale!r} (allowed: {FEATURE_SCALE_RAW}, {FEATURE_SCALE_NORMALISED})")
+    stored = latent["feature_scale"] if "feature_scale" in latent.columns else pd.Series(None, index=latent.index)
+    if stored.notna().all():
+        return latent[stored == scale]
+    nets = trials.drop_duplicates("network_id").set_index("network_id")
+    if "head" in nets.columns:
+        heads = nets["head"]
+    elif "loss" in nets.columns:
+        heads = nets["loss"].map(lambda loss: "cosine" if loss == "ldam" else "linear")
+    else:
+        heads = pd.Series(dtype=object)
+    head_of = latent["network_id"].map(heads)
+    named = [feature_scale(s, h) for s, h in zip(stored, head_of)]
+    return latent[np.asarray(named, dtype=object) == scale]
 
 
 def select(df: pd.DataFrame, where: Where = None, **equal: Any) -> pd.DataFrame:
@@ -118,16 +152,6 @@ def _faceted(facets: list[str], title: str) -> go.Figure:
     fig = make_subplots(rows=1, cols=max(1, len(facets)), subplot_titles=facets or None, shared_yaxes=True)
     fig.update_layout(title=title, legend_title_text="class")
     return fig
-
-
-# One colour per class and per split in every panel and figure.
-_SPLIT_COLORS = {"train": "#d62728", "test": "#1f77b4"}
-_CLASS_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-                 "#bcbd22", "#17becf")
-
-
-def _class_color(c: int) -> str:
-    return "#222222" if c == -1 else _CLASS_COLORS[c % len(_CLASS_COLORS)]
 
 
 def _class_name(c: int) -> str:
@@ -175,7 +199,7 @@ def coverage_figure(df: pd.DataFrame, split: str = "train", facet: str | None = 
             fig.add_trace(go.Scatter(
                 x=d["k"].astype(int).tolist(), y=d["value"].tolist(), mode="lines",
                 name=f"{_class_name(c)} ({_n_text(d['n'])})", legendgroup=str(c), showlegend=col == 1,
-                line=dict(dash="dash" if c == -1 else "solid", color=_class_color(c)), customdata=d["n"].tolist(),
+                line=dict(dash="dash" if c == -1 else "solid", color=class_color(c)), customdata=d["n"].tolist(),
                 hovertemplate="K=%{x}<br>coverage=%{y:.3f}<br>n=%{customdata} networks",
             ), row=1, col=col)
         fig.update_xaxes(title_text="K (number of largest ce of the predicted class)", row=1, col=col)
@@ -384,9 +408,9 @@ def class_accuracy_figure(df: pd.DataFrame, facet: str | None = "imbalance", whe
     for col, fv in enumerate(facets, start=1):
         for s, d in data[data["facet"] == fv].groupby("split", sort=True):
             fig.add_trace(go.Scatter(
-                x=d["class"].astype(int).tolist(), y=(100 * d["value"]).tolist(), mode="lines+markers",
+                x=d["class"].astype(int).tolist(), y=(PERCENT * d["value"]).tolist(), mode="lines+markers",
                 name=f"{s} ({_n_text(d['n'])})", legendgroup=str(s), showlegend=col == 1,
-                line=dict(color=_SPLIT_COLORS.get(s)),
+                line=dict(color=SPLIT_COLORS.get(s)),
                 customdata=d["n"].tolist(), hovertemplate="class %{x}<br>%{y:.2f}%<br>n=%{customdata}",
             ), row=1, col=col)
         fig.update_xaxes(title_text="class", dtick=1, row=1, col=col)
@@ -426,7 +450,7 @@ def accuracy_table(df: pd.DataFrame, group: Sequence[str] = ("dataset", "loss"),
     keys = [g for g in group if g in data.columns]
     cols = ["train majority", "test majority", "train minority", "test minority"]
     label = [" / ".join(str(r[g]) for g in keys) or "all" for _, r in data.iterrows()]
-    cells = [label] + [_fmt(100 * data[c] if c in data else [np.nan] * len(data), 2) for c in cols]
+    cells = [label] + [_fmt(PERCENT * data[c] if c in data else [np.nan] * len(data), 2) for c in cols]
     return _table([" / ".join(keys) or "networks", *[f"{c} (%)" for c in cols], "n networks"],
                   cells + [data["n"].tolist()], "Per-class accuracy, majority vs minority class (mean over networks)")
 
@@ -469,7 +493,7 @@ def retraining_table(trials: pd.DataFrame, group: Sequence[str] = ("dataset", "l
     for role, title in roles:
         vals = data[role] if role in data else pd.Series(np.nan, index=data.index)
         ns = data[f"n {role}"] if f"n {role}" in data else pd.Series(np.nan, index=data.index)
-        cells.append(_fmt(100 * vals, 2))
+        cells.append(_fmt(PERCENT * vals, 2))
         cells.append(["" if pd.isna(x) else int(x) for x in ns])
         header += [f"{title} ({metric}, %)", "n"]
     return _table(header, cells, f"Classifier re-training: {metric} (mean over networks)")
@@ -529,13 +553,32 @@ _REPORT_FIGURES: list[tuple[str, str, str, str | None, Any]] = [
 FACETS = ("loss", "method", "imbalance")
 
 
-def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[str, str, str, go.Figure]]:
+_SCALE_CAPTIONS = {
+    FEATURE_SCALE_RAW: " Features on the paper's scale: the penultimate features after ReLU and W_C as "
+                       "the network holds them (for LDAM's normalised head, before it normalises them; "
+                       "LDAM networks of stores that kept only normalised features are left out).",
+    FEATURE_SCALE_NORMALISED: " Features as the heads multiply them: for LDAM's cosine head unit-length FE "
+                              "and s times unit-length W_C columns; other networks' raw features.",
+}
+
+
+def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame,
+                    scale: str = FEATURE_SCALE_RAW) -> list[tuple[str, str, str, go.Figure]]:
     """Every Dablain figure and table the data supports: ``(id, title, caption, figure)``.
 
     ``latent`` is the ``latent_stats`` table, ``trials`` the ``trials`` table (network
     columns are joined on ``network_id``). A figure whose statistics are absent is left
-    out; Table 1 needs classifier re-training networks in ``trials``.
+    out; Table 1 needs classifier re-training networks in ``trials``. ``scale``: the
+    feature scale drawn (:func:`on_scale`), by default the paper's (``raw``); every
+    caption says which. With ``normalised``, networks with a linear head show their raw
+    rows (their only scale).
     """
+    if scale == FEATURE_SCALE_NORMALISED:
+        normalised = on_scale(latent, trials, FEATURE_SCALE_NORMALISED)
+        raw = on_scale(latent, trials, FEATURE_SCALE_RAW)
+        latent = pd.concat([normalised, raw[~raw["network_id"].isin(set(normalised["network_id"]))]])
+    else:
+        latent = on_scale(latent, trials, scale)
     joined = join_trials(latent, trials)
     have = set(joined["statistic"].unique())
     facet = next((c for c in FACETS if c in joined.columns and joined[c].nunique() > 1), None)
@@ -546,5 +589,6 @@ def dablain_figures(latent: pd.DataFrame, trials: pd.DataFrame) -> list[tuple[st
                 continue
         elif needs not in have:
             continue
-        out.append((fig_id, title, caption, build(joined, trials, facet)))
+        out.append((fig_id, title, caption + ("" if needs is None else _SCALE_CAPTIONS[scale]),
+                    build(joined, trials, facet)))
     return out

@@ -1,7 +1,7 @@
 """Loading the results store into pandas: the only way analysis reads results.
 
 Floor: analysis (imports sweep.core and sweep.store only). Everything in ``analysis``
-reads committed packs through :class:`Results` (or the two functions below), so every
+reads committed packs through :class:`Results` (or :func:`load`, one table at a time), so every
 figure sees the same deduplicated rows that ``sweep query`` sees.
 """
 
@@ -51,9 +51,3 @@ def load(
 ) -> pd.DataFrame:
     """One table of the store (``trials`` deduplicated: latest row per grid and trial)."""
     return Results(root).table(table, columns=columns, filters=filters)
-
-
-def load_all(root: str) -> dict[str, pd.DataFrame]:
-    """Every table in the store, by name."""
-    results = Results(root)
-    return {name: results.table(name) for name in results.table_names()}

@@ -28,8 +28,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.aggregate import INTERVALS, summarize
-from analysis.figures import ORDER, PERCENT, FigureResult, color_of
 from analysis.load import Results
+from analysis.plotkit import PERCENT, FigureResult, arm_rank, color_of, figure_result, interval_error_bars
 from sweep.store.schema import CLASS_METRICS, CONFUSION, Status
 
 LONGTAIL_METRICS = ("macro_f1", "g_mean")  # per-trial metrics computed here, not stored in trials
@@ -173,7 +173,7 @@ def _ordered(df: pd.DataFrame) -> tuple[list[str], list[str]]:
     cells = (df.assign(_rho=pd.to_numeric(df["rho"], errors="coerce"), _mu=pd.to_numeric(df["mu"], errors="coerce"))
              .sort_values(order)["cell"].drop_duplicates().tolist())
     bases = df.drop_duplicates("arm").set_index("arm")["arm_base"]
-    arms = sorted(bases.index, key=lambda a: (ORDER.index(bases[a]) if bases[a] in ORDER else len(ORDER), a))
+    arms = sorted(bases.index, key=lambda a: (arm_rank(bases[a])[0], a))
     return cells, arms
 
 
@@ -186,8 +186,8 @@ def _mean_traces(fig: go.Figure, stats: pd.DataFrame, col: int, cells: list[str]
         fig.add_trace(go.Scatter(
             x=cells, y=s["mean"] * PERCENT, mode="lines+markers", name=arm, legendgroup=arm, showlegend=first,
             line={"color": color_of(bases[arm])},
-            error_y={"type": "data", "symmetric": False, "array": (s["ci_high"] - s["mean"]) * PERCENT,
-                     "arrayminus": (s["mean"] - s["ci_low"]) * PERCENT},
+            error_y=interval_error_bars((s["mean"] * PERCENT).tolist(), (s["ci_low"] * PERCENT).tolist(),
+                                        (s["ci_high"] * PERCENT).tolist()),
             customdata=s[["n"]].fillna(0).to_numpy(),
             hovertemplate=f"{arm}<br>%{{x}}: %{{y:.2f}} (n = %{{customdata[0]}})<extra></extra>"), row=1, col=col)
 
@@ -349,7 +349,4 @@ def _build(fig_id: str, title: str, caption: str, absent: str, make: Callable[[]
     """The figure ``make`` draws, or why not: ``absent`` (a table the store lacks) or its ValueError."""
     if absent:
         return FigureResult(fig_id, title, caption, None, absent)
-    try:
-        return FigureResult(fig_id, title, caption, make())
-    except ValueError as why:  # nothing to draw for this selection
-        return FigureResult(fig_id, title, caption, None, str(why))
+    return figure_result(fig_id, title, caption, make, expected=(ValueError,))  # ValueError: nothing to draw

@@ -34,9 +34,10 @@ from plotly.offline import get_plotlyjs
 
 from analysis.aggregate import CELL, INTERVALS, best_methods, summarize, with_labels
 from analysis.compare import cd_figures
-from analysis.figures import FigureResult, buda_figures, color_of, figure_points, prepare
+from analysis.figures import buda_figures, figure_points, prepare
 from analysis.load import Results
 from analysis.longtail import longtail_figures, read_class_tables
+from analysis.plotkit import FigureResult, color_of
 from sweep.core.errors import UserError
 from sweep.store.schema import CURVES, LATENT_STATS, TRIALS, Status, StoreError, spec_columns
 

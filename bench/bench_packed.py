@@ -83,7 +83,7 @@ if str(REPO) not in sys.path:
 from sweep.core.catalog import DATASETS  # noqa: E402
 from sweep.core.recipes import RECIPES as PAPER_RECIPES  # noqa: E402
 from sweep.core.spec import Recipe  # noqa: E402
-from workers.devices import set_precision  # noqa: E402
+from workers.compute import resolve_numerics  # noqa: E402
 from workers.engine import StageConfig, predict, train_stage  # noqa: E402
 from workers.latent_tables import latent_tables  # noqa: E402
 from workers.losses import PackedLoss  # noqa: E402
@@ -96,6 +96,14 @@ BUDA_MNIST_NETWORKS = 22_500  # grids/buda_mnist.yaml
 BUDA_MNIST_ITERS = 10_000  # Buda et al.: 10,000 iterations per network
 TRAIN_IMAGES = 10_000  # random training pool per benchmark (sampled per member)
 TEST_IMAGES = 10_000  # a network's final test-set evaluation (MNIST / CIFAR-10 test sets)
+
+
+def set_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """Torch's TF32 switches as a pack's run sets them (``workers.compute.Numerics.apply``);
+    returns the grouped layers' autocast dtype (bf16 in bf16, else None)."""
+    numerics = resolve_numerics(precision, "grouped", "", "linear", device)
+    numerics.apply()
+    return numerics.autocast
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ from typing import Any
 
 import click
 
-from sweep.core.catalog import KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
+from sweep.core.numerics import Kernels, Precision
 
 
 def main() -> None:
@@ -121,8 +121,8 @@ def _run_options(f: Any) -> Any:
                      help="GPU memory per GPU for sizing packs (default: this machine's GPU, else 16)."),
         click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Where datasets are."),
         click.option("--device", default=None, help="Worker device: cpu, cuda, cuda:1 (default: by GPUs)."),
-        click.option("--precision", type=click.Choice(PRECISIONS), default="fp32"),
-        click.option("--kernels", type=click.Choice(KERNELS), default="auto",
+        click.option("--precision", type=click.Choice(Precision.values()), default=Precision.FP32.value),
+        click.option("--kernels", type=click.Choice(Kernels.values()), default=Kernels.AUTO.value,
                      help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never."),
         click.option("--retries", type=int, default=2, help="Retries of a failed pack."),
         click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use."),
@@ -220,7 +220,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
                 bar = tqdm(total=total, initial=done, unit="net", desc=g.name, dynamic_ncols=True)
             bar.n = round(done, 1)  # in-flight packs count pro rata
             # What the running packs do ("2 training, 1 latent statistics"): a bar that stands
-            # still while data load or latent statistics run still says why.
+            # still while data load or latent statistics run still says why. ``done`` counts
+            # running packs by their expected work, every phase weighed (workers.pack_work),
+            # so the time left counts evaluation, latent statistics and the write too.
             bar.set_postfix_str(f"packs: {doing}" if doing else "", refresh=False)
             bar.refresh()
 

@@ -31,10 +31,16 @@ Fault tolerance rests on the store, not on Tune's experiment state:
   than a restore would. So ``sweep resume`` always re-plans from the store; Tune's
   state is kept only as logs.
 
+Progress: each pack's run tells its :class:`_TuneReporter` (a listener of the pack's
+monitor, ``workers.monitor``) every phase at once and its iterations every
+``REPORT_INTERVAL_SECONDS``; Tune hands the reports to ``_ProgressCallback`` here, which
+counts running packs pro rata of the fraction of their expected work for the progress
+bar, and says what they do.
+
 Test hook (documented, used by tests/test_fault_tolerance.py): when
 ``SWEEP_TEST_KILL_AT_FRACTION`` is set in the driver's environment, the first pack to
-reach that fraction of its iterations SIGKILLs its own worker process, once per
-marker file ``SWEEP_TEST_KILL_MARKER`` (created just before the kill). Unset, the
+reach that fraction of its training iterations SIGKILLs its own worker process, once
+per marker file ``SWEEP_TEST_KILL_MARKER`` (created just before the kill). Unset, the
 hook does nothing.
 """
 
@@ -52,6 +58,7 @@ from typing import Any
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
 from sweep.prepare import (
+    ProgressFn,
     RunOptions,
     SweepError,
     check_address,
@@ -62,6 +69,7 @@ from sweep.prepare import (
     preflight,
 )
 from sweep.store.results import ResultStore
+from workers.monitor import PackEvent, PackListener  # no torch: the driver's process stays light
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +91,6 @@ class SweepSummary:
     # run was interrupted (Ctrl-C, a stopped cluster); `sweep resume` trains them.
     not_finished: int = 0
     skipped: int = 0  # held by another runner writing to the same store (sweep.store.leases)
-
-
-# (networks done, in-flight packs pro rata; networks total; what the running packs do)
-ProgressFn = Callable[[float, int, str], None]
 
 
 def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
@@ -191,20 +195,34 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     from workers.run_pack import run_pack
 
     pack = Pack.from_dict(packs[config["pack"]])
-    last = [0.0, ""]
-
-    def report(fraction: float, phase: str) -> None:
-        if kill_hook is not None:
-            _maybe_kill_self(fraction, *kill_hook)
-        now = time.monotonic()
-        if now - last[0] >= REPORT_INTERVAL_SECONDS or phase != last[1]:  # a new phase is said at once
-            last[0], last[1] = now, phase
-            tune.report({"fraction": fraction, "networks_done": 0, "phase": phase})
-
     result = run_pack(pack, store_root, device=device, data_dir=data_dir, grid_hash=grid_hash,
-                      precision=precision, kernels=kernels, progress=report)
+                      precision=precision, kernels=kernels, listeners=[_TuneReporter(tune.report, kill_hook)])
     return {"fraction": 1.0, "networks_done": result.networks, "diverged": result.diverged,
             "failed": result.failed, "seconds": result.seconds, "skipped": result.skipped}
+
+
+class _TuneReporter(PackListener):
+    """A pack's listener that reports to Ray Tune: a new phase at once, iterations at most
+    every ``REPORT_INTERVAL_SECONDS`` (each report is a message to the driver and a row of
+    Tune's logs); it carries the kill hook of the module doc."""
+
+    def __init__(self, report: Callable[[dict[str, Any]], None], kill_hook: tuple[float, str] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.report, self.kill_hook, self.clock = report, kill_hook, clock
+        self.last: float | None = None  # when the last report went
+
+    def on_phase(self, event: PackEvent) -> None:
+        self._send(event)
+
+    def on_iteration(self, event: PackEvent) -> None:
+        if self.kill_hook is not None:
+            _maybe_kill_self(event.iters_fraction, *self.kill_hook)
+        if self.last is None or self.clock() - self.last >= REPORT_INTERVAL_SECONDS:
+            self._send(event)
+
+    def _send(self, event: PackEvent) -> None:
+        self.last = self.clock()
+        self.report({"fraction": event.fraction, "networks_done": 0, "phase": str(event.phase)})
 
 
 def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:

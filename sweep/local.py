@@ -8,8 +8,11 @@ last pack's. The same spec on the same device gives the same numbers as ``sweep 
 the same packs (``sweep.prepare.plan_for``, sized for the grid's share of the GPU) and
 the same torch thread count (``sweep.prepare.pack_threads``, from ``resources.cpu`` or
 ``--cpus-per-pack``, never the machine's core count). Ctrl-C ends it as it ends ``sweep
-run``: one line saying how many networks this run stored, exit status 130. Needs only
-torch, numpy, pyarrow, pandas and pyyaml:
+run``: one line saying how many networks this run stored, exit status 130. Each pack's
+phases are logged, and ``progress`` hears what ``sweep run``'s bar hears (networks done,
+the running pack pro rata of its expected work: ``sweep.prepare.ProgressFn``), both from
+one listener of the pack's monitor (``workers.monitor``). Needs only torch, numpy,
+pyarrow, pandas and pyyaml:
 
     python -m sweep.local grids/buda_mnist.yaml --store results/buda_mnist --device cuda \\
         --precision bf16 --max-seconds 3000
@@ -24,16 +27,26 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 
-from sweep.core.catalog import KERNELS, PRECISIONS
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
-from sweep.prepare import check_kernels, pack_memory_bytes, pack_resources, pack_threads, plan_for, preflight
+from sweep.core.numerics import Kernels, Precision
+from sweep.core.plan import Pack
+from sweep.prepare import (
+    ProgressFn,
+    check_numerics,
+    pack_memory_bytes,
+    pack_resources,
+    pack_threads,
+    plan_for,
+    preflight,
+)
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
+from workers.monitor import PackEvent, PackListener
 from workers.run_pack import run_pack
 
 log = logging.getLogger(__name__)
@@ -48,6 +61,30 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, stored: int, in_store: int, total: int) -> None:
         super().__init__(f"interrupted: {stored} networks stored by this run")
         self.stored, self.in_store, self.total = stored, in_store, total
+
+
+class _PackLog(PackListener):
+    """Logs each phase of the running pack and tells ``progress`` the networks done, the
+    running pack counted pro rata of the fraction of its expected work."""
+
+    def __init__(self, packs: list[Pack], done: int, total: int, progress: ProgressFn | None) -> None:
+        self.packs, self.done, self.total, self.progress = packs, done, total, progress
+        self.index = 0  # the running pack
+
+    def on_phase(self, event: PackEvent) -> None:
+        log.info("pack %d/%d: %s (%.0f %% of the pack)", self.index + 1, len(self.packs), event.phase,
+                 100 * event.fraction)
+        self.on_iteration(event)
+
+    def on_iteration(self, event: PackEvent) -> None:
+        if self.progress:
+            self.progress(self.done + event.fraction * len(self.packs[self.index].stored_specs), self.total,
+                          f"1 {event.phase}")
+
+    def pack_stored(self, networks: int) -> None:
+        self.done += networks
+        if self.progress:
+            self.progress(self.done, self.total, "")
 
 
 @contextlib.contextmanager
@@ -65,19 +102,20 @@ def _sigint_ignored() -> Iterator[None]:
 def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_dir: str | None = None,
               max_networks: int = 0, precision: str = "fp32", kernels: str = "auto", max_packs: int = 0,
               max_seconds: float = 0.0, cpus_per_pack: float | None = None,
-              progress: Callable[[int, int], None] | None = None) -> tuple[int, int, float]:
+              progress: ProgressFn | None = None) -> tuple[int, int, float]:
     """Train what the store lacks; returns (networks trained, networks failed, seconds).
 
     ``max_packs`` / ``max_seconds`` (0: no limit) stop before starting another pack; a
     started pack always finishes and is stored. ``cpus_per_pack`` (None: the grid's
     ``resources.cpu``) sets torch's thread count, as ``sweep run --cpus-per-pack`` does;
-    the process's own count is restored on return. Ctrl-C raises :class:`Interrupted`.
+    the process's own count is restored on return. ``progress``: as ``sweep run``'s
+    (module doc). Ctrl-C raises :class:`Interrupted`.
     """
     t0 = time.perf_counter()
     cpu, _ = pack_resources(grid, cpus_per_pack, None)
     store = ResultStore(store_root)
     dev = resolve_device(device)  # a missing GPU fails here, before anything is written
-    check_kernels(grid, kernels, dev.type)
+    check_numerics(grid, precision, kernels, dev.type)
     datasets = preflight(grid, store, data_dir)  # loaded once for all packs
     store.save_grid(grid)
     memory = None
@@ -86,8 +124,9 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
         memory = pack_memory_bytes(grid.gpu_per_pack if grid.gpu_per_pack > 0 else 1.0, total / 2**30)
     packs, n_done = plan_for(grid, store, max_networks, dev.type, memory)
     trained = failed = 0
+    listener = _PackLog(packs, n_done, grid.trained_networks, progress)
     if progress:
-        progress(n_done, grid.trained_networks)
+        progress(n_done, grid.trained_networks, "")
     threads = torch.get_num_threads()
     torch.set_num_threads(pack_threads(cpu))
     try:
@@ -95,18 +134,19 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
             if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
                 log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
                 break
+            listener.index = i
             result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash,
                               precision=precision, kernels=kernels,  # type: ignore[arg-type]
-                              dataset=datasets[pack.specs[0].dataset])
+                              dataset=datasets[pack.specs[0].dataset], listeners=[listener])
             if result.skipped:
                 log.info("pack %d/%d: skipped (another runner holds it or has stored it)", i + 1, len(packs))
                 continue
             trained += result.networks - result.failed
             failed += result.failed
             n_done += result.networks
-            log.info("pack %d/%d: %d networks in %.0f s", i + 1, len(packs), result.networks, result.seconds)
-            if progress:
-                progress(n_done, grid.trained_networks)
+            log.info("pack %d/%d: %d networks in %.0f s (%d of %d networks of %s stored)", i + 1, len(packs),
+                     result.networks, result.seconds, n_done, grid.trained_networks, grid.name)
+            listener.pack_stored(result.networks)
     except KeyboardInterrupt:
         # What this run really stored, read back: never what it meant to (as sweep.driver).
         # A second Ctrl-C must not cut the count short.
@@ -126,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", required=True, help="results store folder")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
-    ap.add_argument("--kernels", default="auto", choices=KERNELS,
+    ap.add_argument("--precision", default=Precision.FP32.value, choices=Precision.values())
+    ap.add_argument("--kernels", default=Kernels.AUTO.value, choices=Kernels.values(),
                     help="auto: LeNet-5 on CUDA in bf16 trains on the fused Triton kernels; grouped: never")
     ap.add_argument("--max-networks", type=int, default=0, help="networks per pack (0: grid's, else device's)")
     ap.add_argument("--cpus-per-pack", type=float, default=None,
@@ -144,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         trained, failed, seconds = run_local(
             grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
             precision=a.precision, kernels=a.kernels, max_packs=a.max_packs, max_seconds=a.max_seconds,
-            cpus_per_pack=a.cpus_per_pack,
-            progress=lambda done, total: log.info("%d of %d networks stored", done, total))
+            cpus_per_pack=a.cpus_per_pack)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

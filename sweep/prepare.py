@@ -13,12 +13,13 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sweep.core.catalog import FUSED_MODELS, KERNELS, has_fused_path
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid
+from sweep.core.numerics import FUSED_MODELS, Kernels, Precision, UnknownOption, has_fused_path
 from sweep.core.plan import Pack, pack_sizer, plan_packs
 from sweep.store.results import ResultStore
 
@@ -26,6 +27,12 @@ NVIDIA_DRIVER = "/proc/driver/nvidia/version"  # present on Linux machines with 
 ADDRESS_TIMEOUT_SECONDS = 10.0  # for a cluster address to accept a connection
 CLEANUP_MIN_AGE_SECONDS = 3600.0  # leftovers of another host's writer older than any pack write
 DEVICE_RE = re.compile(r"cpu|auto|cuda(?::(\d+))?")  # what run_pack can train on (auto: cuda if there)
+
+
+# What both runners tell a progress bar (sweep.cli's): networks done, with the running packs
+# counted pro rata of the fraction of their expected work (workers.pack_work: every phase,
+# not only training); the grid's networks; what the running packs do ("1 latent statistics").
+ProgressFn = Callable[[float, int, str], None]
 
 
 class SweepError(UserError, RuntimeError):
@@ -42,8 +49,8 @@ class RunOptions:
     gpu_memory_gb: float | None = None  # per GPU, for pack sizing (None: the driver's GPU, if any)
     data_dir: str | None = None
     device: str | None = None  # worker device; None: cuda when the pack has a GPU
-    precision: str = "fp32"
-    kernels: str = "auto"  # workers.devices.resolve_kernels
+    precision: str = Precision.FP32  # a sweep.core.numerics.Precision value
+    kernels: str = Kernels.AUTO  # a Kernels value; workers.compute.resolve_numerics decides per pack
     retries: int = 2  # Ray Tune retries of a failed pack
     num_cpus: int | None = None  # embedded Ray only: CPUs it may use
     ray_temp_dir: str | None = None  # embedded Ray only
@@ -117,16 +124,28 @@ def check_options(grid: Grid, options: RunOptions) -> tuple[float, float]:
         raise SweepError(f"--gpu-memory-gb must be > 0, got {options.gpu_memory_gb}")
     if options.device is not None:
         _check_device(options.device, gpu)
-    check_kernels(grid, options.kernels, options.device or ("cuda" if gpu > 0 else "cpu"))
+    check_numerics(grid, options.precision, options.kernels, options.device or ("cuda" if gpu > 0 else "cpu"))
     return cpu, gpu
+
+
+def check_numerics(grid: Grid, precision: str, kernels: str, device: str) -> None:
+    """``--precision`` is one of ``sweep.core.numerics.Precision``, and ``--kernels`` one
+    every pack can run with (:func:`check_kernels`)."""
+    try:
+        Precision(precision)
+    except UnknownOption:
+        raise SweepError(f"--precision {precision!r}: allowed: {', '.join(Precision.values())}") from None
+    check_kernels(grid, kernels, device)
 
 
 def check_kernels(grid: Grid, kernels: str, device: str) -> None:
     """``--kernels fused`` only where every pack can take the fused path: LeNet-5 with a
-    linear head, on CUDA (``workers.devices.resolve_kernels`` decides per pack)."""
-    if kernels not in KERNELS:
-        raise SweepError(f"--kernels {kernels!r}: allowed: {', '.join(KERNELS)}")
-    if kernels != "fused":
+    linear head, on CUDA (``workers.compute.resolve_numerics`` decides per pack)."""
+    try:
+        kernels = Kernels(kernels)
+    except UnknownOption:
+        raise SweepError(f"--kernels {kernels!r}: allowed: {', '.join(Kernels.values())}") from None
+    if kernels != Kernels.FUSED:
         return
     others = sorted({f"{s.model} ({s.head} head)" for s in grid.specs
                      if not has_fused_path(s.model, str(s.head))})

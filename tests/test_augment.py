@@ -94,3 +94,30 @@ def test_an_augmented_network_trains_to_the_same_numbers_alone_or_packed(small_m
     plain = grid("none").specs[1]
     assert plain.network_id != specs[1].network_id
     assert auc([plain])[plain.network_id] != alone[specs[1].network_id]
+
+
+def test_an_svhn_recipe_never_flips_and_cifar10_still_does() -> None:
+    """Digits are not mirror-symmetric: the LDAM-DRW preset's flip (Cao et al.'s CIFAR regime)
+    is dropped for SVHN, its crop kept; CIFAR-10 keeps both; a grid that asks for the flip
+    by name gets it."""
+    from sweep.core.grid import expand
+    from sweep.core.spec import Augmentation
+    from workers.augment import augment_stream
+
+    def spec(dataset: str, recipe: object = "ldam_drw"):
+        return expand({"name": "a", "dataset": dataset, "model": "resnet32", "recipe": recipe,
+                       "imbalance": {"exponential": {"rho": [100]}}, "seed": 1}).specs[0]
+
+    svhn, cifar = spec("svhn"), spec("cifar10")
+    assert svhn.recipe.augmentation == Augmentation.CROP
+    assert cifar.recipe.augmentation == Augmentation.CROP_FLIP
+    svhn_draws = augment_stream(svhn.recipe.augmentation, 11).take(400, 64)
+    cifar_draws = augment_stream(cifar.recipe.augmentation, 11).take(400, 64)
+    assert not svhn_draws[..., 2].any()  # 25,600 images, none mirrored
+    assert abs(cifar_draws[..., 2].mean() - 0.5) < 0.01
+    for axis in (0, 1):  # the crop is still uniform over the 9 offsets on each axis
+        freq = np.bincount(svhn_draws[..., axis].ravel(), minlength=2 * PAD + 1) / svhn_draws[..., 0].size
+        assert np.abs(freq - 1 / 9).max() < 0.01
+    asked = spec("svhn", {"preset": "ldam_drw", "augmentation": "crop_flip"})
+    assert asked.recipe.augmentation == Augmentation.CROP_FLIP and asked.network_id != svhn.network_id
+    assert augment_stream(Augmentation.NONE, 11) is None

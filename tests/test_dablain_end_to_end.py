@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from analysis.figures import fig8_training_curves
+from analysis.figures import buda_figure
 from analysis.report import write_report
 from sweep.core.grid import expand
 from sweep.local import run_local
@@ -111,7 +111,10 @@ def test_every_network_of_the_grid_is_trained_with_its_regime(dablain_store):
     assert sorted(trials["network_id"]) == sorted(s.network_id for s in grid.specs)
     assert set(trials["status"]) == {"ok"}
     assert set(trials["selection"]) == {"test"}  # labelled as Cao et al.'s code selects
-    assert set(trials["augmentation"]) == {"crop_flip"} and set(trials["normalization"]) == {"standardize"}
+    # Cao et al.'s crop and flip; SVHN's digits cropped, never mirrored.
+    assert set(zip(trials["dataset"], trials["augmentation"])) == {
+        ("cifar10", "crop_flip"), ("celeba", "crop_flip"), ("svhn", "crop")}
+    assert set(trials["normalization"]) == {"standardize"}
     assert set(trials.loc[trials["loss"] == "ldam", "head"]) == {"cosine"}
     assert set(trials.loc[trials["loss"] != "ldam", "head"]) == {"linear"}
     # Cao et al.'s truncated counts at rho = 100 from 100 per class.
@@ -153,7 +156,7 @@ def test_report_draws_buda_fig8_from_trained_train_and_test_curves(small_mnist, 
     curves = store.read_table("curves")
     assert set(curves["split"]) == {"train", "test"}
     assert sorted(set(curves["iter"])) == [10, 20]
-    fig = fig8_training_curves(curves, store.read_table("trials"))
+    fig = buda_figure(8, store.read_table("trials"), curves)
     dashes = {t.line.dash for t in fig.data if t.mode and "lines" in t.mode}
     assert {"solid", "dot"} <= dashes  # test (solid) and train (dotted) lines, from the store
     summary = write_report(store.root, str(tmp_path / "r.html"))

@@ -24,8 +24,9 @@ from sweep.prepare import RunOptions, SweepError, check_kernels, check_options
 from workers import engine, fused_kernels as fk
 from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
 from workers.batch_feed import BatchFeed
+from workers.compute import resolve_numerics
 from workers.datasets import ArrayDataset
-from workers.devices import DeviceUnavailable, resolve_kernels
+from workers.devices import DeviceUnavailable
 from workers.engine import StageConfig, train_stage
 from workers.losses import PackedLoss
 from workers.models import LeNet5
@@ -161,22 +162,26 @@ def test_drw_member_loss_is_the_same_alone_or_with_an_active_packmate() -> None:
 
 def test_kernel_choice_is_applied_or_rejected(monkeypatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_kernels("auto", "lenet5", cpu) == "grouped"  # the interpreter is for tests only
-    assert resolve_kernels("auto", "lenet5", cuda, precision="bf16") == "fused"
-    assert resolve_kernels("auto", "lenet5", cuda) == "grouped"  # fp32: IEEE fused is no faster than cuDNN
-    assert resolve_kernels("auto", "lenet5", cuda, precision="tf32") == "grouped"
-    assert resolve_kernels("auto", "lenet5", cuda, head="cosine") == "grouped"
-    assert resolve_kernels("auto", "allcnn", cuda) == "grouped"
-    assert resolve_kernels("grouped", "lenet5", cuda) == "grouped"
+
+    def kernels(kind: str, model: str, dev: torch.device, head: str = "linear", precision: str = "fp32") -> str:
+        return resolve_numerics(precision, kind, model, head, dev).kernels
+
+    assert kernels("auto", "lenet5", cpu) == "grouped"  # the interpreter is for tests only
+    assert kernels("auto", "lenet5", cuda, precision="bf16") == "fused"
+    assert kernels("auto", "lenet5", cuda) == "grouped"  # fp32: IEEE fused is no faster than cuDNN
+    assert kernels("auto", "lenet5", cuda, precision="tf32") == "grouped"
+    assert kernels("auto", "lenet5", cuda, head="cosine") == "grouped"
+    assert kernels("auto", "allcnn", cuda) == "grouped"
+    assert kernels("grouped", "lenet5", cuda) == "grouped"
     if fk.INTERPRETED:  # tests/conftest.py without a GPU
-        assert resolve_kernels("fused", "lenet5", cpu) == "fused"
+        assert kernels("fused", "lenet5", cpu) == "fused"
     with pytest.raises(ValueError, match="unknown kernels 'triton'.*auto, fused, grouped"):
-        resolve_kernels("triton", "lenet5", cpu)
+        kernels("triton", "lenet5", cpu)
     with pytest.raises(UserError, match="lenet5 with a linear head only, not 'resnet32'"):
-        resolve_kernels("fused", "resnet32", cuda)
+        kernels("fused", "resnet32", cuda)
     monkeypatch.setattr(fk, "INTERPRETED", False)
     with pytest.raises(DeviceUnavailable, match="need a CUDA device"):
-        resolve_kernels("fused", "lenet5", cpu)
+        kernels("fused", "lenet5", cpu)
 
 
 def test_sweep_options_check_the_kernels_before_anything_starts() -> None:

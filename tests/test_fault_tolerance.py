@@ -21,6 +21,7 @@ import yaml
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
 from sweep.store.results import ResultStore
+from workers.monitor import PackListener
 from workers.run_pack import run_pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +78,17 @@ class _Killed(Exception):
     pass
 
 
+class _DieAt(PackListener):
+    """Stops the pack once it has trained ``at`` of its iterations (as the driver's kill hook)."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def on_iteration(self, event):
+        if event.iters_fraction >= self.at:
+            raise _Killed
+
+
 # stage 1 at iteration 20; stage 2 at 20; and with each member's crop/flip stream to restore
 @pytest.mark.parametrize(("kill_at", "augmentation"), [(0.5, "none"), (0.75, "none"), (0.5, "crop_flip")])
 def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbers(small_mnist, tmp_path,
@@ -87,12 +99,8 @@ def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbe
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
     store = ResultStore(str(tmp_path / "store"))
 
-    def die(fraction, phase):
-        if fraction >= kill_at:
-            raise _Killed
-
     with pytest.raises(_Killed):
-        run_pack(pack, store, dataset=small_mnist, progress=die)
+        run_pack(pack, store, dataset=small_mnist, listeners=[_DieAt(kill_at)])
     assert sorted(p.name for p in (tmp_path / "store" / "_checkpoints").iterdir()) == [
         f"{pack.pack_id}.json", f"{pack.pack_id}.pt"]  # the checkpoint and its checksum record
     assert store.completed_trial_ids() == set()
@@ -127,12 +135,8 @@ def test_a_checkpoint_with_one_flipped_byte_is_refused_by_name_and_the_pack_star
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
     store = ResultStore(str(tmp_path / "store"))
 
-    def die(fraction, phase):
-        if fraction >= 0.5:
-            raise _Killed
-
     with pytest.raises(_Killed):
-        run_pack(pack, store, dataset=small_mnist, progress=die)
+        run_pack(pack, store, dataset=small_mnist, listeners=[_DieAt(0.5)])
     ckpt = tmp_path / "store" / "_checkpoints" / f"{pack.pack_id}.pt"
     data = bytearray(ckpt.read_bytes())
     data[len(data) * 3 // 4] ^= 0x01

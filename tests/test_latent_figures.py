@@ -224,3 +224,35 @@ def test_every_builder_accepts_an_empty_subset(df: pd.DataFrame) -> None:
         assert isinstance(fig, go.Figure) and len(fig.data) == 0
     assert lf.magnitude_table_data(df, where=none).empty
     assert lf.accuracy_table_data(df, where=none).empty
+
+
+def test_on_scale_reads_new_and_old_stores_and_the_report_draws_the_papers_scale() -> None:
+    """New rows say their scale; rows of older stores hold one scale per network (normalised
+    for LDAM's cosine head, raw otherwise). Dablain's figures use the raw scale and say so."""
+    def norms(net: str, v: float, scale: str | None = None) -> list[dict]:
+        rows = [_row(net, "test", -1, f"fe_frobenius_{tag}", v) for tag in ("tp", "fp")]
+        return [r if scale is None else {**r, "feature_scale": scale} for r in rows]
+
+    new = pd.DataFrame(norms("ldam_new", 21.0, "raw") + norms("ldam_new", 1.5, "normalised")
+                       + norms("ce_new", 12.0, "raw"))
+    old = pd.DataFrame(norms("ldam_old", 1.9) + norms("ce_old", 11.0))  # no feature_scale column
+    latent = pd.concat([new, old], ignore_index=True)  # a store read across both: NaN for the old rows
+    trials = pd.DataFrame([{"network_id": n, "loss": loss, "dataset": "cifar10", "method": "baseline"}
+                           for n, loss in (("ldam_new", "ldam"), ("ce_new", "ce"), ("ldam_old", "ldam"),
+                                           ("ce_old", "ce"))])
+    raw = lf.on_scale(latent, trials, "raw")
+    assert sorted(set(zip(raw["network_id"], raw["value"]))) == [("ce_new", 12.0), ("ce_old", 11.0), ("ldam_new", 21.0)]
+    unit = lf.on_scale(latent, trials, "normalised")
+    assert sorted(set(zip(unit["network_id"], unit["value"]))) == [("ldam_new", 1.5), ("ldam_old", 1.9)]
+    assert set(lf.on_scale(old, trials, "raw")["network_id"]) == {"ce_old"}  # no column at all
+    with_head = trials.assign(head=["cosine", "linear", "linear", "linear"])  # ldam_old with ldam_head: linear
+    assert set(lf.on_scale(latent, with_head, "raw")["network_id"]) == {"ce_new", "ce_old", "ldam_new", "ldam_old"}
+    with pytest.raises(ValueError, match="unknown feature scale 'unit'"):
+        lf.on_scale(latent, trials, "unit")
+    made = {fig_id: (caption, fig) for fig_id, _, caption, fig in lf.dablain_figures(latent, trials)}
+    caption, fig = made["dablain-fig10"]
+    assert "paper's scale" in caption
+    drawn = {y for t in fig.data for y in t.y if y == y}
+    assert drawn == {21.0, 11.5}  # by loss: LDAM's raw norm, the mean of the two CE networks
+    caption, fig = {i: (c, f) for i, _, c, f in lf.dablain_figures(latent, trials, "normalised")}["dablain-fig10"]
+    assert "unit-length" in caption and {y for t in fig.data for y in t.y if y == y} == {1.7, 11.5}

@@ -142,3 +142,85 @@ def test_latent_tables_are_queryable_with_sql(stored):
     assert top.to_dict("records") == [{"split": "test", "n": 3}, {"split": "train", "n": 3}]
     width = query(store.root, "select len(fe) as w from embeddings limit 1")
     assert width["w"].item() == 500
+
+
+# -- LDAM's cosine head: raw and normalised feature scales --------------------------------
+@pytest.fixture(scope="module")
+def ldam(small_mnist):
+    """One LDAM LeNet-5 (cosine head) with latent statistics and embeddings, and its trained head."""
+    grid = expand({**GRID, "methods": ["baseline"], "losses": ["ldam"]})
+    assert [str(s.head) for s in grid.specs] == ["cosine"]
+    heads = []
+    result = run_pack(Pack(grid.specs), None, dataset=small_mnist,
+                      observer=lambda plan, model, when: heads.append(model.fc2) if when == "end" else None)
+    tables = {k: result.tables[k].to_pandas() for k in ("latent_stats", "embeddings", "classifier_weights")}
+    return grid.specs[0], tables, heads[0]
+
+
+def test_a_linear_head_has_one_scale_raw(stored):
+    _, store, _ = stored
+    for table in ("latent_stats", "embeddings", "classifier_weights"):
+        assert set(store.read_table(table)["feature_scale"]) == {"raw"}, table
+
+
+def test_ldam_stores_raw_features_beside_the_normalised_ones(ldam):
+    spec, tables, head = ldam
+    for table in ("latent_stats", "embeddings", "classifier_weights"):
+        assert set(tables[table]["feature_scale"]) == {"raw", "normalised"}, table
+    emb = tables["embeddings"]
+    for split in ("train", "test"):
+        raw = emb[(emb["split"] == split) & (emb["feature_scale"] == "raw")].sort_values("sample")
+        unit = emb[(emb["split"] == split) & (emb["feature_scale"] == "normalised")].sort_values("sample")
+        raw_fe, unit_fe = _matrix(raw["fe"]), _matrix(unit["fe"])
+        np.testing.assert_allclose(np.linalg.norm(unit_fe, axis=1), 1, atol=1e-5)
+        assert np.median(np.linalg.norm(raw_fe, axis=1)) > 2  # penultimate activations, not unit vectors
+        np.testing.assert_allclose(unit_fe, raw_fe / np.linalg.norm(raw_fe, axis=1, keepdims=True), atol=1e-5)
+        assert (raw["prediction"].to_numpy() == unit["prediction"].to_numpy()).all()  # the network's decisions
+    w = tables["classifier_weights"]
+    raw_w = _matrix(w[w["feature_scale"] == "raw"].sort_values("class")["weight"])  # [K, F]
+    unit_w = _matrix(w[w["feature_scale"] == "normalised"].sort_values("class")["weight"])
+    np.testing.assert_array_equal(raw_w, head.weight.detach()[0].T.numpy())  # the stored parameter
+    np.testing.assert_allclose(unit_w, 30 * raw_w / np.linalg.norm(raw_w, axis=1, keepdims=True), rtol=1e-5)
+
+
+def test_ldam_raw_norms_exceed_the_unit_cap_and_decisions_agree(ldam):
+    """Unit features cap ||mu(train FE) - mu(test FE)|| at 2 per class and 2 sqrt(10) over 10
+    classes; Dablain's LDAM reports 21.16. Raw rows are on the paper's scale, beyond the cap."""
+    _, tables, _ = ldam
+    lat = tables["latent_stats"]
+    norms = lat[lat["statistic"].isin(["fe_frobenius_tp", "fe_frobenius_fp"])].dropna(subset=["value"])
+    unit = norms[norms["feature_scale"] == "normalised"]
+    raw = norms[norms["feature_scale"] == "raw"]
+    cap = 2 * np.sqrt(10)
+    assert (unit.loc[unit["class"] >= 0, "value"] <= 2 + 1e-6).all() and (unit["value"] <= cap + 1e-6).all()
+    fp_all = raw[(raw["statistic"] == "fe_frobenius_fp") & (raw["class"] == -1)]["value"]
+    assert len(fp_all) == 1 and fp_all.iloc[0] > cap
+    # Both scales classify the same way: accuracies and TP / FP counts are the network's.
+    for stat in ("accuracy", "tp_instances", "fp_instances", "instances"):
+        d = lat[lat["statistic"] == stat].pivot_table(index=["split", "class"], columns="feature_scale",
+                                                        values="value")
+        np.testing.assert_array_equal(d["raw"].to_numpy(), d["normalised"].to_numpy())
+
+
+def test_ldam_normalised_rows_are_the_statistics_of_what_the_head_multiplies(ldam, small_mnist):
+    """The normalised rows are what every LDAM row was before raw ones were added: the
+    statistics of the unit features and s * unit columns (recomputed here from the stored
+    normalised embeddings and weights, which are exactly those)."""
+    _, tables, _ = ldam
+    lat, emb, w = tables["latent_stats"], tables["embeddings"], tables["classifier_weights"]
+    wn = w[w["feature_scale"] == "normalised"].sort_values("class")
+    weight = torch.from_numpy(_matrix(wn["weight"]).T.copy())[None]
+    bias = torch.tensor(wn["bias"].to_numpy(np.float32))[None]
+    assert not bias.any()
+    stored_norm = lat[lat["feature_scale"] == "normalised"]
+    for split in ("train", "test"):
+        e = emb[(emb["split"] == split) & (emb["feature_scale"] == "normalised")].sort_values("sample")
+        fe = torch.from_numpy(_matrix(e["fe"]))[None]
+        rows = pd.DataFrame(latent_statistics(fe, weight, bias, torch.tensor(e["label"].to_numpy()), split,
+                                              lt.TOP, fixed_k=lt.CLASS_TOPK_K))
+        rows = rows[rows["statistic"] != "topk_coverage"]  # stored compacted; checked in the test above
+        mine = stored_norm[(stored_norm["split"] == split) & stored_norm["statistic"].isin(set(rows["statistic"]))]
+        keys = ["statistic", "class", "k", "feature"]
+        joined = rows.merge(mine, on=keys, how="outer", suffixes=("_again", "_stored"), indicator=True)
+        assert (joined["_merge"] == "both").all(), joined[joined["_merge"] != "both"].head()
+        np.testing.assert_allclose(joined["value_again"], joined["value_stored"], rtol=1e-6, atol=1e-9)

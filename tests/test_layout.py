@@ -40,15 +40,6 @@ FORBIDDEN_THIRD_PARTY = {
     2: {"ray"},
     3: {"ray"},
 }
-# Import circles known today, each with who removes it: listed here they do not fail
-# test_no_import_circles_inside_a_package, and test_the_known_circles_are_gone (strict xfail)
-# fails once they are gone, so the entry and the xfail are dropped together.
-KNOWN_CIRCLES = {
-    # issue 27: six places decide the fused kernels; the `compute` branch removes it.
-    frozenset({"workers.models", "workers.fused_lenet"}),
-}
-
-
 def module_name(path: Path, root: Path = ROOT) -> str:
     parts = list(path.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
@@ -201,15 +192,8 @@ def test_no_import_circles_inside_a_package(package: str) -> None:
     """Inside one floor's package imports may run either way, but never in a circle (a
     circle hidden by lazy imports is still one: whichever module loads first decides)."""
     inside = [c for c in import_cycles(import_graph())
-              if all(m == package or m.startswith(package + ".") for m in c) and c not in KNOWN_CIRCLES]
+              if all(m == package or m.startswith(package + ".") for m in c)]
     assert not inside, "import circles: " + "; ".join(" <-> ".join(sorted(c)) for c in inside)
-
-
-@pytest.mark.xfail(strict=True, reason="the import circle workers/models.py <-> workers/fused_lenet.py "
-                                       "(issue 27); when it is removed, drop this xfail and KNOWN_CIRCLES")
-def test_the_known_circles_are_gone() -> None:
-    left = [c for c in import_cycles(import_graph()) if c in KNOWN_CIRCLES]
-    assert not left, "known import circles still there: " + "; ".join(" <-> ".join(sorted(c)) for c in left)
 
 
 def test_floors_keep_their_third_party_imports() -> None:

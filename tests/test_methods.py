@@ -293,3 +293,76 @@ def test_allcnn_with_dropout_gives_the_same_numbers_every_run_and_alone(monkeypa
     assert [r["roc_auc"] for r in first] == [r["roc_auc"] for r in second]
     alone = rp.run_pack(Pack(g.specs[1:]), None, dataset=ds).tables["trials"][0]
     assert alone["roc_auc"] == pytest.approx(first[1]["roc_auc"], abs=1e-4)
+
+
+# -- two-phase phase 2: the frozen body runs as Caffe's TRAIN phase ---------------------
+def _phase2(name: str, in_shape: tuple[int, int, int], body_train: bool, iters: int = 3):
+    """A head-only stage of one member from fixed weights; returns (start state, end state, model)."""
+    from workers.engine import StageConfig, train_stage
+    from workers.losses import PackedLoss
+    from workers.models import build_model
+    from workers.transforms import InputTransform, stack_transforms
+
+    model = build_model(name, 1, 10, in_shape)
+    model.reset_parameters("xavier", [3])
+    model.seed_noise([8])
+    start = {k: v.clone() for k, v in model.member_state(0).items()}
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (40, *in_shape), dtype=torch.uint8, generator=g)
+    y = torch.arange(10).repeat(4)
+    cfg = StageConfig(iters=iters, batch_size=4, lr=torch.full((iters, 1), 0.01), momentum=torch.full((1,), 0.9),
+                      weight_decay=torch.full((1,), 5e-4), bias_lr_factor=torch.full((1,), 2.0), head_only=True,
+                      body_train=body_train)
+    loss = PackedLoss(["ce"], torch.full((1, 10), 4.0))
+    train_stage(model, [EpochSampler(np.arange(40), 4, 5)], x, y, stack_transforms([InputTransform("scale", None)]),
+                loss, cfg)
+    return start, model.member_state(0), model
+
+
+def test_phase2_lenet5_weights_are_those_of_the_eval_mode_path():
+    """LeNet-5 has neither dropout nor BatchNorm: running its frozen body in training mode
+    (the two-phase default now) gives bit for bit the weights of the eval-mode path (what
+    phase 2 did before, and what classifier re-training does), so the committed MNIST
+    slice's two-phase numbers stand."""
+    _, eval_mode, _ = _phase2("lenet5", (1, 28, 28), body_train=False)
+    start, train_mode, _ = _phase2("lenet5", (1, 28, 28), body_train=True)
+    assert eval_mode.keys() == train_mode.keys()
+    for k in eval_mode:
+        assert torch.equal(eval_mode[k], train_mode[k]), k
+    assert not torch.equal(train_mode["fc2.weight"], start["fc2.weight"])  # the head did train
+
+
+def test_phase2_allcnn_draws_dropout_masks_and_keeps_the_frozen_layers_bit_equal():
+    start, end, model = _phase2("allcnn", (3, 32, 32), body_train=True, iters=2)
+    assert model.noise_state() == {"dropout_draws": 2 * 3}  # 3 dropout layers in the body, 2 steps
+    head = {k for k in start if k.split(".")[0] in model.head_names}
+    assert head == {"conv8.weight", "conv8.bias", "fc.weight", "fc.bias"}
+    for k in start:
+        assert torch.equal(start[k], end[k]) != (k in head), k  # frozen: equal; head: trained
+    _, eval_end, eval_model = _phase2("allcnn", (3, 32, 32), body_train=False, iters=2)
+    assert eval_model.noise_state() is None  # eval mode: no mask was ever drawn
+    assert not torch.equal(eval_end["fc.weight"], end["fc.weight"])  # the masks changed the head's steps
+
+
+def test_phase2_batchnorm_updates_running_statistics_with_frozen_parameters():
+    """Caffe's BatchNorm in the TRAIN phase (use_global_stats false) normalises with the
+    batch's statistics and updates its moving averages whatever the layer's lr_mult; its
+    learned scale and shift (and every convolution) stay fixed."""
+    start, end, model = _phase2("resnet32", (3, 32, 32), body_train=True, iters=1)
+    running = [k for k in start if k.endswith("running_mean") or k.endswith("running_var")]
+    assert running and all(not torch.equal(start[k], end[k]) for k in running)
+    frozen = [n for n, _ in model.named_parameters() if n.split(".")[0] not in model.head_names]
+    assert frozen and all(torch.equal(start[k], end[k]) for k in frozen)
+    s2, e2, _ = _phase2("resnet32", (3, 32, 32), body_train=False, iters=1)
+    assert all(torch.equal(s2[k], e2[k]) for k in running)  # eval mode: the stored statistics
+
+
+def test_phase2_trains_its_body_in_training_mode_and_retraining_in_eval_mode():
+    from workers.stages import plan_stages
+
+    g = grid(methods=["baseline", "oversampling", "two_phase_over", "classifier_retraining"])
+    with pytest.raises(ValueError, match="mixes classifier re-training .* with two-phase phase 2"):
+        plan_stages(Pack(g.specs))
+    two = plan_stages(Pack(tuple(s for s in g.specs if s.method != Method.CLASSIFIER_RETRAINING)))[1]
+    retrain = plan_stages(Pack(tuple(s for s in g.specs if s.method != Method.TWO_PHASE_OVER)))[1]
+    assert two.head_only and two.body_train and retrain.head_only and not retrain.body_train

@@ -114,8 +114,10 @@ def test_dablain():
     assert {s.recipe.validation_fraction for s in g.specs} == {0}
     assert exp_cifar.recipe.select_every == 97  # every epoch is a candidate
     # Cao et al.'s regime: per-channel standardisation, crops of padded images and flips,
-    # and the normalised classifier for LDAM.
-    assert {(s.normalization, s.recipe.augmentation) for s in g.specs} == {("standardize", "crop_flip")}
+    # and the normalised classifier for LDAM; SVHN's digits are cropped, never mirrored.
+    assert {(s.dataset, s.normalization, s.recipe.augmentation) for s in g.specs} == {
+        ("cifar10", "standardize", "crop_flip"), ("celeba", "standardize", "crop_flip"),
+        ("svhn", "standardize", "crop")}
     assert {s.loss for s in g.specs if s.head == "cosine"} == {Loss.LDAM}
     assert all(s.head == "cosine" for s in g.specs if s.loss == Loss.LDAM)
     assert all(s.evaluations == (Evaluation.RAW,) for s in g.specs)
@@ -150,9 +152,12 @@ def test_buda_mnist_slice_is_part_of_the_full_grid():
 
 
 def test_the_committed_slice_keeps_its_ids():
-    """Every network in the committed store is a network of today's slice grid: no change of
-    the code's identity rules has orphaned a stored result."""
+    """Every network and every evaluation in the committed store is one of today's slice
+    grid, and the grid has no other: no change of the code's identity rules has orphaned a
+    stored result (or made a stored network look undone)."""
     from analysis.load import load
 
-    stored = set(load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id"])["network_id"])
-    assert stored and stored <= {s.network_id for s in load_grid(GRIDS / "buda_mnist_slice.yaml").specs}
+    stored = load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id", "trial_id"])
+    specs = load_grid(GRIDS / "buda_mnist_slice.yaml").specs
+    assert set(stored["network_id"]) == {s.network_id for s in specs}
+    assert set(stored["trial_id"]) == {t for s in specs for t in s.trial_ids}

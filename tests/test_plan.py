@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from sweep.core.grid import expand
@@ -93,12 +95,17 @@ def test_specs_that_differ_in_a_pack_wide_setting_never_share_a_pack():
     g = expand({"name": "k", "recipe": {"preset": "buda_mnist", "iters": 10}, "experiments": [
         {**base, "selection": "final"},
         {**base, "selection": "validation"},
-        {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "eval_every": 5}},
         {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "init": "kaiming"}},
         {**base, "recipe": {"preset": "buda_mnist", "iters": 10, "checkpoint_every": 5}},
     ]})
     packs = plan_packs(g.specs, 100)
-    assert len(g.specs) == 5 and len(packs) == 5  # one pack each, although all fit in one
+    assert len(g.specs) == 4 and len(packs) == 4  # one pack each, although all fit in one
+    # Curve points are pack-wide too, but they are no part of the network: the same network
+    # (same id) with curves sits in another pack.
+    plain = g.specs[0]
+    curves = dataclasses.replace(plain, recipe=dataclasses.replace(plain.recipe, eval_every=5))
+    assert curves.network_id == plain.network_id and curves.pack_key != plain.pack_key
+    assert curves.pack_key.eval_every == 5 and plain.pack_key.eval_every == 0
 
 
 def test_the_catalogs_footprints_are_what_the_models_measure():

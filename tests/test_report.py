@@ -24,7 +24,7 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from analysis import figures as F
+from analysis import figures as F, plotkit as P
 from analysis.aggregate import best_methods, method_label, paired_vs_baseline, select_lr_runs, summarize, with_labels
 from analysis.compare import ranking
 from analysis.report import ReportSummary, write_report
@@ -298,7 +298,7 @@ def test_select_lr_runs_keeps_the_best_run_per_training_set():
 
 # -- figures --------------------------------------------------------------------------------
 def test_fig3_points_are_the_means_over_repeats_with_n(trials):
-    fig = F.fig3_auc_vs_rho(trials)
+    fig = F.buda_figure(3, trials)
     pts = points(fig)
     # one panel per mu, x = rho, a line per trained method; raw evaluation only
     assert {p[0] for p in pts} == {"μ = 0.2 (2 minority classes)", "μ = 0.5 (5 minority classes)"}
@@ -318,7 +318,7 @@ def test_fig3_points_are_the_means_over_repeats_with_n(trials):
 
 
 def test_fig4_panels_per_rho_against_number_of_minority_classes(trials):
-    pts = points(F.fig4_auc_vs_minority(trials))
+    pts = points(F.buda_figure(4, trials))
     assert {p[0] for p in pts} == {"ρ = 10", "ρ = 100"}
     assert {p[2] for p in pts} == {2.0, 5.0}
     y, n, _, _ = pts[("ρ = 100", "undersampling", 5.0)]
@@ -327,7 +327,7 @@ def test_fig4_panels_per_rho_against_number_of_minority_classes(trials):
 
 
 def test_fig5_linear_imbalance(trials):
-    fig = F.fig5_linear(trials)
+    fig = F.buda_figure(5, trials)
     pts = points(fig)
     assert {p[2] for p in pts} == {10.0, 100.0}
     y, n, _, _ = pts[("mnist · lenet5", "oversampling", 100.0)]  # one panel, named by experiment
@@ -337,7 +337,7 @@ def test_fig5_linear_imbalance(trials):
 
 
 def test_fig6_accuracy_with_and_without_thresholding(trials):
-    fig = F.fig6_accuracy_thresholding(trials)
+    fig = F.buda_figure(6, trials)
     traces = mean_traces(fig)
     arms = {t["meta"]["arm"] for t in traces}
     assert arms == {"baseline", "thresholding", "oversampling", "oversampling + thresholding"}
@@ -367,7 +367,7 @@ def partial_rows() -> list[dict]:
 
 def test_fig7_partial_resampling_lines_per_method_with_baseline_at_rho():
     df = pd.DataFrame(partial_rows())
-    fig = F.fig7_partial_resampling(df)
+    fig = F.buda_figure(7, df)
     pts = points(fig)
     panel = "step ρ = 1000, 5 minority"
     for ratio in (1.0, 10.0, 100.0):
@@ -377,14 +377,14 @@ def test_fig7_partial_resampling_lines_per_method_with_baseline_at_rho():
     assert y == pytest.approx(100 * 0.81) and n == 3
     assert fig_json(fig)["layout"]["xaxis"]["type"] == "log"
     # full re-sampling is also plotted by the other figures; partial levels are not
-    fig3 = F.fig3_auc_vs_rho(df)
+    fig3 = F.buda_figure(3, df)
     assert {p[1] for p in points(fig3)} == {"baseline", "oversampling", "undersampling"}
     assert points(fig3)[("μ = 0.5 (5 minority classes)", "oversampling", 1000.0)][0] == pytest.approx(100 * 0.9099)
 
 
 def test_fig8_training_curves_mean_per_method_and_iteration(trials):
     curves = pd.DataFrame(curve_rows(known_rows()))
-    fig = F.fig8_training_curves(curves, trials)
+    fig = F.buda_figure(8, trials, curves)
     pts = points(fig)
     tests = {k: v for k, v in pts.items() if not k[1].endswith("(train)")}
     assert {k[1] for k in tests} == {"baseline", "oversampling", "undersampling"}
@@ -397,45 +397,47 @@ def test_fig8_training_curves_mean_per_method_and_iteration(trials):
 
 def test_colours_are_one_per_arm_across_all_figures(trials):
     curves = pd.DataFrame(curve_rows(known_rows()))
-    figs = [F.fig3_auc_vs_rho(trials), F.fig4_auc_vs_minority(trials), F.fig5_linear(trials),
-            F.fig6_accuracy_thresholding(trials), F.fig8_training_curves(curves, trials),
-            F.fig7_partial_resampling(pd.DataFrame(partial_rows()))]
+    figs = [F.buda_figure(3, trials), F.buda_figure(4, trials), F.buda_figure(5, trials),
+            F.buda_figure(6, trials), F.buda_figure(8, trials, curves),
+            F.buda_figure(7, pd.DataFrame(partial_rows()))]
     colours: dict[str, set[str]] = {}
     for fig in figs:
         for t in mean_traces(fig):
             colours.setdefault(t["meta"]["arm_base"], set()).add(t["line"]["color"])
     assert all(len(c) == 1 for c in colours.values()), colours
-    assert colours["oversampling"] == {F.COLORS["oversampling"]}
+    assert colours["oversampling"] == {P.COLORS["oversampling"]}
     flat = [next(iter(c)) for c in colours.values()]
     assert len(set(flat)) == len(flat)  # different arms, different colours
-    assert F.color_of("some new method") == F.color_of("some new method")
+    assert P.color_of("some new method") == P.color_of("some new method")
 
 
 def test_absent_data_gives_none_and_a_note_never_an_exception(trials):
     linear = trials[trials["imbalance"] == "linear"]
-    assert F.fig3_auc_vs_rho(linear) is None
-    assert F.fig4_auc_vs_minority(linear) is None
-    assert F.fig6_accuracy_thresholding(linear[linear["evaluation"] == "raw"]) is None
-    assert F.fig7_partial_resampling(trials) is None
-    assert F.fig8_training_curves(pd.DataFrame(), trials) is None
-    assert F.fig5_linear(trials, dataset="cifar10") is None
-    assert F.fig3_auc_vs_rho(trials.iloc[0:0]) is None
+    assert F.buda_figure(3, linear) is None
+    assert F.buda_figure(4, linear) is None
+    assert F.buda_figure(6, linear[linear["evaluation"] == "raw"]) is None
+    assert F.buda_figure(7, trials) is None
+    assert F.buda_figure(8, trials, pd.DataFrame()) is None
+    assert F.buda_figure(5, trials, dataset="cifar10") is None
+    assert F.buda_figure(3, trials.iloc[0:0]) is None
     results = {r.fig_id: r for r in F.buda_figures(linear, None)}
     assert results["buda-fig5"].figure is not None
     assert "step" in results["buda-fig3"].note and results["buda-fig3"].figure is None
     assert "curves" in results["buda-fig8"].note
+    with pytest.raises(ValueError, match="no figure 9"):
+        F.buda_figure(9, trials)
 
 
 def test_figures_filter_by_dataset_model_and_grid(trials):
     other = trials.assign(dataset="cifar10", model="allcnn", grid="g2",
                           roc_auc=0.5, network_id=trials["network_id"] + "x", trial_id=trials["trial_id"] + "x")
     both = pd.concat([trials, other], ignore_index=True)
-    only = points(F.fig5_linear(both, dataset="mnist"))
+    only = points(F.buda_figure(5, both, dataset="mnist"))
     assert all(v[0] > 80 for v in only.values())
-    assert {p[0] for p in points(F.fig5_linear(both, grid="g2"))} == {"cifar10 · allcnn"}
-    assert all(v[0] == pytest.approx(50) for v in points(F.fig5_linear(both, model="allcnn")).values())
+    assert {p[0] for p in points(F.buda_figure(5, both, grid="g2"))} == {"cifar10 · allcnn"}
+    assert all(v[0] == pytest.approx(50) for v in points(F.buda_figure(5, both, model="allcnn")).values())
     # unfiltered: one row of panels per experiment (grids named when there are several)
-    panels = {p[0] for p in points(F.fig5_linear(both))}
+    panels = {p[0] for p in points(F.buda_figure(5, both))}
     assert panels == {"mnist · lenet5 · g1", "cifar10 · allcnn · g2"}
 
 
@@ -470,7 +472,7 @@ def test_write_report_is_one_offline_file_with_every_figure(tmp_path):
     assert sorted(blocks) == sorted(summary.figures)
     # what the page plots is what the builders return
     df = pd.DataFrame(rows).assign(grid="g1")
-    expected = fig_json(F.fig3_auc_vs_rho(df))
+    expected = fig_json(F.buda_figure(3, df))
     assert [t["y"] for t in blocks["buda-fig3"]["data"]] == [t["y"] for t in expected["data"]]
     assert "Each point rests on n = 3 networks" in text
     # the CD diagrams are the rankings of analysis.compare; ROC AUC without thresholded arms

@@ -6,7 +6,7 @@ Floor: workers (trial execution; imports sweep.core and sweep.store only).
 ``RandomHorizontalFlip()``), which Dablain et al. train with: each image is zero-padded by
 ``PAD`` pixels on every side, a window of the original size is cut at a random offset
 (``dy, dx`` uniform in ``0..2*PAD``), and the window is mirrored left-right with
-probability 1/2. Padding is in pixel space (value 0) before normalisation, as
+probability 1/2 (``Augmentation.CROP``, for digits: never mirrored). Padding is in pixel space (value 0) before normalisation, as
 torchvision pads the image before ``Normalize``.
 
 Randomness. Each network has a :class:`CropFlipDraws` seeded from its own id, and one
@@ -26,20 +26,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sweep.core.spec import Augmentation
+
 PAD = 4  # pixels of zero padding on each side (Cao et al.: RandomCrop(32, padding=4))
 _OFFSETS = 2 * PAD + 1  # offsets 0..2*PAD on each axis
 _CHOICES = _OFFSETS * _OFFSETS * 2  # (dy, dx, flip)
 
 
 class CropFlipDraws:
-    """One network's stream of (dy, dx, flip) per training image."""
+    """One network's stream of (dy, dx, flip) per training image; ``mirror=False``: the crop
+    alone (``Augmentation.CROP``, digits), every flip 0."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, mirror: bool = True) -> None:
         self.rng = np.random.default_rng(seed)
+        self.mirror = mirror
 
     def take(self, iters: int, batch_size: int) -> np.ndarray:
         """``[iters, batch_size, 3]`` int64: row offset, column offset (0..2*PAD), flip (0/1)."""
-        u = np.minimum((self.rng.random((iters, batch_size)) * _CHOICES).astype(np.int64), _CHOICES - 1)
+        choices = _CHOICES if self.mirror else _OFFSETS * _OFFSETS
+        u = np.minimum((self.rng.random((iters, batch_size)) * choices).astype(np.int64), choices - 1)
         return np.stack([u % _OFFSETS, (u // _OFFSETS) % _OFFSETS, u // (_OFFSETS * _OFFSETS)], axis=-1)
 
     def state(self) -> dict[str, Any]:
@@ -47,6 +52,15 @@ class CropFlipDraws:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state
+
+
+def augment_stream(augmentation: Augmentation, seed: int) -> CropFlipDraws | None:
+    """The draws a recipe's ``augmentation`` asks for (None: images as they are)."""
+    if augmentation == Augmentation.NONE:
+        return None
+    if augmentation in (Augmentation.CROP_FLIP, Augmentation.CROP):
+        return CropFlipDraws(seed, mirror=augmentation == Augmentation.CROP_FLIP)
+    raise ValueError(f"unknown augmentation {augmentation!r} (allowed: {', '.join(a.value for a in Augmentation)})")
 
 
 def identity_draws(iters: int, batch_size: int) -> np.ndarray:

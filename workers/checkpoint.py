@@ -9,7 +9,8 @@ once its rows are stored. A checkpoint records its members: one whose members di
 (a flipped weight byte would train on to different numbers), that has no record, or that
 an older version wrote is refused with its file name logged, and the pack starts over, so
 a checkpoint can cost time but never results. Stores that are not local filesystems get
-no checkpoints.
+no checkpoints (``StoreSink.is_local``, the rule leases follow too), nor does a pack run
+without a store.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from sweep.store import paths
 from sweep.store.atomic import atomic_write
 from sweep.store.integrity import FileRecord, check_record, digest
 from workers.engine import StageSnapshot
+from workers.store_sink import StoreSink
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,11 @@ class PackCheckpoint:
 class CheckpointFile:
     """The checkpoint file of one pack in one store."""
 
-    def __init__(self, store: Any, pack: Pack) -> None:
+    def __init__(self, store: StoreSink | None, pack: Pack) -> None:
         self.pack_id = pack.pack_id
         self.members = [s.network_id for s in pack.specs]
-        local = store is not None and getattr(store, "is_local", True)
-        self.path = paths.checkpoint_path(store.base_path, self.pack_id) if local else None
+        self.path = (paths.checkpoint_path(store.base_path, self.pack_id)
+                     if store is not None and store.is_local else None)
         self.record = paths.checkpoint_record_path(self.path) if self.path else None
 
     def write(self, ckpt: PackCheckpoint) -> None:

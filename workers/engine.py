@@ -31,10 +31,10 @@ from torch import Tensor
 
 from workers.augment import CropFlipDraws, crop_flip
 from workers.batch_feed import BatchFeed
+from workers.compute import new_optimizer
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
-from workers.optim import PackedSGD
 from workers.samplers import EpochSampler
 from workers.step_graph import StepRunner
 
@@ -52,12 +52,16 @@ class EvalSet:
     Shared by all members (``y`` [N]), or per member (``idx`` [P, N] into ``x``, ``y``
     [P, N] with -1 for padding): each member's validation split is carved from its own
     training set, so members of different training sets are judged on different images.
+    ``weight`` [P, N] counts each of those images that many times (the multiset a member's
+    sampler walks: an over-sampled image as often as the stream holds it); None: once each.
     """
 
     x: Tensor
     y: Tensor
-    split: str  # "test" | "validation"
+    split: str  # "test" | "validation" | "train"
     idx: Tensor | None = None
+    weight: Tensor | None = None
+    curve_set: str | None = None  # the curves' ``curve_set`` column (sweep.store.schema.CURVE_SETS); None: split
 
 
 def pad_members(index_sets: list[np.ndarray], y: Tensor) -> tuple[Tensor, Tensor]:
@@ -81,8 +85,10 @@ class StageConfig:
     momentum: Tensor  # [P]
     weight_decay: Tensor  # [P]
     bias_lr_factor: Tensor | None = None  # [P]: biases' lr as a multiple of the weights'
-    head_only: bool = False  # phase 2 / classifier re-training: body frozen, eval mode
-    eval_every: int = 0  # curve / selection points (0: none)
+    head_only: bool = False  # phase 2 / classifier re-training: body parameters frozen, only the head trains
+    body_train: bool = False  # head_only: frozen body in training mode (Caffe's TRAIN phase; workers.stages)
+    eval_every: int = 0  # curve points (0: none)
+    select_every: int = 0  # selection points (0: none), apart from curves: curves change nothing learnt
     select_on: EvalSet | None = None  # keep each member's best state by balanced accuracy
     curve_sets: tuple[EvalSet, ...] = ()
     checkpoint_every: int = 0
@@ -207,9 +213,11 @@ def train_stage(
             it += 1
             if it % DIVERGENCE_CHECK_ITERS == 0:
                 watch.poll(state)
-            if cfg.eval_every and (it % cfg.eval_every == 0 or it == cfg.iters):
+            curve_point = _is_point(it, cfg.eval_every, cfg.iters)
+            select_point = cfg.select_on is not None and _is_point(it, cfg.select_every, cfg.iters)
+            if curve_point or select_point:
                 after_replays()
-                _eval_point(model, transform, cfg, state, it)
+                _eval_point(model, transform, cfg, state, it, curve_point, select_point)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
         if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
@@ -246,14 +254,8 @@ class _Counters:
 
 
 def _optimizer(model: PackedNet, params: list[Tensor], cfg: StageConfig) -> Any:
-    """One fused SGD pass over the flat buffer for a fused LeNet-5 training every parameter;
-    ``PackedSGD`` otherwise (and for head-only stages, on the fused model's views)."""
-    if getattr(model, "flat", None) is not None and not cfg.head_only:
-        from workers.fused_lenet import FusedSGD  # Triton, only where the fused model is in use
-
-        return FusedSGD(model, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor)
-    return PackedSGD(params, model.members, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor,
-                     model.bias_parameters())
+    """The stage's optimizer of ``params`` (``workers.compute.new_optimizer`` chooses)."""
+    return new_optimizer(model, params, cfg.momentum, cfg.weight_decay, cfg.bias_lr_factor)
 
 
 def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Tensor, transform: Any,
@@ -267,7 +269,7 @@ def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Te
 
     def step() -> None:
         batch, draws = feed.batch()  # [P, B], [P, B, 3]
-        model.train(not cfg.head_only)
+        model.train(not cfg.head_only or cfg.body_train)
         images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws)
         with _autocast(x_train.device, cfg.autocast_dtype):
             xb = transform.apply(images)
@@ -322,14 +324,20 @@ def _note_divergence(state: StageState, first_bad: Tensor) -> None:
     state.diverged_at = np.where(state.diverged_at < 0, fb, state.diverged_at)
 
 
-def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int) -> None:
-    sets = list(cfg.curve_sets)
-    if cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
+def _is_point(it: int, every: int, iters: int) -> bool:
+    """Whether iteration ``it`` is one of every ``every`` (and the last) iterations (0: none)."""
+    return every > 0 and (it % every == 0 or it == iters)
+
+
+def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int,
+                curve_point: bool = True, select_point: bool = True) -> None:
+    sets = list(cfg.curve_sets) if curve_point else []
+    if select_point and cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
         sets.append(cfg.select_on)
     for es in sets:
         logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
         if es.idx is not None:  # each member on its own images (labels [P, N], -1 = padding)
-            acc, bac, lss = _member_metrics(logits, es.y)
+            acc, bac, lss = _member_metrics(logits, es.y, es.weight)
         else:
             m = classification_metrics(logits, es.y, logits.shape[-1])
             loss = torch.nn.functional.cross_entropy(
@@ -337,22 +345,27 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
             ).view(logits.shape[0], -1).mean(1)
             acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(),
                              loss.cpu().numpy())
-        if any(es is c for c in cfg.curve_sets):
+        if curve_point and any(es is c for c in cfg.curve_sets):
             for p in range(model.members):
-                state.curves.append({"member": p, "iter": it, "split": es.split, "loss": float(lss[p]),
+                state.curves.append({"member": p, "iter": it, "split": es.split,
+                                     "curve_set": es.curve_set or es.split, "loss": float(lss[p]),
                                      "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
-        if es is cfg.select_on:
+        if select_point and es is cfg.select_on:
             _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
 
 
-def _member_metrics(logits: Tensor, labels: Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Accuracy, balanced accuracy and mean cross-entropy per member on padded per-member sets."""
+def _member_metrics(logits: Tensor, labels: Tensor,
+                    weights: Tensor | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, balanced accuracy and mean cross-entropy per member on padded per-member sets,
+    each image counted ``weights`` times (None: once)."""
     valid = labels >= 0
-    n = valid.sum(1).clamp_min(1)
-    acc = ((logits.argmax(-1) == labels) & valid).sum(1) / n
+    w = valid.to(logits.dtype) if weights is None else torch.where(valid, weights.to(logits.dtype), 0.0)
+    n = w.sum(1).clamp_min(1)
+    acc = (w * (logits.argmax(-1) == labels)).sum(1) / n
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-    loss = (ce * valid).sum(1) / n
-    return acc.cpu().numpy(), member_balanced_accuracy(logits, labels).cpu().numpy(), loss.cpu().numpy()
+    loss = (ce * w).sum(1) / n
+    return (acc.cpu().numpy(), member_balanced_accuracy(logits, labels, weights).cpu().numpy(),
+            loss.cpu().numpy())
 
 
 def _track_best(model: PackedNet, state: StageState, score: np.ndarray, it: int) -> None:

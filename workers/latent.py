@@ -486,6 +486,7 @@ def latent_statistics(
     *,
     fixed_k: int | None = None,
     include_weights: bool | None = None,
+    predictions: Tensor | None = None,
 ) -> list[dict[str, Any]]:
     """Dablain et al.'s latent statistics of every member on one split, as tidy rows.
 
@@ -502,16 +503,21 @@ def latent_statistics(
             instance's own top-K (the paper fixes K = 7 after §5.3).
         include_weights: emit ``wc_magnitude`` (the weights do not depend on the
             split); default: only when ``split == "train"``.
+        predictions: [N] or [P, N], the reference class of every instance when it is
+            not the arg-max of FE @ W_C + bias (features on another scale than the
+            head multiplies: a cosine head's raw features, workers.latent_tables);
+            None: that arg-max.
 
     Returns rows with keys :data:`COLUMNS`; the statistics, the instances they use
     and the row count are described in the module docstring and :data:`STATISTICS`.
-    Predictions are the arg-max of the logits recomputed in float64.
+    Predictions are the arg-max of the logits recomputed in float64, unless given.
     """
     features, weight, bias = _check_inputs(features, logits_weight, bias)
     p, n, h = features.shape
     c = weight.shape[2]
     _check_k(fixed_k, top, h)
     labels = _check_labels("labels", labels, p, n, c, features.device)
+    given = None if predictions is None else _check_labels("predictions", predictions, p, n, c, features.device)
     if include_weights is None:
         include_weights = split == "train"
     finite = _finite_members(features, weight, bias)
@@ -519,7 +525,7 @@ def latent_statistics(
 
     def correct_by_class(ms: slice, ns: slice, logits: Tensor) -> tuple[Tensor, Tensor]:
         # Reference = prediction; group = class, for correctly classified instances only.
-        pred = logits.argmax(dim=2)
+        pred = logits.argmax(dim=2) if given is None else given[ms, ns].clamp_min(0)
         lab = labels[ms, ns]
         return pred, torch.where(used[ms, ns] & (pred == lab), lab, -1)
 

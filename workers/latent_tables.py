@@ -13,12 +13,25 @@ over two splits:
 It keeps the penultimate features FE and the classifier ``W_C`` / bias and turns them
 into the tidy statistics of :mod:`workers.latent` (both splits plus the test TP/FP
 comparison of §5.7), with every instance's top-K sets at the paper's K = 7
-(:data:`CLASS_TOPK_K`). FE and W_C are what the head multiplies: for a linear head the
-features after ReLU and its weights; for the normalised (cosine) head of LDAM networks
-the unit-length features and ``s`` times the unit-length class columns, with zero bias,
-so that CE = FE ⊙ W_C still sums to the network's logits. Embeddings and
-``classifier_weights`` store the same FE and W_C. Members with ``embeddings`` also store the raw FE vectors of both
-splits and their ``W_C``, so any statistic can be recomputed from the store.
+(:data:`CLASS_TOPK_K`).
+
+Feature scales (the ``feature_scale`` column of all three tables). For a linear head there
+is one, ``raw``: the features after ReLU and the layer's weights and bias. The normalised
+(cosine) head of LDAM networks gets two, every statistic computed on each:
+
+* ``normalised``: what the head multiplies, the unit-length features and ``s`` times the
+  unit-length class columns with zero bias, so that CE = FE ⊙ W_C sums to the logits;
+* ``raw``: the penultimate features before the head normalises them and its weight
+  parameter as stored, no bias: Dablain et al.'s scale (they read FE from Cao et al.'s
+  ResNet-32, whose NormedLinear normalises inside the last layer; their LDAM magnitudes,
+  e.g. a train-vs-FP norm of 21.16 and W_C entries of 2.36, exceed what unit vectors allow).
+  Σ CE is then not the logit (the head divides by the norms and multiplies by ``s``), so
+  the reference class, the correctly classified instances and the TP / FP split are the
+  network's own predictions, as on the normalised scale; an instance whose raw Σ CE for its
+  predicted class stays below another class's sum counts as "never" in the top-K.
+
+Members with ``embeddings`` store the FE vectors of both splits and their W_C on every
+scale, so any statistic can be recomputed from the store.
 
 Members are processed in chunks whose FE fit in :data:`FE_CHUNK_BYTES`: a chunk's
 trained weights are copied into a smaller packed model (no forward pass is spent on
@@ -43,11 +56,18 @@ import torch
 from torch import Tensor
 
 from sweep.core.spec import Evaluation, TrialSpec
+from sweep.store.schema import FEATURE_SCALE_NORMALISED, FEATURE_SCALE_RAW
 from workers.engine import pad_members, predict
 from workers.latent import latent_statistics, statistics_table, tp_fp_statistics
 from workers.models import PackedNet, model_for
+from workers.packed_layers import PackedCosineLinear
 from workers.transforms import InputTransform, stack_transforms
 
+# The ``feature_scale`` column of the three tables (every statistic, FE vector and W_C row
+# says which it is on). Stores written before the column hold one scale per network: raw for
+# a linear head, normalised for a cosine head (sweep.store.schema.feature_scale).
+RAW, NORMALISED = FEATURE_SCALE_RAW, FEATURE_SCALE_NORMALISED
+FEATURE_SCALES = (RAW, NORMALISED)
 FE_CHUNK_BYTES = 256 * 2**20  # float32 FE of one chunk of members, train and test together
 TOP = 10  # ranked entries kept per class (the paper's "ten largest")
 # Dablain et al. §5.3: "we focus on 7 features in subsequent experiments": every instance's
@@ -77,31 +97,63 @@ def latent_tables(model: PackedNet, specs: Sequence[TrialSpec], subsets: Sequenc
         sub = _sub_model(model, [specs[i] for i in chunk], chunk, num_classes, tuple(x_train.shape[1:]))
         transform = stack_transforms([transforms[i] for i in chunk]).to(x_train.device)
         idx, labels = pad_members([subsets[i] for i in chunk], y_train)
-        # FE and W_C as the head multiplies them (a normalised head: unit FE, s * unit columns).
         head = sub.classifier()
-        fe_train, w, b = _linear(head, member_features(sub, transform, x_train, idx))
-        fe_test, _, _ = _linear(head, member_features(sub, transform, x_test))  # one test set for all
-        pred_train, pred_test = _predictions(fe_train, w, b), _predictions(fe_test, w, b)
+        raw_train = member_features(sub, transform, x_train, idx)
+        raw_test = member_features(sub, transform, x_test)  # one test set for all
         ids = [specs[i].network_id for i in chunk]
         k = min(CLASS_TOPK_K, width)  # only a toy model is narrower than 7 features
-        rows = (latent_statistics(fe_train, w, b, labels, "train", TOP, fixed_k=k)
-                + latent_statistics(fe_test, w, b, y_test, "test", TOP, fixed_k=k)
-                + tp_fp_statistics(fe_train, labels, torch.where(labels >= 0, pred_train, -1),
-                                   fe_test, y_test, pred_test, w, TOP, bias=b, fixed_k=k))
-        stats.append(pa.Table.from_pandas(compact_coverage(statistics_table(rows, ids)), preserve_index=False))
-        for j, i in enumerate(chunk):
-            if not specs[i].embeddings or not _finite(fe_train[j], fe_test[j], w[j], b[j]):
-                continue
-            trial = specs[i].trial_id(Evaluation.RAW)
-            n = len(subsets[i])
-            embeddings.append(embedding_table(specs[i].network_id, trial, "train", subsets[i],
-                                              y_train[subsets[i]], pred_train[j, :n], fe_train[j, :n]))
-            embeddings.append(embedding_table(specs[i].network_id, trial, "test", np.arange(x_test.shape[0]),
-                                              y_test, pred_test[j], fe_test[j]))
-            weights.append(weight_table(specs[i].network_id, trial, w[j], b[j]))
+        pred_train = pred_test = None  # the network's own decisions, from the scale the head multiplies
+        for scale, (fe_train, w, b), (fe_test, _, _) in _scales(head, raw_train, raw_test):
+            if pred_train is None:
+                pred_train, pred_test = _predictions(fe_train, w, b), _predictions(fe_test, w, b)
+            given = scale == RAW and _normalises(head)  # Σ CE is not the logit here: keep the network's
+            rows = (latent_statistics(fe_train, w, b, labels, "train", TOP, fixed_k=k,
+                                      predictions=pred_train if given else None)
+                    + latent_statistics(fe_test, w, b, y_test, "test", TOP, fixed_k=k,
+                                        predictions=pred_test if given else None)
+                    + tp_fp_statistics(fe_train, labels, torch.where(labels >= 0, pred_train, -1),
+                                       fe_test, y_test, pred_test, w, TOP, bias=b, fixed_k=k))
+            table = compact_coverage(statistics_table(rows, ids))
+            table.insert(2, "feature_scale", scale)
+            stats.append(pa.Table.from_pandas(table, preserve_index=False))
+            for j, i in enumerate(chunk):
+                if not specs[i].embeddings or not _finite(fe_train[j], fe_test[j], w[j], b[j]):
+                    continue
+                trial = specs[i].trial_id(Evaluation.RAW)
+                n = len(subsets[i])
+                embeddings.append(embedding_table(specs[i].network_id, trial, "train", subsets[i],
+                                                  y_train[subsets[i]], pred_train[j, :n], fe_train[j, :n], scale))
+                embeddings.append(embedding_table(specs[i].network_id, trial, "test", np.arange(x_test.shape[0]),
+                                                  y_test, pred_test[j], fe_test[j], scale))
+                weights.append(weight_table(specs[i].network_id, trial, w[j], b[j], scale))
     return {name: pa.concat_tables(parts) if parts else pa.table({})
             for name, parts in (("latent_stats", stats), ("embeddings", embeddings),
                                 ("classifier_weights", weights))}
+
+
+def _normalises(head: Any) -> bool:
+    """Whether the head normalises FE and W_C before multiplying them (LDAM's cosine head)."""
+    return isinstance(head, PackedCosineLinear)
+
+
+def _scales(head: Any, raw_train: Tensor, raw_test: Tensor) -> list[tuple[str, tuple, tuple]]:
+    """``(feature_scale, (FE, W_C, b) of the training images, the same of the test set)`` per
+    scale the network is measured on, the scale the head multiplies first (its predictions
+    are the network's).
+
+    A linear head: one scale, ``raw`` (the features after ReLU and the layer's weights).
+    A normalised (cosine) head: ``normalised``, the unit features and ``s`` times the unit
+    columns it multiplies (Σ CE = the logits), then ``raw``: the features before the head's
+    normalisation and its weight parameter as stored, no bias (Dablain et al.'s scale:
+    Cao et al.'s NormedLinear normalises inside the last layer, so the penultimate
+    features they read are these).
+    """
+    if not _normalises(head):
+        return [(RAW, _linear(head, raw_train), _linear(head, raw_test))]
+    w = head.weight.detach().float()
+    b = torch.zeros(w.shape[0], w.shape[2], device=w.device)  # the cosine head has no bias
+    return [(NORMALISED, _linear(head, raw_train), _linear(head, raw_test)),
+            (RAW, (raw_train.float(), w, b), (raw_test.float(), w, b))]
 
 
 def member_features(model: PackedNet, transform: Any, x: Tensor, idx: Tensor | None = None) -> Tensor:
@@ -126,14 +178,16 @@ def compact_coverage(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def embedding_table(network_id: str, trial_id: str, split: str, samples: np.ndarray, labels: Tensor,
-                    predictions: Tensor, fe: Tensor) -> pa.Table:
-    """One row per image: which image, its label, the network's prediction and its FE vector."""
+                    predictions: Tensor, fe: Tensor, feature_scale: str = "raw") -> pa.Table:
+    """One row per image: which image, its label, the network's prediction and its FE vector
+    on ``feature_scale`` (:data:`FEATURE_SCALES`)."""
     n, width = fe.shape
     flat = pa.array(fe.detach().cpu().numpy().astype(np.float32, copy=False).reshape(-1))
     return pa.table({
         "network_id": pa.array([network_id] * n, pa.string()),
         "trial_id": pa.array([trial_id] * n, pa.string()),
         "split": pa.array([split] * n, pa.string()),
+        "feature_scale": pa.array([feature_scale] * n, pa.string()),
         "sample": pa.array(np.asarray(samples, dtype=np.int64)),
         "label": pa.array(labels.cpu().numpy().astype(np.int64)),
         "prediction": pa.array(predictions.cpu().numpy().astype(np.int64)),
@@ -141,13 +195,15 @@ def embedding_table(network_id: str, trial_id: str, split: str, samples: np.ndar
     })
 
 
-def weight_table(network_id: str, trial_id: str, w: Tensor, b: Tensor) -> pa.Table:
-    """One row per class: the class's column of ``W_C`` (FE -> logit) and its bias."""
+def weight_table(network_id: str, trial_id: str, w: Tensor, b: Tensor, feature_scale: str = "raw") -> pa.Table:
+    """One row per class: the class's column of ``W_C`` (FE -> logit) and its bias, on
+    ``feature_scale`` (:data:`FEATURE_SCALES`)."""
     width, classes = w.shape
     cols = w.detach().cpu().numpy().astype(np.float32).T.reshape(-1)  # class-major
     return pa.table({
         "network_id": pa.array([network_id] * classes, pa.string()),
         "trial_id": pa.array([trial_id] * classes, pa.string()),
+        "feature_scale": pa.array([feature_scale] * classes, pa.string()),
         "class": pa.array(np.arange(classes, dtype=np.int64)),
         "weight": pa.FixedSizeListArray.from_arrays(pa.array(cols), width),
         "bias": pa.array(b.detach().cpu().numpy().astype(np.float32)),

@@ -3,8 +3,9 @@
 Floor: workers (trial execution; imports sweep.core and sweep.store only).
 
 All draws are seeded from the spec: the imbalanced subset from the training-set
-seed (shared by every method on that set, so methods are compared on the same
-images), the re-sampling and the batch order from the network's own id.
+seed (``TrialSpec.training_set_seed``, shared by every method on that set, so methods
+are compared on the same images), the re-sampling and the batch order from the
+network's own id.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sweep.core.catalog import DATASETS
-from sweep.core.counts import class_counts, resampled_counts
+from sweep.core.counts import class_counts, majority_count, resampled_counts
 from sweep.core.spec import Method, TrialSpec, derive_seed
 from workers.imbalance import draw_subset, resample
 
@@ -46,13 +47,31 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
     rng = np.random.default_rng(derive_seed(spec.network_id, "resample"))
     if method == Method.CLASSIFIER_RETRAINING:
         train = balanced_full_set(spec, labels, num_classes, validation, rng)
-    elif method in (Method.OVERSAMPLING, Method.UNDERSAMPLING):
+    elif method.resamples:
         target = resampled_counts(counts, method, spec.resample_ratio)
         train = resample(subset, labels, target, rng)
     else:
         train = subset
     return MemberData(subset, validation, train, counts,
                       np.bincount(labels[train], minlength=num_classes))
+
+
+def trained_multiset(m: MemberData, cap: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(distinct images, how often each occurs) of the multiset a network trains on: what its
+    sampler walks, ``train_indices`` (an under-sampled network's under-sampled images, an
+    over-sampled network's subset with each image as often as the balanced stream holds it,
+    the baseline's and a two-phase phase 2's imbalanced subset, re-training's balanced set).
+
+    Evaluating each distinct image once and weighting it by its count gives the metrics of
+    the multiset without duplicated tensors. A multiset of more than ``cap`` elements is a
+    uniform sample of ``cap`` of its elements (each replicate as likely as any other),
+    seeded by ``seed``.
+    """
+    stream = m.train_indices
+    if len(stream) > cap:
+        stream = np.random.default_rng(seed).choice(stream, cap, replace=False)
+    images, counts = np.unique(stream, return_counts=True)
+    return images, counts
 
 
 def balanced_full_set(spec: TrialSpec, labels: np.ndarray, num_classes: int, validation: np.ndarray,
@@ -74,11 +93,11 @@ def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple
     """(imbalanced training subset, validation split carved from it), from the set's seed."""
     counts = class_counts(spec.imbalance, num_classes, _n_max(spec, labels, num_classes))
     counts = _available(counts, labels, num_classes)
-    subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.seed, "subset")))
+    subset = draw_subset(labels, counts, np.random.default_rng(derive_seed(spec.training_set_seed, "subset")))
     fraction = spec.recipe.validation_fraction
     if fraction <= 0:
         return subset, np.empty(0, dtype=np.int64)
-    rng = np.random.default_rng(derive_seed(spec.seed, "validation"))
+    rng = np.random.default_rng(derive_seed(spec.training_set_seed, "validation"))
     val = []
     for c in range(num_classes):
         members = subset[labels[subset] == c]
@@ -90,15 +109,11 @@ def training_set(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> tuple
 
 
 def _n_max(spec: TrialSpec, labels: np.ndarray, num_classes: int) -> int:
-    """The majority count: max_per_class, at most the smallest class (at most the largest
-    class when the grid asks for a cap above the catalog's smallest class: ImageNet's 1,000)."""
+    """The majority count (sweep.core.counts.majority_count) from the classes there are."""
     available = np.bincount(labels, minlength=num_classes)
-    cap = spec.imbalance.max_per_class
     info = DATASETS.get(spec.dataset)
-    if cap is not None and info is not None and cap > info.train_per_class:
-        return min(cap, int(available.max()))
-    smallest = int(available.min())
-    return min(cap or smallest, smallest)
+    return majority_count(spec.imbalance.max_per_class, int(available.min()), int(available.max()),
+                          None if info is None else info.train_per_class)
 
 
 def _available(counts: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

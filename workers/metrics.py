@@ -173,20 +173,25 @@ def confusion_counts(predictions: Tensor, labels: Tensor, num_classes: int) -> T
     return counts.view(p, k, k)
 
 
-def member_balanced_accuracy(scores: Tensor, labels: Tensor) -> Tensor:
+def member_balanced_accuracy(scores: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
     """Balanced accuracy [P] (float64) when members are judged on different images.
 
     ``labels`` is ``[P, N]`` with -1 for padding (a member's split shorter than the
-    longest): padded positions count nowhere. A member with non-finite scores gets NaN.
+    longest): padded positions count nowhere. ``weights`` ``[P, N]`` (>= 0) count image n
+    of member p that many times (a multiset: how often an over-sampled stream holds the
+    image); None: once each. A member with non-finite scores gets NaN.
     """
     if scores.ndim != 3 or labels.shape != scores.shape[:2]:
         raise ValueError(f"scores [P, N, K] and labels [P, N] expected, got {tuple(scores.shape)} and "
                          f"{tuple(labels.shape)}")
+    if weights is not None and weights.shape != labels.shape:
+        raise ValueError(f"weights must be {tuple(labels.shape)}, got {tuple(weights.shape)}")
     p, _, k = scores.shape
     valid = labels >= 0
     lab = labels.clamp_min(0)
-    counts = torch.zeros(p, k, dtype=torch.float64, device=scores.device).scatter_add_(1, lab, valid.double())
-    hits = torch.zeros_like(counts).scatter_add_(1, lab, (valid & (scores.argmax(dim=2) == labels)).double())
+    w = valid.double() if weights is None else torch.where(valid, weights.double(), 0.0)
+    counts = torch.zeros(p, k, dtype=torch.float64, device=scores.device).scatter_add_(1, lab, w)
+    hits = torch.zeros_like(counts).scatter_add_(1, lab, w * (scores.argmax(dim=2) == labels).double())
     recall = torch.where(counts > 0, hits / counts.clamp_min(1), float("nan"))
     return torch.where(_finite_members(scores), recall.nanmean(dim=1), float("nan"))
 

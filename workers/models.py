@@ -366,16 +366,11 @@ def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, 
     return factory(members, num_classes, in_shape, head=head)
 
 
-def model_for(specs: Sequence[TrialSpec], num_classes: int, in_shape: tuple[int, int, int],
-              fused: torch.dtype | None = None) -> PackedNet:
-    """The packed model of a pack's members (one architecture: specs share the pack key),
-    with each member's logit scale when the head is normalised. Not yet initialised.
-    ``fused`` (a compute dtype): the Triton LeNet-5 instead (same parameters, checkpoints)."""
+def model_for(specs: Sequence[TrialSpec], num_classes: int, in_shape: tuple[int, int, int]) -> PackedNet:
+    """The packed model of a pack's members on the grouped layers (one architecture: specs
+    share the pack key), with each member's logit scale when the head is normalised. Not yet
+    initialised. (``workers.compute.new_model`` picks between this and the fused LeNet-5.)"""
     s0 = specs[0]
-    if fused is not None:
-        from workers.fused_lenet import FusedLeNet5  # Triton: only where the fast path runs
-
-        return FusedLeNet5(len(specs), num_classes, in_shape, compute_dtype=fused)
     model = build_model(s0.model, len(specs), num_classes, in_shape, s0.model_revision, str(s0.head))
     head = model.classifier()
     if isinstance(head, PackedCosineLinear):

@@ -4,7 +4,9 @@ Floor: workers (imports sweep.core and sweep.store). A pack runs the stages that
 :func:`workers.stages.plan_stages` plans (from scratch, then networks that start from a
 stage-1 parent) on one device, then writes all rows to the store in one atomic commit.
 The function runs the same under Ray Tune, in a test, in a benchmark or by hand on a GPU
-box.
+box. What it is given is built once as a :class:`workers.pack_run.PackRun`; what it does
+(phases, iterations, stages) goes to one :class:`workers.monitor.PackMonitor`, which
+fans it out to the caller's listeners.
 """
 
 from __future__ import annotations
@@ -12,45 +14,42 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
+from sweep.core.numerics import Kernels, Precision
 from sweep.core.plan import Pack
-from sweep.core.spec import Augmentation, Selection, TrialSpec, derive_seed
+from sweep.core.spec import Selection, TrialSpec, derive_seed
 from sweep.store.leases import acquire
-from sweep.store.results import ResultStore
-from sweep.store.schema import Measurement, Status
-from workers.augment import CropFlipDraws
+from sweep.store.schema import CURVE_SET_TEST, CURVE_SET_TRAINED, Measurement, Status
+from workers.augment import augment_stream
 from workers.checkpoint import CheckpointFile, PackCheckpoint
-from workers.datasets import ArrayDataset, load_dataset
-from workers.devices import Kernels, Precision, device_name, numerics, resolve_device, resolve_kernels, set_precision
+from workers.compute import Numerics, new_model, resolve_numerics
+from workers.datasets import ArrayDataset
+from workers.devices import device_name, resolve_device
 from workers.engine import EvalSet, StageConfig, StageSnapshot, pad_members, predict, train_stage
 from workers.latent_tables import latent_tables
 from workers.losses import PackedLoss
-from workers.members import MemberData, member_data
+from workers.members import MemberData, member_data, trained_multiset
 from workers.metrics import evaluate
-from workers.models import PackedNet, model_for
+from workers.models import PackedNet
+from workers.monitor import PackListener, PackMonitor, StageObserver, StageObserverListener
 from workers.optim import lr_table
 from workers.pack_rows import pack_tables, stored_latent
+from workers.pack_run import PackRun
+from workers.pack_work import Phase, estimate_work
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, plan_stages, stage_plan
+from workers.store_sink import StoreSink, as_sink
 from workers.transforms import InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
-TRAIN_CURVE_IMAGES = 10_000  # per member and curve point: a training-set accuracy to 1 % or better
-
-
-Progress = Callable[[float, str], None]  # (fraction of the pack's iterations, what it is doing)
-StageWhen = Literal["start", "end"]
-# Called with each stage's plan and model when the stage starts (weights initialised or
-# copied from the parents) and when its training ends (before evaluation): lets tests and
-# tools look at the networks without reaching into run_pack.
-StageObserver = Callable[[StagePlan, PackedNet, StageWhen], None]
+TRAIN_CURVE_IMAGES = 10_000  # multiset elements per member and curve point: a training-set accuracy to 1 % or better
 
 
 @dataclass(frozen=True)
@@ -80,55 +79,60 @@ class PackResult:
 
 @dataclass
 class _Pack:
-    """What every stage of one pack shares: the device, the data and the fitted transforms."""
+    """What every stage of one pack shares: its run (device, numerics, monitor), the data
+    on the device and the fitted transforms."""
 
-    pack: Pack
+    run: PackRun
     ds: ArrayDataset
     data: dict[str, MemberData]  # network id -> its index sets
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
-    autocast: torch.dtype | None
     checkpoints: CheckpointFile
-    observer: "StageObserver | None" = None
-    progress: "Progress | None" = None
-    fraction: float = 0.0  # the last fraction reported
     # Input transforms by training set, shared by both stages: a stage-2 network trains on
     # its parent's subset, and refitting ZCA there cost seconds per training set for nothing.
     fitted: dict[tuple[str, str], InputTransform] = field(default_factory=dict)  # (set, normalization)
 
     @property
+    def pack(self) -> Pack:
+        return self.run.pack
+
+    @property
     def device(self) -> torch.device:
         return self.x_train.device
 
-    def report(self, phase: str, fraction: float | None = None) -> None:
-        if fraction is not None:
-            self.fraction = fraction
-        if self.progress is not None:
-            self.progress(self.fraction, phase)
+    @property
+    def autocast(self) -> torch.dtype | None:
+        return self.run.numerics.autocast
+
+    @property
+    def monitor(self) -> PackMonitor:
+        return self.run.monitor
 
 
 def run_pack(
     pack: Pack,
-    store: ResultStore | str | os.PathLike | None = None,
+    store: StoreSink | str | os.PathLike | None = None,
     *,
     device: str | None = None,
     data_dir: str | None = None,
     grid_hash: str = "",
-    precision: Precision = "fp32",
-    kernels: Kernels = "auto",
-    progress: Progress | None = None,
+    precision: Precision | str = Precision.FP32,
+    kernels: Kernels | str = Kernels.AUTO,
+    listeners: Sequence[PackListener] = (),
     dataset: ArrayDataset | None = None,
     observer: StageObserver | None = None,
 ) -> PackResult:
     """Train and evaluate the pack's networks; write their rows to ``store`` if given.
 
-    ``store`` is a :class:`sweep.store.results.ResultStore`, a path, or None (rows are only
-    returned). ``progress`` receives the fraction of the pack's iterations done and what
-    the pack is doing ("loading data", "training", "evaluating", "latent statistics");
-    ``observer`` sees every stage's model as it starts and ends (:data:`StageObserver`).
-    ``kernels`` (:func:`workers.devices.resolve_kernels`): ``auto`` trains LeNet-5 on CUDA in
+    ``store`` is a :class:`workers.store_sink.StoreSink` (a ResultStore), a path, or None
+    (rows are only returned); anything else raises TypeError. ``listeners`` hear what the
+    pack does (:mod:`workers.monitor`: phases, iterations, stages, with the fraction of the
+    pack's expected work); ``observer`` is short for a listener that sees every stage's
+    model as it starts and ends (:data:`workers.monitor.StageObserver`). A listener that
+    raises stops the pack before its rows are written.
+    ``kernels`` (:func:`workers.compute.resolve_numerics`): ``auto`` trains LeNet-5 on CUDA in
     ``bf16`` precision with the fused Triton fast path (16-bit arithmetic, fp32 master weights),
     everything else (fp32 and tf32 included) on the grouped layers.
     """
@@ -137,66 +141,60 @@ def run_pack(
     keys = {s.pack_key for s in pack.specs}
     if len(keys) != 1:
         raise ValueError(f"pack mixes incompatible specs: {sorted(map(str, keys))}")
+    sink = as_sink(store)  # first: a wrong store fails before a device or data is touched
     dev = resolve_device(device)
-    autocast = set_precision(precision, dev)  # raises on an unknown precision
-    # bf16 on the fused path: 16-bit arithmetic inside the kernels instead of autocast.
-    fused = None
-    if resolve_kernels(kernels, pack.specs[0].model, dev, str(pack.specs[0].head), precision) == "fused":
-        fused, autocast = autocast or torch.float32, None
-    if store is not None and not hasattr(store, "write_pack"):
-        store = ResultStore(str(store))  # a path
+    # Raises on an unknown precision or kernels, and on fused kernels where they cannot run.
+    numerics = resolve_numerics(precision, kernels, pack.specs[0].model, str(pack.specs[0].head), dev)
+    numerics.apply()
+    if observer is not None:
+        listeners = (*listeners, StageObserverListener(observer))
+    run = PackRun(pack, dev, numerics, sink, PackMonitor(pack.pack_id, listeners),
+                  grid_hash, data_dir, dataset)
     lease = None
-    if store is not None and getattr(store, "is_local", False):
-        lease = acquire(store.lease_dir(), pack.pack_id)
-        done = set() if lease is None else store.completed_network_ids(grid=pack.specs[0].grid or "default")
+    if sink is not None and sink.is_local:  # leases need a local path, as checkpoints do
+        lease = acquire(sink.lease_dir(), pack.pack_id)
+        done = set() if lease is None else sink.completed_network_ids(grid=run.grid)
         if lease is None or all(s.network_id in done for s in pack.stored_specs):
             if lease is not None:  # stored by another runner since this one planned
                 lease.release()
             return PackResult(pack.pack_id, {}, 0, 0, 0, 0.0, device_name(dev), skipped=True)
-        # A timer, not progress reports: evaluation, latent statistics and the write report
-        # nothing for minutes; the heartbeat stops in release().
+        # A timer, not a listener of the monitor: evaluation, latent statistics and the
+        # write send no event for minutes; the heartbeat stops in release().
         lease.start_heartbeat()
     try:
-        return _run_pack(pack, store, dev, autocast, fused, data_dir, grid_hash, progress, dataset, observer)
+        return _run_pack(run)
     finally:
         if lease is not None:
             lease.release()
 
 
-def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype | None,
-              fused: torch.dtype | None, data_dir: str | None,
-              grid_hash: str, progress: Progress | None, dataset: ArrayDataset | None,
-              observer: StageObserver | None) -> PackResult:
+def _run_pack(run: PackRun) -> PackResult:
     t0 = time.perf_counter()
-    first = pack.specs[0]
-    if progress is not None:
-        progress(0.0, "loading data")
-    ds = dataset if dataset is not None else load_dataset(first.dataset, data_dir)
+    pack, dev, numerics, monitor = run.pack, run.device, run.numerics, run.monitor
+    monitor.phase(Phase.LOADING)
+    ds = run.load_data()
     labels = ds.train_y.numpy()
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    ctx = _Pack(pack, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
-                ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev), autocast,
-                CheckpointFile(store, pack), observer, progress)
+    ctx = _Pack(run, ds, {s.network_id: member_data(s, labels, ds.num_classes, cache) for s in pack.specs},
+                ds.train_x.to(dev), ds.train_y.to(dev), ds.test_x.to(dev), ds.test_y.to(dev),
+                CheckpointFile(run.store, pack))
     resumed = ctx.checkpoints.read()
     resumed_from = 0 if resumed is None else resumed.iteration
 
     stages = plan_stages(pack)
-    total_iters = sum(st.iters for st in stages)
+    monitor.plan(estimate_work(stages, {k: len(m.subset) for k, m in ctx.data.items()}, len(ds.test_y),
+                               TRAIN_CURVE_IMAGES))
     results: dict[str, MemberResult] = {}
     parent_states: dict[str, dict[str, torch.Tensor]] = {}
     latent: list[dict[str, Any]] = []  # per stage: latent_stats / embeddings / classifier_weights
-    done_iters = 0
     for plan in stages:
-        report = _stage_progress(ctx, done_iters, total_iters, "training" if plan.number == 1 else
-                                 "training (from phase-1 networks)")
-        done_iters += plan.iters
         if plan.number == 1:
             if resumed is not None and resumed.stage == 2:
                 results, parent_states = resumed.stage1_results, resumed.parent_states
                 latent = resumed.stage1_latent
                 continue
-            model = _new_model(plan.specs, ds, dev, fused)
-            out, tables = _run_stage(ctx, plan, model, resumed, report)
+            model = _new_model(plan.specs, ds, dev, numerics)
+            out, tables = _run_stage(ctx, plan, model, resumed)
             results.update(out)
             latent.append(tables)
             # Stage 2 needs the parents' weights; keep only those.
@@ -215,30 +213,28 @@ def _run_pack(pack: Pack, store: Any, dev: torch.device, autocast: torch.dtype |
         if not runnable:
             continue
         plan = stage_plan(2, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
-        model = _new_model(plan.specs, ds, dev, fused)
+        model = _new_model(plan.specs, ds, dev, numerics)
         for i, s in enumerate(plan.specs):
             model.load_member_state(i, parent_states[s.parent_id])
         stage1 = (dict(results), parent_states, list(latent))
         out, tables = _run_stage(ctx, plan, model, resumed if resumed is not None and resumed.stage == 2 else None,
-                                 report, stage1=stage1)
+                                 stage1=stage1)
         results.update(out)
         latent.append(tables)
 
     seconds = time.perf_counter() - t0
+    monitor.phase(Phase.WRITING)  # the last moment a listener can stop the pack: nothing is stored yet
     device = device_name(dev)
-    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, grid_hash, resumed_from, device,
-                         numerics(dev, ctx.autocast, fused))
+    tables = pack_tables(ctx.pack, ctx.ds, ctx.data, results, run.grid_hash, resumed_from, device,
+                         numerics.columns())
     tables.update(stored_latent(pack, latent))
-    if store is not None:
-        store.write_pack(pack.pack_id, first.grid or "default", tables)
+    if run.store is not None:
+        run.store.write_pack(pack.pack_id, run.grid, tables)
         ctx.checkpoints.remove()
+    monitor.pack_end()
     statuses = [results[s.network_id].status for s in pack.stored_specs]
     return PackResult(pack.pack_id, tables, len(pack.stored_specs), statuses.count(Status.DIVERGED),
                       statuses.count(Status.FAILED), seconds, device, resumed_from)
-
-
-def _stage_progress(ctx: _Pack, offset: int, total: int, phase: str) -> Callable[[int], None]:
-    return lambda it: ctx.report(phase, (offset + it) / total)
 
 
 def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
@@ -252,14 +248,8 @@ def _cannot_start(spec: TrialSpec, parent: MemberResult | None) -> str | None:
     return None
 
 
-def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device,
-               fused: torch.dtype | None = None) -> PackedNet:
-    s0 = specs[0]
-    model = model_for(specs, ds.num_classes, tuple(ds.train_x.shape[1:]), fused)
-    # Same training set -> same initial weights for every method (paired comparisons).
-    model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
-    model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
-    return model.to(dev)
+def _new_model(specs: tuple[TrialSpec, ...], ds: ArrayDataset, dev: torch.device, numerics: Numerics) -> PackedNet:
+    return new_model(specs, numerics, ds.num_classes, tuple(ds.train_x.shape[1:]), dev)
 
 
 def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageConfig:
@@ -282,7 +272,9 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
         weight_decay=per_member([s.recipe.weight_decay for s in specs]),
         bias_lr_factor=per_member([s.recipe.bias_lr_factor for s in specs]),
         head_only=plan.head_only,
-        eval_every=plan.eval_every if (select_on is not None or plan.curves) else 0,
+        body_train=plan.body_train,
+        eval_every=plan.eval_every if plan.curves else 0,
+        select_every=plan.select_every if select_on is not None else 0,
         select_on=select_on,
         curve_sets=_curve_sets(ctx, plan, md) if plan.curves else (),
         checkpoint_every=plan.checkpoint_every,
@@ -291,17 +283,18 @@ def _stage_config(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> StageCon
 
 
 def _curve_sets(ctx: _Pack, plan: StagePlan, md: list[MemberData]) -> tuple[EvalSet, ...]:
-    """Learning curves on the test set and on each member's own training subset (Buda et
-    al.'s Fig. 8: does over-sampling overfit?): the imbalanced subset the network learns
-    from, before re-sampling, at most TRAIN_CURVE_IMAGES of it (a seeded sample)."""
-    subsets = []
-    for s, m in zip(plan.specs, md):
-        rng = np.random.default_rng(derive_seed(s.network_id, "train-curve"))
-        sub = m.subset if len(m.subset) <= TRAIN_CURVE_IMAGES else np.sort(
-            rng.choice(m.subset, TRAIN_CURVE_IMAGES, replace=False))
-        subsets.append(sub)
-    idx, labels = pad_members(subsets, ctx.y_train)
-    return (EvalSet(ctx.x_test, ctx.y_test, "test"), EvalSet(ctx.x_train, labels, "train", idx=idx))
+    """Learning curves (Buda et al.'s Fig. 8: does over-sampling overfit?) on the test set and
+    on the multiset each member trains on, its images weighted by their multiplicity
+    (:func:`workers.members.trained_multiset`; the curves' ``curve_set`` "trained")."""
+    drawn = [trained_multiset(m, TRAIN_CURVE_IMAGES, derive_seed(s.network_id, "train-curve"))
+             for s, m in zip(plan.specs, md)]
+    idx, labels = pad_members([images for images, _ in drawn], ctx.y_train)
+    weight = torch.zeros(labels.shape, dtype=torch.float32)
+    for p, (_, counts) in enumerate(drawn):
+        weight[p, :len(counts)] = torch.from_numpy(counts.astype(np.float32))
+    return (EvalSet(ctx.x_test, ctx.y_test, "test", curve_set=CURVE_SET_TEST),
+            EvalSet(ctx.x_train, labels, "train", idx=idx, weight=weight.to(labels.device),
+                    curve_set=CURVE_SET_TRAINED))
 
 
 def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTransform:
@@ -315,11 +308,11 @@ def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTran
 
 
 def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckpoint | None,
-               progress: Callable[[int], None],
                stage1: tuple[dict[str, MemberResult], dict[str, Any], list[dict[str, Any]]] | None = None,
                ) -> tuple[dict[str, MemberResult], dict[str, Any]]:
     """Train one stage's members together, then evaluate and measure them."""
-    dev, specs, ds = ctx.device, plan.specs, ctx.ds
+    dev, specs, ds, monitor = ctx.device, plan.specs, ctx.ds, ctx.monitor
+    monitor.phase(Phase.training(plan.number), plan.number)  # fitting the transforms (ZCA) counts as training
     md = [ctx.data[s.network_id] for s in specs]
     transforms = [_fitted_transform(ctx, s, m) for s, m in zip(specs, md)]
     transform = stack_transforms(transforms).to(dev)
@@ -329,8 +322,7 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
     samplers = [EpochSampler(m.train_indices, plan.batch_size, derive_seed(s.network_id, "batches"))
                 for s, m in zip(specs, md)]
     # Each member's own crop/flip stream, seeded from its id (a stage-2 network draws anew).
-    augment = [CropFlipDraws(derive_seed(s.network_id, "augment"))
-               if s.recipe.augmentation == Augmentation.CROP_FLIP else None for s in specs]
+    augment = [augment_stream(s.recipe.augmentation, derive_seed(s.network_id, "augment")) for s in specs]
     state, opt_state = None, None
     if resume is not None:
         snap = resume.snapshot
@@ -352,20 +344,18 @@ def _run_stage(ctx: _Pack, plan: StagePlan, model: PackedNet, resume: PackCheckp
         results, parents, latent = stage1 or ({}, {}, [])
         ctx.checkpoints.write(PackCheckpoint(members, plan.number, snapshot, results, parents, latent))
 
-    if ctx.observer is not None:
-        ctx.observer(plan, model, "start")
+    monitor.stage_start(plan, model)
     state = train_stage(model, samplers, ctx.x_train, ctx.y_train, transform, loss_fn, cfg, state, opt_state,
-                        checkpoint=save, progress=progress, augment=augment)
-    if ctx.observer is not None:
-        ctx.observer(plan, model, "end")
-    ctx.report("evaluating")
+                        checkpoint=save, progress=lambda it: monitor.iteration(plan.number, it), augment=augment)
+    monitor.stage_end(plan, model)
+    monitor.phase(Phase.EVALUATING, plan.number)
     t_eval = time.perf_counter()
     logits, _ = predict(model, ctx.x_test, transform, ctx.autocast)
     priors = torch.tensor(np.stack([m.priors for m in md]), dtype=torch.float32, device=dev)
     metrics = evaluate(logits, ctx.y_test, priors, ds.num_classes)
     eval_seconds = time.perf_counter() - t_eval
     if any(s.latent or s.embeddings for s in specs):
-        ctx.report("latent statistics")
+        monitor.phase(Phase.LATENT, plan.number)
     t_latent = time.perf_counter()
     latent = latent_tables(model, list(specs), [m.subset for m in md], transforms,
                            ctx.x_train, ctx.y_train, ctx.x_test, ctx.y_test, ds.num_classes)

@@ -50,6 +50,12 @@ DEFAULT_NORMALIZATION: dict[str, str] = {
     "imagenet": "standardize",
 }
 
+# Datasets whose images are digits: a mirrored digit is another symbol or none, so a recipe
+# preset's horizontal flip (Cao et al.'s CIFAR regime, ``crop_flip``) becomes ``crop`` for
+# them at expansion (sweep.core.grid). A grid that writes `augmentation: crop_flip` itself
+# keeps it. Buda's MNIST recipe has no augmentation at all.
+NOT_MIRRORED: frozenset[str] = frozenset({"mnist", "svhn"})
+
 # model name -> the datasets' image shapes it accepts (by name, for the error message)
 MODELS: dict[str, tuple[str, ...]] = {
     "lenet5": ("mnist",),
@@ -82,25 +88,3 @@ FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
     ("resnet32", "celeba"): (463_634, 611_616),
     ("resnet10", "imagenet"): (5_418_792, 84_608),
 }
-
-# Arithmetic precisions a pack can train in (workers.devices.set_precision applies them):
-# fp32; tf32 (fp32 storage, TF32 matmuls and convolutions on CUDA); bf16 (autocast).
-PRECISIONS: tuple[str, ...] = ("fp32", "tf32", "bf16")
-
-# Which layer kernels a pack trains on (workers.devices.resolve_kernels): "fused" is the
-# Triton LeNet-5 fast path (workers.fused_lenet), CUDA only; "grouped" the packed
-# grouped-convolution layers (the reference, and every other model); "auto" fused where it
-# applies and is the faster path (LeNet-5 on CUDA in 16-bit precision), grouped elsewhere.
-KERNELS: tuple[str, ...] = ("auto", "fused", "grouped")
-FUSED_MODELS: tuple[str, ...] = ("lenet5",)  # models with a fused path (linear head only)
-
-
-# Precisions in which "auto" picks the fused kernels: their 16-bit products run on the tensor
-# cores; in fp32 they use IEEE products (exact, no tensor cores) and, by their compiled code
-# (../shared/GPU_FINDINGS.md), are no faster than grouped cuDNN, which tf32 also speeds up.
-FUSED_AUTO_PRECISIONS: tuple[str, ...] = ("bf16",)
-
-
-def has_fused_path(model: str, head: str) -> bool:
-    """Whether a network of ``model`` with a ``head`` classifier can train on the fused kernels."""
-    return model in FUSED_MODELS and head == "linear"

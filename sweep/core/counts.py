@@ -10,7 +10,31 @@ import math
 
 import numpy as np
 
+from sweep.core.catalog import DATASETS
 from sweep.core.spec import Imbalance, ImbalanceKind, Method
+
+
+def majority_count(cap: int | None, smallest: int, largest: int, catalog_smallest: int | None = None) -> int:
+    """The majority count n_max of a training set: the rule, written once.
+
+    ``cap`` is the grid's max_per_class (None: no cap); ``smallest`` and ``largest`` are the
+    sizes of the smallest and largest class there are. Every class is first capped, so
+    n_max is the cap, at most the smallest class (Buda MNIST: 5,000 of at least 5,421)...
+    unless the cap is above the dataset's usual smallest class (``catalog_smallest``;
+    Buda's ImageNet: 1,000 of 732..1,300 images), where n_max is the cap, at most the
+    largest class, and a smaller class keeps all it has. A dataset the catalog does not know
+    (``catalog_smallest`` None) has no such exception.
+    """
+    if cap is not None and catalog_smallest is not None and cap > catalog_smallest:
+        return min(cap, largest)
+    return min(cap or smallest, smallest)
+
+
+def catalog_majority_count(dataset: str, cap: int | None) -> int:
+    """:func:`majority_count` from the catalog's class sizes (no data loaded): what grid
+    expansion and size estimates use."""
+    info = DATASETS[dataset]
+    return majority_count(cap, info.train_per_class, info.max_cap, info.train_per_class)
 
 
 def class_counts(imbalance: Imbalance, num_classes: int, n_max: int) -> np.ndarray:
@@ -49,6 +73,7 @@ def class_counts(imbalance: Imbalance, num_classes: int, n_max: int) -> np.ndarr
         raise ValueError(f"unknown rounding {imbalance.rounding!r} (allowed: nearest, truncate)")
     counts[order] = np.maximum(1, np.round(ranked)).astype(np.int64)
     return counts
+
 
 def resampled_counts(counts: np.ndarray, method: Method, ratio: float = 1.0) -> np.ndarray:
     """Per-class counts after re-sampling to leave an imbalance of at most ``ratio``.

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sweep.core.catalog import DATASETS, FOOTPRINTS
-from sweep.core.spec import METHOD_ORDER, TrialSpec, _hash
+from sweep.core.spec import METHOD_ORDER, PackKey, TrialSpec, _hash
 
 # Networks per pack when the grid and the command line say nothing. On the CPU a pack
 # much larger than this just makes one Tune trial slow without raising throughput; on a
@@ -103,15 +103,21 @@ def plan_packs(
 ) -> list[Pack]:
     """Group the specs not yet done into packs of at most ``max_networks`` trainings.
 
-    ``max_networks`` is a number or a function of a spec (its pack key decides: dataset,
-    model, batch size, iterations). Networks of one training set stay together so that
+    ``max_networks`` is a number or a function of a spec (its :class:`PackKey` decides:
+    dataset, model, batch size, iterations, ...). Networks of one training set stay together so that
     dependents find their phase-1 network in the same pack. The result is deterministic
     for the same inputs.
     """
     size_of = max_networks if callable(max_networks) else (lambda spec: max_networks)
+    for s in specs:
+        # The workers run each method's current procedure only: training an older revision's
+        # spec would store new weights under the old procedure's id.
+        if s.method_revision != s.method.revision:
+            raise ValueError(f"network {s.network_id}: {s.method} revision {s.method_revision} is no longer "
+                             f"run (the workers run revision {s.method.revision}); expand the grid again")
     done = set(done_network_ids)
     by_id = {s.network_id: s for s in specs}
-    groups: dict[tuple, dict[str, list[TrialSpec]]] = defaultdict(lambda: defaultdict(list))
+    groups: dict[PackKey, dict[str, list[TrialSpec]]] = defaultdict(lambda: defaultdict(list))
     rebuild: set[str] = set()
     for s in specs:
         if s.network_id in done:
@@ -126,7 +132,7 @@ def plan_packs(
         units.append(s)
 
     packs: list[Pack] = []
-    for key in sorted(groups, key=repr):
+    for key in sorted(groups, key=lambda k: k.sort_key):
         limit = size_of(next(iter(groups[key].values()))[0])
         if limit < 1:
             raise ValueError(f"max_networks must be >= 1, got {limit}")

@@ -74,7 +74,8 @@ RECIPES: dict[str, Recipe] = {
         drw_start_iter=160 * 100,
         checkpoint_every=5_000,
         # Cao et al.'s CIFAR transforms: RandomCrop(32, padding=4), RandomHorizontalFlip(),
-        # Normalize(per-channel mean, std).
+        # Normalize(per-channel mean, std). Digit datasets (catalog.NOT_MIRRORED: SVHN) get
+        # the crop without the flip at expansion (Augmentation.CROP).
         normalization=Normalization.STANDARDIZE,
         augmentation=Augmentation.CROP_FLIP,
     ),

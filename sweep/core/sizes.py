@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sweep.core.catalog import DATASETS, FEATURE_WIDTH
-from sweep.core.counts import class_counts
+from sweep.core.counts import catalog_majority_count, class_counts
 from sweep.core.spec import TrialSpec
 
 TRIAL_ROW_BYTES = 750  # spec_json dominates
@@ -38,7 +38,7 @@ def embedding_images(spec: TrialSpec) -> int:
     """Images whose FE a network with ``embeddings`` stores: its training subset and the test set."""
 
     info = DATASETS[spec.dataset]
-    n_max = min(spec.imbalance.max_per_class or info.train_per_class, info.max_cap)
+    n_max = catalog_majority_count(spec.dataset, spec.imbalance.max_per_class)
     return int(class_counts(spec.imbalance, info.num_classes, n_max).sum()) + info.num_classes * info.test_per_class
 
 

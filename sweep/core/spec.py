@@ -11,6 +11,11 @@ One trained network is evaluated in one or more ways (``Evaluation``): the raw
 outputs, and for example the outputs divided by the class priors
 (thresholding). ``network_id`` names the trained network, ``trial_id(e)`` one
 evaluation of it; a row of the ``trials`` table is one evaluation.
+
+Identity follows what determines the weights, and the rule is written once: every field
+of TrialSpec, Recipe and Imbalance has a :class:`FieldRole` in :data:`FIELD_ROLES`
+(training-relevant, evaluation-only, bookkeeping). The network id, the parent network,
+the training-set key and the :class:`PackKey` are all read off it or beside it here.
 """
 
 from __future__ import annotations
@@ -24,108 +29,31 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 from sweep.core.catalog import DEFAULT_NORMALIZATION
+from sweep.core.options import (  # re-exported: specs and grids name them from here
+    METHOD_ORDER,
+    METHOD_REVISIONS,
+    Augmentation,
+    Evaluation,
+    Head,
+    ImbalanceKind,
+    Loss,
+    LrPolicy,
+    Method,
+    MinorityChoice,
+    Normalization,
+    Selection,
+)
+
+__all__ = [
+    # the options (sweep.core.options), named from here by most of the house
+    "METHOD_ORDER", "METHOD_REVISIONS", "Augmentation", "Evaluation", "Head", "ImbalanceKind", "Loss", "LrPolicy",
+    "Method", "MinorityChoice", "Normalization", "Selection",
+    # the specs and their identity
+    "FIELD_ROLES", "ID_KEPT", "ID_PINNED", "FieldRole", "Imbalance", "PackKey", "Recipe", "TrialSpec",
+    "canonical_json", "derive_seed",
+]
 
 ID_LENGTH = 16  # hex digits of sha256 kept in ids: 64 bits, no collisions at 10^6 specs
-
-
-class ImbalanceKind(StrEnum):
-    NONE = "none"  # the dataset as given, each class capped at max_per_class
-    STEP = "step"  # Buda et al.: mu = fraction of minority classes, rho = majority/minority
-    LINEAR = "linear"  # Buda et al.: counts linear between n_max and n_max/rho
-    EXPONENTIAL = "exponential"  # Cao et al. / Dablain et al.: n_c = n_max * rho^(-c/(C-1))
-
-
-class Method(StrEnum):
-    BASELINE = "baseline"
-    OVERSAMPLING = "oversampling"
-    UNDERSAMPLING = "undersampling"
-    TWO_PHASE_OVER = "two_phase_over"  # phase 1 = the oversampling network
-    TWO_PHASE_UNDER = "two_phase_under"  # phase 1 = the undersampling network
-    CLASSIFIER_RETRAINING = "classifier_retraining"  # Dablain RQ1: retrain W_C on balanced FE
-
-    @property
-    def phase1(self) -> "Method | None":
-        """The method whose trained network this one starts from, if any."""
-        return _PHASE1.get(self)
-
-    @property
-    def sampling(self) -> "Method":
-        """Which re-sampling of the training set this method trains on."""
-        return _SAMPLING.get(self, self)
-
-
-METHOD_ORDER = {m: i for i, m in enumerate(Method)}  # phase-1 methods before their dependents
-
-_PHASE1 = {
-    Method.TWO_PHASE_OVER: Method.OVERSAMPLING,
-    Method.TWO_PHASE_UNDER: Method.UNDERSAMPLING,
-    Method.CLASSIFIER_RETRAINING: Method.BASELINE,
-}
-# Two-phase phase 2 and classifier re-training train on the original imbalanced set
-# (retraining on balanced FE is a different sampler; see workers.samplers).
-_SAMPLING = {
-    Method.TWO_PHASE_OVER: Method.BASELINE,
-    Method.TWO_PHASE_UNDER: Method.BASELINE,
-    Method.CLASSIFIER_RETRAINING: Method.CLASSIFIER_RETRAINING,
-}
-
-
-class Evaluation(StrEnum):
-    RAW = "raw"
-    THRESHOLD = "threshold"  # outputs divided by the imbalanced training set's class priors
-
-
-class Loss(StrEnum):
-    CE = "ce"
-    FOCAL = "focal"
-    LDAM = "ldam"
-
-
-class LrPolicy(StrEnum):
-    INV = "inv"  # Caffe: base * (1 + gamma*t)^-power
-    MULTISTEP = "multistep"  # base * gamma^(number of milestones passed)
-    LINEAR = "linear"  # base * (1 - t/iters): Buda's ImageNet recipe
-    CONSTANT = "constant"
-
-
-class Selection(StrEnum):
-    """How the reported evaluation point / lr-search winner is chosen."""
-
-    FINAL = "final"  # the network after the last iteration
-    VALIDATION = "validation"  # best by balanced accuracy on a validation split
-    TEST = "test"  # best on the test set: Buda et al.'s CIFAR-10 procedure, on request only
-
-
-class Normalization(StrEnum):
-    """How input images are normalised (workers.transforms implements each)."""
-
-    SCALE = "scale"  # x / 256: Caffe's LeNet example (Buda MNIST)
-    STANDARDIZE = "standardize"  # per-channel mean and std of the training subset (Cao et al.)
-    GCN_ZCA = "gcn_zca"  # global contrast normalisation + ZCA whitening (Buda CIFAR-10)
-
-
-class Augmentation(StrEnum):
-    """Random changes of each training image, drawn per network (workers.augment)."""
-
-    NONE = "none"  # Buda et al.: no augmentation
-    # Cao et al.'s CIFAR regime (Dablain et al.): zero-pad 4 pixels on each side, take a
-    # random crop of the original size, flip horizontally with probability 1/2.
-    CROP_FLIP = "crop_flip"
-
-
-class Head(StrEnum):
-    """The layer that turns the features FE into logits."""
-
-    LINEAR = "linear"  # logits = FE @ W_C + b
-    # Cao et al.'s NormedLinear, built whenever the loss is LDAM: logits = s * cos(FE, W_C[:, c])
-    # with the recipe's ldam_scale s, so they lie in [-s, s]; no bias.
-    COSINE = "cosine"
-
-
-class MinorityChoice(StrEnum):
-    RANDOM = "random"  # redrawn for every repeat (Buda MNIST)
-    LOWEST = "lowest"  # the lowest labels (Buda CIFAR-10)
-    HIGHEST = "highest"  # the highest labels (Cao et al.'s CIFAR-10-LT order, used by Dablain)
 
 
 @dataclass(frozen=True)
@@ -176,7 +104,8 @@ class Recipe:
 RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0, "augmentation": "none", "normalization": None,
                                        "select_every": 0}
 IMBALANCE_FIELDS_ADDED: dict[str, Any] = {"rounding": "nearest"}
-SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1, "head": "linear"}
+SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1, "head": "linear", "data_seed": None,
+                                     "method_revision": 1}
 
 
 @dataclass(frozen=True)
@@ -197,7 +126,10 @@ class Imbalance:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    """One network to train (and the ways it is evaluated)."""
+    """One network to train (and the ways it is evaluated).
+
+    Which fields make the network (and so its id) is written once, in :data:`FIELD_ROLES`.
+    """
 
     dataset: str
     model: str
@@ -205,7 +137,9 @@ class TrialSpec:
     imbalance: Imbalance
     method: Method
     repeat: int
-    seed: int  # one per training set: shared by every method on it (paired comparisons)
+    # The network seed: its initial weights. One per training set, shared by every method on
+    # it (paired comparisons); it also draws the training subset unless data_seed is set.
+    seed: int
     resample_ratio: float = 1.0  # imbalance left after re-sampling (1 = fully balanced)
     loss: Loss = Loss.CE
     lr_run: int = 0  # index of the repeat of one lr in an lr search
@@ -217,18 +151,21 @@ class TrialSpec:
     # corrected architecture is a different network with a different id.
     model_revision: int = 1
     head: Head = Head.LINEAR
+    # The seed of the imbalanced training subset (and its validation split) when it is not
+    # the network seed: the runs of one lr in an lr search share their data and differ in
+    # their initial weights ("on the same dataset", Buda et al.). None: ``seed`` draws both.
+    data_seed: int | None = None
+    # Which version of the method's procedure (Method.revision): a changed procedure is a
+    # different network with a different id.
+    method_revision: int = 1
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
 
     # -- identity -------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """Canonical content that defines this network (the grid name is provenance)."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.pop("grid")
-        # What is measured of a network does not change the network: evaluation variants,
-        # latent statistics and raw embeddings are computed from the same trained weights.
-        for measured in ("evaluations", "latent", "embeddings"):
-            d.pop(measured)
+        """Canonical content that defines this network: its TRAINING fields (FIELD_ROLES)."""
+        d = {name: getattr(self, name) for name, role in FIELD_ROLES[TrialSpec].items()
+             if role == FieldRole.TRAINING and name not in ("recipe", "imbalance")}
         for name, old in SPEC_FIELDS_ADDED.items():
             if d[name] == old:
                 d.pop(name)
@@ -243,6 +180,7 @@ class TrialSpec:
         return _hash(self.identity())
 
     def trial_id(self, evaluation: Evaluation) -> str:
+        """One evaluation of the network: the network and nothing else but the evaluation."""
         return _hash({"network": self.network_id, "evaluation": str(evaluation)})
 
     @cached_property  # specs are frozen; ids are asked for often
@@ -251,42 +189,39 @@ class TrialSpec:
 
     @cached_property  # specs are frozen; ids are asked for often
     def parent(self) -> "TrialSpec | None":
-        """The phase-1 network this one starts from (two-phase, re-training)."""
+        """The phase-1 network this one starts from (two-phase, re-training), measured the
+        plainest way: every EVALUATION field of the spec at its default."""
         p1 = self.method.phase1
         if p1 is None:
             return None
-        return dataclasses.replace(
-            self, method=p1, evaluations=(Evaluation.RAW,), latent=False, embeddings=False
-        )
+        return dataclasses.replace(self, method=p1, method_revision=p1.revision, **_EVALUATION_DEFAULTS)
 
     @cached_property  # specs are frozen; ids are asked for often
     def parent_id(self) -> str | None:
         p = self.parent
         return None if p is None else p.network_id
 
+    @property
+    def training_set_seed(self) -> int:
+        """The seed that draws the imbalanced training subset and its validation split."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     @cached_property  # specs are frozen; ids are asked for often
     def training_set_key(self) -> str:
-        """Networks with equal keys train on the same imbalanced subset."""
+        """Networks with equal keys train on the same imbalanced subset: what draws the
+        subset and nothing else (the dataset, the imbalance, the data seed, the split)."""
         return _hash({"dataset": self.dataset, "imbalance": _identity_of(self.imbalance),
-                      "seed": self.seed, "validation": self.recipe.validation_fraction})
+                      "seed": self.training_set_seed, "validation": self.recipe.validation_fraction})
 
     @property
     def normalization(self) -> Normalization:
         """How this network's inputs are normalised: the recipe's choice, else the dataset's."""
         return Normalization(self.recipe.normalization or DEFAULT_NORMALIZATION[self.dataset])
 
-    @property
-    def pack_key(self) -> tuple[Any, ...]:
-        """Specs with equal keys can be trained together in one process.
-
-        Everything a pack applies to all its members at once is in the key: the data and
-        architecture, the step count and batch, the initialisation scheme, and when it
-        evaluates, selects and checkpoints. Per-member settings (lr and its schedule,
-        momentum, weight decay, loss, sampling) are not.
-        """
-        r = self.recipe
-        return (self.dataset, self.model, self.model_revision, str(self.head), r.batch_size, r.iters, r.init,
-                str(self.selection), r.eval_every, r.select_every, r.checkpoint_every)
+    @cached_property  # specs are frozen; ids are asked for often
+    def pack_key(self) -> "PackKey":
+        """Specs with equal keys can be trained together in one process (PackKey)."""
+        return PackKey.of(self)
 
     def to_json(self) -> str:
         return canonical_json(_plain(self))
@@ -319,6 +254,84 @@ class TrialSpec:
         return cls.from_dict(json.loads(s))
 
 
+class FieldRole(StrEnum):
+    """What a spec field is to the network it describes (FIELD_ROLES classifies each)."""
+
+    TRAINING = "training"  # determines the trained (or the reported) weights: in the network id
+    EVALUATION = "evaluation"  # what is measured of the weights, and when: not in the id
+    BOOKKEEPING = "bookkeeping"  # how a run is carried out, or where a spec came from: not in the id
+
+
+_T, _E, _B = FieldRole.TRAINING, FieldRole.EVALUATION, FieldRole.BOOKKEEPING
+# Every field of the three spec dataclasses, once: identity, the parent network and the
+# tests read this table (tests/test_identity.py fails on a field it does not classify).
+FIELD_ROLES: dict[type, dict[str, FieldRole]] = {
+    TrialSpec: {
+        "dataset": _T, "model": _T, "recipe": _T, "imbalance": _T, "method": _T, "repeat": _T, "seed": _T,
+        "resample_ratio": _T, "loss": _T, "lr_run": _T,
+        "selection": _T,  # which state is reported: the final one or the best of the selection points
+        "evaluations": _E, "latent": _E, "embeddings": _E,
+        "model_revision": _T, "head": _T, "data_seed": _T, "method_revision": _T,
+        "grid": _B,
+    },
+    Recipe: {
+        "iters": _T, "batch_size": _T, "base_lr": _T, "momentum": _T, "weight_decay": _T, "lr_policy": _T,
+        "lr_gamma": _T, "lr_power": _T, "lr_milestones": _T, "warmup_iters": _T, "init": _T,
+        "phase2_lr_factor": _T, "drw_start_iter": _T, "drw_beta": _T, "focal_gamma": _T,
+        "ldam_max_margin": _T, "ldam_scale": _T,
+        "eval_every": _E,  # curve points: evaluated between steps, the steps do not change
+        "select_every": _T,  # the points a selection picks the reported state from
+        "checkpoint_every": _B,
+        "validation_fraction": _T, "bias_lr_factor": _T, "normalization": _T, "augmentation": _T,
+    },
+    Imbalance: {"kind": _T, "rho": _T, "mu": _T, "classes": _T, "max_per_class": _T, "rounding": _T},
+}
+# Non-TRAINING fields that were part of ids before identity followed FIELD_ROLES. Identity
+# still writes them so that stored networks keep their ids: ``eval_every`` at the value
+# every curve-less network had (so a grid asking for curves trains the same networks), and
+# ``checkpoint_every`` at its value (the presets' 5,000 and 10,000 are in stored ids;
+# changing it only costs a retraining).
+ID_PINNED: dict[str, Any] = {"eval_every": 0}
+ID_KEPT: frozenset[str] = frozenset({"checkpoint_every"})
+# A phase-1 parent is measured the plainest way, whatever its dependent asks for.
+_EVALUATION_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(TrialSpec) if FIELD_ROLES[TrialSpec][f.name] == _E}
+
+
+@dataclass(frozen=True)
+class PackKey:
+    """What a pack applies to all its members at once; specs with equal keys can be trained
+    together in one process.
+
+    The data and architecture, the step count and batch, the initialisation scheme, and
+    when the pack evaluates, selects and checkpoints. Per-member settings (lr and its
+    schedule, momentum, weight decay, loss, sampling, seeds) are not in it.
+    """
+
+    dataset: str
+    model: str
+    model_revision: int
+    head: str
+    batch_size: int
+    iters: int
+    init: str
+    selection: str
+    eval_every: int
+    select_every: int
+    checkpoint_every: int
+
+    @classmethod
+    def of(cls, spec: TrialSpec) -> "PackKey":
+        r = spec.recipe
+        return cls(spec.dataset, spec.model, spec.model_revision, str(spec.head), r.batch_size, r.iters, r.init,
+                   str(spec.selection), r.eval_every, r.select_every, r.checkpoint_every)
+
+    @property
+    def sort_key(self) -> str:
+        """Packs are planned in this order (the order of the positional key it replaced)."""
+        return repr(dataclasses.astuple(self))
+
+
 def _plain(obj: Any) -> Any:
     """Dataclasses/enums/tuples to JSON-able builtins, recursively."""
     if isinstance(obj, StrEnum):
@@ -339,13 +352,17 @@ def _plain(obj: Any) -> Any:
 
 @lru_cache(maxsize=4096)
 def _identity_of(obj: Recipe | Imbalance) -> dict[str, Any]:
-    """A recipe or imbalance as identity sees it: fields added later are left out at their
-    old value."""
+    """A recipe or imbalance as identity sees it: its TRAINING fields (FIELD_ROLES), those
+    added later left out at their old value, and the ID_PINNED / ID_KEPT fields of ids before."""
+    roles = FIELD_ROLES[type(obj)]
     added = RECIPE_FIELDS_ADDED if isinstance(obj, Recipe) else IMBALANCE_FIELDS_ADDED
-    d = dict(_plain(obj))
-    for name, old in added.items():
-        if getattr(obj, name) == old:
-            d.pop(name)
+    d = {}
+    for name, value in _plain(obj).items():
+        if name in ID_PINNED:
+            d[name] = _plain(ID_PINNED[name])
+        elif roles[name] == FieldRole.TRAINING or name in ID_KEPT:
+            if not (name in added and getattr(obj, name) == added[name]):
+                d[name] = value
     return d
 
 

@@ -104,7 +104,10 @@ class _DataFile:
 
 
 class ResultStore:
-    """A folder (local path or pyarrow filesystem URI) of hive-partitioned Parquet tables."""
+    """A folder (local path or pyarrow filesystem URI) of hive-partitioned Parquet tables.
+
+    What a pack run writes to (``workers.store_sink.StoreSink``: ``write_pack``,
+    ``is_local``, ``base_path``, ``lease_dir``, ``completed_network_ids``)."""
 
     def __init__(self, root: str, on_damage: Literal["raise", "skip"] = "raise") -> None:
         """``on_damage``: a committed file that fails its checksum raises StoreError when

@@ -24,11 +24,42 @@ TRIALS = "trials"  # one row per evaluation of a network
 CLASS_METRICS = "class_metrics"  # one row per trial and class
 CONFUSION = "confusion"  # one row per trial, true class and predicted class with a count > 0
 CURVES = "curves"  # one row per network, evaluation point and split
+# The curves' ``curve_set`` column: which images a ``split`` row was measured on.
+CURVE_SET_TEST = "test"  # the balanced test set
+# The multiset the network trains on (its sampler's stream: the under-sampled images, the
+# over-sampled subset with each image counted as often as the stream holds it, the baseline's
+# subset), at most workers.run_pack.TRAIN_CURVE_IMAGES elements of it.
+CURVE_SET_TRAINED = "trained"
+# Stores written before the column have none; their "train" rows were measured on the
+# imbalanced subset before re-sampling, each image once (CURVE_SET_LEGACY_TRAIN).
+CURVE_SET_LEGACY_TRAIN = "subset"
+CURVE_SETS = (CURVE_SET_TEST, CURVE_SET_TRAINED, CURVE_SET_LEGACY_TRAIN)
+
+
+def curve_set(split: str, stored: str | None) -> str:
+    """The set a curves row was measured on, for rows of any store (``stored``: the row's
+    ``curve_set``, None or NaN in stores written before the column)."""
+    if isinstance(stored, str) and stored:
+        return stored
+    return CURVE_SET_TEST if split == "test" else CURVE_SET_LEGACY_TRAIN
 LATENT_STATS = "latent_stats"  # Dablain et al.'s statistics, tidy (workers.latent_tables)
 EMBEDDINGS = "embeddings"  # raw FE vectors of the first networks of a grid
 CLASSIFIER_WEIGHTS = "classifier_weights"  # W_C and bias of those networks
 FAILURES = "failures"  # one row per network of a pack that finally failed
 LATENT_TABLES = (LATENT_STATS, EMBEDDINGS, CLASSIFIER_WEIGHTS)
+# The latent tables' ``feature_scale`` column (workers.latent_tables): FE and W_C as the
+# network computes them before any normalisation (every network; Dablain et al.'s scale),
+# or as a normalised (cosine, LDAM) head multiplies them (unit FE, s * unit W_C columns).
+FEATURE_SCALE_RAW = "raw"
+FEATURE_SCALE_NORMALISED = "normalised"
+
+
+def feature_scale(stored: str | None, head: str | None) -> str:
+    """The scale of a latent row of any store: its ``feature_scale``, or, in stores written
+    before the column, the one scale they held (normalised for a cosine head, else raw)."""
+    if isinstance(stored, str) and stored:
+        return stored
+    return FEATURE_SCALE_NORMALISED if head == "cosine" else FEATURE_SCALE_RAW
 PARTITION = "grid"  # every table is hive-partitioned by the grid's name
 
 
