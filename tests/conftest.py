@@ -27,10 +27,11 @@ if not torch.cuda.is_available():
 # not seen: a CLI child that starts Ray is caught only through `ray_dir` (it asks for the mark).
 TIER_MARKS = ("ray", "subprocess", "interpreter", "browser")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-# A compiler's own tools (Triton compiling for a GPU: ptxas, the launcher's C compiler, ldconfig
-# to find libcuda) are no tier: a GPU test that compiles a kernel spawns them, in any tier.
+# Tools that libraries run for themselves are no tier: a compiler's (Triton compiling for a GPU:
+# ptxas, the launcher's C compiler, ldconfig to find libcuda) and the system's (platform.processor()
+# runs `uname -p`). A GPU test that compiles a kernel spawns them, in any tier; they start no Python.
 TOOLCHAIN = ("ptxas", "cuobjdump", "nvdisasm", "nvlink", "fatbinary", "ldconfig", "ldconfig.real",
-             "cc", "gcc", "g++", "clang", "clang++", "c++")
+             "cc", "gcc", "g++", "clang", "clang++", "c++", "uname")
 _seen: list[tuple[str, str]] = []  # (tier, what) the running test did; cleared before each test
 
 

@@ -26,6 +26,7 @@ pytest_plugins = ["pytester"]
     (["google-chrome-stable", "--dump-dom"], "browser"),
     (["/usr/local/cuda/bin/ptxas", "-arch=sm_90"], None),
     (["/sbin/ldconfig", "-p"], None),
+    (["uname", "-p"], None),  # platform.processor()
 ])
 def test_spawns_are_put_in_their_tier(argv, tier):
     assert spawn_tier(argv) == tier
