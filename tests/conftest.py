@@ -142,6 +142,20 @@ def small_mnist(mnist):
 
 
 @pytest.fixture
+def fewer_test_images(mnist, monkeypatch):
+    """``sweep.local`` runs on real MNIST with its first 1,000 test images: evaluating every
+    network on all 10,000 was nine tenths of the time of the tests that train through it, and
+    what they check (packs, resumes, threads, ids) does not depend on the test set's size."""
+    from sweep import local
+    from workers.datasets import ArrayDataset
+
+    fewer = ArrayDataset(name="mnist", train_x=mnist.train_x, train_y=mnist.train_y, test_x=mnist.test_x[:1000],
+                         test_y=mnist.test_y[:1000], num_classes=10, source=mnist.source + " [test 1000]")
+    preflight = local.preflight
+    monkeypatch.setattr(local, "preflight", lambda *args, **kw: {**preflight(*args, **kw), "mnist": fewer})
+
+
+@pytest.fixture
 def ray_dir(request):
     """A temp folder for an embedded Ray of the test's own (``--ray-temp-dir``), removed after.
 

@@ -4,21 +4,6 @@ from sweep.core.grid import expand
 from sweep.local import run_local
 from sweep.store.results import ResultStore
 
-
-@pytest.fixture
-def fewer_test_images(mnist, monkeypatch):
-    """Real MNIST with its first 1,000 test images: evaluating every network on all 10,000 was
-    nine tenths of these tests' time, and what they check (packs, resumes, threads) does not
-    depend on the test set's size."""
-    from sweep import local
-    from workers.datasets import ArrayDataset
-
-    fewer = ArrayDataset(name="mnist", train_x=mnist.train_x, train_y=mnist.train_y, test_x=mnist.test_x[:1000],
-                         test_y=mnist.test_y[:1000], num_classes=10, source=mnist.source + " [test 1000]")
-    preflight = local.preflight
-    monkeypatch.setattr(local, "preflight", lambda *args, **kw: {**preflight(*args, **kw), "mnist": fewer})
-
-
 DOC = {
     "name": "loc", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 5},
     "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline", "oversampling"],
