@@ -41,9 +41,9 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis.aggregate import BASELINE, CELL, method_label, select_lr_runs, with_labels
-from analysis.plotkit import AXIS_COLOR, MARK_COLOR, FigureResult
 from analysis.load import Results
 from analysis.longtail import LONGTAIL_METRICS, read_class_tables, with_trial_metrics
+from analysis.plotkit import AXIS_COLOR, MARK_COLOR, FigureResult
 from sweep.core.errors import UserError
 from sweep.store.schema import CLASS_METRICS, CONFUSION, TRIALS, Status
 

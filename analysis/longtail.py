@@ -28,8 +28,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from analysis.aggregate import INTERVALS, summarize
-from analysis.plotkit import PERCENT, FigureResult, arm_rank, color_of, figure_result, interval_error_bars
 from analysis.load import Results
+from analysis.plotkit import PERCENT, FigureResult, arm_rank, color_of, figure_result, interval_error_bars
 from sweep.store.schema import CLASS_METRICS, CONFUSION, Status
 
 LONGTAIL_METRICS = ("macro_f1", "g_mean")  # per-trial metrics computed here, not stored in trials

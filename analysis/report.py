@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import html
-import os
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,9 +35,9 @@ from plotly.offline import get_plotlyjs
 from analysis.aggregate import CELL, INTERVALS, best_methods, summarize, with_labels
 from analysis.compare import cd_figures
 from analysis.figures import buda_figures, figure_points, prepare
-from analysis.plotkit import FigureResult, color_of
 from analysis.load import Results
 from analysis.longtail import longtail_figures, read_class_tables
+from analysis.plotkit import FigureResult, color_of
 from sweep.core.errors import UserError
 from sweep.store.schema import CURVES, LATENT_STATS, TRIALS, Status, StoreError, spec_columns
 

@@ -85,10 +85,10 @@ from sweep.core.recipes import RECIPES as PAPER_RECIPES  # noqa: E402
 from sweep.core.spec import Recipe  # noqa: E402
 from workers.compute import resolve_numerics  # noqa: E402
 from workers.engine import StageConfig, predict, train_stage  # noqa: E402
-from workers.optim import lr_table  # noqa: E402
 from workers.latent_tables import latent_tables  # noqa: E402
 from workers.losses import PackedLoss  # noqa: E402
 from workers.models import build_model  # noqa: E402
+from workers.optim import lr_table  # noqa: E402
 from workers.samplers import EpochSampler  # noqa: E402
 from workers.transforms import InputTransform, stack_transforms  # noqa: E402
 
@@ -297,8 +297,8 @@ def _latent_spec(model_name: str):
 
 def buda_mnist_mean_subset() -> float:
     """Mean training-subset size over the training sets of grids/buda_mnist.yaml."""
-    from sweep.core.grid import load_grid
     from sweep.core.counts import class_counts
+    from sweep.core.grid import load_grid
 
     sets = {s.training_set_key: s for s in load_grid(REPO / "grids" / "buda_mnist.yaml").specs}
     return float(np.mean([class_counts(s.imbalance, 10, 5_000).sum() for s in sets.values()]))

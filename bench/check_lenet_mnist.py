@@ -25,9 +25,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sweep.core.numerics import KERNELS, PRECISIONS  # noqa: E402
 from sweep.core.errors import UserError  # noqa: E402
 from sweep.core.grid import load_grid  # noqa: E402
+from sweep.core.numerics import KERNELS, PRECISIONS  # noqa: E402
 from sweep.core.plan import Pack  # noqa: E402
 from workers.run_pack import run_pack  # noqa: E402
 

@@ -23,7 +23,6 @@ from sweep.core.grid import Grid, load_grid
 from sweep.core.numerics import Kernels, Precision
 
 
-
 def main() -> None:
     try:
         cli(standalone_mode=True)
@@ -71,9 +70,9 @@ def _existing_store(store_dir: str) -> None:
 def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
            gpu_memory_gb: float | None) -> None:
     """Count what a grid file trains and evaluates, without training anything."""
-    from sweep.prepare import pack_memory_bytes
     from sweep.core.plan import pack_sizer, plan_packs
     from sweep.core.sizes import estimate_store_bytes
+    from sweep.prepare import pack_memory_bytes
 
     g = load_grid(grid_file)
     device = device or ("cuda" if g.gpu_per_pack > 0 else "cpu")

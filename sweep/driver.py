@@ -57,8 +57,17 @@ from typing import Any
 
 from sweep.core.grid import Grid
 from sweep.core.plan import Pack
-from sweep.prepare import (ProgressFn, RunOptions, SweepError, check_address, check_options, pack_memory_bytes,
-                           pack_threads, plan_for, preflight)
+from sweep.prepare import (
+    ProgressFn,
+    RunOptions,
+    SweepError,
+    check_address,
+    check_options,
+    pack_memory_bytes,
+    pack_threads,
+    plan_for,
+    preflight,
+)
 from sweep.store.results import ResultStore
 from workers.monitor import PackEvent, PackListener  # no torch: the driver's process stays light
 

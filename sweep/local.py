@@ -31,12 +31,19 @@ from collections.abc import Iterator
 
 import torch
 
-from sweep.core.numerics import Kernels, Precision
 from sweep.core.errors import UserError
 from sweep.core.grid import Grid, load_grid
+from sweep.core.numerics import Kernels, Precision
 from sweep.core.plan import Pack
-from sweep.prepare import (ProgressFn, check_numerics, pack_memory_bytes, pack_resources, pack_threads, plan_for,
-                           preflight)
+from sweep.prepare import (
+    ProgressFn,
+    check_numerics,
+    pack_memory_bytes,
+    pack_resources,
+    pack_threads,
+    plan_for,
+    preflight,
+)
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
 from workers.monitor import PackEvent, PackListener

@@ -1,5 +1,6 @@
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -14,6 +15,109 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # (Inductor's CPU backend is C++), so the variable changes no other test.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# -- Tiers (pyproject.toml's markers; README: the fast tier) --------------------------------
+# A test that starts Ray, spawns a process, runs Triton in its interpreter or drives Chromium
+# says so with its mark, so `-m "not ray and not subprocess and not interpreter and not
+# browser"` is the fast tier. An unmarked test that does one of these fails (`tier_check`):
+# spawns are seen by an audit hook (every subprocess.Popen, os.system, os.posix_spawn and
+# fork of this process, whatever library makes it: Ray's own processes too), kernel launches
+# under the interpreter by a wrapper on Triton's GridExecutor. What a child process does is
+# not seen: a CLI child that starts Ray is caught only through `ray_dir` (it asks for the mark).
+TIER_MARKS = ("ray", "subprocess", "interpreter", "browser")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# Tools that libraries run for themselves are no tier: a compiler's (Triton compiling for a GPU:
+# ptxas, the launcher's C compiler, ldconfig to find libcuda) and the system's (platform.processor()
+# runs `uname -p`). A GPU test that compiles a kernel spawns them, in any tier; they start no Python.
+TOOLCHAIN = ("ptxas", "cuobjdump", "nvdisasm", "nvlink", "fatbinary", "ldconfig", "ldconfig.real",
+             "cc", "gcc", "g++", "clang", "clang++", "c++", "uname")
+_seen: list[tuple[str, str]] = []  # (tier, what) the running test did; cleared before each test
+
+
+def spawn_tier(argv: list[str]) -> str | None:
+    """The tier a spawned command belongs to: Ray's own processes are 'ray', a browser is
+    'browser', a compiler's tool none (None), anything else (a Python child, the CLI, a
+    shell) 'subprocess'."""
+    line = " ".join(argv)
+    if argv and os.path.basename(argv[0]) in TOOLCHAIN:
+        return None
+    if any(name in line for name in ("gcs_server", "raylet", "/ray/", "-m ray.", "ray/_private")):
+        return "ray"
+    if argv and os.path.basename(argv[0]) in BROWSERS:
+        return "browser"
+    return "subprocess"
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "subprocess.Popen":
+        cmd = args[1]
+        argv = [os.fsdecode(a) for a in cmd] if isinstance(cmd, (list, tuple)) else os.fsdecode(cmd).split()
+    elif event == "os.posix_spawn":
+        argv = [os.fsdecode(a) for a in args[1]]
+    elif event == "os.system":
+        argv = [os.fsdecode(args[0])]
+    elif event == "os.fork":
+        argv = ["<fork>"]
+    else:
+        return
+    tier = spawn_tier(argv)
+    if tier is not None:
+        _seen.append((tier, " ".join(argv)[:200]))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed; it only appends to a list
+
+
+def _watch_interpreter() -> None:
+    """Record every kernel launch in Triton's interpreter (only where it is in use)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover - triton ships with torch on Linux
+        return
+    launch = interpreter.GridExecutor.__call__
+    if getattr(launch, "tier_recorded", False):
+        return  # already wrapped (a pytest session inside this one)
+
+    def recorded(self, *args, **kwargs):
+        _seen.append(("interpreter", getattr(self.fn, "__name__", "a Triton kernel")))
+        return launch(self, *args, **kwargs)
+
+    recorded.tier_recorded = True
+    interpreter.GridExecutor.__call__ = recorded
+
+
+_watch_interpreter()
+
+
+def tier_problem(marks: set[str], seen: list[tuple[str, str]]) -> str | None:
+    """What a test did that its marks do not declare (None: nothing). The ray mark covers the
+    processes Ray's tests spawn besides Ray's own (its CLI children, workers)."""
+    allowed = set(marks) | ({"subprocess"} if "ray" in marks else set())
+    missing = sorted({tier for tier, _ in seen} - allowed)
+    if not missing:
+        return None
+    examples = "; ".join(sorted({what for tier, what in seen if tier in missing})[:3])
+    return (f"this test needs @pytest.mark.{' and @pytest.mark.'.join(missing)} (tests/conftest.py, "
+            f"tiers): it did {examples}")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    _seen.clear()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Fail a passing test whose setup or body did what its marks do not say (tier_check)."""
+    result = yield
+    problem = tier_problem({m.name for m in item.iter_markers() if m.name in TIER_MARKS}, _seen)
+    if problem:
+        pytest.fail(problem, pytrace=False)
+    return result
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +142,28 @@ def small_mnist(mnist):
 
 
 @pytest.fixture
-def ray_dir():
+def fewer_test_images(mnist, monkeypatch):
+    """``sweep.local`` runs on real MNIST with its first 1,000 test images: evaluating every
+    network on all 10,000 was nine tenths of the time of the tests that train through it, and
+    what they check (packs, resumes, threads, ids) does not depend on the test set's size."""
+    from sweep import local
+    from workers.datasets import ArrayDataset
+
+    fewer = ArrayDataset(name="mnist", train_x=mnist.train_x, train_y=mnist.train_y, test_x=mnist.test_x[:1000],
+                         test_y=mnist.test_y[:1000], num_classes=10, source=mnist.source + " [test 1000]")
+    preflight = local.preflight
+    monkeypatch.setattr(local, "preflight", lambda *args, **kw: {**preflight(*args, **kw), "mnist": fewer})
+
+
+@pytest.fixture
+def ray_dir(request):
     """A temp folder for an embedded Ray of the test's own (``--ray-temp-dir``), removed after.
 
-    Under /tmp with a short name: Ray's Unix socket paths must stay under 107 bytes.
+    Under /tmp with a short name: Ray's Unix socket paths must stay under 107 bytes. Only for
+    tests marked ``ray``: a CLI child that starts Ray is not seen by the audit hook above.
     """
+    if request.node.get_closest_marker("ray") is None:
+        pytest.fail("a test that gives Ray a temp folder starts Ray: mark it @pytest.mark.ray", pytrace=False)
     d = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -1,11 +1,14 @@
 """Bad input never starts training: a clear message, a non-zero exit, nothing started.
 
-Each test runs the real CLI in a subprocess (as tests/test_fault_tolerance.py does) with
-one kind of bad input: a malformed or contradictory grid, an unwritable store, a dataset
-that is not there, resources the cluster cannot provide, bad option values, and reading
-commands on a store that is not there. Each checks the message names the problem, and
-that nothing started: no trials, failures, grid copy (``_grids``) or checkpoint in the
-store, and a store that already held results is left byte for byte as it was.
+Each test runs the CLI in-process (click's CliRunner, on ``sweep.cli.cli``, the group the
+``sweep`` console script's ``main`` runs) with one kind of bad input: a malformed or
+contradictory grid, an unwritable store, a dataset that is not there, resources the cluster
+cannot provide, bad option values, and reading commands on a store that is not there. Each
+checks the exit status, that the message names the problem, and that nothing started: no
+trials, failures, grid copy (``_grids``) or checkpoint in the store, and a store that already
+held results is left byte for byte as it was. Two smoke tests run the real ``sweep`` console
+script in a subprocess (a refusal and a success), and one the real embedded Ray; the
+other cluster checks run on fake Ray nodes (``ray.nodes()``), Ray never started.
 
 The grids are tiny (one step cell, 50 images per class, 5 iterations), so a run that
 wrongly started would still end quickly and fail the assertions, not the time limit.
@@ -13,15 +16,22 @@ wrongly started would still end quickly and fail the assertions, not the time li
 
 import copy
 import os
+import shutil
+import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from sweep.cli import cli
 from sweep.core.grid import load_grid
 from sweep.store.results import ResultStore
+
 from conftest import tiny_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,9 +42,32 @@ GRID = tiny_grid("bad")
 CPU_ONLY = {**os.environ, "RAY_AUTH_MODE": "disabled", "CUDA_VISIBLE_DEVICES": ""}
 
 
-def sweep(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sweep.cli", *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120, env=CPU_ONLY)
+@dataclass(frozen=True)
+class Ran:
+    """What a command did: its exit status, its two streams, and an exception it let escape
+    (in-process; a subprocess shows it as a traceback on stderr)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    escaped: BaseException | None = None
+
+
+def sweep(*args: str) -> Ran:
+    """The CLI in-process, as the console script runs it (standalone mode: exit statuses,
+    ``Error: ...`` on stderr)."""
+    res = CliRunner().invoke(cli, list(args))
+    escaped = None if res.exception is None or isinstance(res.exception, SystemExit) else res.exception
+    return Ran(res.exit_code, res.stdout, res.stderr, escaped)
+
+
+def sweep_process(*args: str) -> Ran:
+    """The real ``sweep`` console script (``sweep.cli:main``) in a subprocess."""
+    script = shutil.which("sweep", path=os.path.dirname(sys.executable)) or shutil.which("sweep")
+    if script is None:  # pragma: no cover - the README's install makes it (pip install -e .)
+        pytest.skip("the `sweep` console script is not installed (pip install -e .)")
+    res = subprocess.run([script, *args], capture_output=True, text=True, cwd=ROOT, timeout=120, env=CPU_ONLY)
+    return Ran(res.returncode, res.stdout, res.stderr)
 
 
 def grid_file(tmp_path: Path, changes: dict | None = None, drop: tuple = (), text: str | None = None,
@@ -48,11 +81,12 @@ def grid_file(tmp_path: Path, changes: dict | None = None, drop: tuple = (), tex
     return path
 
 
-def assert_refused(res: subprocess.CompletedProcess, *needles: str, rc: int = 1) -> None:
+def assert_refused(res: Ran, *needles: str, rc: int = 1) -> None:
     """Exit code ``rc``, every needle on stderr, no traceback, nothing trained."""
-    out = f"rc={res.returncode}\nstdout:\n{res.stdout[-2000:]}\nstderr:\n{res.stderr[-4000:]}"
+    out = (f"rc={res.returncode}\nstdout:\n{res.stdout[-2000:]}\nstderr:\n{res.stderr[-4000:]}"
+           f"\nescaped: {res.escaped!r}")
     assert res.returncode == rc, out
-    assert "Traceback" not in res.stderr, out
+    assert res.escaped is None and "Traceback" not in res.stderr, out
     for needle in needles:
         assert needle in res.stderr, f"{needle!r} missing\n{out}"
     assert "networks trained" not in res.stdout, out
@@ -196,35 +230,116 @@ def test_a_missing_dataset_leaves_an_existing_store_untouched(tmp_path, stored):
     assert snapshot(stored) == before
 
 
-# -- 5. resources the cluster cannot provide (embedded CPU-only Ray) -----------------------
+# -- 5. resources the cluster cannot provide (fake Ray nodes; one real embedded Ray) ---------
 
-@pytest.mark.ray
-def test_a_gpu_per_pack_on_a_cpu_only_cluster_is_refused(tmp_path, ray_dir):
+def ray_node(cpu: float, gpu: float = 0, alive: bool = True) -> dict:
+    """One entry of ``ray.nodes()`` as Ray gives it: no "GPU" key on a node without GPUs."""
+    resources = {"CPU": float(cpu), "memory": 2.0e9, "object_store_memory": 1.0e9, "node:127.0.0.1": 1.0}
+    if gpu:
+        resources["GPU"] = float(gpu)
+    return {"NodeID": "f" * 56, "Alive": alive, "NodeManagerAddress": "127.0.0.1", "Resources": resources}
+
+
+@pytest.fixture
+def fake_cluster(monkeypatch):
+    """Ray as a cluster of the nodes given, never started: ``ray.init`` is not called (what it
+    would have been asked for is recorded) and ``ray.nodes()`` answers the fake nodes.
+    Returns ``set_nodes(*nodes) -> list of (CPU, GPU) per pack that Ray was started for``."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.tune")
+    from sweep import driver
+
+    started: list[tuple[float, float]] = []
+    monkeypatch.setattr(driver, "_init_ray", lambda options, cpu, gpu: started.append((cpu, gpu)))
+    monkeypatch.setattr(ray, "shutdown", lambda *a, **k: None)
+
+    def set_nodes(*nodes: dict) -> list[tuple[float, float]]:
+        monkeypatch.setattr(ray, "nodes", lambda: list(nodes))
+        return started
+
+    return set_nodes
+
+
+@pytest.mark.parametrize("cpu, gpu, device, nodes, needles", [
+    pytest.param(1.0, 1.0, "cuda", [ray_node(2)],
+                 ["no Ray node can provide 1.0 CPU and 1.0 GPU per pack", "nodes have (CPU, GPU): [(2.0, 0)]",
+                  "--gpus-per-pack"], id="gpu-on-cpu-only"),
+    pytest.param(64.0, 0.0, "cpu", [ray_node(2), ray_node(32, 1)],
+                 ["no Ray node can provide 64.0 CPU and 0.0 GPU per pack",
+                  "nodes have (CPU, GPU): [(2.0, 0), (32.0, 1.0)]", "--cpus-per-pack"], id="more-cpus-than-any-node"),
+    pytest.param(4.0, 1.0, "cuda", [ray_node(8), ray_node(2, 1)],
+                 ["no Ray node can provide 4.0 CPU and 1.0 GPU per pack"], id="cpus-and-gpus-on-different-nodes"),
+    pytest.param(1.0, 0.0, "cuda", [ray_node(2)],
+                 ["--device cuda: no Ray node has a GPU", "nodes have (CPU, GPU): [(2.0, 0)]", "use --device cpu"],
+                 id="device-cuda-on-cpu-only"),
+    pytest.param(1.0, 0.0, "cuda:0", [ray_node(4), ray_node(4, 2, alive=False)],
+                 ["--device cuda:0: no Ray node has a GPU", "nodes have (CPU, GPU): [(4.0, 0)]"],
+                 id="a-dead-node-s-gpu-does-not-count"),
+])
+def test_resources_no_node_can_provide_are_refused(monkeypatch, cpu, gpu, device, nodes, needles):
+    ray = pytest.importorskip("ray")
+    from sweep.driver import _check_resources
+    from sweep.prepare import SweepError
+
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    with pytest.raises(SweepError) as refused:
+        _check_resources(cpu, gpu, device)
+    for needle in needles:
+        assert needle in str(refused.value)
+
+
+@pytest.mark.parametrize("cpu, gpu, device, nodes", [
+    pytest.param(2.0, 0.0, "cpu", [ray_node(2)], id="exactly-one-node's-cpus"),
+    pytest.param(4.0, 1.0, "cuda", [ray_node(2), ray_node(4, 1)], id="one-node-of-two"),
+    pytest.param(1.0, 0.5, "cuda:0", [ray_node(1, 1)], id="a-fraction-of-a-gpu"),
+    pytest.param(1.0, 0.0, "cuda", [ray_node(2), ray_node(2, 1)], id="cuda-with-a-gpu-somewhere"),
+])
+def test_resources_some_node_can_provide_pass(monkeypatch, cpu, gpu, device, nodes):
+    ray = pytest.importorskip("ray")
+    from sweep.driver import _check_resources
+
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    _check_resources(cpu, gpu, device)  # no exception
+
+
+def test_a_gpu_per_pack_on_a_cpu_only_cluster_is_refused(tmp_path, fake_cluster):
+    started = fake_cluster(ray_node(2))
     store = tmp_path / "store"
     res = sweep("run", str(grid_file(tmp_path)), "--store", str(store), "--gpus-per-pack", "1",
-                "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
+                "--num-cpus", "2", "-q")
     assert_refused(res, "no Ray node can provide 1.0 CPU and 1.0 GPU per pack",
                    "nodes have (CPU, GPU): [(2.0, 0)]", "--gpus-per-pack")
+    assert started == [(1.0, 1.0)]  # refused by the cluster check, not before it
     assert_nothing_started(store)
 
 
-@pytest.mark.ray
-def test_more_cpus_per_pack_than_any_node_has_is_refused_and_the_store_kept(tmp_path, ray_dir, stored):
+def test_more_cpus_per_pack_than_any_node_has_is_refused_and_the_store_kept(tmp_path, fake_cluster, stored):
+    fake_cluster(ray_node(2))
     before = snapshot(stored)
     path = grid_file(tmp_path, {"repeats": 2})  # one network of two still to train
-    res = sweep("run", str(path), "--store", str(stored), "--cpus-per-pack", "64",
-                "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
+    res = sweep("run", str(path), "--store", str(stored), "--cpus-per-pack", "64", "--num-cpus", "2", "-q")
     assert_refused(res, "no Ray node can provide 64.0 CPU and 0.0 GPU per pack",
                    "nodes have (CPU, GPU): [(2.0, 0)]", "--cpus-per-pack")
     assert snapshot(stored) == before
 
 
-@pytest.mark.ray
-def test_device_cuda_on_a_cpu_only_cluster_is_refused_before_any_pack(tmp_path, ray_dir):
+def test_device_cuda_on_a_cpu_only_cluster_is_refused_before_any_pack(tmp_path, fake_cluster):
     # Used to start the pack, fail it in the worker after every retry and record it failed.
+    fake_cluster(ray_node(2))
     store = tmp_path / "store"
-    res = sweep("run", str(grid_file(tmp_path)), "--store", str(store), "--device", "cuda",
-                "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
+    res = sweep("run", str(grid_file(tmp_path)), "--store", str(store), "--device", "cuda", "--num-cpus", "2", "-q")
+    assert_refused(res, "--device cuda: no Ray node has a GPU", "nodes have (CPU, GPU): [(2.0, 0)]",
+                   "use --device cpu")
+    assert_nothing_started(store)
+
+
+@pytest.mark.ray
+@pytest.mark.subprocess
+def test_a_real_embedded_ray_refuses_device_cuda_on_its_cpus(tmp_path, ray_dir):
+    """The fake nodes above stand for what a real Ray reports: one real CPU-only embedded Ray."""
+    store = tmp_path / "store"
+    res = sweep_process("run", str(grid_file(tmp_path)), "--store", str(store), "--device", "cuda",
+                        "--num-cpus", "2", "--ray-temp-dir", ray_dir, "-q")
     assert_refused(res, "--device cuda: no Ray node has a GPU", "nodes have (CPU, GPU): [(2.0, 0)]",
                    "use --device cpu")
     assert_nothing_started(store)
@@ -364,33 +479,123 @@ def not_ray():
         s.close()
 
 
+class FakeClock:
+    """``time.monotonic`` for sweep.prepare: it moves only when a fake connection waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SilentConnection:
+    """A TCP connection that was accepted and never answers: each ``recv`` waits out its
+    whole timeout on the fake clock, then times out (as a real silent peer does)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock, self.timeout, self.waits = clock, None, []
+
+    def __enter__(self) -> "SilentConnection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def settimeout(self, timeout: float) -> None:
+        self.timeout = timeout
+
+    def sendall(self, data: bytes) -> None:
+        pass
+
+    def recv(self, n: int) -> bytes:
+        self.waits.append(self.timeout)
+        self.clock.now += self.timeout
+        raise TimeoutError
+
+
+@pytest.fixture
+def silent_peer(monkeypatch):
+    """check_address against a silent peer on a fake clock: no real waiting. Yields the
+    connection (its ``waits``), the clock, and the timeout ``create_connection`` was given."""
+    from sweep import prepare
+
+    clock = FakeClock()
+    conn = SilentConnection(clock)
+    connects: list[float] = []
+
+    def create_connection(address: tuple, timeout: float) -> SilentConnection:
+        connects.append(timeout)
+        return conn
+
+    monkeypatch.setattr(prepare, "time", SimpleNamespace(monotonic=clock.monotonic))
+    monkeypatch.setattr(prepare, "socket", SimpleNamespace(create_connection=create_connection, socket=socket.socket))
+    return SimpleNamespace(conn=conn, clock=clock, connects=connects)
+
+
 @pytest.mark.parametrize("kind", ["silent", "http1"])
 @pytest.mark.parametrize("scheme", ["", "ray://"])
-def test_an_address_that_accepts_tcp_but_is_not_ray_is_refused_within_10_s(tmp_path, not_ray, kind, scheme):
-    import time
-
+def test_an_address_that_accepts_tcp_but_is_not_ray_is_refused(tmp_path, request, kind, scheme):
+    """A silent peer on the fake clock (its wait bounded as the next test checks), a real
+    listener answering as HTTP/1 does."""
     from sweep.prepare import ADDRESS_TIMEOUT_SECONDS
 
-    address = f"{scheme}127.0.0.1:{not_ray[kind]}"
-    t0 = time.monotonic()
+    port = 9 if kind == "silent" else request.getfixturevalue("not_ray")[kind]
+    if kind == "silent":
+        request.getfixturevalue("silent_peer")
+    address = f"{scheme}127.0.0.1:{port}"
     res = sweep("run", str(grid_file(tmp_path)), "--store", str(tmp_path / "s"), "--address", address)
-    seconds = time.monotonic() - t0
     assert_refused(res, f"{address} is not a Ray cluster")
     assert res.stderr.strip().count("\n") == 0, res.stderr
     assert_nothing_started(tmp_path / "s")
-    # The check itself is bounded by ADDRESS_TIMEOUT_SECONDS; the rest is the command's start.
-    assert seconds < ADDRESS_TIMEOUT_SECONDS + 30, seconds
     if kind == "silent":
         assert f"answered nothing within {ADDRESS_TIMEOUT_SECONDS:g} s" in res.stderr
 
 
-def test_the_address_check_keeps_its_time_bound(not_ray):
-    import time
-
+@pytest.mark.parametrize("timeout_s", [10.0, 1.0])
+def test_the_address_check_keeps_its_time_bound(silent_peer, timeout_s):
+    """Every wait of the check is bounded by what is left of ``timeout_s``, and in all it
+    waits ``timeout_s`` for a silent peer (on the fake clock: no wall-clock assertion)."""
     from sweep.prepare import SweepError, check_address
 
-    for kind in ("silent", "http1"):
-        t0 = time.monotonic()
-        with pytest.raises(SweepError, match="is not a Ray cluster"):
-            check_address(f"127.0.0.1:{not_ray[kind]}", timeout_s=1.0)
-        assert time.monotonic() - t0 < (2.0 if kind == "silent" else 0.5)
+    start = silent_peer.clock.now
+    with pytest.raises(SweepError, match=f"answered nothing within {timeout_s:g} s"):
+        check_address("127.0.0.1:9", timeout_s=timeout_s)
+    assert silent_peer.connects == [timeout_s]  # the TCP connect itself is bounded
+    waits = silent_peer.conn.waits
+    assert waits and all(0 < w <= timeout_s for w in waits)
+    assert silent_peer.clock.now - start == pytest.approx(timeout_s)  # not one wait more
+
+
+def test_the_address_check_refuses_real_listeners_that_are_not_ray(not_ray):
+    from sweep.prepare import SweepError, check_address
+
+    with pytest.raises(SweepError, match="answered nothing within 0.3 s"):
+        check_address(f"127.0.0.1:{not_ray['silent']}", timeout_s=0.3)
+    with pytest.raises(SweepError, match="is not a Ray cluster: it answered b'HTTP/1.1 '"):
+        check_address(f"127.0.0.1:{not_ray['http1']}", timeout_s=1.0)
+
+
+# -- 8. the real console script (smoke tests: the rest runs in-process) --------------------
+
+@pytest.mark.subprocess
+def test_the_sweep_script_refuses_a_malformed_grid(tmp_path):
+    path = grid_file(tmp_path, text="name: bad\ndataset: [mnist\nmodel: lenet5\n")
+    res = sweep_process("run", str(path), "--store", str(tmp_path / "store"))
+    assert_refused(res, f"Error: {path}:", "not valid YAML", "line 2")
+    assert res.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.subprocess
+def test_the_sweep_script_expands_a_grid(tmp_path):
+    import json
+
+    path = grid_file(tmp_path)
+    res = sweep_process("expand", str(path), "--json")
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    info = json.loads(res.stdout)
+    g = load_grid(path)
+    assert (info["grid"], info["trained_networks"], info["evaluations"], info["packs"]) == (
+        "bad", g.trained_networks, g.evaluations, 1)
+    assert g.trained_networks == 1

@@ -8,8 +8,8 @@ import yaml
 from click.testing import CliRunner
 
 from sweep.cli import cli
-from sweep.store.compact import compact_store
 from sweep.core.grid import load_grid
+from sweep.store.compact import compact_store
 from sweep.store.results import ResultStore, StoreError
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)

@@ -14,7 +14,6 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from conftest import tiny_grid
 from sweep.core.grid import expand
 from sweep.core.numerics import KERNELS, PRECISIONS, Kernels, Precision, UnknownOption
 from sweep.prepare import RunOptions, SweepError, check_options
@@ -22,6 +21,8 @@ from workers import fused_kernels as fk
 from workers.compute import Numerics, is_fused, new_model, new_optimizer, resolve_numerics
 from workers.models import LeNet5, model_for
 from workers.optim import PackedSGD
+
+from conftest import tiny_grid
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

@@ -20,8 +20,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from workers import dropout_kernel as dk
-from workers import noise
+from workers import dropout_kernel as dk, noise
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CPU = torch.device("cpu")
@@ -74,6 +73,7 @@ def _kernel(z, members, keys, draws, keep):
 SHAPES = [(2, 3, 5, 3, 7), (2, 4, 3, 2, 3), (1, 2, 96, 1, 3)]
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", SHAPES)
@@ -96,6 +96,7 @@ def test_masks_and_outputs_are_the_torch_paths_bits(shape, channels_last, dtype,
         assert int(draws) == n  # the caller advances the stream
 
 
+@pytest.mark.interpreter
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:invalid value encountered")
 def test_specials_and_signed_zeros_follow_torch() -> None:
     """inf * 0 is NaN, -x * 0 is -0, overflow of x / keep is inf, as the torch path."""
@@ -109,6 +110,7 @@ def test_specials_and_signed_zeros_follow_torch() -> None:
         assert torch.equal(y.isnan(), ref.isnan())
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_backward_regenerates_the_forwards_mask(channels_last, dtype) -> None:
@@ -132,6 +134,7 @@ def test_backward_regenerates_the_forwards_mask(channels_last, dtype) -> None:
         assert torch.equal(gx2, _cuda_formula_grad(torch.ones_like(g), z.detach(), p, keys, used, keep))
 
 
+@pytest.mark.interpreter
 def test_other_layouts_are_copied_to_contiguous_first() -> None:
     z = _z((2, 6, 5, 4), torch.float32, False).transpose(2, 3)  # neither layout
     keys, draws = noise.member_keys([3, 4], CPU), torch.tensor(2)
@@ -159,6 +162,7 @@ class _Launches:
         return self.kernel[grid]
 
 
+@pytest.mark.interpreter
 def test_one_launch_per_call_at_any_pack_size_and_no_host_read(monkeypatch) -> None:
     launches = _Launches(dk.dropout_kernel)
     monkeypatch.setattr(dk, "dropout_kernel", launches)
@@ -215,6 +219,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.subprocess
 def test_the_kernel_compiles_for_sm90_without_spills() -> None:
     """Every specialisation the model launches (layout x direction x dtype) compiles for sm_90
     with the installed Triton, on the GPU's code path (not the interpreter's): in a subprocess,
@@ -236,6 +241,7 @@ def test_the_kernel_compiles_for_sm90_without_spills() -> None:
 _CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.mark.interpreter
 @_CUDA
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -252,6 +258,7 @@ def test_on_cuda_the_kernel_is_the_torch_path(channels_last, dtype) -> None:
         assert torch.equal(torch.autograd.grad(y, z, g)[0], torch.autograd.grad(ref, z, g)[0])
 
 
+@pytest.mark.interpreter
 @_CUDA
 def test_on_cuda_the_kernel_replays_in_a_graph() -> None:
     dev = torch.device("cuda")

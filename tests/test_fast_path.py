@@ -17,17 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sweep.core.errors import UserError
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
 from sweep.prepare import RunOptions, SweepError, check_kernels, check_options
-from workers import fused_kernels as fk
+from workers import engine, fused_kernels as fk
 from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
 from workers.batch_feed import BatchFeed
-from workers.datasets import ArrayDataset
-from sweep.core.errors import UserError
 from workers.compute import resolve_numerics
+from workers.datasets import ArrayDataset
 from workers.devices import DeviceUnavailable
-from workers import engine
 from workers.engine import StageConfig, train_stage
 from workers.losses import PackedLoss
 from workers.models import LeNet5
@@ -329,6 +328,7 @@ def _close_to(got: torch.Tensor, want: torch.Tensor, init: torch.Tensor, msg: st
     assert err <= UPDATE_RTOL * moved, f"{msg}: error {err:.3g} = {err / moved:.2e} of the update {moved:.3g}"
 
 
+@pytest.mark.interpreter
 def test_fused_pack_equals_the_grouped_path_and_a_member_alone(mnist, monkeypatch) -> None:
     """run_pack on the fused LeNet-5 (batch tables, device counters, fused SGD): a member's
     weights after four steps, trained in a pack and trained alone, and the grouped fp32 path's,

@@ -12,8 +12,7 @@ import pytest
 from scipy import stats
 
 from analysis.compare import wilcoxon
-from analysis.findings import (BEGIN_MARK, END_MARK, FindingsError, Verdict, evaluate, evaluate_store, render,
-                               splice)
+from analysis.findings import BEGIN_MARK, END_MARK, FindingsError, Verdict, evaluate, evaluate_store, render, splice
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "docs" / "results" / "buda_mnist_slice"

@@ -30,6 +30,8 @@ pytest.importorskip("triton", reason="triton is not installed (or does not impor
 from workers import fused_kernels as fk  # noqa: E402
 from workers.fused_lenet import fused_available  # noqa: E402
 
+pytestmark = pytest.mark.interpreter  # tiers: pyproject.toml, tests/conftest.py
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not fused_available(DEVICE):
     pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 was set", allow_module_level=True)

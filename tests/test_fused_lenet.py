@@ -26,6 +26,8 @@ from workers.fused_lenet import FusedLeNet5, FusedSGD, fused_available  # noqa: 
 from workers.models import LeNet5  # noqa: E402
 from workers.optim import PackedSGD  # noqa: E402
 
+pytestmark = pytest.mark.interpreter  # tiers: pyproject.toml, tests/conftest.py
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if not fused_available(DEVICE):
     pytest.skip("no GPU, and triton was imported before TRITON_INTERPRET=1 was set (see "

@@ -97,6 +97,7 @@ def dry_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     return proc, out
 
 
+@pytest.mark.subprocess
 def test_the_dry_run_passes_every_step(dry_run) -> None:
     proc, out = dry_run
     summary = (out / "summary.txt").read_text()
@@ -108,6 +109,7 @@ def test_the_dry_run_passes_every_step(dry_run) -> None:
     assert re.search(r"^done in \d+ s \(limit 450 s\), 0 step\(s\) failed", summary, re.M)
 
 
+@pytest.mark.subprocess
 def test_the_dry_run_returns_files_the_device_tool_can_hand_back(dry_run) -> None:
     _, out = dry_run
     files = sorted(p for p in out.rglob("*"))
@@ -118,6 +120,7 @@ def test_the_dry_run_returns_files_the_device_tool_can_hand_back(dry_run) -> Non
     assert {"summary.txt", "kernels.md", "bench.md", "mnist.txt", "reproduction.txt", "reproduction.tar"} <= names
 
 
+@pytest.mark.subprocess
 def test_each_step_wrote_its_figures(dry_run) -> None:
     _, out = dry_run
     kernels = (out / "kernels.md").read_text()
@@ -136,6 +139,7 @@ def test_each_step_wrote_its_figures(dry_run) -> None:
     assert "1 networks trained this call (0 failed)" in (out / "reproduction.txt").read_text()
 
 
+@pytest.mark.subprocess
 def test_the_flat_store_unpacks_into_a_store(dry_run, tmp_path) -> None:
     from bench.gpu_reproduction import unpack
 
@@ -143,6 +147,7 @@ def test_the_flat_store_unpacks_into_a_store(dry_run, tmp_path) -> None:
     assert unpack(str(out / "reproduction.tar"), str(tmp_path / "store")) >= 1
 
 
+@pytest.mark.subprocess
 def test_the_cuda_tests_import_without_the_packages_the_gpu_lacks(tmp_path) -> None:
     """Collecting the GPU step's tests imports everything they need: none of Ray, DuckDB, plotly."""
     env = _without_gpu_absent_packages(tmp_path)

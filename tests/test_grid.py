@@ -33,6 +33,7 @@ def test_buda_mnist_counts_match_the_paper():
     assert g.evaluations == 22_500 + 3 * 4_500
 
 
+@pytest.mark.subprocess
 def test_expand_json_reports_counts():
     # No timing here: a loaded CI machine is no measure of speed.
     out = subprocess.run([sys.executable, "-m", "sweep.cli", "expand", str(ROOT / "grids/buda_mnist.yaml"), "--json"],

@@ -18,6 +18,7 @@ from sweep.cli import cli
 from sweep.core.grid import GridError, load_grid
 from sweep.core.grid_checks import MAX_GRID_BYTES, MAX_GRID_NODES
 from sweep.core.grid_recipe import RECIPE_BOUNDS
+
 from conftest import tiny_grid
 
 GRID = tiny_grid("hostile")

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from sweep.core.spec import Imbalance, ImbalanceKind, Method
 from sweep.core.counts import class_counts, resampled_counts
+from sweep.core.spec import Imbalance, ImbalanceKind, Method
 from workers.imbalance import draw_subset, resample
 
 

@@ -7,7 +7,6 @@ n3 has class 1 (class_counts [10, 100]). Two classes, K = 1..2.
 
 from __future__ import annotations
 
-
 import pandas as pd
 import plotly.graph_objects as go
 import pytest

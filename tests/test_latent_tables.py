@@ -8,8 +8,8 @@ import torch
 from analysis.latent_figures import complete_coverage
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
-from sweep.store.query import query
 from sweep.core.spec import Evaluation
+from sweep.store.query import query
 from sweep.store.results import ResultStore
 from workers import latent_tables as lt
 from workers.latent import STATISTICS, latent_statistics

@@ -213,6 +213,7 @@ def test_a_taker_never_removes_a_lease_another_taker_put_there_meanwhile(tmp_pat
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.subprocess
 def test_a_fresh_lease_of_a_process_of_this_host_that_is_gone_is_taken_over(tmp_path) -> None:
     import socket
     import subprocess

@@ -1,3 +1,5 @@
+import pytest
+
 from sweep.core.grid import expand
 from sweep.local import run_local
 from sweep.store.results import ResultStore
@@ -9,7 +11,7 @@ DOC = {
 }
 
 
-def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
+def test_local_runs_whole_repeats_first_and_resumes(tmp_path, fewer_test_images):
     g = expand(DOC)
     store = str(tmp_path / "s")
     trained, failed, _ = run_local(g, store, device="cpu", max_packs=2)
@@ -22,7 +24,8 @@ def test_local_runs_whole_repeats_first_and_resumes(tmp_path, mnist):
     assert trials["trial_id"].is_unique and len(trials) == g.evaluations
 
 
-def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys):
+def test_local_command_stops_on_its_budget_and_resumes(tmp_path, fewer_test_images, capsys, monkeypatch):
+    import torch
     import yaml
 
     from sweep.local import main
@@ -34,14 +37,16 @@ def test_local_command_stops_on_its_budget_and_resumes(tmp_path, mnist, capsys):
     assert len(ResultStore(str(store)).completed_network_ids()) == 2
     assert main([str(grid), "--store", str(store), "--device", "cpu"]) == 0
     assert "4 networks trained" in capsys.readouterr().out
-    assert main([str(grid), "--store", str(store), "--device", "cuda"]) == 1  # no GPU here
+    # On a machine without CUDA (simulated, so the check runs on GPU machines too):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([str(grid), "--store", str(store), "--device", "cuda"]) == 1
     assert "CUDA is not available" in capsys.readouterr().err
 
 
 TINY = {**DOC, "max_per_class": 50, "methods": ["baseline"], "repeats": 1, "resources": {"cpu": 2, "gpu": 0}}
 
 
-def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_path, mnist):
+def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_path, fewer_test_images):
     """As `sweep run` (sweep.prepare.pack_threads): the grid's resources.cpu, or --cpus-per-pack;
     never the machine's core count. The rows say it, and the caller's count is restored."""
     import torch
@@ -55,6 +60,7 @@ def test_local_trains_with_the_packs_cpu_share_of_threads_and_records_it(tmp_pat
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_of_the_local_command_says_what_is_stored_and_exits_non_zero(tmp_path, mnist):
     """Ctrl-C (SIGINT) during the second pack: one line, the networks really stored (the first
     pack's two), exit 130, no traceback; running the command again trains only the rest."""

@@ -11,9 +11,20 @@ from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
 from analysis.figures import prepare
 from analysis.load import Results
-from analysis.longtail import (ClassTables, ShotThresholds, confusion_figure, default_confusion_trial, g_mean,
-                               longtail_figures, macro_f1, read_class_tables, recall_heatmap, shot_accuracy,
-                               shot_figure, with_trial_metrics)
+from analysis.longtail import (
+    ClassTables,
+    ShotThresholds,
+    confusion_figure,
+    default_confusion_trial,
+    g_mean,
+    longtail_figures,
+    macro_f1,
+    read_class_tables,
+    recall_heatmap,
+    shot_accuracy,
+    shot_figure,
+    with_trial_metrics,
+)
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_store"
 

@@ -149,9 +149,9 @@ def test_a_pack_that_fails_before_reporting_is_still_mapped_to_its_pack():
     from types import SimpleNamespace
 
     pytest.importorskip("ray.tune")
-    from sweep.driver import _ProgressCallback
     from sweep.core.grid import expand
     from sweep.core.plan import plan_packs
+    from sweep.driver import _ProgressCallback
 
     specs = expand({**GRID, "experiments": GRID["experiments"][:1]}).specs
     packs = plan_packs(specs, 1)

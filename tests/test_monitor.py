@@ -9,7 +9,6 @@ import os
 
 import pytest
 
-from conftest import tiny_grid
 from sweep.core.grid import expand
 from sweep.core.plan import Pack, plan_packs
 from sweep.store.results import ResultStore
@@ -18,6 +17,8 @@ from workers.pack_work import LOAD_SHARE, WRITE_SHARE, Phase, estimate_work
 from workers.run_pack import run_pack
 from workers.stages import plan_stages
 from workers.store_sink import StoreSink, as_sink
+
+from conftest import tiny_grid
 
 TWO_PHASE = tiny_grid("mon", methods=["oversampling", "two_phase_over"], latent=True)
 

@@ -44,8 +44,16 @@ from workers import noise
 from workers.compute import new_optimizer
 from workers.models import LeNet5
 from workers.optim import PackedSGD, lr_at, lr_table
-from workers.packed_layers import (PackedBasicBlock, PackedBatchNorm2d, PackedConv2d, PackedCosineLinear,
-                                   PackedLinear, from_grouped, grouped_avg_pool, to_grouped)
+from workers.packed_layers import (
+    PackedBasicBlock,
+    PackedBatchNorm2d,
+    PackedConv2d,
+    PackedCosineLinear,
+    PackedLinear,
+    from_grouped,
+    grouped_avg_pool,
+    to_grouped,
+)
 
 F64 = torch.float64
 TIGHT = {"rtol": 1e-12, "atol": 1e-12}  # float64, summation order only (module docstring)

@@ -52,7 +52,14 @@ def test_plan_is_deterministic_and_round_trips():
 
 
 def test_gpu_packs_are_sized_from_memory_and_the_model():
-    from sweep.core.plan import DEFAULT_CPU_PACK, DEFAULT_GPU_PACK, MEMORY_FRACTION, member_training_bytes, pack_size, pack_sizer
+    from sweep.core.plan import (
+        DEFAULT_CPU_PACK,
+        DEFAULT_GPU_PACK,
+        MEMORY_FRACTION,
+        member_training_bytes,
+        pack_size,
+        pack_sizer,
+    )
 
     g = expand({"name": "m", "recipe": "buda_mnist", "repeats": 1, "experiments": [
         {"dataset": "mnist", "model": "lenet5", "methods": ["baseline", "oversampling"],

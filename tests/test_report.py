@@ -24,11 +24,9 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs
 
-from analysis import figures as F
-from analysis import plotkit as P
+from analysis import figures as F, plotkit as P
+from analysis.aggregate import best_methods, method_label, paired_vs_baseline, select_lr_runs, summarize, with_labels
 from analysis.compare import ranking
-from analysis.aggregate import (best_methods, method_label, paired_vs_baseline, select_lr_runs,
-                                summarize, with_labels)
 from analysis.report import ReportSummary, write_report
 from sweep.store.results import ResultStore
 

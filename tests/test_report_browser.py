@@ -20,7 +20,9 @@ import pytest
 from analysis.report import write_report
 from sweep.store.results import ResultStore
 
-CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+from conftest import BROWSERS
+
+CHROMIUM_NAMES = BROWSERS  # the names tests/conftest.py puts in the browser tier
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 TIMEOUT_S = 45
 
@@ -105,6 +107,7 @@ def latent_stats(network_ids: list[str]):
     return statistics_table(rows, network_ids)
 
 
+@pytest.mark.browser
 def test_report_renders_every_figure_without_script_errors(tmp_path):
     browser = chromium()
     small_store(tmp_path / "store")
@@ -130,6 +133,7 @@ def test_report_renders_every_figure_without_script_errors(tmp_path):
     assert dom.count('class="plot-container') == len(summary.figures)
 
 
+@pytest.mark.browser
 def test_report_screenshot_is_not_blank(tmp_path):
     browser = chromium()
     small_store(tmp_path / "store")

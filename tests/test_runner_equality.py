@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from sweep.store.results import ResultStore
+
 from conftest import tiny_grid
 
 pytestmark = pytest.mark.ray

@@ -31,12 +31,13 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 pytest.importorskip("triton", reason="triton is not installed: the fused kernels and their model need it",
                     exc_type=ImportError)
 
-from workers import engine  # noqa: E402
-from workers import fused_kernels as fk  # noqa: E402
+from workers import engine, fused_kernels as fk  # noqa: E402
 from workers.fused_lenet import FusedLeNet5, fused_available  # noqa: E402
 from workers.losses import PackedLoss  # noqa: E402
 from workers.samplers import EpochSampler  # noqa: E402
 from workers.transforms import InputTransform, stack_transforms  # noqa: E402
+
+pytestmark = [pytest.mark.subprocess, pytest.mark.interpreter]  # tiers: pyproject.toml, tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "static_cost.py"

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from sweep.cli import cli
 from sweep.core.grid import expand, load_grid
 from sweep.core.plan import Pack
-from sweep.store.status import TRIAL_COLUMNS, format_status, summarize
 from sweep.store.results import ResultStore
+from sweep.store.status import TRIAL_COLUMNS, format_status, summarize
 
 DOC = {
     "name": "st", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 10},

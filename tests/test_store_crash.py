@@ -103,6 +103,7 @@ def _assert_whole_or_absent(root: Path) -> bool:
     return whole
 
 
+@pytest.mark.subprocess
 def test_the_write_has_steps_to_kill(tmp_path: Path) -> None:
     _seeded(tmp_path / "s")
     out = _writer(tmp_path / "s", 0)
@@ -110,6 +111,7 @@ def test_the_write_has_steps_to_kill(tmp_path: Path) -> None:
     assert int(out.stdout.split()[-1]) == STEPS  # else the kill points below miss some
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("kill_at", range(1, STEPS + 2))
 def test_killed_at_every_step(tmp_path: Path, kill_at: int) -> None:
     root = tmp_path / "s"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 
 
-
 def draw_subset(
     labels: np.ndarray, counts: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:

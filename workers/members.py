@@ -11,11 +11,12 @@ network's own id.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 from sweep.core.catalog import DATASETS
-from sweep.core.spec import Method, TrialSpec, derive_seed
 from sweep.core.counts import class_counts, majority_count, resampled_counts
+from sweep.core.spec import Method, TrialSpec, derive_seed
 from workers.imbalance import draw_subset, resample
 
 

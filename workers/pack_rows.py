@@ -15,8 +15,16 @@ import pyarrow.compute as pc
 
 from sweep.core.plan import Pack
 from sweep.store.provenance import provenance
-from sweep.store.schema import (CLASS_METRICS, CONFUSION, CURVES, LATENT_TABLES, TRIALS, class_rows,
-                                confusion_rows, trial_row)
+from sweep.store.schema import (
+    CLASS_METRICS,
+    CONFUSION,
+    CURVES,
+    LATENT_TABLES,
+    TRIALS,
+    class_rows,
+    confusion_rows,
+    trial_row,
+)
 from workers.datasets import ArrayDataset
 from workers.members import MemberData
 

@@ -25,7 +25,6 @@ import yaml
 
 from sweep.core.errors import UserError
 
-
 # Names that become path segments of the store (grid names; pack ids): no separators, no
 # leading dot/underscore or space (dot/underscore files are hidden from readers), nothing a
 # hive partition value would need to escape (% and =), no control characters, no trailing

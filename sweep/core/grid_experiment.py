@@ -17,19 +17,27 @@ from typing import Any
 
 import numpy as np
 
-from sweep.core.catalog import DATASETS, DEFAULT_NORMALIZATION, MODEL_REVISIONS, MODELS, NO_LINEAR_HEAD, NOT_MIRRORED, DatasetInfo
+from sweep.core.catalog import (
+    DATASETS,
+    DEFAULT_NORMALIZATION,
+    MODEL_REVISIONS,
+    MODELS,
+    NO_LINEAR_HEAD,
+    NOT_MIRRORED,
+    DatasetInfo,
+)
 from sweep.core.counts import catalog_majority_count
 from sweep.core.grid_checks import (
     BOUNDS,
     MAX_ITERS,
     MAX_NETWORKS_ENV,
-    bounded,
     _choice,
     _choices,
     _Errors,
     _int,
     _list,
     _num,
+    bounded,
     show,
 )
 from sweep.core.grid_recipe import recipe_of

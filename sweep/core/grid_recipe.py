@@ -17,7 +17,6 @@ from sweep.core.grid_checks import MAX_ITERS, Bound, _Errors, bounded, show
 from sweep.core.recipes import RECIPES
 from sweep.core.spec import Augmentation, LrPolicy, Normalization, Recipe
 
-
 _ITERATIONS = Bound(0, MAX_ITERS)
 # The range of every numeric Recipe field (sweep.core.spec.Recipe says what each means).
 RECIPE_BOUNDS: dict[str, Bound] = {

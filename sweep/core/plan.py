@@ -12,8 +12,8 @@ the pack as a *rebuild* member, whose rows are not written again.
 
 from __future__ import annotations
 
-from collections import defaultdict
 import math
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 

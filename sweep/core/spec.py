@@ -23,9 +23,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from functools import cached_property, lru_cache
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property, lru_cache
 from typing import Any
 
 from sweep.core.catalog import DEFAULT_NORMALIZATION

@@ -30,11 +30,10 @@ from typing import Any
 
 import pandas as pd
 
+from sweep.core.grid import Grid
 from sweep.store.integrity import summarize_damage
 from sweep.store.results import ResultStore
 from sweep.store.schema import COMPLETED, FAILURES, TRIALS, Status
-
-from sweep.core.grid import Grid
 
 TRIAL_COLUMNS = ["network_id", "pack_id", "method", "status", "error", "created_at", "train_seconds",
                  "eval_seconds", "latent_seconds"]
