@@ -176,8 +176,10 @@ def test_the_timeout_also_stops_a_stream_between_and_inside_batches(store):
 def _sigint_once_the_query_runs() -> threading.Thread:
     """Send this process SIGINT as soon as the query's thread exists: then the waiting
     thread is inside the part that turns Ctrl-C into an interrupt (no sleep, no race)."""
+    before = {t.ident for t in threading.enumerate() if t.name == "sweep-query"}  # none: each is joined
+
     def fire() -> None:
-        while not any(t.name == "sweep-query" for t in threading.enumerate()):
+        while not any(t.name == "sweep-query" and t.ident not in before for t in threading.enumerate()):
             threading.Event().wait(0.01)
         os.kill(os.getpid(), signal.SIGINT)
 

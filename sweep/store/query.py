@@ -180,8 +180,9 @@ def _watched(con: duckdb.DuckDBPyConnection, work: Callable[[threading.Event], _
     started = time.monotonic()
     deadline = None if not timeout_s else started + timeout_s
     why = None
+    worker = threading.Thread(target=target, name="sweep-query")
     try:
-        threading.Thread(target=target, name="sweep-query").start()
+        worker.start()
         while not done.wait(0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))):
             if deadline is not None and time.monotonic() >= deadline:
                 why = f"timed out after {timeout_s:g} s (raise it with --timeout SECONDS, 0: none)"
@@ -190,8 +191,10 @@ def _watched(con: duckdb.DuckDBPyConnection, work: Callable[[threading.Event], _
         why = f"interrupted (Ctrl-C) after {time.monotonic() - started:.1f} s"
     if why is not None:
         _stop(con, done, stop)
+        worker.join()  # it has finished its work: no query thread outlives its query
         raise QueryStopped(f"query against results store {root} {why}; the store is unchanged",
                            interrupted=why.startswith("interrupted"))
+    worker.join()
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["value"]  # type: ignore[return-value]
