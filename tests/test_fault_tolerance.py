@@ -89,11 +89,17 @@ class _DieAt(PackListener):
             raise _Killed
 
 
-# stage 1 at iteration 20; stage 2 at 20; and with each member's crop/flip stream to restore
-@pytest.mark.parametrize(("kill_at", "augmentation"), [(0.5, "none"), (0.75, "none"), (0.5, "crop_flip")])
+TWO_PHASE = ("oversampling", "two_phase_over")
+BOTH_HEAD_ONLY = ("baseline", "oversampling", "two_phase_over", "classifier_retraining")  # stages 1, 2, 3
+
+
+# stage 1 at iteration 20; stage 2 at 20; with each member's crop/flip stream to restore; and
+# stage 3 (re-training after two-phase phase 2) at 20, with stage 2's results from the checkpoint
+@pytest.mark.parametrize(("kill_at", "augmentation", "methods"), [
+    (0.5, "none", TWO_PHASE), (0.75, "none", TWO_PHASE), (0.5, "crop_flip", TWO_PHASE), (0.9, "none", BOTH_HEAD_ONLY)])
 def test_a_pack_stopped_after_a_checkpoint_continues_from_it_with_the_same_numbers(small_mnist, tmp_path,
-                                                                                     kill_at, augmentation):
-    g = expand({**GRID, "methods": ["oversampling", "two_phase_over"], "repeats": 1,
+                                                                                     kill_at, augmentation, methods):
+    g = expand({**GRID, "methods": list(methods), "repeats": 1,
                 "recipe": {**GRID["recipe"], "augmentation": augmentation}})
     pack = Pack(g.specs)
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]

@@ -96,8 +96,6 @@ def test_two_phase_depends_on_its_phase1_network():
     ({"dataset": "mnst"}, "dataset: unknown value 'mnst'"),
     ({"methods": ["baseline", "smote"]}, "methods: unknown value 'smote'"),
     ({"methods": ["two_phase_under"]}, "add undersampling to methods"),
-    ({"methods": ["baseline", "undersampling", "two_phase_under", "classifier_retraining"]},
-     "classifier_retraining and two-phase training in one experiment"),
     ({"imbalance": {"step": {"rho": [10], "mu": [0.25]}}}, "whole number of minority classes"),
     ({"imbalance": {"stepp": {"rho": [10]}}}, "imbalance.stepp: unknown imbalance kind"),
     ({"imbalance": {"linear": {"rho": [0.5]}}}, "every rho must be >= 1"),

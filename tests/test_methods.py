@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import workers.run_pack as rp
-from sweep.core.grid import GridError, expand
+from sweep.core.grid import expand
 from sweep.core.plan import Pack
 from sweep.core.spec import Method
 from workers.datasets import ArrayDataset
@@ -358,14 +358,17 @@ def test_phase2_batchnorm_updates_running_statistics_with_frozen_parameters():
 
 
 def test_phase2_trains_its_body_in_training_mode_and_retraining_in_eval_mode():
-    from workers.stages import plan_stages
+    from workers.stages import plan_stages, stage_plan
 
-    with pytest.raises(GridError, match="classifier_retraining and two-phase training in one experiment"):
-        grid(methods=["baseline", "oversampling", "two_phase_over", "classifier_retraining"])
-    two_phase = grid(methods=["baseline", "oversampling", "two_phase_over"]).specs
-    retraining = grid(methods=["baseline", "classifier_retraining"]).specs
-    with pytest.raises(ValueError, match="mixes classifier re-training .* with two-phase phase 2"):
-        plan_stages(Pack(two_phase + tuple(s for s in retraining if s.parent is not None)))  # built by hand
-    two = plan_stages(Pack(two_phase))[1]
-    retrain = plan_stages(Pack(retraining))[1]
+    mixed = grid(methods=["baseline", "oversampling", "two_phase_over", "classifier_retraining"]).specs
+    plans = plan_stages(Pack(mixed))
+    assert [p.number for p in plans] == [1, 2, 3]
+    first, two, retrain = plans
+    assert {s.method for s in first.specs} == {Method.BASELINE, Method.OVERSAMPLING} and not first.head_only
+    assert {s.method for s in two.specs} == {Method.TWO_PHASE_OVER}
+    assert {s.method for s in retrain.specs} == {Method.CLASSIFIER_RETRAINING}
     assert two.head_only and two.body_train and retrain.head_only and not retrain.body_train
+    only_retraining = plan_stages(Pack(grid(methods=["baseline", "classifier_retraining"]).specs))
+    assert [p.number for p in only_retraining] == [1, 2] and not only_retraining[1].body_train
+    with pytest.raises(ValueError, match="mixes classifier re-training .* with two-phase phase 2"):
+        stage_plan(2, two.specs + retrain.specs)  # one stage given both by hand

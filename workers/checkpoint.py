@@ -40,8 +40,8 @@ FORMAT = 2  # 1: the dict written before 2026-12 (ignored on read)
 
 @dataclass
 class PackCheckpoint:
-    """Where a pack stands: the running stage's snapshot, and when that is stage 2, what
-    stage 1 left (its members' results, the parents' weights, its latent tables)."""
+    """Where a pack stands: the running stage's snapshot, and past stage 1, what the stages
+    before it left (their members' results, the parents' weights, their latent tables)."""
 
     members: list[str]  # network ids of the pack, in order
     stage: int

@@ -189,7 +189,7 @@ def _run_pack(run: PackRun) -> PackResult:
     latent: list[dict[str, Any]] = []  # per stage: latent_stats / embeddings / classifier_weights
     for plan in stages:
         if plan.number == 1:
-            if resumed is not None and resumed.stage == 2:
+            if resumed is not None and resumed.stage > 1:
                 results, parent_states = resumed.stage1_results, resumed.parent_states
                 latent = resumed.stage1_latent
                 continue
@@ -203,6 +203,8 @@ def _run_pack(run: PackRun) -> PackResult:
                              if s.network_id in needed}
             del model
             continue
+        if resumed is not None and resumed.stage > plan.number:
+            continue  # finished before the checkpoint: its results and latent tables came with it
         runnable = []
         for s in plan.specs:
             why = _cannot_start(s, results.get(s.parent_id))
@@ -212,12 +214,13 @@ def _run_pack(run: PackRun) -> PackResult:
                 results[s.network_id] = MemberResult(Measurement.failed(why))
         if not runnable:
             continue
-        plan = stage_plan(2, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
+        plan = stage_plan(plan.number, tuple(runnable)) if len(runnable) < len(plan.specs) else plan
         model = _new_model(plan.specs, ds, dev, numerics)
         for i, s in enumerate(plan.specs):
             model.load_member_state(i, parent_states[s.parent_id])
         stage1 = (dict(results), parent_states, list(latent))
-        out, tables = _run_stage(ctx, plan, model, resumed if resumed is not None and resumed.stage == 2 else None,
+        out, tables = _run_stage(ctx, plan, model,
+                                 resumed if resumed is not None and resumed.stage == plan.number else None,
                                  stage1=stage1)
         results.update(out)
         latent.append(tables)

@@ -20,7 +20,9 @@ How the frozen body runs (:attr:`StagePlan.body_train`):
   using imbalanced extraction layers": the extractor is a fixed function, so the body runs
   in eval mode (no dropout, BatchNorm on its stored running statistics, unchanged).
 
-A stage 2 holding both kinds is refused (one module-wide mode per stage).
+A pack holding both kinds runs them as two head-only stages, two-phase phase 2 first
+(stage 2) and re-training after it (stage 3): a stage has one module-wide mode, and both
+start from stage 1's networks only. A stage plan given both kinds by hand is refused.
 
 Which stage-2 networks really run is decided after stage 1 (a diverged parent fails its
 dependents); the settings are decided here.
@@ -62,14 +64,15 @@ class StagePlan:
 
 
 def plan_stages(pack: Pack) -> list[StagePlan]:
-    """The pack's stages in the order they run (stage 1 first; either may be absent)."""
-    stage1 = tuple(s for s in pack.specs if s.parent is None)
-    stage2 = tuple(s for s in pack.specs if s.parent is not None)
-    plans = []
-    for number, specs in ((1, stage1), (2, stage2)):
-        if specs:
-            plans.append(stage_plan(number, specs))
-    return plans
+    """The pack's stages in the order they run: stage 1 trains the networks that start from
+    nothing; then one head-only stage per frozen-body mode (two-phase phase 2, then classifier
+    re-training), numbered on from 2. Any of them may be absent."""
+    trained = tuple(s for s in pack.specs if s.parent is None)
+    two_phase = tuple(s for s in pack.specs if s.parent is not None and s.method != Method.CLASSIFIER_RETRAINING)
+    retraining = tuple(s for s in pack.specs if s.method == Method.CLASSIFIER_RETRAINING)
+    plans = [stage_plan(1, trained)] if trained else []
+    head_only = [specs for specs in (two_phase, retraining) if specs]
+    return plans + [stage_plan(number, specs) for number, specs in enumerate(head_only, start=2)]
 
 
 def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
@@ -79,14 +82,14 @@ def stage_plan(number: int, specs: tuple[TrialSpec, ...]) -> StagePlan:
     select_every = 0
     if selection != Selection.FINAL:
         select_every = r.select_every or max(1, r.iters // DEFAULT_SELECT_POINTS)
-    head_only = number == 2
+    head_only = number >= 2
     body_train = False
     if head_only:
         retrain = {s.method == Method.CLASSIFIER_RETRAINING for s in specs}
         if len(retrain) > 1:
-            raise ValueError("a pack's stage 2 mixes classifier re-training (frozen body in eval mode) with "
-                             "two-phase phase 2 (frozen body in training mode, as Caffe): put the two methods "
-                             "in separate experiments")
+            raise ValueError(f"stage {number} mixes classifier re-training (frozen body in eval mode) with "
+                             "two-phase phase 2 (frozen body in training mode, as Caffe): plan_stages gives "
+                             "each its own stage")
         body_train = not retrain.pop()
     return StagePlan(
         number=number, specs=specs, head_only=head_only,

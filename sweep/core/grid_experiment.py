@@ -182,12 +182,6 @@ def _read_methods(err: "_Errors", p: str, cfg: dict[str, Any],
         if m.phase1 is not None and m.phase1 not in methods:
             raise err(p + "methods", f"{m} starts from the {m.phase1} network, which is not in methods",
                       f"add {m.phase1} to methods")
-    if Method.CLASSIFIER_RETRAINING in methods and any(m.phase1 in (Method.OVERSAMPLING, Method.UNDERSAMPLING)
-                                                       for m in methods):
-        # Their networks share packs, and a pack's second stage runs its frozen body in one mode:
-        # eval for re-training, training (Caffe's TRAIN phase) for two-phase (workers.stages).
-        raise err(p + "methods", "classifier_retraining and two-phase training in one experiment",
-                  "put them in separate blocks of experiments")
     thresholded = [Method(m) for m in _choices(
         err, cfg, "thresholding", [m.value for m in Method], p,
         default=[m.value for m in DEFAULT_THRESHOLDED if m in methods], allow_empty=True)]
