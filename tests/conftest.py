@@ -28,10 +28,11 @@ if not torch.cuda.is_available():
 TIER_MARKS = ("ray", "subprocess", "interpreter", "browser")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 # Tools that libraries run for themselves are no tier: a compiler's (Triton compiling for a GPU:
-# ptxas, the launcher's C compiler, ldconfig to find libcuda) and the system's (platform.processor()
-# runs `uname -p`). A GPU test that compiles a kernel spawns them, in any tier; they start no Python.
+# ptxas, the launcher's C compiler, ldconfig to find libcuda), the system's (platform.processor()
+# runs `uname -p`) and ours (sweep.store.provenance asks `git rev-parse HEAD` once per process).
+# A test that compiles a kernel or writes a pack spawns them, in any tier; they start no Python.
 TOOLCHAIN = ("ptxas", "cuobjdump", "nvdisasm", "nvlink", "fatbinary", "ldconfig", "ldconfig.real",
-             "cc", "gcc", "g++", "clang", "clang++", "c++", "uname")
+             "cc", "gcc", "g++", "clang", "clang++", "c++", "uname", "git")
 _seen: list[tuple[str, str]] = []  # (tier, what) the running test did; cleared before each test
 
 

@@ -301,6 +301,22 @@ def test_provenance():
     assert p["git_commit"] is None or len(p["git_commit"]) == 40
 
 
+def test_rows_name_the_commit_of_the_checkout_they_run_from():
+    """In a checkout (the tests run in one), every row names its HEAD; it was None for every
+    row while the source root was taken one level too low (sweep/ instead of the repository)."""
+    import sweep
+    from sweep.store.provenance import git_commit
+
+    root = Path(sweep.__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip(f"{root} is not a git checkout (an installed copy names no commit)")
+    head = (root / ".git" / "HEAD").read_text().strip() if (root / ".git").is_dir() else None
+    commit = git_commit()
+    assert commit is not None and len(commit) == 40
+    if head is not None and not head.startswith("ref:"):
+        assert commit == head  # a detached HEAD is the commit itself
+
+
 GRID_YAML = """\
 name: tiny
 dataset: mnist

@@ -68,5 +68,6 @@ def host() -> str:
 
 
 def _source_root() -> str:
-    """The folder holding the ``sweep`` package (the repository root in a checkout)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """The folder holding the ``sweep`` package (the repository root in a checkout): this
+    module is sweep/store/provenance.py, three levels below it."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
