@@ -330,7 +330,7 @@ def _is_point(it: int, every: int, iters: int) -> bool:
 
 
 def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: StageState, it: int,
-                curve_point: bool = True, select_point: bool = True) -> None:
+                curve_point: bool, select_point: bool) -> None:
     sets = list(cfg.curve_sets) if curve_point else []
     if select_point and cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
         sets.append(cfg.select_on)
