@@ -49,6 +49,9 @@ class PackCheckpoint:
     stage1_results: dict[str, Any] = field(default_factory=dict)  # network id -> MemberResult
     parent_states: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     stage1_latent: list[dict[str, Any]] = field(default_factory=list)
+    # The running stage's learning-rate search (workers.halving.HalvingState): its survivors,
+    # the rungs done and the stopped members' results. None: no search (and older checkpoints).
+    halving: Any = None
 
     @property
     def iteration(self) -> int:

@@ -152,7 +152,7 @@ def new_model(specs: Sequence[TrialSpec], numerics: Numerics, num_classes: int,
     else:
         model = model_for(specs, num_classes, in_shape)
     model.reset_parameters(s0.recipe.init, [derive_seed(s.seed, "init") for s in specs])
-    model.seed_noise([derive_seed(s.network_id, "dropout") for s in specs])
+    model.seed_noise([derive_seed(s.stream_id, "dropout") for s in specs])
     return model.to(device)
 
 

@@ -108,6 +108,9 @@ class StageState:
     best_state: dict[str, Tensor] | None = None
     train_seconds: float = 0.0
     step_mode: str = "eager"  # how the last run of the stage stepped: "eager" | "graph"
+    # Set when train_stage returns before the stage's end (``until``, a halving rung): the
+    # optimizer's buffers on the CPU, for the next call (on the members left) to load.
+    optimizer: list[Tensor | None] | None = None
 
 
 @dataclass
@@ -159,8 +162,13 @@ def train_stage(
     checkpoint: Checkpointer | None = None,
     progress: Callable[[int], None] | None = None,
     augment: Sequence[CropFlipDraws | None] | None = None,
+    until: int | None = None,
 ) -> StageState:
     """Train all members for ``cfg.iters`` iterations (continuing from ``state``).
+
+    ``until``: return at that iteration instead (a rung of a learning-rate search), with the
+    optimizer's buffers in ``state.optimizer`` and no best state restored; a later call,
+    perhaps on fewer members, goes on from there with the same numbers.
 
     ``augment`` holds each member's crop/flip stream (None: that member's images are used
     as they are); None or all None: no augmentation work at all.
@@ -201,8 +209,10 @@ def train_stage(
     watch = _DivergenceWatch(counters.first_bad)
     start = time.perf_counter() - state.train_seconds
     it = state.iteration
-    while it < cfg.iters:
-        n = min(CHUNK_ITERS, cfg.iters - it)
+    stop = cfg.iters if until is None else min(until, cfg.iters)
+    state.optimizer = None
+    while it < stop:
+        n = min(CHUNK_ITERS, stop - it)
         if checkpoint is not None and cfg.checkpoint_every:
             # End chunks on checkpoint boundaries: checkpoints land exactly every
             # ``checkpoint_every`` iterations (the sampler streams do not depend on chunking).
@@ -235,7 +245,9 @@ def train_stage(
     state.train_seconds = time.perf_counter() - start
     state.step_mode = runner.mode
     after_replays()
-    if state.best_state is not None:
+    if it < cfg.iters:  # stopped at ``until``: the stage goes on in a later call
+        state.optimizer = opt.state()
+    elif state.best_state is not None:
         _restore_best(model, state)
     for prm in model.parameters():
         prm.requires_grad_(True)
@@ -335,16 +347,9 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
     if select_point and cfg.select_on is not None and all(s is not cfg.select_on for s in sets):
         sets.append(cfg.select_on)
     for es in sets:
-        logits, _ = predict(model, es.x, transform, cfg.autocast_dtype, idx=es.idx)
-        if es.idx is not None:  # each member on its own images (labels [P, N], -1 = padding)
-            acc, bac, lss = _member_metrics(logits, es.y, es.weight)
-        else:
-            m = classification_metrics(logits, es.y, logits.shape[-1])
-            loss = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"
-            ).view(logits.shape[0], -1).mean(1)
-            acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(),
-                             loss.cpu().numpy())
+        # Each member on its own images where es.idx is set (labels [P, N], -1 = padding).
+        m = measure(model, transform, es, cfg.autocast_dtype)
+        acc, bac, lss = m["accuracy"], m["balanced_accuracy"], m["loss"]
         if curve_point and any(es is c for c in cfg.curve_sets):
             for p in range(model.members):
                 state.curves.append({"member": p, "iter": it, "split": es.split,
@@ -352,6 +357,22 @@ def _eval_point(model: PackedNet, transform: Any, cfg: StageConfig, state: Stage
                                      "accuracy": float(acc[p]), "balanced_accuracy": float(bac[p])})
         if select_point and es is cfg.select_on:
             _track_best(model, state, np.nan_to_num(bac, nan=-1.0), it)
+
+
+def measure(model: PackedNet, transform: Any, es: EvalSet,
+            autocast_dtype: torch.dtype | None = None) -> dict[str, np.ndarray]:
+    """Every member's accuracy, balanced accuracy and mean cross-entropy on ``es`` (a rung of a
+    learning-rate search ranks the members by one of them), as ``[P]`` arrays."""
+    logits, _ = predict(model, es.x, transform, autocast_dtype, idx=es.idx)
+    if es.idx is not None:
+        acc, bac, lss = _member_metrics(logits, es.y, es.weight)
+    else:
+        m = classification_metrics(logits, es.y, logits.shape[-1])
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), es.y.repeat(logits.shape[0]), reduction="none"
+        ).view(logits.shape[0], -1).mean(1)
+        acc, bac, lss = (m["accuracy"].cpu().numpy(), m["balanced_accuracy"].cpu().numpy(), loss.cpu().numpy())
+    return {"accuracy": acc, "balanced_accuracy": bac, "loss": lss}
 
 
 def _member_metrics(logits: Tensor, labels: Tensor,

@@ -44,7 +44,7 @@ def member_data(spec: TrialSpec, labels: np.ndarray, num_classes: int,
     subset, validation = cache[key]
     counts = np.bincount(labels[subset], minlength=num_classes)
     method = spec.method.sampling
-    rng = np.random.default_rng(derive_seed(spec.network_id, "resample"))
+    rng = np.random.default_rng(derive_seed(spec.stream_id, "resample"))
     if method == Method.CLASSIFIER_RETRAINING:
         train = balanced_full_set(spec, labels, num_classes, validation, rng)
     elif method.resamples:

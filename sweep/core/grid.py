@@ -59,6 +59,8 @@ EXPERIMENT_KEYS = {
     "lr_runs": "runs per learning rate, on the same training subset from other initial weights "
                "(Buda CIFAR-10: 2)",
     "selection": "lr-search / evaluation-point selection: " + ", ".join(Selection),
+    "lr_search": "early stopping of the lr search: {scheduler: halving, metric, mode, rungs, reduction} "
+                 "(sweep.core.lr_search; without it every candidate trains to the end, Buda et al.'s way)",
     "repeats": "number of repeats (minority classes redrawn each repeat)",
     "latent": "compute Dablain latent statistics (true/false)",
     "embeddings": "store raw FE vectors for this many networks per experiment (0 = none)",

@@ -41,9 +41,11 @@ from sweep.core.grid_checks import (
     show,
 )
 from sweep.core.grid_recipe import recipe_of
+from sweep.core.lr_search import LrSearchRequest, read_lr_search
 from sweep.core.recipes import epochs_to_iters, iters_per_epoch
 from sweep.core.spec import (
     Augmentation,
+    LrSearch,
     Evaluation,
     Head,
     Imbalance,
@@ -86,6 +88,7 @@ class _Experiment:
     lrs: tuple[float, ...]
     lr_runs: int
     selection: Selection
+    lr_search: LrSearchRequest | None  # None: the full search (every candidate to the end)
     repeats: int
     latent: bool
     embeddings: int  # networks whose raw FE are stored
@@ -119,7 +122,9 @@ def expand_experiment(
         for repeat in range(exp.repeats):
             imb, set_seed = _training_set(exp, grid_seed, kind, rho, mu, repeat)
             recipe = _recipe_for_set(err, p, exp, imb)
-            specs.extend(_networks_on_set(exp, imb, recipe, repeat, set_seed, grid_name))
+            search = (None if exp.lr_search is None
+                      else exp.lr_search.for_iters(err, p, recipe.iters, len(exp.lrs) * exp.lr_runs))
+            specs.extend(_networks_on_set(exp, imb, recipe, repeat, set_seed, grid_name, search))
     return _with_embeddings(specs, exp.embeddings)
 
 
@@ -128,6 +133,7 @@ def _read_experiment(err: "_Errors", p: str, cfg: dict[str, Any]) -> _Experiment
     dataset, model, recipe, max_per_class, minority = _read_data(err, p, cfg)
     methods, thresholded, ratios, losses, ldam_head = _read_methods(err, p, cfg)
     lrs, lr_runs, selection, repeats = _read_search(err, p, cfg, recipe)
+    lr_search = read_lr_search(err, p, cfg, len(lrs) * lr_runs, selection)
     if selection == Selection.VALIDATION and recipe.validation_fraction == 0:
         recipe = dataclasses.replace(recipe, validation_fraction=0.1)
     latent = cfg.get("latent", False)
@@ -150,7 +156,7 @@ def _read_experiment(err: "_Errors", p: str, cfg: dict[str, Any]) -> _Experiment
         dataset=dataset, model=model, revision=revision, recipe=recipe, max_per_class=max_per_class,
         minority=minority, imbalances=tuple(imbalances), methods=tuple(methods), thresholded=frozenset(thresholded),
         ratios=tuple(ratios), losses=tuple(losses), ldam_head=ldam_head, lrs=tuple(lrs), lr_runs=lr_runs,
-        selection=selection, repeats=repeats, latent=latent, embeddings=n_embed, epochs=epochs,
+        selection=selection, lr_search=lr_search, repeats=repeats, latent=latent, embeddings=n_embed, epochs=epochs,
     )
 
 
@@ -273,7 +279,7 @@ def _recipe_for_set(err: "_Errors", p: str, exp: _Experiment, imb: Imbalance) ->
 
 
 def _networks_on_set(exp: _Experiment, imb: Imbalance, recipe: Recipe, repeat: int, set_seed: int,
-                     grid_name: str) -> list[TrialSpec]:
+                     grid_name: str, lr_search: LrSearch | None = None) -> list[TrialSpec]:
     """Every network trained on one training set: loss x lr x lr run x method x ratio.
 
     The runs of one lr share the set's data (``data_seed``) and differ in their network
@@ -294,7 +300,7 @@ def _networks_on_set(exp: _Experiment, imb: Imbalance, recipe: Recipe, repeat: i
                 evaluations=(Evaluation.RAW, Evaluation.THRESHOLD) if method in exp.thresholded else (Evaluation.RAW,),
                 latent=exp.latent, model_revision=exp.revision, method_revision=method.revision,
                 head=exp.ldam_head if loss == Loss.LDAM else Head.LINEAR,
-                embeddings=False, grid=grid_name,
+                embeddings=False, lr_search=lr_search, grid=grid_name,
             ))
     return specs
 

@@ -107,6 +107,36 @@ class Selection(StrEnum):
     TEST = "test"
 
 
+class LrScheduler(StrEnum):
+    """How a grid's learning-rate search spends its iterations (the grid key ``lr_search``)."""
+
+    # Every candidate trains to the end: Buda et al.'s procedure, and the default.
+    FULL = "full"
+    # Successive halving: at each rung the best 1/reduction of each (training set, method)
+    # group's candidates go on, the rest stop (inside a pack; Ray Tune's ASHA across trials).
+    HALVING = "halving"
+
+
+class RungMetric(StrEnum):
+    """What a rung ranks the candidates by, measured on the grid's selection split."""
+
+    BALANCED_ACCURACY = "balanced_accuracy"
+    ACCURACY = "accuracy"
+    LOSS = "loss"  # mean cross-entropy
+
+    @property
+    def mode(self) -> "RungMode":
+        """Which way is better: accuracies are maximised, the loss minimised."""
+        return RungMode.MIN if self == RungMetric.LOSS else RungMode.MAX
+
+
+class RungMode(StrEnum):
+    """Ray Tune's ``mode``: whether a higher or a lower metric is better."""
+
+    MAX = "max"
+    MIN = "min"
+
+
 class Normalization(StrEnum):
     """How input images are normalised (workers.transforms implements each)."""
 

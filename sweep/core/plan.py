@@ -7,7 +7,10 @@ size and iteration count, so one stacked network trains them all. A two-phase
 network always sits in the same pack as its phase-1 network (never trained
 twice); when the phase-1 network is already in the store but its dependent is
 not (an interrupted sweep of an older plan), the phase-1 network is retrained in
-the pack as a *rebuild* member, whose rows are not written again.
+the pack as a *rebuild* member, whose rows are not written again. The candidates of one
+learning-rate search with early stopping (``TrialSpec.search_group``) sit in one pack,
+which halves them at each rung, unless packs hold one network each (then Ray Tune's ASHA
+stops trials; ``sweep.driver``).
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ def plan_packs(
         current: list[TrialSpec] = []
         # Repeat-major order: a sweep stopped early leaves whole repeats, not a ragged subset.
         for ts_key in sorted(groups[key], key=lambda k: (groups[key][k][0].repeat, k)):
-            for family in _families(groups[key][ts_key]):
+            families = _families(groups[key][ts_key])
+            for family in (_searches(families) if limit > 1 else families):
                 if current and len(current) + len(family) > limit:
                     packs.append(_make(current, rebuild))
                     current = []
@@ -164,6 +168,32 @@ def _families(unit: list[TrialSpec]) -> list[list[TrialSpec]]:
         else:
             families[s.network_id] = [s]
     return list(families.values())
+
+
+def _searches(families: list[list[TrialSpec]]) -> list[list[TrialSpec]]:
+    """Join the families whose networks are candidates of one halving search (equal
+    ``search_group``), so that every candidate of a group trains, and is ranked, in one pack.
+    Families of the full search stay as they are; the order is the families' order."""
+    owner: dict[str, int] = {}  # search group -> index of the joined unit that holds it
+    units: list[list[TrialSpec] | None] = []
+    for family in families:
+        hits = sorted({owner[s.search_group] for s in family if s.lr_search is not None and s.search_group in owner})
+        if not hits:
+            units.append(list(family))
+            target = len(units) - 1
+        else:
+            target = hits[0]
+            for other in hits[1:]:  # a family that joins two units joins them all
+                units[target].extend(units[other])
+                units[other] = None
+                for g, i in owner.items():
+                    if i == other:
+                        owner[g] = target
+            units[target].extend(family)
+        for s in units[target]:
+            if s.lr_search is not None:
+                owner[s.search_group] = target
+    return [u for u in units if u is not None]
 
 
 def _make(specs: list[TrialSpec], rebuild: set[str]) -> Pack:

@@ -29,6 +29,7 @@ from functools import cached_property, lru_cache
 from typing import Any
 
 from sweep.core.catalog import DEFAULT_NORMALIZATION
+from sweep.core.lr_search import LrSearch
 from sweep.core.options import (  # re-exported: specs and grids name them from here
     METHOD_ORDER,
     METHOD_REVISIONS,
@@ -49,7 +50,7 @@ __all__ = [
     "METHOD_ORDER", "METHOD_REVISIONS", "Augmentation", "Evaluation", "Head", "ImbalanceKind", "Loss", "LrPolicy",
     "Method", "MinorityChoice", "Normalization", "Selection",
     # the specs and their identity
-    "FIELD_ROLES", "ID_KEPT", "ID_PINNED", "FieldRole", "Imbalance", "PackKey", "Recipe", "TrialSpec",
+    "FIELD_ROLES", "ID_KEPT", "ID_PINNED", "FieldRole", "Imbalance", "LrSearch", "PackKey", "Recipe", "TrialSpec",
     "canonical_json", "derive_seed",
 ]
 
@@ -105,7 +106,7 @@ RECIPE_FIELDS_ADDED: dict[str, Any] = {"bias_lr_factor": 1.0, "augmentation": "n
                                        "select_every": 0}
 IMBALANCE_FIELDS_ADDED: dict[str, Any] = {"rounding": "nearest"}
 SPEC_FIELDS_ADDED: dict[str, Any] = {"model_revision": 1, "head": "linear", "data_seed": None,
-                                     "method_revision": 1}
+                                     "method_revision": 1, "lr_search": None}
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,9 @@ class TrialSpec:
     # Which version of the method's procedure (Method.revision): a changed procedure is a
     # different network with a different id.
     method_revision: int = 1
+    # Early stopping of the learning-rate search this network is a candidate of
+    # (sweep.core.lr_search); None: the full search, every candidate to the end.
+    lr_search: LrSearch | None = None
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
 
@@ -213,6 +217,25 @@ class TrialSpec:
         return _hash({"dataset": self.dataset, "imbalance": _identity_of(self.imbalance),
                       "seed": self.training_set_seed, "validation": self.recipe.validation_fraction})
 
+    @cached_property  # specs are frozen; ids are asked for often
+    def stream_id(self) -> str:
+        """What seeds the network's random streams (batches, re-sampling, dropout, crop/flip):
+        the id it has in the full search. A candidate of a search with early stopping draws
+        what the full search's network draws, so it has its numbers up to its rung, and a
+        survivor to the end (same device); every other network's is its id."""
+        return self.network_id if self.lr_search is None else dataclasses.replace(self, lr_search=None).network_id
+
+    @cached_property  # specs are frozen; ids are asked for often
+    def search_group(self) -> str:
+        """Networks with equal keys are candidates of one learning-rate search: the same
+        network but for its base lr and run (and the run's initial weights)."""
+        d = self.identity()
+        d["recipe"] = {k: v for k, v in d["recipe"].items() if k != "base_lr"}
+        for name in ("lr_run", "seed"):
+            d.pop(name, None)
+        d["training_set"] = self.training_set_key  # the seed left out above may have drawn the set
+        return _hash(d)
+
     @property
     def normalization(self) -> Normalization:
         """How this network's inputs are normalised: the recipe's choice, else the dataset's."""
@@ -246,6 +269,7 @@ class TrialSpec:
             head=Head(d.pop("head", "linear")),
             selection=Selection(d.pop("selection", "final")),
             evaluations=tuple(Evaluation(e) for e in d.pop("evaluations", ("raw",))),
+            lr_search=LrSearch.from_dict(d.pop("lr_search", None)),
             **d,
         )
 
@@ -272,6 +296,8 @@ FIELD_ROLES: dict[type, dict[str, FieldRole]] = {
         "selection": _T,  # which state is reported: the final one or the best of the selection points
         "evaluations": _E, "latent": _E, "embeddings": _E,
         "model_revision": _T, "head": _T, "data_seed": _T, "method_revision": _T,
+        # A stopped network reports its state at its rung: which it is depends on the search.
+        "lr_search": _T,
         "grid": _B,
     },
     Recipe: {
@@ -319,12 +345,14 @@ class PackKey:
     eval_every: int
     select_every: int
     checkpoint_every: int
+    lr_search: str | None = None  # the search's canonical JSON: a pack halves its candidates one way
 
     @classmethod
     def of(cls, spec: TrialSpec) -> "PackKey":
         r = spec.recipe
+        search = None if spec.lr_search is None else canonical_json(spec.lr_search.to_dict())
         return cls(spec.dataset, spec.model, spec.model_revision, str(spec.head), r.batch_size, r.iters, r.init,
-                   str(spec.selection), r.eval_every, r.select_every, r.checkpoint_every)
+                   str(spec.selection), r.eval_every, r.select_every, r.checkpoint_every, search)
 
     @property
     def sort_key(self) -> str:

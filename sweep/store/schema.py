@@ -73,9 +73,12 @@ class Status(StrEnum):
     OK = "ok"  # trained and evaluated
     DIVERGED = "diverged"  # its loss became non-finite; the metrics are of the last finite state
     FAILED = "failed"  # never produced results (the pack failed, or its phase-1 network did)
+    # Left behind at a rung of a learning-rate search with early stopping (sweep.core.lr_search):
+    # its metrics are of the network at that rung (``stopped_at_iter``), not of a trained one.
+    STOPPED = "stopped"
 
 
-COMPLETED = (Status.OK, Status.DIVERGED)  # what resume skips: training again gives the same
+COMPLETED = (Status.OK, Status.DIVERGED, Status.STOPPED)  # what resume skips: training again gives the same
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,11 @@ class Measurement:
     train_seconds: float = 0.0  # this network's share of the pack's time
     eval_seconds: float = 0.0
     latent_seconds: float = 0.0
+    # A learning-rate search's rungs: the last rung this network was ranked at (0-based), the
+    # iteration it stopped at (None: it went on to the end) and its rung metric there.
+    rung: int | None = None
+    stopped_at_iter: int | None = None
+    rung_metric: float | None = None
 
     @classmethod
     def failed(cls, error: str) -> "Measurement":
@@ -130,6 +138,8 @@ def trial_row(spec: TrialSpec, evaluation: Evaluation, pack_id: str, measurement
         "accuracy": float(met["accuracy"]) if met else nan,
         "balanced_accuracy": float(met["balanced_accuracy"]) if met else nan,
         "val_balanced_accuracy": measurement.val_balanced_accuracy, "best_iter": measurement.best_iter,
+        "rung": measurement.rung, "stopped_at_iter": measurement.stopped_at_iter,
+        "rung_metric": measurement.rung_metric,
         "resumed_from_iter": resumed_from_iter, "train_seconds": measurement.train_seconds,
         "eval_seconds": measurement.eval_seconds, "latent_seconds": measurement.latent_seconds,
         **(provenance or {}), "created_at": created_at, "spec_json": spec.to_json(),
