@@ -27,7 +27,7 @@ from tests.conftest import tiny_grid
 
 TRAINING = {
     TrialSpec: {"dataset", "model", "recipe", "imbalance", "method", "repeat", "seed", "resample_ratio", "loss",
-                "lr_run", "selection", "model_revision", "head", "data_seed", "method_revision"},
+                "lr_run", "selection", "model_revision", "head", "data_seed", "method_revision", "lr_search"},
     Recipe: {"iters", "batch_size", "base_lr", "momentum", "weight_decay", "lr_policy", "lr_gamma", "lr_power",
              "lr_milestones", "warmup_iters", "init", "phase2_lr_factor", "drw_start_iter", "drw_beta",
              "focal_gamma", "ldam_max_margin", "ldam_scale", "select_every", "validation_fraction",

@@ -32,6 +32,7 @@ from torch import Tensor
 from workers.augment import CropFlipDraws, crop_flip
 from workers.batch_feed import BatchFeed
 from workers.compute import new_optimizer
+from workers.divergence import DivergenceWatch, note_divergence
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
@@ -206,7 +207,7 @@ def train_stage(
         if runner.mode == "graph" and forget_copy is not None:
             forget_copy()
 
-    watch = _DivergenceWatch(counters.first_bad)
+    watch = DivergenceWatch(counters.first_bad)
     start = time.perf_counter() - state.train_seconds
     it = state.iteration
     stop = cfg.iters if until is None else min(until, cfg.iters)
@@ -232,7 +233,7 @@ def train_stage(
         state.train_seconds = time.perf_counter() - start
         if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
             # Divergence is noted first so a restarted stage keeps masking diverged members.
-            _note_divergence(state, counters.first_bad)
+            note_divergence(state, counters.first_bad)
             # Saved before progress is reported: whoever sees iteration ``it`` reported can
             # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
             checkpoint(StageSnapshot(state, opt.state(), [s.state() for s in samplers],
@@ -241,7 +242,7 @@ def train_stage(
                                      None if augment is None else [None if a is None else a.state() for a in augment]))
         if progress is not None:
             progress(it)
-    _note_divergence(state, counters.first_bad)
+    note_divergence(state, counters.first_bad)
     state.train_seconds = time.perf_counter() - start
     state.step_mode = runner.mode
     after_replays()
@@ -303,37 +304,6 @@ def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Te
         feed.advance()
 
     return step
-
-
-class _DivergenceWatch:
-    """Reads the members' first non-finite iteration without stalling the device: each poll
-    queues a copy and notes the copy the previous poll queued, if it has landed."""
-
-    def __init__(self, first_bad: Tensor) -> None:
-        self.first_bad = first_bad
-        self.cuda = first_bad.device.type == "cuda"
-        self.host = torch.empty(first_bad.shape, dtype=first_bad.dtype, pin_memory=self.cuda)
-        self.landed: torch.cuda.Event | None = None
-
-    def poll(self, state: StageState) -> None:
-        if not self.cuda:
-            _note_divergence(state, self.first_bad)
-            return
-        if self.landed is not None:
-            if not self.landed.query():
-                return  # still in flight: look again at the next poll
-            _note_divergence(state, self.host)
-        self.host.copy_(self.first_bad, non_blocking=True)
-        self.landed = torch.cuda.Event()
-        self.landed.record()
-
-
-def _note_divergence(state: StageState, first_bad: Tensor) -> None:
-    fb = first_bad.cpu().numpy()
-    newly = (fb >= 0) & (state.diverged_at < 0)
-    if newly.any():
-        log.warning("members %s diverged (non-finite loss); the others go on", np.flatnonzero(newly).tolist())
-    state.diverged_at = np.where(state.diverged_at < 0, fb, state.diverged_at)
 
 
 def _is_point(it: int, every: int, iters: int) -> bool:

@@ -45,12 +45,12 @@ from sweep.core.lr_search import LrSearchRequest, read_lr_search
 from sweep.core.recipes import epochs_to_iters, iters_per_epoch
 from sweep.core.spec import (
     Augmentation,
-    LrSearch,
     Evaluation,
     Head,
     Imbalance,
     ImbalanceKind,
     Loss,
+    LrSearch,
     Method,
     MinorityChoice,
     Normalization,

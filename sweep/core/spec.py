@@ -159,8 +159,7 @@ class TrialSpec:
     # Which version of the method's procedure (Method.revision): a changed procedure is a
     # different network with a different id.
     method_revision: int = 1
-    # Early stopping of the learning-rate search this network is a candidate of
-    # (sweep.core.lr_search); None: the full search, every candidate to the end.
+    # Early stopping of its lr search (sweep.core.lr_search); None: the full search.
     lr_search: LrSearch | None = None
     # Not part of the identity: where the spec came from.
     grid: str = field(default="", compare=False)
@@ -219,22 +218,16 @@ class TrialSpec:
 
     @cached_property  # specs are frozen; ids are asked for often
     def stream_id(self) -> str:
-        """What seeds the network's random streams (batches, re-sampling, dropout, crop/flip):
-        the id it has in the full search. A candidate of a search with early stopping draws
-        what the full search's network draws, so it has its numbers up to its rung, and a
-        survivor to the end (same device); every other network's is its id."""
+        """What seeds the random streams (batches, re-sampling, dropout, crop/flip): the id in the
+        full search, so an early-stopped search's candidate has the full search's numbers."""
         return self.network_id if self.lr_search is None else dataclasses.replace(self, lr_search=None).network_id
 
     @cached_property  # specs are frozen; ids are asked for often
     def search_group(self) -> str:
-        """Networks with equal keys are candidates of one learning-rate search: the same
-        network but for its base lr and run (and the run's initial weights)."""
-        d = self.identity()
+        """Equal for the candidates of one lr search: all but the base lr, the run and its seed."""
+        d = {k: v for k, v in self.identity().items() if k not in ("lr_run", "seed")}
         d["recipe"] = {k: v for k, v in d["recipe"].items() if k != "base_lr"}
-        for name in ("lr_run", "seed"):
-            d.pop(name, None)
-        d["training_set"] = self.training_set_key  # the seed left out above may have drawn the set
-        return _hash(d)
+        return _hash({**d, "training_set": self.training_set_key})
 
     @property
     def normalization(self) -> Normalization:
@@ -296,8 +289,7 @@ FIELD_ROLES: dict[type, dict[str, FieldRole]] = {
         "selection": _T,  # which state is reported: the final one or the best of the selection points
         "evaluations": _E, "latent": _E, "embeddings": _E,
         "model_revision": _T, "head": _T, "data_seed": _T, "method_revision": _T,
-        # A stopped network reports its state at its rung: which it is depends on the search.
-        "lr_search": _T,
+        "lr_search": _T,  # a stopped network reports its state at its rung: it depends on the search
         "grid": _B,
     },
     Recipe: {
@@ -350,9 +342,9 @@ class PackKey:
     @classmethod
     def of(cls, spec: TrialSpec) -> "PackKey":
         r = spec.recipe
-        search = None if spec.lr_search is None else canonical_json(spec.lr_search.to_dict())
         return cls(spec.dataset, spec.model, spec.model_revision, str(spec.head), r.batch_size, r.iters, r.init,
-                   str(spec.selection), r.eval_every, r.select_every, r.checkpoint_every, search)
+                   str(spec.selection), r.eval_every, r.select_every, r.checkpoint_every,
+                   None if spec.lr_search is None else canonical_json(spec.lr_search.to_dict()))
 
     @property
     def sort_key(self) -> str:
