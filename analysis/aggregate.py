@@ -205,7 +205,9 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
     balanced accuracy wins (``selection == "validation"``), else the best ``metric``
     on the test set (close to their way: they took the best of all runs and snapshots on
     the test set at once; here each run's point was already chosen by its worker). The choice is made on the raw evaluation and keeps
-    all evaluations of the winning network. Frames without a search pass unchanged.
+    all evaluations of the winning network. Frames without a search pass unchanged. Networks that
+    a search with early stopping left at a rung (status ``stopped``) are never chosen: their metrics
+    are of a network trained part of the way (:func:`stopped_by_rung` says how many stopped where).
     """
     group = [c for c in CELL + ["method", "loss", "resample_ratio", "repeat"] if c in trials.columns]
     if trials.empty or "network_id" not in trials.columns:
@@ -218,10 +220,25 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
     if "val_balanced_accuracy" in raw.columns and "selection" in raw.columns:
         val = pd.to_numeric(raw["val_balanced_accuracy"], errors="coerce")
         crit = val.where(raw["selection"].eq("validation") & val.notna(), crit)
+    survivors = ~raw["status"].eq(Status.STOPPED)
+    raw, crit = raw[survivors], crit[survivors]
     ranked = raw.assign(_ok=raw["status"].eq(Status.OK), _crit=crit.fillna(-np.inf))
     ranked = ranked.sort_values(["_ok", "_crit"], ascending=False, kind="stable")
     winners = ranked.drop_duplicates(group, keep="first")["network_id"]
     return trials[trials["network_id"].isin(set(winners))]
+
+
+def stopped_by_rung(trials: pd.DataFrame) -> pd.DataFrame:
+    """How many networks a search with early stopping stopped where: per grid, method, rung and
+    iteration (raw evaluations; empty for stores without such a search)."""
+    cols = ["grid", "method", "rung", "stopped_at_iter", "networks"]
+    if trials.empty or "stopped_at_iter" not in trials.columns:
+        return pd.DataFrame(columns=cols)
+    raw = trials[trials["evaluation"].eq("raw")] if "evaluation" in trials.columns else trials
+    stopped = raw[raw["status"].eq(Status.STOPPED)]
+    keys = [c for c in cols[:-1] if c in stopped.columns]
+    return (stopped.groupby(keys, dropna=False)["network_id"].nunique().rename("networks").reset_index()
+            if not stopped.empty else pd.DataFrame(columns=cols))
 
 
 # -- paired comparisons ----------------------------------------------------------

@@ -172,17 +172,32 @@ def _counts_table(trials: pd.DataFrame) -> str:
     if trials.empty:
         return "<p class='warn'>The store has no committed trials for this selection yet.</p>"
     rows = []
+    # Stopped (left at a rung by an lr search with early stopping) only where a search stopped some.
+    shown = [s for s in Status if s != Status.STOPPED or trials["status"].eq(Status.STOPPED).any()]
     for grid, df in trials.groupby("grid", dropna=False, sort=True):
         status = df["status"].value_counts()
         nets = df.drop_duplicates("network_id")["status"].value_counts()
         rows.append(
             f"<tr><td>{_esc(grid)}</td><td>{', '.join(sorted(map(str, df['dataset'].unique())))}</td>"
             f"<td>{df['network_id'].nunique():,}</td><td>{len(df):,}</td>"
-            + "".join(f"<td>{int(status.get(s, 0)):,}</td>" for s in Status)
+            + "".join(f"<td>{int(status.get(s, 0)):,}</td>" for s in shown)
             + f"<td>{int(nets.get(Status.DIVERGED, 0) + nets.get(Status.FAILED, 0)):,}</td></tr>")
     return ("<table class='counts'><thead><tr><th>grid</th><th>dataset</th><th>networks</th>"
-            "<th>evaluations</th><th>ok</th><th>diverged</th><th>failed</th>"
-            "<th>networks not ok</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+            "<th>evaluations</th>" + "".join(f"<th>{s}</th>" for s in shown)
+            + "<th>networks not ok</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+
+
+def _stopped_note(trials: pd.DataFrame) -> str:
+    """What an lr search with early stopping left behind, and that the lr choice ignores it."""
+    if trials.empty:
+        return ""
+    stopped = trials.loc[trials["status"].eq(Status.STOPPED), "network_id"].nunique()
+    if not stopped:
+        return ""
+    return (f"<p class='note'>{stopped:,} networks were stopped at a rung of a learning-rate search with "
+            "early stopping: their metrics are of a network trained part of the way, and the lr selection "
+            "considers the survivors only (the rung ladder: <code>sweep query</code> on the <code>rung</code> "
+            "and <code>stopped_at_iter</code> columns).</p>")
 
 
 def _points_sentence(figs: Sequence[FigureResult]) -> str:
@@ -438,7 +453,7 @@ def _page(store: Results, now: dt.datetime, trials: pd.DataFrame, figures: list[
         f"<p>{len(trials):,} evaluations of "
         f"{trials['network_id'].nunique() if not trials.empty else 0:,} trained networks. "
         f"{_esc(_points_sentence(figures))}</p>"
-        + _counts_table(trials) + missing_html
+        + _counts_table(trials) + _stopped_note(trials) + missing_html
         + ("<p class='note'>Not drawn: " + "; ".join(f"{_esc(f.title)} ({_esc(f.note)})" for f in skipped)
            + ".</p>" if skipped else "")
         + "</header>")

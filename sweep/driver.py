@@ -1,7 +1,8 @@
 """The Ray Tune driver: one Tune trial per pack.
 
 Floor: sweep.driver, a runner (imports sweep.prepare and the floors below; the only
-module that imports Ray).
+module that imports Ray). It is longer than 400 lines because everything that touches Ray
+lives here: the trainable, its reporter, Tune's callbacks and the lr search's ASHA.
 
 Embedded local Ray by default; an existing cluster with ``address`` (or
 ``RAY_ADDRESS``), the store then on a path every node sees. Ray is imported lazily:
@@ -37,6 +38,13 @@ monitor, ``workers.monitor``) every phase at once and its iterations every
 counts running packs pro rata of the fraction of their expected work for the progress
 bar, and says what they do.
 
+Learning-rate search with early stopping across trials: where every pack of a halving search
+is one network (``--max-networks 1``, or a model too large to pack), the packs cannot halve
+their candidates, so Ray Tune's ``ASHAScheduler`` does, one per search group, with the grid's
+rungs, metric and reduction (``sweep.core.lr_search.asha_settings``): each trial reports its
+rung metric through ``tune.report`` (``_TuneReporter.on_rung``), and a trial ASHA stops is
+stored with status ``stopped`` from its last report (``_record_stopped``).
+
 Test hook (documented, used by tests/test_fault_tolerance.py): when
 ``SWEEP_TEST_KILL_AT_FRACTION`` is set in the driver's environment, the first pack to
 reach that fraction of its training iterations SIGKILLs its own worker process, once
@@ -56,6 +64,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sweep.core.grid import Grid
+from sweep.core.lr_search import ASHA_METRIC, ASHA_TIME_ATTR, LrSearch, asha_settings, rung_time
+from sweep.core.options import LrScheduler
 from sweep.core.plan import Pack
 from sweep.prepare import (
     ProgressFn,
@@ -69,7 +79,8 @@ from sweep.prepare import (
     preflight,
 )
 from sweep.store.results import ResultStore
-from workers.monitor import PackEvent, PackListener  # no torch: the driver's process stays light
+from sweep.store.schema import TRIALS, Measurement, Status, trial_row
+from workers.monitor import PackEvent, PackListener, RungEvent  # no torch: the driver's process stays light
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +157,8 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
         tuner = tune.Tuner(
             trainable,
             param_space={"pack": tune.grid_search(list(range(len(packs))))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent or None),
+            tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent or None,
+                                        scheduler=_lr_search_scheduler(packs)),
             run_config=tune.RunConfig(
                 name=f"sweep-{grid.name}",
                 storage_path=os.path.abspath(os.path.join(store.root, "_ray")),
@@ -161,6 +173,9 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
             skipped = sum(len(packs[callback.pack_index(r)].stored_specs) for r in results
                           if r.error is None and (r.metrics or {}).get("skipped"))
+            for r in results:  # stopped by ASHA at a rung: its last report is its rung's
+                if r.error is None and ASHA_TIME_ATTR in (r.metrics or {}) and "seconds" not in r.metrics:
+                    _record_stopped(store, packs[callback.pack_index(r)], grid, r.metrics)
         except KeyboardInterrupt:  # a second Ctrl-C: what is stored stays stored
             failures, skipped = [], 0
         except (EOFError, pickle.UnpicklingError) as exc:
@@ -195,8 +210,10 @@ def _pack_trainable(config: dict[str, Any], packs: list[dict], store_root: str, 
     from workers.run_pack import run_pack
 
     pack = Pack.from_dict(packs[config["pack"]])
+    one = pack.specs[0].lr_search if len(pack.specs) == 1 else None  # ASHA's trial: one network
     result = run_pack(pack, store_root, device=device, data_dir=data_dir, grid_hash=grid_hash,
-                      precision=precision, kernels=kernels, listeners=[_TuneReporter(tune.report, kill_hook)])
+                      precision=precision, kernels=kernels,
+                      listeners=[_TuneReporter(tune.report, kill_hook, search=one)])
     return {"fraction": 1.0, "networks_done": result.networks, "diverged": result.diverged,
             "failed": result.failed, "seconds": result.seconds, "skipped": result.skipped}
 
@@ -207,9 +224,20 @@ class _TuneReporter(PackListener):
     Tune's logs); it carries the kill hook of the module doc."""
 
     def __init__(self, report: Callable[[dict[str, Any]], None], kill_hook: tuple[float, str] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.report, self.kill_hook, self.clock = report, kill_hook, clock
+                 clock: Callable[[], float] = time.monotonic, search: LrSearch | None = None) -> None:
+        self.report, self.kill_hook, self.clock, self.search = report, kill_hook, clock, search
         self.last: float | None = None  # when the last report went
+        self.fraction = 0.0  # of the pack's work, as last reported
+
+    def on_rung(self, event: RungEvent) -> None:
+        """A one-network trial's rung, for ASHA: its time, its metric, its test metrics there."""
+        if self.search is None or len(event.network_ids) != 1:
+            return  # a pack of several halves its own candidates
+        self.last = self.clock()
+        self.report({"fraction": self.fraction, "networks_done": 0, "phase": "training",
+                     ASHA_TIME_ATTR: rung_time(self.search, event.rung), ASHA_METRIC: event.scores[0],
+                     "rung": event.rung, "iteration": event.iteration, "network_id": event.network_ids[0],
+                     **{f"test_{k}": v for k, v in event.test[0].items()}})
 
     def on_phase(self, event: PackEvent) -> None:
         self._send(event)
@@ -221,8 +249,65 @@ class _TuneReporter(PackListener):
             self._send(event)
 
     def _send(self, event: PackEvent) -> None:
-        self.last = self.clock()
+        self.last, self.fraction = self.clock(), event.fraction
         self.report({"fraction": event.fraction, "networks_done": 0, "phase": str(event.phase)})
+
+
+def _lr_search_scheduler(packs: list[Pack]) -> Any:
+    """Ray Tune's ASHA per search group for the packs that are one network of a halving search
+    (module doc), FIFO for every other pack; None where no pack is such a network."""
+    groups = {i: (p.specs[0].search_group, p.specs[0].lr_search) for i, p in enumerate(packs)
+              if len(p.specs) == 1 and p.specs[0].lr_search is not None
+              and p.specs[0].lr_search.scheduler == LrScheduler.HALVING}
+    if not groups:
+        return None
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    class _ASHAPerGroup(FIFOScheduler):
+        """ASHA's own decisions, made among the candidates of one group only (a training set
+        and method): its other trials are other searches."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.asha: dict[str, Any] = {}
+
+        def _of(self, trial: Any) -> Any:
+            found = groups.get(trial.config.get("pack"))
+            if found is None:
+                return None
+            group, search = found
+            return self.asha.setdefault(group, ASHAScheduler(**asha_settings(search)))
+
+        def on_trial_add(self, controller: Any, trial: Any) -> None:
+            if (asha := self._of(trial)) is not None:
+                asha.on_trial_add(controller, trial)
+
+        def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+            asha = self._of(trial)
+            return TrialScheduler.CONTINUE if asha is None else asha.on_trial_result(controller, trial, result)
+
+        def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
+            if (asha := self._of(trial)) is not None:
+                asha.on_trial_complete(controller, trial, result)
+
+        def on_trial_remove(self, controller: Any, trial: Any) -> None:
+            if (asha := self._of(trial)) is not None and trial.trial_id in asha._trial_info:
+                asha.on_trial_remove(controller, trial)
+
+    return _ASHAPerGroup()
+
+
+def _record_stopped(store: ResultStore, pack: Pack, grid: Grid, report: dict[str, Any]) -> None:
+    """Store a one-network pack that ASHA stopped at a rung, from its last report there."""
+    import datetime as dt
+
+    m = Measurement(Status.STOPPED, error=f"stopped by ASHA at rung {report['rung']} (iteration "
+                    f"{report['iteration']}) of the lr search", best_iter=report["iteration"], rung=report["rung"],
+                    stopped_at_iter=report["iteration"], rung_metric=report[ASHA_METRIC],
+                    metrics={"raw": {k: report[f"test_{k}"] for k in ("roc_auc", "accuracy", "balanced_accuracy")}})
+    now = dt.datetime.now(dt.timezone.utc)
+    rows = [trial_row(s, e, pack.pack_id, m, now) for s in pack.stored_specs for e in s.evaluations]
+    store.write_pack(pack.pack_id, grid.name, {TRIALS: rows})
 
 
 def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:

@@ -190,7 +190,7 @@ def test_a_finally_failed_pack_is_recorded_and_resume_continues_it(tmp_path, gri
     assert run.returncode != 0 and marker.exists()
     assert "2 networks failed" in run.stderr and "sweep resume" in run.stderr
     status = json.loads(sweep("status", str(store), "--json", check=True).stdout)
-    assert status["totals"] == {"total": 4, "done": 2, "diverged": 0, "failed": 2, "pending": 0}
+    assert status["totals"] == {"total": 4, "done": 2, "diverged": 0, "stopped": 0, "failed": 2, "pending": 0}
     assert len(status["errors"]) == 1 and status["errors"][0]["networks"] == 2
     assert list((store / "_checkpoints").glob("*.pt"))  # kept for the retry
     again = sweep("resume", str(store), *common)
@@ -199,7 +199,7 @@ def test_a_finally_failed_pack_is_recorded_and_resume_continues_it(tmp_path, gri
     trials = assert_exactly_once(store)
     assert sorted(trials.groupby("pack_id")["resumed_from_iter"].max()) == [0, 20]
     status = json.loads(sweep("status", str(store), "--json", check=True).stdout)
-    assert status["totals"] == {"total": 4, "done": 4, "diverged": 0, "failed": 0, "pending": 0}
+    assert status["totals"] == {"total": 4, "done": 4, "diverged": 0, "stopped": 0, "failed": 0, "pending": 0}
     assert status["errors"] == [] and status["eta_hours"] is None
     assert status["throughput"]["networks"] == 4 and status["throughput"]["networks_per_hour"] > 0
 

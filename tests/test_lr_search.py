@@ -244,3 +244,5 @@ def test_a_halving_pack_resumed_from_its_checkpoint_has_the_same_survivors_and_n
             assert r[col] == ref[col] or (r[col] != r[col] and ref[col] != ref[col]), (col, r[col], ref[col])
     stored = store.read_table("trials")
     assert sorted(stored["status"]) == ["ok", "stopped", "stopped", "stopped"]
+    # Resume skips a stopped network as it skips a trained one: training it again gives the same.
+    assert store.completed_network_ids() >= set(reference)

@@ -48,11 +48,11 @@ def test_counts_by_method_partition_the_grid():
     (row,) = out["grids"]
     assert row["total"] == 6 and (row["done"], row["failed"], row["pending"]) == (3, 1, 2)
     assert row["by_method"] == {
-        "baseline": {"total": 2, "done": 2, "diverged": 0, "failed": 0, "pending": 0},
-        "oversampling": {"total": 2, "done": 1, "diverged": 1, "failed": 1, "pending": 0},
-        "undersampling": {"total": 2, "done": 0, "diverged": 0, "failed": 0, "pending": 2},
+        "baseline": {"total": 2, "done": 2, "diverged": 0, "stopped": 0, "failed": 0, "pending": 0},
+        "oversampling": {"total": 2, "done": 1, "diverged": 1, "stopped": 0, "failed": 1, "pending": 0},
+        "undersampling": {"total": 2, "done": 0, "diverged": 0, "stopped": 0, "failed": 0, "pending": 2},
     }
-    assert out["totals"] == {"total": 6, "done": 3, "diverged": 1, "failed": 1, "pending": 2}
+    assert out["totals"] == {"total": 6, "done": 3, "diverged": 1, "stopped": 0, "failed": 1, "pending": 2}
     text = format_status(out)
     assert "3 done (1 of them diverged)" in text and "diverged" in text.splitlines()[1]
 
@@ -113,7 +113,7 @@ def test_status_command_reads_the_store(tmp_path):
     res = runner.invoke(cli, ["status", str(tmp_path / "store"), "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
-    assert info["totals"] == {"total": 6, "done": 2, "diverged": 0, "failed": 1, "pending": 3}
+    assert info["totals"] == {"total": 6, "done": 2, "diverged": 0, "stopped": 0, "failed": 1, "pending": 3}
     assert info["errors"][0]["error"] == "ValueError: boom"
     res = runner.invoke(cli, ["status", str(tmp_path / "store")])
     assert res.exit_code == 0 and "grid st: 2 done (0 of them diverged), 1 failed, 3 pending of 6 networks" in res.output

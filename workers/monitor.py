@@ -13,6 +13,9 @@ overrides the hooks it needs and inherits the others, which do nothing. Events, 
   are set (initialised or copied from the parents) and when its training ends, before
   evaluation (what ``run_pack(observer=)`` sees, through :class:`StageObserverListener`);
 * ``on_iteration`` as training goes on (every few iterations: the engine's chunks);
+* ``on_rung`` at each rung of a learning-rate search with early stopping, with every
+  member's metric there and which go on (:class:`RungEvent`; the driver reports it to Ray
+  Tune, whose ASHA stops trials of one network each);
 * ``on_pack_end`` once the rows are written (fraction 1; not for a skipped pack).
 
 Every event but the stage hooks carries a :class:`PackEvent`: its ``fraction`` is of the
@@ -63,8 +66,27 @@ class PackEvent:
         return self.iters_done / self.iters_total if self.iters_total else 0.0
 
 
+@dataclass(frozen=True)
+class RungEvent:
+    """A rung of a stage's learning-rate search: every member ranked there, in member order."""
+
+    pack_id: str
+    stage: int
+    rung: int  # 0-based
+    iteration: int
+    metric: str  # sweep.core.options.RungMetric
+    network_ids: tuple[str, ...]
+    scores: tuple[float, ...]
+    kept: tuple[str, ...]  # the network ids that go on
+    # Each member's test metrics at the rung (roc_auc, accuracy, balanced_accuracy), raw evaluation.
+    test: tuple[dict[str, float], ...] = ()
+
+
 class PackListener:
     """Hooks of a pack run (module doc); override the ones you need."""
+
+    def on_rung(self, event: RungEvent) -> None:
+        pass
 
     def on_phase(self, event: PackEvent) -> None:
         pass
@@ -122,6 +144,10 @@ class PackMonitor:
         self.last = self._event(Phase.training(stage), stage, it)
         for x in self.listeners:
             x.on_iteration(self.last)
+
+    def rung(self, event: RungEvent) -> None:
+        for x in self.listeners:
+            x.on_rung(event)
 
     def stage_start(self, plan: StagePlan, model: "PackedNet") -> None:
         for x in self.listeners:

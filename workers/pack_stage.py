@@ -43,7 +43,7 @@ from workers.losses import PackedLoss
 from workers.members import MemberData, trained_multiset
 from workers.metrics import evaluate
 from workers.models import PackedNet
-from workers.monitor import PackMonitor
+from workers.monitor import PackMonitor, RungEvent
 from workers.optim import lr_table
 from workers.pack_run import PackRun
 from workers.pack_work import Phase
@@ -313,8 +313,15 @@ def _halve(ctx: PackContext, plan: StagePlan, model: PackedNet, parts: _StagePar
     stopped = [i for i in range(len(plan.specs)) if i not in set(keep)]
     log.info("pack %s: rung %d at iteration %d keeps %d of %d networks", ctx.pack.pack_id, rung, it,
              len(keep), len(plan.specs))
+    # Test metrics at the rung: the stopped networks' rows, and what a one-network trial tells Ray Tune.
+    metrics = _test_metrics(ctx, model, parts.transform, parts.md)
+    raw = metrics["raw"]
+    ids = tuple(s.network_id for s in plan.specs)
+    ctx.monitor.rung(RungEvent(
+        ctx.pack.pack_id, plan.number, rung, it, str(search.metric), ids, tuple(float(x) for x in scores),
+        tuple(ids[i] for i in keep),
+        tuple({k: float(raw[k][i]) for k in ("roc_auc", "accuracy", "balanced_accuracy")} for i in range(len(ids)))))
     if stopped:
-        metrics = _test_metrics(ctx, model, parts.transform, parts.md)
         for i in stopped:
             s = plan.specs[i]
             m = _measurement(i, s, metrics, state, it, False)

@@ -147,3 +147,23 @@ def read_lr_search(err: _Errors, p: str, cfg: dict[str, Any], candidates: int,
         raise err(key, f"one candidate per group ({candidates} lr x runs): there is nothing to stop",
                   "two or more learning rates or lr_runs")
     return LrSearchRequest(metric, rungs, reduction)
+
+
+# -- Ray Tune's ASHA (packs of one network: sweep.driver) ----------------------------------------
+# A trial reports ``ASHA_TIME_ATTR = reduction ** k`` at rung k, so ASHA's milestones
+# (grace_period * reduction ** k) are the grid's rungs whatever iterations they are at.
+ASHA_TIME_ATTR = "rung_time"
+ASHA_METRIC = "rung_metric"
+
+
+def asha_settings(search: LrSearch) -> dict[str, Any]:
+    """Keyword arguments of ``ray.tune.schedulers.ASHAScheduler`` for ``search``: the same rungs
+    (in rung time, see :func:`rung_time`), metric, mode and reduction. ``max_t`` lies a rung
+    beyond the last, so that no rung is ASHA's last milestone (which would stop every trial)."""
+    return {"time_attr": ASHA_TIME_ATTR, "metric": ASHA_METRIC, "mode": str(search.mode), "grace_period": 1,
+            "reduction_factor": search.reduction, "max_t": search.reduction ** (len(search.rungs) + 1)}
+
+
+def rung_time(search: LrSearch, rung: int) -> int:
+    """What a one-network trial reports as ASHA's time at rung ``rung`` (0-based)."""
+    return search.reduction ** rung

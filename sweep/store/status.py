@@ -5,13 +5,15 @@ Floor: sweep.store (where results live; imports sweep.core only, no torch).
 A network of a saved grid (``_grids/``) is
 
 * **done** when one of its latest trial rows is ``ok`` or ``diverged`` (what resume skips);
+* **stopped** when a learning-rate search with early stopping left it at a rung (its row is
+  ``stopped``): not trained to the end, not failed either; resume skips it too;
 * **failed** when it is not done and its pack finally failed (a ``failed`` trial row or
   a ``failures`` row): ``sweep resume`` trains it again;
 * of the done ones, **diverged** when its loss became non-finite (counted apart: resume
   does not retrain it, training again would diverge again);
 * **pending** otherwise: never started, or killed before its pack was stored.
 
-``done + failed + pending`` is the grid's number of trained networks. Errors are the
+``done + stopped + failed + pending`` is the grid's number of trained networks. Errors are the
 most recent one per failed network, grouped by message. Throughput is networks stored
 per hour of wall time in which packs were running: each stored pack covers
 ``[created_at - its train, eval and latent seconds, created_at]`` and overlapping packs
@@ -77,6 +79,7 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
         t = trials[trials["grid"] == g.name]
         f = failures[failures["grid"] == g.name]
         done_ids = set(t.loc[t["status"].isin(COMPLETED), "network_id"])
+        stopped_ids = set(t.loc[t["status"] == Status.STOPPED, "network_id"])
         # Done, but its loss became non-finite: resume will not retrain it (same numbers again).
         diverged_ids = set(t.loc[t["status"] == Status.DIVERGED, "network_id"])
         failed_ids = (set(t.loc[t["status"] == Status.FAILED, "network_id"]) | set(f["network_id"])) - done_ids
@@ -85,7 +88,9 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
         for s in g.specs:
             m = str(s.method)
             method_of[s.network_id] = m
-            state = "done" if s.network_id in done_ids else "failed" if s.network_id in failed_ids else "pending"
+            nid = s.network_id
+            state = ("stopped" if nid in stopped_ids else "done" if nid in done_ids
+                     else "failed" if nid in failed_ids else "pending")
             by_method[m]["total"] += 1
             by_method[m][state] += 1
             by_method[m]["diverged"] += s.network_id in diverged_ids
@@ -106,7 +111,7 @@ def summarize(grids: Sequence[Grid], trials: pd.DataFrame, failures: pd.DataFram
 
 
 def _counts(c: Counter) -> dict[str, int]:
-    return {k: int(c.get(k, 0)) for k in ("total", "done", "diverged", "failed", "pending")}
+    return {k: int(c.get(k, 0)) for k in ("total", "done", "diverged", "stopped", "failed", "pending")}
 
 
 def _errors(grid: str, trials: pd.DataFrame, failures: pd.DataFrame, failed_ids: set[str],
@@ -166,11 +171,16 @@ def format_status(status: dict[str, Any]) -> str:
         return f"{status.get('store', 'store')}: no sweep recorded (start one with `sweep run`)"
     width = max(len("method"), *(len(m) for g in status["grids"] for m in g["by_method"]))
     for g in status["grids"]:
-        lines.append(f"grid {g['grid']}: {g['done']:,} done ({g['diverged']:,} of them diverged), "
+        # The stopped column only where an lr search with early stopping stopped some.
+        stopped = f"{g['stopped']:,} stopped by the lr search, " if g["stopped"] else ""
+        lines.append(f"grid {g['grid']}: {g['done']:,} done ({g['diverged']:,} of them diverged), {stopped}"
                      f"{g['failed']:,} failed, {g['pending']:,} pending of {g['total']:,} networks")
-        lines.append(f"  {'method':<{width}}  {'done':>7}  {'diverged':>8}  {'failed':>7}  {'pending':>7}  {'total':>7}")
+        col = f"  {'stopped':>7}" if g["stopped"] else ""
+        lines.append(f"  {'method':<{width}}  {'done':>7}  {'diverged':>8}{col}  {'failed':>7}  {'pending':>7}  "
+                     f"{'total':>7}")
         for m, c in g["by_method"].items():
-            lines.append(f"  {m:<{width}}  {c['done']:>7,}  {c['diverged']:>8,}  {c['failed']:>7,}  "
+            col = f"  {c['stopped']:>7,}" if g["stopped"] else ""
+            lines.append(f"  {m:<{width}}  {c['done']:>7,}  {c['diverged']:>8,}{col}  {c['failed']:>7,}  "
                          f"{c['pending']:>7,}  {c['total']:>7,}")
     if status["errors"]:
         lines.append("errors (most recent per failed network):")

@@ -1,0 +1,65 @@
+"""Networks stopped by a learning-rate search with early stopping in the store's readers:
+`sweep status` counts them apart from the failed, the lr selection of the analysis ignores
+them, and the rung ladder is counted (issue 25). Frames built by hand: no training."""
+
+import datetime as dt
+
+import pandas as pd
+
+from analysis.aggregate import select_lr_runs, stopped_by_rung
+from sweep.core.grid import expand
+from sweep.store.status import TRIAL_COLUMNS, format_status, summarize
+
+DOC = {
+    "name": "ls", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 40},
+    "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline", "oversampling"],
+    "thresholding": [], "lr": [0.1, 0.01, 0.001, 0.0001], "selection": "validation", "seed": 1,
+    "lr_search": {"rungs": [10, 20]},
+}
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+# Per lr: status, rung, stopped_at_iter, val_balanced_accuracy, roc_auc (a stopped network may
+# have the higher test metric at its rung: it must not be chosen).
+OUTCOME = {0.1: ("stopped", 0, 10, None, 0.99), 0.01: ("ok", 1, None, 0.8, 0.90),
+           0.001: ("stopped", 1, 20, None, 0.95), 0.0001: ("stopped", 0, 10, None, 0.97)}
+
+
+def trials():
+    g = expand(DOC)
+    out = []
+    for s in g.specs:
+        status, rung, at, val, auc = OUTCOME[s.recipe.base_lr]
+        out.append({"trial_id": s.trial_id("raw"), "network_id": s.network_id, "pack_id": "p", "grid": "ls",
+                    "method": str(s.method), "status": status, "error": None, "created_at": T0,
+                    "train_seconds": 1.0, "eval_seconds": 0.0, "latent_seconds": 0.0, "evaluation": "raw",
+                    "dataset": "mnist", "model": "lenet5", "loss": "ce", "imbalance": "step", "rho": 10.0,
+                    "mu": 0.5, "resample_ratio": 1.0, "repeat": 0, "lr_run": 0, "base_lr": s.recipe.base_lr,
+                    "selection": "validation", "val_balanced_accuracy": val, "roc_auc": auc, "rung": rung,
+                    "stopped_at_iter": at})
+    return g, pd.DataFrame(out)
+
+
+def test_status_counts_stopped_networks_apart_from_failed_ones():
+    g, t = trials()
+    out = summarize([g], t[TRIAL_COLUMNS + ["grid"]], pd.DataFrame(columns=["network_id", "error", "created_at",
+                                                                             "grid"]))
+    assert out["totals"] == {"total": 8, "done": 2, "diverged": 0, "stopped": 6, "failed": 0, "pending": 0}
+    assert out["grids"][0]["by_method"]["baseline"]["stopped"] == 3
+    text = format_status(out)
+    assert "2 done (0 of them diverged), 6 stopped by the lr search, 0 failed, 0 pending of 8" in text
+    assert "stopped" in text.splitlines()[1]  # the table's column
+    assert "time left: none" in text  # a stopped network is not left to train
+
+
+def test_the_lr_selection_considers_survivors_only():
+    _, t = trials()
+    chosen = select_lr_runs(t)
+    assert len(chosen) == 2 and set(chosen["status"]) == {"ok"} and set(chosen["base_lr"]) == {0.01}
+
+
+def test_stopped_by_rung_counts_the_ladder():
+    _, t = trials()
+    ladder = stopped_by_rung(t)
+    got = {(r.method, r.rung, r.stopped_at_iter): r.networks for r in ladder.itertuples()}
+    assert got == {("baseline", 0, 10): 2, ("baseline", 1, 20): 1, ("oversampling", 0, 10): 2,
+                   ("oversampling", 1, 20): 1}
+    assert stopped_by_rung(t.drop(columns=["rung", "stopped_at_iter"])).empty  # an older store
