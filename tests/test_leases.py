@@ -89,7 +89,7 @@ def test_the_heartbeat_refreshes_a_lease_while_its_holder_does_nothing(tmp_path)
 @pytest.mark.parametrize("phase", ["evaluate", "latent_tables"])
 def test_a_pack_keeps_its_lease_fresh_during_a_phase_that_reports_no_progress(
         tmp_path, small_mnist, monkeypatch, phase) -> None:
-    import workers.run_pack as rp
+    import workers.pack_stage as rp  # evaluate and latent_tables run in a stage
 
     store = ResultStore(str(tmp_path / "s"))
     pack = Pack(expand({**DOC, "latent": phase == "latent_tables"}).specs)

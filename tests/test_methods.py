@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import workers.pack_stage as stage
 import workers.run_pack as rp
 from sweep.core.grid import expand
 from sweep.core.plan import Pack
@@ -121,7 +122,7 @@ def test_classifier_retraining_trains_only_wc_on_the_balanced_full_set(small_mni
     assert sorted(md.counts.tolist()) == [10] * 5 + [100] * 5
 
     captured, walked = {}, []
-    real_sampler = rp.EpochSampler
+    real_sampler = stage.EpochSampler
 
     def observe(plan, model, when):
         captured[(plan.head_only, when)] = model.member_state(0)
@@ -131,7 +132,7 @@ def test_classifier_retraining_trains_only_wc_on_the_balanced_full_set(small_mni
         walked.append(np.asarray(indices).copy())
         return real_sampler(indices, batch, seed)
 
-    monkeypatch.setattr(rp, "EpochSampler", sampler)
+    monkeypatch.setattr(stage, "EpochSampler", sampler)
     result = rp.run_pack(Pack(g.specs), None, dataset=small_mnist, observer=observe)
     captured[False] = (None, captured[(False, "end")], captured[False, "methods"])
     captured[True] = (captured[(True, "start")], captured[(True, "end")], captured[True, "methods"])
@@ -242,14 +243,14 @@ def test_zca_fitted_in_run_pack_whitens_the_members_own_subset(monkeypatch):
                 "imbalance": {"step": {"rho": [3], "mu": [0.5]}},
                 "methods": ["baseline", "oversampling"], "thresholding": [], "seed": 4})
     fits = []
-    real = rp.fit_transform
+    real = stage.fit_transform
 
     def spy(kind, x):
         t = real(kind, x)
         fits.append((kind, x, t))
         return t
 
-    monkeypatch.setattr(rp, "fit_transform", spy)
+    monkeypatch.setattr(stage, "fit_transform", spy)
     rp.run_pack(Pack(g.specs), None, dataset=ds)
     assert len(fits) == 1  # one fit for the training set both methods share
     kind, x, t = fits[0]

@@ -193,7 +193,7 @@ def _trained_curve_set(small_mnist, methods, **over):
     """The pack's stage-1 specs, their member data and the "trained" curve set _curve_sets builds."""
     import types
 
-    import workers.run_pack as rp
+    import workers.pack_stage as rp  # a stage's tables: workers.pack_stage
     from workers.members import member_data
     from workers.stages import plan_stages
 
@@ -257,7 +257,7 @@ def test_a_multiset_larger_than_the_cap_is_sampled_by_element(small_mnist, monke
     collapsed to distinct images with their counts: the weights add up to the cap."""
     import numpy as np
 
-    import workers.run_pack as rp
+    import workers.pack_stage as rp  # a stage's tables: workers.pack_stage
 
     monkeypatch.setattr(rp, "TRAIN_CURVE_IMAGES", 300)
     specs, md, trained = _trained_curve_set(small_mnist, ["oversampling"],
