@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     n_full, n_halved = _network_iterations(full), _network_iterations(halved)
     chosen_full = select_lr_runs(full[full["evaluation"] == "raw"]).set_index(GROUP)
     chosen_halved = select_lr_runs(halved[halved["evaluation"] == "raw"]).set_index(GROUP)
-    pairs = chosen_full.join(chosen_halved, lsuffix="_full", rsuffix="_halved", how="inner")
+    pairs = chosen_full.merge(chosen_halved, left_index=True, right_index=True, suffixes=("_full", "_halved"))
     same_lr = pairs["base_lr_full"].eq(pairs["base_lr_halved"])
     same_run = same_lr & pairs["lr_run_full"].eq(pairs["lr_run_halved"])
     diff = (pairs["roc_auc_halved"] - pairs["roc_auc_full"]).to_numpy(dtype=float)

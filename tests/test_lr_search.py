@@ -246,3 +246,22 @@ def test_a_halving_pack_resumed_from_its_checkpoint_has_the_same_survivors_and_n
     assert sorted(stored["status"]) == ["ok", "stopped", "stopped", "stopped"]
     # Resume skips a stopped network as it skips a trained one: training it again gives the same.
     assert store.completed_network_ids() >= set(reference)
+
+
+def test_two_phase_networks_follow_their_phase1_networks_search(small_mnist):
+    # Phase 1 (over-sampling) halves 4 -> 2 -> 1; a two-phase network whose phase-1 network was
+    # stopped is stopped with it, untrained; the survivor's goes on to the end.
+    g = grid(methods=["oversampling", "two_phase_over"], lr=[0.05, 0.01, 0.001, 0.0001])
+    rows = _raw(run_pack(Pack(g.specs), None, dataset=small_mnist).tables)
+    by_method = {}
+    for s in g.specs:
+        by_method.setdefault(str(s.method), []).append(rows[s.network_id])
+    assert sorted(r["status"] for r in by_method["oversampling"]) == ["ok", "stopped", "stopped", "stopped"]
+    phase2 = {r["parent_id"]: r for r in by_method["two_phase_over"]}
+    for parent in by_method["oversampling"]:
+        child = phase2[parent["network_id"]]
+        if parent["status"] == "stopped":
+            assert child["status"] == "stopped" and child["stopped_at_iter"] == 0
+            assert "stopped at iteration" in child["error"]
+        else:
+            assert child["status"] == "ok" and np.isfinite(child["roc_auc"])

@@ -14,9 +14,13 @@ cost less; ``workers.run_pack`` builds the smaller model and its tables, and the
 captures a new CUDA graph for it (every ``train_stage`` call makes its own step).
 
 Ranking: ties go to the earlier member (the grid's order: lr, then run); a member whose loss
-went non-finite ranks last. The rule is Ray Tune's ASHA with all of a rung's results in
-(keep those at or above the ``1 - 1/reduction`` quantile: ``ceil(n / reduction)`` of
-them), so ``sweep.driver``'s ASHA path and this one agree on the same numbers.
+went non-finite ranks last. All of a rung's results are in when it ranks (a pack is
+synchronous). Ray Tune's ASHA, for packs of one network (``sweep.driver``), is not: it keeps
+a trial at or above the ``1 - 1/reduction`` quantile of those that reached the rung before
+it. Where the survivors reach a rung first, worst to best, and the others after them, that is
+the same ``ceil(n / reduction)`` networks (tests/test_lr_search_asha.py); otherwise ASHA
+may keep more or others (its first trials at a rung always go on; a good trial after a
+better one may stop).
 """
 
 from __future__ import annotations
