@@ -308,6 +308,13 @@ def _record_stopped(store: ResultStore, pack: Pack, grid: Grid, report: dict[str
     now = dt.datetime.now(dt.timezone.utc)
     rows = [trial_row(s, e, pack.pack_id, m, now) for s in pack.stored_specs for e in s.evaluations]
     store.write_pack(pack.pack_id, grid.name, {TRIALS: rows})
+    if store.is_local:  # the stopped worker left its checkpoint: it will never be resumed
+        from sweep.store.paths import checkpoint_path, checkpoint_record_path
+
+        ckpt = checkpoint_path(store.base_path, pack.pack_id)
+        for path in (ckpt, checkpoint_record_path(ckpt)):
+            if os.path.exists(path):
+                os.remove(path)
 
 
 def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:

@@ -123,6 +123,10 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
         total = torch.cuda.get_device_properties(dev).total_memory
         memory = pack_memory_bytes(grid.gpu_per_pack if grid.gpu_per_pack > 0 else 1.0, total / 2**30)
     packs, n_done = plan_for(grid, store, max_networks, dev.type, memory)
+    if any(len(p.specs) == 1 and p.specs[0].lr_search is not None for p in packs):
+        # Only Ray Tune's ASHA stops one-network trials (sweep.driver); here each trains to the end.
+        log.warning("packs of one network cannot halve an lr search without Ray Tune: every candidate of "
+                    "those packs trains to the end (use `sweep run`, or larger packs)")
     trained = failed = 0
     listener = _PackLog(packs, n_done, grid.trained_networks, progress)
     if progress:

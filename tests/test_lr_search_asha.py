@@ -122,3 +122,47 @@ def test_packs_of_several_networks_get_no_tune_scheduler():
     g = expand(GRID)
     assert _lr_search_scheduler([Pack(g.specs)]) is None
     assert _lr_search_scheduler([Pack((s,)) for s in expand({**GRID, "lr_search": None}).specs]) is None
+
+
+@pytest.mark.ray
+def test_one_network_trials_are_stopped_by_tunes_asha_and_stored(mnist, tmp_path, ray_dir):
+    # The same 4 candidates as one-network packs under `sweep run` (Ray Tune), one trial at a
+    # time in the grid's order: ASHA judges each at a rung against those before it. What each
+    # trial reports at its rungs is what it reports trained alone here (the same numbers).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    g = expand(GRID)
+    alone = {}
+    for s in g.specs:  # on all of MNIST, as the CLI's workers
+        rungs = _Rungs()
+        run_pack(Pack((s,)), None, dataset=mnist, listeners=[rungs])
+        alone[s.network_id] = [e.scores[0] for e in rungs.events]
+
+    grid_file = tmp_path / "asha.yaml"
+    grid_file.write_text(yaml.safe_dump(GRID))
+    store = tmp_path / "store"
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-m", "sweep.cli", "run", str(grid_file), "--store", str(store),
+                          "--max-networks", "1", "--max-concurrent", "1", "--num-cpus", "1",
+                          "--ray-temp-dir", ray_dir, "-q"], capture_output=True, text=True, cwd=root, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["network_id"]: r for r in ResultStore(str(store)).read_table("trials").to_dict("records")}
+    assert set(rows) == set(alone)
+
+    # ASHA's decisions on those reports, the trials in the packs' (the grid's) order.
+    order = [s.network_id for s in g.specs]
+    every = [RungEvent("p", 1, k, it, "balanced_accuracy", tuple(order), tuple(alone[n][k] for n in order), ())
+             for k, it in enumerate((10, 20))]
+    kept = _asha_decisions(g, every, lambda e: order)
+    for nid, r in rows.items():
+        if nid in kept[-1]:
+            assert r["status"] == "ok"
+        else:
+            rung = 0 if nid not in kept[0] else 1
+            assert (r["status"], r["rung"], r["stopped_at_iter"]) == ("stopped", rung, [10, 20][rung])
+            assert r["rung_metric"] == alone[nid][rung]
+    assert not list((store / "_checkpoints").glob("*.pt"))
