@@ -221,6 +221,8 @@ def select_lr_runs(trials: pd.DataFrame, metric: str = "roc_auc") -> pd.DataFram
         val = pd.to_numeric(raw["val_balanced_accuracy"], errors="coerce")
         crit = val.where(raw["selection"].eq("validation") & val.notna(), crit)
     survivors = ~raw["status"].eq(Status.STOPPED)
+    if "stopped_at_iter" in raw.columns:  # a diverged network a rung dropped keeps its status
+        survivors &= pd.to_numeric(raw["stopped_at_iter"], errors="coerce").isna()
     raw, crit = raw[survivors], crit[survivors]
     ranked = raw.assign(_ok=raw["status"].eq(Status.OK), _crit=crit.fillna(-np.inf))
     ranked = ranked.sort_values(["_ok", "_crit"], ascending=False, kind="stable")

@@ -80,10 +80,17 @@ def _run(doc: dict, ds: ArrayDataset, device: str | None) -> tuple[pd.DataFrame,
     return pd.DataFrame(rows), time.perf_counter() - t0
 
 
+def _left_at_a_rung(trials: pd.DataFrame) -> pd.Series:
+    """Networks a rung took out: stopped ones, and diverged ones it dropped (they keep their status)."""
+    if "stopped_at_iter" not in trials.columns:
+        return pd.Series(False, index=trials.index)
+    return pd.to_numeric(trials["stopped_at_iter"], errors="coerce").notna()
+
+
 def _network_iterations(trials: pd.DataFrame) -> int:
     raw = trials[trials["evaluation"] == "raw"]
-    stopped = raw["status"].eq("stopped")
-    return int(raw.loc[stopped, "stopped_at_iter"].sum() + raw.loc[~stopped, "iters"].sum())
+    left = _left_at_a_rung(raw)
+    return int(raw.loc[left, "stopped_at_iter"].sum() + raw.loc[~left, "iters"].sum())
 
 
 def _cifar_projection(reduction: int) -> tuple[int, int, tuple[int, ...]]:
@@ -123,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=25)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default=None)
+    ap.add_argument("--out-dir", default=None, help="also write both searches' trials rows here (CSV)")
     ap.add_argument("--cifar-rate", type=float, default=None,
                     help="All-CNN network-iterations/s of the target device, for the GPU-hours projection")
     args = ap.parse_args(argv)
@@ -134,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
     full, full_s = _run(_grid(args, False), ds, args.device)
     halved, halved_s = _run(_grid(args, True), ds, args.device)
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+        full.to_csv(Path(args.out_dir) / "full.csv", index=False)
+        halved.to_csv(Path(args.out_dir) / "halving.csv", index=False)
     n_full, n_halved = _network_iterations(full), _network_iterations(halved)
     chosen_full = select_lr_runs(full[full["evaluation"] == "raw"]).set_index(GROUP)
     chosen_halved = select_lr_runs(halved[halved["evaluation"] == "raw"]).set_index(GROUP)
@@ -155,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"selected lr equals the full search's: {int(same_lr.sum())} of {n} ({int(same_run.sum())} the same run too)")
     print(f"paired test ROC AUC difference (halving - full) of the selected networks: mean {diff.mean():+.5f}, "
           f"sd {sd:.5f}, min {diff.min():+.5f}, n = {n}")
-    stopped = halved[(halved["evaluation"] == "raw") & halved["status"].eq("stopped")]
-    ladder = stopped.groupby("stopped_at_iter")["network_id"].nunique()
-    print("stopped per rung: " + ", ".join(f"{n_:,} at {int(it):,}" for it, n_ in ladder.items()))
+    raw = halved[halved["evaluation"] == "raw"]
+    left = raw[_left_at_a_rung(raw)]
+    ladder = left.groupby("stopped_at_iter")["network_id"].nunique()
+    print("left at each rung: " + ", ".join(f"{n_:,} at {int(it):,}" for it, n_ in ladder.items())
+          + f" ({int(left['status'].eq('diverged').sum())} of them diverged before); diverged in the full search: "
+          f"{int(full.loc[full['evaluation'] == 'raw', 'status'].eq('diverged').sum())}")
     c_full, c_halved, c_rungs = _cifar_projection(args.reduction)
     line = (f"projection, grids/buda_cifar10.yaml (rungs {c_rungs} of 70,000; each (set, method) group "
             f"of 8 to 1): {c_full:,} -> {c_halved:,} network-iterations ({c_halved / c_full:.1%})")

@@ -63,3 +63,12 @@ def test_stopped_by_rung_counts_the_ladder():
     assert got == {("baseline", 0, 10): 2, ("baseline", 1, 20): 1, ("oversampling", 0, 10): 2,
                    ("oversampling", 1, 20): 1}
     assert stopped_by_rung(t.drop(columns=["rung", "stopped_at_iter"])).empty  # an older store
+
+
+def test_a_diverged_network_a_rung_dropped_is_not_chosen_either():
+    # A rung drops a diverged network with its status kept (diverged) and its stopped_at_iter set.
+    _, t = trials()
+    t["status"] = "diverged"  # say the survivor diverged late too: no ok network in the group
+    t["val_balanced_accuracy"] = None
+    chosen = select_lr_runs(t)
+    assert set(chosen["base_lr"]) == {0.01}  # not lr 0.1, dropped at rung 0 with a higher test AUC
