@@ -154,11 +154,12 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             {"cpu": cpu, "gpu": gpu},
         )
         callback = _ProgressCallback(packs, done, total, progress)
+        scheduler = _lr_search_scheduler(packs)
         tuner = tune.Tuner(
             trainable,
             param_space={"pack": tune.grid_search(list(range(len(packs))))},
             tune_config=tune.TuneConfig(max_concurrent_trials=options.max_concurrent or None,
-                                        scheduler=_lr_search_scheduler(packs)),
+                                        scheduler=scheduler),
             run_config=tune.RunConfig(
                 name=f"sweep-{grid.name}",
                 storage_path=os.path.abspath(os.path.join(store.root, "_ray")),
@@ -173,9 +174,10 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
             failures = [(packs[callback.pack_index(r)], str(r.error)) for r in results if r.error is not None]
             skipped = sum(len(packs[callback.pack_index(r)].stored_specs) for r in results
                           if r.error is None and (r.metrics or {}).get("skipped"))
-            for r in results:  # stopped by ASHA at a rung: its last report is its rung's
-                if r.error is None and ASHA_TIME_ATTR in (r.metrics or {}) and "seconds" not in r.metrics:
-                    _record_stopped(store, packs[callback.pack_index(r)], grid, r.metrics)
+            for r in results:  # stopped by ASHA at a rung (not finished before the stop took effect)
+                i = callback.pack_index(r)
+                if r.error is None and "seconds" not in (r.metrics or {}) and scheduler and i in scheduler.stopped:
+                    _record_stopped(store, packs[i], grid, scheduler.stopped[i])
         except KeyboardInterrupt:  # a second Ctrl-C: what is stored stays stored
             failures, skipped = [], 0
         except (EOFError, pickle.UnpicklingError) as exc:
@@ -270,6 +272,9 @@ def _lr_search_scheduler(packs: list[Pack]) -> Any:
         def __init__(self) -> None:
             super().__init__()
             self.asha: dict[str, Any] = {}
+            # pack index -> the report ASHA stopped its trial on. A trial's function runs on past
+            # a report while Tune decides, so its last report may be a later rung's.
+            self.stopped: dict[int, dict] = {}
 
         def _of(self, trial: Any) -> Any:
             found = groups.get(trial.config.get("pack"))
@@ -283,8 +288,15 @@ def _lr_search_scheduler(packs: list[Pack]) -> Any:
                 asha.on_trial_add(controller, trial)
 
         def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
-            asha = self._of(trial)
-            return TrialScheduler.CONTINUE if asha is None else asha.on_trial_result(controller, trial, result)
+            asha, pack = self._of(trial), trial.config.get("pack")
+            if asha is None:
+                return TrialScheduler.CONTINUE
+            if pack in self.stopped:  # a report that was under way when ASHA stopped it: not judged
+                return TrialScheduler.STOP
+            action = asha.on_trial_result(controller, trial, result)
+            if action == TrialScheduler.STOP:
+                self.stopped[pack] = dict(result)
+            return action
 
         def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
             if (asha := self._of(trial)) is not None:

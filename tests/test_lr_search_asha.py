@@ -127,7 +127,7 @@ def test_packs_of_several_networks_get_no_tune_scheduler():
 @pytest.mark.ray
 def test_one_network_trials_are_stopped_by_tunes_asha_and_stored(mnist, tmp_path, ray_dir):
     # The same 4 candidates as one-network packs under `sweep run` (Ray Tune), one trial at a
-    # time in the grid's order: ASHA judges each at a rung against those before it. What each
+    # time in the packs' order: ASHA judges each at a rung against those before it. What each
     # trial reports at its rungs is what it reports trained alone here (the same numbers).
     import subprocess
     import sys
@@ -153,8 +153,10 @@ def test_one_network_trials_are_stopped_by_tunes_asha_and_stored(mnist, tmp_path
     rows = {r["network_id"]: r for r in ResultStore(str(store)).read_table("trials").to_dict("records")}
     assert set(rows) == set(alone)
 
-    # ASHA's decisions on those reports, the trials in the packs' (the grid's) order.
-    order = [s.network_id for s in g.specs]
+    # ASHA's decisions on those reports, the trials in the order of their packs.
+    from sweep.core.plan import plan_packs
+
+    order = [p.specs[0].network_id for p in plan_packs(g.specs, 1)]
     every = [RungEvent("p", 1, k, it, "balanced_accuracy", tuple(order), tuple(alone[n][k] for n in order), ())
              for k, it in enumerate((10, 20))]
     kept = _asha_decisions(g, every, lambda e: order)
