@@ -283,7 +283,7 @@ def _sbatch_args(args: tuple[str, ...]) -> tuple[str, ...]:
         if not a.startswith("-") or "\n" in a:
             raise SubmitError(f"--sbatch-arg {a!r}: give one sbatch option per --sbatch-arg, as "
                               "--sbatch-arg=--mem=16G")
-        own = OWN_SBATCH_OPTIONS.get(a.split("=", 1)[0])
+        own = OWN_SBATCH_OPTIONS.get(re.split(r"[=\s]", a, maxsplit=1)[0])
         if own is not None:
             raise SubmitError(f"--sbatch-arg {a!r}: sweep submit sets this itself; use {own}")
     return args
