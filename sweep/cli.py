@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from typing import Any
@@ -24,11 +25,24 @@ from sweep.core.numerics import Kernels, Precision
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         click.echo("interrupted: finished packs are stored; `sweep resume` continues", err=True)
         sys.exit(130)
+
+
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM (a SLURM time limit or preemption, ``kill``) stops a command as Ctrl-C does:
+    through whatever handles Ctrl-C now (Ray Tune's, during a sweep: it stops the trials and
+    returns; else Python's, which raises KeyboardInterrupt), even where SIGINT is ignored (a
+    shell's background job)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 class _Commands(click.Group):
@@ -237,8 +251,10 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
                    + ") in "
                    f"{summary.seconds:.0f} s; results in {store_dir}")
         if summary.not_finished:
-            raise click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not stored; "
-                                       f"`sweep resume {store_dir}` continues")
+            stopped = click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not "
+                                           f"stored; `sweep resume {store_dir}` continues")
+            stopped.exit_code = 130  # as Ctrl-C elsewhere (main, sweep.local): a job script requeues on it
+            raise stopped
         if summary.failed:
             raise click.ClickException(f"{summary.failed} networks failed: see `sweep status {store_dir}`; "
                                        f"`sweep resume {store_dir}` retries them")
