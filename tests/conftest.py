@@ -25,8 +25,10 @@ if not torch.cuda.is_available():
 # fork of this process, whatever library makes it: Ray's own processes too), kernel launches
 # under the interpreter by a wrapper on Triton's GridExecutor. What a child process does is
 # not seen: a CLI child that starts Ray is caught only through `ray_dir` (it asks for the mark).
-TIER_MARKS = ("ray", "subprocess", "interpreter", "browser")
+TIER_MARKS = ("ray", "subprocess", "interpreter", "browser", "slurm")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# A one-node SLURM cluster's daemons and its client commands (tests/test_slurm.py).
+SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
 # Tools that libraries run for themselves are no tier: a compiler's (Triton compiling for a GPU:
 # ptxas, the launcher's C compiler, ldconfig to find libcuda), the system's (platform.processor()
 # runs `uname -p`) and ours (sweep.store.provenance asks `git rev-parse HEAD` once per process).
@@ -38,8 +40,8 @@ _seen: list[tuple[str, str]] = []  # (tier, what) the running test did; cleared 
 
 def spawn_tier(argv: list[str]) -> str | None:
     """The tier a spawned command belongs to: Ray's own processes are 'ray', a browser is
-    'browser', a compiler's tool none (None), anything else (a Python child, the CLI, a
-    shell) 'subprocess'."""
+    'browser', SLURM's daemons and commands 'slurm', a compiler's tool none (None), anything
+    else (a Python child, the CLI, a shell) 'subprocess'."""
     line = " ".join(argv)
     if argv and os.path.basename(argv[0]) in TOOLCHAIN:
         return None
@@ -47,6 +49,8 @@ def spawn_tier(argv: list[str]) -> str | None:
         return "ray"
     if argv and os.path.basename(argv[0]) in BROWSERS:
         return "browser"
+    if argv and os.path.basename(argv[0]) in SLURM_TOOLS:
+        return "slurm"
     return "subprocess"
 
 

@@ -45,7 +45,7 @@ def test_a_stop_request_checkpoints_the_running_pack_and_the_next_run_continues_
     reference = run_pack(pack, None, dataset=small_mnist).tables["trials"]
     store = ResultStore(str(tmp_path / "store"))
     try:
-        with pytest.raises(Preempted, match="iteration 50 of 60"):
+        with pytest.raises(Preempted, match="stopped at stage 1, iteration 50, after its checkpoint"):
             run_pack(pack, store, dataset=small_mnist, listeners=[_SigtermAtStart()])
     finally:
         clear_stop()

@@ -35,7 +35,7 @@ from workers.compute import new_optimizer
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
-from workers.preemption import Preempted, stop_requested
+from workers.preemption import checkpoint_due
 from workers.samplers import EpochSampler
 from workers.step_graph import StepRunner
 
@@ -221,10 +221,7 @@ def train_stage(
                 _eval_point(model, transform, cfg, state, it, curve_point, select_point)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
-        # SIGTERM (workers.preemption): a checkpoint now, whatever checkpoint_every says, then stop.
-        stopping = it < cfg.iters and stop_requested()
-        due = stopping or (cfg.checkpoint_every > 0 and it % cfg.checkpoint_every == 0)
-        if checkpoint is not None and it < cfg.iters and due:
+        if checkpoint is not None and it < cfg.iters and checkpoint_due(it, cfg.checkpoint_every):  # or on SIGTERM
             # Divergence is noted first so a restarted stage keeps masking diverged members.
             _note_divergence(state, counters.first_bad)
             # Saved before progress is reported: whoever sees iteration ``it`` reported can
@@ -233,8 +230,6 @@ def train_stage(
                                      {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                      model.noise_state(),
                                      None if augment is None else [None if a is None else a.state() for a in augment]))
-        if stopping:
-            raise Preempted(f"SIGTERM: stopped at iteration {it} of {cfg.iters}, after a checkpoint")
         if progress is not None:
             progress(it)
     _note_divergence(state, counters.first_bad)

@@ -4,17 +4,18 @@ Floor: workers (standard library only: the training loop imports it).
 
 SLURM warns a job before its time limit or a preemption with SIGTERM (``--signal
 B:TERM@120``); a plain ``kill`` sends it too. A runner that should survive that calls
-:func:`sigterm_stops` around its packs. The signal only sets a process-wide request (a
-signal handler may run between any two bytecodes, so it changes nothing else); the
-training loop (``workers.engine.train_stage``) sees the request at the end of a chunk,
-saves the running stage's checkpoint there whatever ``checkpoint_every`` says, and raises
-:class:`Preempted`, a ``KeyboardInterrupt``, so everything after is the Ctrl-C path the
-runner already has (nothing of the pack is stored, its lease is released, the runner says
-"interrupted" and exits 130). The next run of the same store continues the pack from that
-checkpoint. After a stage's last chunk the pack goes on (evaluation, latent statistics,
-the write: stopping there would throw the stage's training away); the runner stops before
-the next stage's first chunk or the next pack (``sweep.local``). A second SIGTERM raises at
-once, as a second Ctrl-C.
+:func:`sigterm_stops` around its packs. The signal only sets a process-wide request (a signal handler may run between any two
+bytecodes, so it changes nothing else). The training loop (``workers.engine.train_stage``)
+asks :func:`checkpoint_due` at the end of each chunk: with a stop requested, a checkpoint
+is due there whatever ``checkpoint_every`` says, and the one checkpoint writer
+(``workers.checkpoint.CheckpointFile.write``) raises :class:`Preempted`, a
+``KeyboardInterrupt``, once it has written it. Everything after is the Ctrl-C path the
+runner already has: nothing of the pack is stored, its lease is released, the runner says
+"interrupted" and exits 130. The next run of the same store continues the pack from that
+checkpoint. After a stage's last chunk no checkpoint is due and the pack goes on
+(evaluation, latent statistics, the write: stopping there would throw the stage's training
+away); the runner stops before the next stage's first chunk ends or the next pack starts
+(``sweep.local``). A second SIGTERM raises at once, as a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ def stop_requested() -> bool:
 
 def clear_stop() -> None:
     _requested.clear()
+
+
+def checkpoint_due(iteration: int, checkpoint_every: int) -> bool:
+    """A checkpoint is due after ``iteration`` (one that is not a stage's last): every
+    ``checkpoint_every`` iterations (0: never), and at once when a stop is requested."""
+    return _requested.is_set() or (checkpoint_every > 0 and iteration % checkpoint_every == 0)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

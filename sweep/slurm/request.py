@@ -114,6 +114,9 @@ class SlurmJob:
     environment: tuple[tuple[str, str], ...]  # exported in the script, in this order
     code_root: str  # the checkout whose `sweep` wrote the script: the job runs the same code
     runner_args: tuple[str, ...]  # options the runner gets besides the grid and the store
+    # Ray starts its client server only where `ray[client]` is installed (grpc), and then
+    # refuses no port for it; the script gives it one of the job's ports only then.
+    ray_client: bool = False
 
     @property
     def device(self) -> str:
@@ -159,7 +162,8 @@ def resolve_job(grid: Grid, store_dir: str, o: SubmitOptions, environ: Mapping[s
         account=_name("--account", o.account), qos=_name("--qos", o.qos), signal=o.signal,
         signal_seconds=seconds, requeue=o.requeue, sbatch_args=_sbatch_args(o.sbatch_args), venv=venv,
         python=python, modules=_lines("--module", o.modules, one_word=True), setup=_lines("--setup", o.setup),
-        environment=_exports(environ), code_root=_code_root(), runner_args=_runner_args(o, device, gpus_per_pack))
+        environment=_exports(environ), code_root=_code_root(), runner_args=_runner_args(o, device, gpus_per_pack),
+        ray_client=mode == Mode.MULTI_NODE and importlib.util.find_spec("grpc") is not None)
 
 
 def _check_counts(o: SubmitOptions, mode: Mode) -> None:

@@ -128,10 +128,10 @@ def multi_node_body(job: SlurmJob) -> list[str]:
         f"port=$(({PORT_BASE} + (SLURM_JOB_ID % {PORT_SLOTS}) * {PORTS_PER_JOB}))",
         'address="$head_ip:$port"',
         "ray_ports=(--node-manager-port=$((port + 1)) --object-manager-port=$((port + 2))",
-        "           --ray-client-server-port=$((port + 3)) --dashboard-agent-listen-port=$((port + 4))",
-        "           --dashboard-agent-grpc-port=$((port + 5)) --metrics-export-port=$((port + 6))",
-        "           --runtime-env-agent-port=$((port + 7)) --min-worker-port=$((port + 10))",
-        f"           --max-worker-port=$((port + {PORTS_PER_JOB - 1})))",
+        "           --dashboard-agent-listen-port=$((port + 4)) --dashboard-agent-grpc-port=$((port + 5))",
+        "           --metrics-export-port=$((port + 6)) --runtime-env-agent-port=$((port + 7))",
+        f"           --min-worker-port=$((port + 10)) --max-worker-port=$((port + {PORTS_PER_JOB - 1})))",
+        *(["ray_ports+=(--ray-client-server-port=$((port + 3)))"] if job.ray_client else []),
         f'ray_node=(--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus={gpus} --disable-usage-stats --block)',
         'echo "sweep: job $SLURM_JOB_ID on ${#nodes[@]} node(s), Ray at $address, restart ${SLURM_RESTART_COUNT:-0}"',
         f'srun --nodes=1 --ntasks=1 -w "${{nodes[0]}}" {ray} start --head --node-ip-address="$head_ip" '
@@ -145,6 +145,7 @@ def multi_node_body(job: SlurmJob) -> list[str]:
         "done",
         "for _ in $(seq 1 90); do  # the head answers within seconds; give a slow node three minutes",
         f'  {ray} status --address="$address" >/dev/null 2>&1 && break',
+        '  kill -0 "${ray_steps[0]}" 2>/dev/null || { echo "sweep: Ray\'s head did not start (above)"; exit 1; }',
         "  sleep 2",
         "done",
         f'{shlex.quote(job.python)} -m sweep.cli run "$GRID" --store "$STORE" --address "$address" -q '
