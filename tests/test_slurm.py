@@ -33,9 +33,9 @@ from conftest import tiny_grid
 pytestmark = pytest.mark.slurm
 
 GRID = tiny_grid("slurm", methods=["baseline", "oversampling"], pack={"max_networks": 1})
-# One pack long enough to be stopped mid-training; no periodic checkpoint: the one it
-# resumes from is the one SIGTERM made.
-LONG = tiny_grid("slurm_long", recipe={"preset": "buda_mnist", "iters": 300, "checkpoint_every": 0})
+# One pack long enough to be stopped mid-training (chunks of 50 iterations: the stop lands at
+# 50 or 100), with no periodic checkpoint: the one it resumes from is the one SIGTERM made.
+LONG = tiny_grid("slurm_long", recipe={"preset": "buda_mnist", "iters": 150, "checkpoint_every": 0})
 DAEMONS = ("munged", "slurmctld", "slurmd")
 WAIT_SECONDS = 240  # for one job; they take seconds to a minute on a busy 2-core machine
 
