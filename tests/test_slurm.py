@@ -4,9 +4,10 @@ The module's fixture starts Debian's munged, slurmctld and slurmd (``apt-get ins
 slurm-wlm munge``; .ci/run installs them) as children of the test, with their configuration,
 key, state and logs in a temp folder and ports of their own, so nothing of the machine's own
 SLURM (if any) is touched; the tests are skipped, saying why, where the daemons are not
-installed or cannot start. The grid is test_submit's: two packs of one LeNet-5 on 50 MNIST
-images per class, 5 iterations. Each test checks the store: every network stored exactly
-once, with the numbers ``python -m sweep.local`` stores for the same grid on this machine.
+installed or cannot start. The grid: two packs of one LeNet-5 on 50 MNIST images per class,
+300 iterations. Each job, in either mode, is sent SIGTERM mid-pack (as before a time limit),
+requeues itself and finishes; the store then holds every network exactly once, with the
+numbers ``python -m sweep.local`` stores for the same grid on this machine.
 """
 
 import os
@@ -32,10 +33,13 @@ from conftest import tiny_grid
 
 pytestmark = pytest.mark.slurm
 
-GRID = tiny_grid("slurm", methods=["baseline", "oversampling"], pack={"max_networks": 1})
-# One pack long enough to be stopped mid-training (chunks of 50 iterations: the stop lands at
-# 50 or 100), with no periodic checkpoint: the one it resumes from is the one SIGTERM made.
-LONG = tiny_grid("slurm_long", recipe={"preset": "buda_mnist", "iters": 150, "checkpoint_every": 0})
+# Two packs of one LeNet-5 each, long enough to be stopped mid-training. In array mode SIGTERM
+# comes as training starts, and the runner checkpoints at the end of its chunk of 50
+# iterations, before the first periodic checkpoint; multi-node mode (Ray Tune stops its
+# trials) resumes from the periodic one.
+CHECKPOINT_EVERY = 100
+GRID = tiny_grid("slurm", methods=["baseline", "oversampling"], pack={"max_networks": 1},
+                 recipe={"preset": "buda_mnist", "iters": 300, "checkpoint_every": CHECKPOINT_EVERY})
 DAEMONS = ("munged", "slurmctld", "slurmd")
 WAIT_SECONDS = 240  # for one job; they take seconds to a minute on a busy 2-core machine
 
@@ -218,24 +222,53 @@ def grid_file(tmp_path):
     return write
 
 
-def test_array_mode_two_tasks_store_every_network_once_with_the_local_runners_numbers(slurm, grid_file, tmp_path,
-                                                                                       reference):
-    store = tmp_path / "store"
-    job = _submit(grid_file(GRID), store, "--array", "2", "--force")  # --force: /tmp is this one node's
-    _wait_until_done(job, store)
-    trials = _stored_once(store, GRID)
-    assert _numbers(trials) == reference(GRID)
-    assert len(list((store / "_slurm").glob(f"sweep-slurm-{job}_*.out"))) == 2
+def _stop_and_requeue(job: str, store: Path, tasks: int) -> None:
+    """`scancel --signal=TERM --batch`, as SLURM does before a time limit; the script requeues
+    the job (every task), and SLURM holds it back two minutes (its BeginTime): start it now."""
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
+    requeued = _wait_for(lambda: _job(job).count("Restarts=1") == tasks and set(_states(job)) == {"PENDING"},
+                         WAIT_SECONDS)
+    assert requeued, f"{_job(job)}\n{_logs(store)}"
+    assert ResultStore(str(store)).completed_network_ids() == set()  # a stopped pack stores nothing
+    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
 
 
-def test_multi_node_mode_on_one_node_runs_ray_and_stores_every_network_once(slurm, grid_file, tmp_path, reference):
+def test_array_mode_two_tasks_stopped_mid_pack_resume_from_their_sigterm_checkpoints(slurm, grid_file, tmp_path,
+                                                                                      reference):
+    """Two tasks, one pack each; SIGTERM mid-training: each runner saves its pack's checkpoint
+    where it stands and stops (exit 130), the script requeues the task, and the task, started
+    again, continues its pack from that checkpoint: each network once, the local numbers."""
     store = tmp_path / "store"
-    job = _submit(grid_file(GRID), store, "--cpus-per-task", "2")  # both packs at once
+    job = _submit(grid_file(GRID), store, "--array", "2", "--force", "--requeue")  # --force: /tmp is this node's
+    logs = [store / "_slurm" / f"sweep-slurm-{job}_{task}.out" for task in (0, 1)]
+    training = _wait_for(lambda: all(": training (" in _tail(log, 100) for log in logs), WAIT_SECONDS)
+    assert training, _logs(store)
+    _stop_and_requeue(job, store, tasks=2)
+    local = reference(GRID)  # while the tasks start again
     _wait_until_done(job, store)
     trials = _stored_once(store, GRID)
+    assert (trials["resumed_from_iter"] > 0).all(), trials["resumed_from_iter"]  # the checkpoints SIGTERM made
+    assert _numbers(trials) == local
+    for log in logs:
+        text = log.read_text()
+        assert "interrupted: 0 networks stored by this run" in text and "requeueing job" in text, text
+
+
+def test_multi_node_mode_on_one_node_stopped_and_requeued_resumes_its_packs(slurm, grid_file, tmp_path, reference):
+    """Ray on the allocation, `sweep run` on its head; SIGTERM once both packs have saved a
+    checkpoint: the sweep stops as on Ctrl-C ("interrupted", exit 130), Ray stops, the job is
+    requeued and continues both packs from their checkpoints: each network once, the local numbers."""
+    store = tmp_path / "store"
+    job = _submit(grid_file(GRID), store, "--cpus-per-task", "2", "--requeue")  # both packs at once
+    checkpointed = _wait_for(lambda: len(list((store / "_checkpoints").glob("*.pt"))) == 2, WAIT_SECONDS)
+    assert checkpointed, _logs(store)
+    _stop_and_requeue(job, store, tasks=1)
+    _wait_until_done(job, store)
+    trials = _stored_once(store, GRID)
+    assert (trials["resumed_from_iter"] >= CHECKPOINT_EVERY).all(), trials["resumed_from_iter"]
     assert _numbers(trials) == reference(GRID)
     log = _logs(store)
-    assert "Ray at " in log and "sweep.cli run" not in log, log
+    assert "Ray at " in log and "interrupted: 2 networks of this run are not stored" in log, log
     # Ray stopped with the job: none of its processes is left on the node.
     left = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).find(f"ray-{job}") >= 0]
     assert not left, [_cmdline(p) for p in left]
@@ -246,29 +279,6 @@ def _cmdline(proc: Path) -> str:
         return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def test_sigterm_checkpoints_the_pack_and_the_requeued_job_resumes_from_it(slurm, grid_file, tmp_path, reference):
-    """`scancel --signal=TERM --batch`, as SLURM does before a time limit: the runner saves the
-    pack's checkpoint and stops (exit 130), the script requeues the job, and the job, started
-    again, continues the pack from that checkpoint: each network once, the local numbers."""
-    store = tmp_path / "store"
-    job = _submit(grid_file(LONG), store, "--array", "1", "--requeue")
-    log = store / "_slurm" / f"sweep-slurm_long-{job}_0.out"
-    assert _wait_for(lambda: ": training (" in _tail(log, 100), WAIT_SECONDS), _logs(store)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, timeout=30)
-    requeued = _wait_for(lambda: "Restarts=1" in _job(job) and _states(job) == ["PENDING"], WAIT_SECONDS)
-    assert requeued, f"{_job(job)}\n{_logs(store)}"
-    assert list((store / "_checkpoints").glob("*.pt")), _logs(store)  # the checkpoint SIGTERM made
-    assert ResultStore(str(store)).completed_network_ids() == set()
-    # SLURM holds a requeued job back for two minutes (its BeginTime); let it start now.
-    subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
-    _wait_until_done(job, store)
-    trials = _stored_once(store, LONG)
-    assert (trials["resumed_from_iter"] > 0).all(), trials["resumed_from_iter"]
-    assert _numbers(trials) == reference(LONG)
-    text = log.read_text()
-    assert "interrupted: 0 networks stored by this run" in text and "requeueing job" in text, text
 
 
 def test_a_partition_slurm_rejects_is_refused_in_its_own_words(slurm, grid_file, tmp_path):

@@ -82,7 +82,8 @@ def test_dry_run_array_mode_runs_the_local_runner_and_requeues_after_the_signal(
         "--requeue"]
     assert 'python -m sweep.local "$GRID" --store "$STORE" --device cpu --precision fp32 --kernels auto &' in script
     assert "ray start" not in script and "--address" not in script  # no Ray in array mode
-    assert 'if [ "$status" -eq 130 ]; then' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert 'if [ "$status" -eq 130 ]; then' in script
+    assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script  # this task alone
 
 
 @pytest.mark.subprocess

@@ -125,6 +125,8 @@ def multi_node_body(job: SlurmJob) -> list[str]:
         "# then `sweep run` on the head. Ray's ports come from the job id: two jobs on one node do not collide.",
         'nodes=($(scontrol show hostnames "$SLURM_JOB_NODELIST"))',
         'head_ip=$(hostname --ip-address | awk \'{print $1}\')  # the batch shell runs on the first node',
+        "# /etc/hosts may name the node 127.0.1.1, which other nodes cannot reach: then its first other address",
+        'case "$head_ip" in 127.*) [ "${#nodes[@]}" -gt 1 ] && head_ip=$(hostname -I | awk \'{print $1}\') ;; esac',
         f"port=$(({PORT_BASE} + (SLURM_JOB_ID % {PORT_SLOTS}) * {PORTS_PER_JOB}))",
         'address="$head_ip:$port"',
         "ray_ports=(--node-manager-port=$((port + 1)) --object-manager-port=$((port + 2))",
@@ -170,10 +172,13 @@ def tail(job: SlurmJob) -> list[str]:
             'rm -rf "/tmp/ray-$SLURM_JOB_ID"',
         ]
     if job.requeue:
+        # An array task requeues itself alone: one task's SLURM_JOB_ID may be the array's own
+        # id, and requeueing that would requeue (and stop) every task of the array.
+        me = '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if job.mode == Mode.ARRAY else '"$SLURM_JOB_ID"'
         lines += [
             f'if [ "$status" -eq {INTERRUPTED_EXIT} ]; then',
-            '  echo "sweep: stopped before the time limit; requeueing job $SLURM_JOB_ID: it resumes the same store"',
-            '  scontrol requeue "$SLURM_JOB_ID" && exit 0',
+            f'  echo "sweep: stopped before the time limit; requeueing job {me[1:-1]}: it resumes the same store"',
+            f"  scontrol requeue {me} && exit 0",
             "fi",
         ]
     lines.append('exit "$status"')
