@@ -63,6 +63,7 @@ def test_dry_run_multi_node_prints_the_script_it_writes_under_the_store(grid_fil
     assert 'ray start --address="$address"' in script
     assert "port=$((20000 + (SLURM_JOB_ID % 400) * 100))" in script
     assert "--num-gpus=2" in script
+    assert 'step=(srun --nodes=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" --gpus-per-node=2)' in script
     run = next(line for line in script.splitlines() if "-m sweep.cli run" in line)
     assert run.endswith('run "$GRID" --store "$STORE" --address "$address" -q --device cuda --precision fp32 '
                         "--kernels auto --gpus-per-pack 1 &")  # one pack per GPU

@@ -120,6 +120,7 @@ def array_body(job: SlurmJob) -> list[str]:
 def multi_node_body(job: SlurmJob) -> list[str]:
     ray = "ray" if job.venv is not None else shlex.quote(os.path.join(os.path.dirname(job.python), "ray"))
     gpus = job.gpus_per_node
+    step_gpus = f" --gpus-per-node={gpus}" if gpus else ""
     return [
         "# Multi-node mode: Ray on every node of the allocation (Ray's head/worker pattern through srun),",
         "# then `sweep run` on the head. Ray's ports come from the job id: two jobs on one node do not collide.",
@@ -136,13 +137,14 @@ def multi_node_body(job: SlurmJob) -> list[str]:
         *(["ray_ports+=(--ray-client-server-port=$((port + 3)))"] if job.ray_client else []),
         f'ray_node=(--num-cpus="$SLURM_CPUS_PER_TASK" --num-gpus={gpus} --disable-usage-stats --block)',
         'echo "sweep: job $SLURM_JOB_ID on ${#nodes[@]} node(s), Ray at $address, restart ${SLURM_RESTART_COUNT:-0}"',
-        f'srun --nodes=1 --ntasks=1 -w "${{nodes[0]}}" {ray} start --head --node-ip-address="$head_ip" '
-        '--port="$port" \\',
+        "# Each Ray node is one srun step holding its node's CPUs and GPUs (srun is told: it does not",
+        "# take --cpus-per-task from the job in every SLURM release).",
+        f'step=(srun --nodes=1 --ntasks=1 --cpus-per-task="$SLURM_CPUS_PER_TASK"{step_gpus})',
+        f'"${{step[@]}}" -w "${{nodes[0]}}" {ray} start --head --node-ip-address="$head_ip" --port="$port" \\',
         '    --temp-dir="/tmp/ray-$SLURM_JOB_ID" --include-dashboard=false "${ray_ports[@]}" "${ray_node[@]}" &',
         "ray_steps=($!)",
         'for node in "${nodes[@]:1}"; do',
-        f'  srun --nodes=1 --ntasks=1 -w "$node" {ray} start --address="$address" "${{ray_ports[@]}}" '
-        '"${ray_node[@]}" &',
+        f'  "${{step[@]}}" -w "$node" {ray} start --address="$address" "${{ray_ports[@]}}" "${{ray_node[@]}}" &',
         "  ray_steps+=($!)",
         "done",
         "for _ in $(seq 1 90); do  # the head answers within seconds; give a slow node three minutes",
