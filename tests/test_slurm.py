@@ -230,6 +230,9 @@ def _stop_and_requeue(job: str, store: Path, tasks: int) -> None:
                          WAIT_SECONDS)
     assert requeued, f"{_job(job)}\n{_logs(store)}"
     assert ResultStore(str(store)).completed_network_ids() == set()  # a stopped pack stores nothing
+    # The node must have finished with the job's first run (SLURM's two minutes are for that):
+    # a run started while the node still completes the first one fails to launch.
+    assert _wait_for(lambda: _sinfo_state() == "idle", WAIT_SECONDS), _sinfo_state()
     subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
 
 
