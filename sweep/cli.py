@@ -268,9 +268,9 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
 @click.option("--gpus-per-node", type=int, default=None, help="Default: 1 if the grid's packs ask for a GPU, else 0.")
 @click.option("--cpus-per-task", type=int, default=None, help="Default: what the packs of one node need.")
 @click.option("--time", default=None, help="Time limit, SLURM's format (HH:MM:SS, D-HH:MM:SS, ...).")
-@click.option("--partition", default=None)
-@click.option("--account", default=None)
-@click.option("--qos", default=None)
+@click.option("--partition", default=None, help="SLURM partition (sbatch --partition).")
+@click.option("--account", default=None, help="SLURM account to charge (sbatch --account).")
+@click.option("--qos", default=None, help="SLURM quality of service (sbatch --qos).")
 @click.option("--array", type=int, default=0, help="Array mode: K tasks, each `python -m sweep.local` (no Ray).")
 @click.option("--sbatch-arg", "sbatch_args", multiple=True, help="Another sbatch option, e.g. --sbatch-arg=--mem=16G.")
 @click.option("--signal", default="B:TERM@120", show_default=True,

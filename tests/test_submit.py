@@ -126,7 +126,7 @@ def test_refusals_name_the_option_and_write_nothing(grid_file, tmp_path, args, m
     res = submit(grid_file, store, *args, "--dry-run")
     assert res.exit_code == 1, res.output
     assert message in res.stderr, res.stderr
-    assert not (store / "_slurm").exists()
+    assert not store.exists()
 
 
 def test_a_uri_store_is_refused(grid_file):
