@@ -95,3 +95,36 @@ def test_sigterm_to_the_local_runner_checkpoints_says_interrupted_and_the_same_c
     trials = ResultStore(str(store)).read_table("trials")
     assert len(trials) == trials["trial_id"].nunique() == 2  # 1 network x (raw, threshold), once
     assert (trials["resumed_from_iter"] > 0).all()
+
+
+def test_sigterm_reaches_sweep_run_through_whatever_handles_ctrl_c_now(monkeypatch):
+    """sweep.cli's SIGTERM handler: Ray Tune's Ctrl-C handler during a sweep (it stops the
+    trials), else a KeyboardInterrupt, even where SIGINT is ignored (a shell's background job)."""
+    from sweep.cli import _sigterm_as_ctrl_c
+
+    heard = []
+    for handler in (lambda signum, frame: heard.append(signum), signal.SIG_IGN, signal.default_int_handler):
+        monkeypatch.setattr(signal, "getsignal", lambda signum, h=handler: h)
+        if handler is signal.SIG_IGN or handler is signal.default_int_handler:
+            with pytest.raises(KeyboardInterrupt):
+                _sigterm_as_ctrl_c(signal.SIGTERM, None)
+        else:
+            _sigterm_as_ctrl_c(signal.SIGTERM, None)
+    assert heard == [signal.SIGINT]
+
+
+def test_the_driver_puts_back_the_sigterm_handler_ray_init_replaces():
+    from sweep.driver import _keep_sigterm_handler
+
+    def ours(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as ray.init leaves it, to Python's eyes
+        _keep_sigterm_handler(ours)
+        assert signal.getsignal(signal.SIGTERM) is ours
+        _keep_sigterm_handler(signal.SIG_DFL)  # a caller without a handler of its own: Ray's stays
+        assert signal.getsignal(signal.SIGTERM) is ours
+    finally:
+        signal.signal(signal.SIGTERM, before)
