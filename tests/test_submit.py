@@ -85,6 +85,7 @@ def test_dry_run_array_mode_runs_the_local_runner_and_requeues_after_the_signal(
     assert "ray start" not in script and "--address" not in script  # no Ray in array mode
     assert 'if [ "$status" -eq 130 ]; then' in script
     assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' in script  # this task alone
+    assert '  if [ "$state" = JobState=RUNNING ]; then' in script  # not after `scancel`
 
 
 @pytest.mark.subprocess

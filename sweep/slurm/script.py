@@ -16,8 +16,9 @@ shell that submitted it), then the mode's body, then one tail shared by both mod
   keep two tasks off the same pack.
 * **the tail**: SLURM sends SIGTERM to the batch shell before the time limit (``--signal
   B:TERM@S``); the shell forwards it to the runner, which checkpoints its running pack and
-  stops as on Ctrl-C (exit 130); with ``--requeue`` the shell then requeues the job, and the
-  restarted script trains only what the store lacks, long packs from their checkpoint.
+  stops as on Ctrl-C (exit 130); with ``--requeue`` the shell then requeues the job (if SLURM
+  still has it RUNNING: not after ``scancel``, which sends SIGTERM too), and the restarted
+  script trains only what the store lacks, long packs from their checkpoint.
 """
 
 from __future__ import annotations
@@ -175,12 +176,19 @@ def tail(job: SlurmJob) -> list[str]:
         ]
     if job.requeue:
         # An array task requeues itself alone: one task's SLURM_JOB_ID may be the array's own
-        # id, and requeueing that would requeue (and stop) every task of the array.
+        # id, and requeueing that would requeue (and stop) every task of the array. Only a job
+        # still RUNNING is requeued: `scancel` sends SIGTERM too, and its job is COMPLETING
+        # (cancelled) by then; a preempted one is requeued by SLURM itself.
         me = '"${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"' if job.mode == Mode.ARRAY else '"$SLURM_JOB_ID"'
         lines += [
             f'if [ "$status" -eq {INTERRUPTED_EXIT} ]; then',
-            f'  echo "sweep: stopped before the time limit; requeueing job {me[1:-1]}: it resumes the same store"',
-            f"  scontrol requeue {me} && exit 0",
+            f"  state=$(scontrol show job {me} 2>/dev/null | grep -o 'JobState=[A-Z_]*')",
+            '  if [ "$state" = JobState=RUNNING ]; then',
+            f'    echo "sweep: stopped before the time limit; requeueing job {me[1:-1]}: it resumes the same store"',
+            f"    scontrol requeue {me} && exit 0",
+            "  else",
+            '    echo "sweep: stopped; not requeued (${state:-no job state}: cancelled or preempted)"',
+            "  fi",
             "fi",
         ]
     lines.append('exit "$status"')
