@@ -105,6 +105,31 @@ def tier_problem(marks: set[str], seen: list[tuple[str, str]]) -> str | None:
             f"tiers): it did {examples}")
 
 
+# -- Parallel runs (pytest-xdist: the README's `-n auto --dist loadgroup`) -------------------
+# Ray's tests run one after another on one worker: each starts a Ray of its own, and two at
+# once on 2 cores would only wait for each other. A module whose tests share a module-scoped
+# fixture (a trained store, a compiled kernel) stays on one worker, so the fixture is built
+# once, not once per worker. Everything else is spread over the workers test by test.
+_module_fixture: dict[str, bool] = {}
+
+
+def _shares_a_module_fixture(path) -> bool:
+    key = str(path)
+    if key not in _module_fixture:
+        _module_fixture[key] = 'scope="module"' in path.read_text()
+    return _module_fixture[key]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return  # e.g. the GPU machine, which has pytest but not xdist
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        elif _shares_a_module_fixture(item.path):
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     _seen.clear()
