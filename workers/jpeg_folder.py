@@ -72,6 +72,7 @@ _FRACTION = 1 << _FRACTION_BITS
 class Decoder(StrEnum):
     """Where JPEGs are decoded (module doc)."""
 
+    AUTO = "auto"  # nvJPEG where the images go to a CUDA device, Pillow threads elsewhere
     CPU = "cpu"  # Pillow in a thread pool
     CUDA = "cuda"  # nvJPEG through torchvision.io.decode_jpeg, batched
 
@@ -193,7 +194,7 @@ class JpegImages:
 
     dtype = torch.uint8
 
-    def __init__(self, files: Sequence[str], labels: np.ndarray, decoder: Decoder | str = Decoder.CPU,
+    def __init__(self, files: Sequence[str], labels: np.ndarray, decoder: Decoder | str = Decoder.AUTO,
                  device: torch.device | str = "cpu", resize: int | None = None, crop: int | None = None,
                  threads: int | None = None) -> None:
         self.files = tuple(files)
@@ -244,7 +245,7 @@ class JpegImages:
         if flat.size and (flat.min() < 0 or flat.max() >= len(self.files)):
             raise IndexError(f"image index out of range 0..{len(self.files) - 1}")
         flat_draws = None if draws is None else np.asarray(draws).reshape(-1, 3)
-        if self.decoder == Decoder.CUDA and self.device.type == "cuda":
+        if self.decoder in (Decoder.CUDA, Decoder.AUTO) and self.device.type == "cuda":
             out = _decode_cuda([self.files[i] for i in flat], flat_draws, self.resize, self.crop, self.device)
         else:
             out = torch.from_numpy(self._decode_cpu(flat, flat_draws))
@@ -391,7 +392,7 @@ class CropStream:
             self._worker = None
 
 
-def open_folders(root: Path, decoder: Decoder | str = Decoder.CPU) -> tuple[JpegImages, JpegImages, int]:
+def open_folders(root: Path, decoder: Decoder | str = Decoder.AUTO) -> tuple[JpegImages, JpegImages, int]:
     """(train, test, number of classes) of the ImageNet folder ``root``."""
     listing = scan_folders(root)
     return (JpegImages(listing.train_files, listing.train_labels, decoder),
