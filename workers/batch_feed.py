@@ -40,10 +40,11 @@ class BatchFeed:
 
     def __init__(self, samplers: Sequence[EpochSampler],
                  augment: Sequence[CropFlipDraws | ResizeCropDraws | None] | None,
-                 batch_size: int, device: torch.device, rows: int, images: JpegImages | None = None) -> None:
+                 batch_size: int, device: torch.device, rows: int, images: Tensor | JpegImages | None = None) -> None:
         self.samplers, self.augment = list(samplers), None if augment is None else list(augment)
-        # Images streamed from JPEGs: decoded on the host side, ahead of the steps.
-        self.stream = None if images is None else CropStream(images)
+        # Images streamed from JPEGs are decoded on the host side, ahead of the steps; a
+        # tensor of images is on the device already, and each step indexes it.
+        self.stream = CropStream(images) if isinstance(images, JpegImages) else None
         self.batch_size, self.device, self.rows = batch_size, device, rows
         p = len(self.samplers)
         shape = (rows, p, batch_size)
@@ -108,8 +109,4 @@ class BatchFeed:
         if self.stream is not None:
             return self.stream.next()
         return x[batch] if draws is None else crop_flip(x[batch], draws)
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
 

@@ -32,7 +32,6 @@ from torch import Tensor
 from workers.augment import CropFlipDraws
 from workers.batch_feed import BatchFeed
 from workers.compute import new_optimizer
-from workers.jpeg_folder import JpegImages
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
@@ -43,9 +42,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ITERS = 50  # iterations of indices sent to the device at once
 DIVERGENCE_CHECK_ITERS = 50  # host checks for diverged members this often
-EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass
-# ... and at most this many pixels per member (2,048 images of 32x32): 40 of ImageNet's 224x224
-EVAL_CHUNK_PIXELS = EVAL_CHUNK_IMAGES * 32 * 32
+EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass (of 32x32 or smaller images)
 
 
 @dataclass
@@ -135,7 +132,7 @@ def predict(model: PackedNet, x: Tensor, transform: Any, autocast_dtype: torch.d
     model.eval()
     outs, feats = [], []
     n = x.shape[0] if idx is None else idx.shape[1]
-    step = max(1, min(EVAL_CHUNK_IMAGES, EVAL_CHUNK_PIXELS // (x.shape[-1] * x.shape[-2])))
+    step = max(1, min(EVAL_CHUNK_IMAGES, EVAL_CHUNK_IMAGES * 1024 // (x.shape[-1] * x.shape[-2])))  # 40 at 224 px
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
         for i in range(0, n, step):
             if idx is None:
@@ -186,8 +183,7 @@ def train_stage(
     opt = _optimizer(model, params, cfg)
     if optimizer_state is not None:
         opt.load_state(optimizer_state, device)
-    feed = BatchFeed(samplers, augment, cfg.batch_size, device, CHUNK_ITERS,
-                     images=x_train if isinstance(x_train, JpegImages) else None)
+    feed = BatchFeed(samplers, augment, cfg.batch_size, device, CHUNK_ITERS, images=x_train)
     # Diverged members keep a zero learning rate; the mask lives on the device.
     counters = _Counters(
         it=torch.full((), state.iteration, dtype=torch.int64, device=device),
@@ -236,7 +232,6 @@ def train_stage(
                                      None if augment is None else [None if a is None else a.state() for a in augment]))
         if progress is not None:
             progress(it)
-    feed.close()
     _note_divergence(state, counters.first_bad)
     state.train_seconds = time.perf_counter() - start
     state.step_mode = runner.mode

@@ -1,0 +1,254 @@
+"""Buda's 224-px ImageNet regime (dataset imagenet224, workers.jpeg_folder) on small folders
+of images the tests write: listing and its errors, crops, mirroring, the centred test crop,
+the crop draws, and a ResNet-10 pack trained on the streamed crops.
+
+Sizes are shrunk (images resized to a 40-px shorter side, 32-px crops) so that a pack
+trains in a second or two on a loaded CPU; the geometry is the same at 256 / 224.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import workers.jpeg_folder as jf
+from sweep.core import catalog
+from sweep.core.grid import expand
+from sweep.core.grid_checks import GridError
+from sweep.core.plan import Pack
+from workers.datasets import DatasetError, DatasetNotFound, load_dataset
+from workers.jpeg_folder import CropStream, JpegImages, ResizeCropDraws, crop_offsets, decode_crop, resized_size
+from workers.run_pack import run_pack
+
+RESIZE, CROP = 40, 32
+CLASSES = 4
+
+
+@pytest.fixture
+def small_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jf, "RESIZE_SIDE", RESIZE)
+    monkeypatch.setattr(jf, "CROP_SIDE", CROP)
+    # A 4-class "ImageNet" at 32 px, 4 training and 2 test images per class.
+    monkeypatch.setitem(catalog.DATASETS, "imagenet224", catalog.DatasetInfo(CLASSES, (3, CROP, CROP), 4, 2))
+
+
+def coordinate_image(width: int, height: int) -> np.ndarray:
+    """RGB uint8 [H, W, 3]: red = column, green = row, blue = 7 (crops can be located exactly)."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x, y, np.full_like(x, 7)], axis=-1).astype(np.uint8)
+
+
+def write_folder(root: Path, train: int = 4, val: int = 2, classes: int = CLASSES) -> Path:
+    """root/imagenet/{train,val}/n0<c>/<i>.JPEG: class c is brighter by 60 per class; sizes
+    alternate between landscape and portrait, JPEG and PNG."""
+    rng = np.random.default_rng(0)
+    folder = root / "imagenet"
+    for split, n in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = folder / split / f"n0{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                w, h = (52, 40) if i % 2 else (40, 60)
+                a = (rng.random((h, w, 3)) * 40 + 60 * c).astype(np.uint8)
+                if i == 2:
+                    Image.fromarray(a).save(d / f"{i}.png")
+                else:
+                    Image.fromarray(a).save(d / f"{i}.JPEG", quality=90)
+            (d / "README.txt").write_text("not an image: ignored")
+    return folder
+
+
+# -- listing and its errors -----------------------------------------------------------------
+
+
+def test_folders_load_as_tables_of_crops(tmp_path: Path, small_sides: None) -> None:
+    write_folder(tmp_path)
+    ds = load_dataset("imagenet224", data_dir=str(tmp_path))
+    assert ds.num_classes == CLASSES
+    assert tuple(ds.train_x.shape) == (16, 3, CROP, CROP) and tuple(ds.test_x.shape) == (8, 3, CROP, CROP)
+    assert ds.train_y.tolist() == [c for c in range(CLASSES) for _ in range(4)]  # sorted class folders
+    assert ds.test_y.tolist() == [c for c in range(CLASSES) for _ in range(2)]
+    x = ds.test_x[2:6]  # a slice: those images' centred crops
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (4, 3, CROP, CROP)
+    # Class brightness survives decoding, resizing and cropping.
+    means = ds.test_x[torch.arange(8).view(2, 4)].float().mean(dim=(2, 3, 4))  # an index of any shape
+    assert means.shape == (2, 4)
+    per_class = means.view(-1).view(CLASSES, 2).mean(1)
+    assert (per_class.diff() > 40).all()
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("no val", "val: no such folder"),
+    ("flat val", r"holds 2 image\(s\) directly"),
+    ("unknown val class", "n09: class folder not among the training classes"),
+    ("empty class", "n01: a class folder without images"),
+])
+def test_malformed_folders_are_named(tmp_path: Path, small_sides: None, breakage: str, message: str) -> None:
+    folder = write_folder(tmp_path, classes=2)
+    if breakage == "no val":
+        for p in sorted((folder / "val").rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        (folder / "val").rmdir()
+    elif breakage == "flat val":
+        for p in (folder / "val" / "n00").iterdir():
+            if p.suffix != ".txt":
+                p.rename(folder / "val" / f"ILSVRC2012_val_{p.name}")
+    elif breakage == "unknown val class":
+        (folder / "val" / "n00").rename(folder / "val" / "n09")
+    elif breakage == "empty class":
+        for p in (folder / "train" / "n01").iterdir():
+            if p.suffix != ".txt":
+                p.unlink()
+    with pytest.raises(DatasetError, match=message) as info:
+        load_dataset("imagenet224", data_dir=str(tmp_path))
+    assert str(folder) in str(info.value)  # the message names the path
+
+
+def test_missing_folder_says_where_it_looked(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    with pytest.raises(DatasetNotFound, match="cannot be downloaded") as info:
+        load_dataset("imagenet224", data_dir=str(tmp_path))
+    assert str(tmp_path / "imagenet") in str(info.value)
+
+
+def test_an_undecodable_image_is_named(tmp_path: Path, small_sides: None) -> None:
+    folder = write_folder(tmp_path, classes=2)
+    bad = folder / "val" / "n01" / "0.JPEG"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    ds = load_dataset("imagenet224", data_dir=str(tmp_path))
+    with pytest.raises(jf.JpegFolderError, match=f"{bad}: cannot be decoded"):
+        ds.test_x[:]
+
+
+def test_unknown_decoder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_folder(tmp_path, classes=2)
+    monkeypatch.setenv("SWEEP_JPEG_DECODER", "gpu")
+    with pytest.raises(DatasetError, match="SWEEP_JPEG_DECODER='gpu': not one of auto, cpu, cuda"):
+        load_dataset("imagenet224", data_dir=str(tmp_path))
+
+
+# -- crops, mirroring, the centred crop ----------------------------------------------------
+
+
+@pytest.mark.parametrize("width, height", [(57, 40), (40, 51)])
+def test_crops_are_windows_of_the_resized_image(tmp_path: Path, width: int, height: int) -> None:
+    # The shorter side is already RESIZE: resizing keeps every pixel, so each crop must be an
+    # exact window of the coordinate image (PNG: lossless).
+    path = tmp_path / "c.png"
+    Image.fromarray(coordinate_image(width, height)).save(path)
+    assert resized_size(width, height, RESIZE) == (width, height)
+
+    def window(top: int, left: int) -> np.ndarray:
+        return coordinate_image(width, height)[top:top + CROP, left:left + CROP].transpose(2, 0, 1)
+
+    centre = decode_crop(str(path), None, RESIZE, CROP)  # Caffe's test phase: (H - crop) // 2
+    assert np.array_equal(centre, window((height - CROP) // 2, (width - CROP) // 2))
+    room_y, room_x = height - CROP, width - CROP
+    seen_y, seen_x, mirrored = set(), set(), set()
+    for draw in ResizeCropDraws(seed=5).take(1, 400)[0]:
+        top, left, flip = crop_offsets(width, height, draw, RESIZE, CROP)
+        assert 0 <= top <= room_y and 0 <= left <= room_x
+        seen_y.add(top), seen_x.add(left), mirrored.add(flip)
+        crop = decode_crop(str(path), draw, RESIZE, CROP)
+        expected = window(top, left)
+        assert np.array_equal(crop, expected[:, :, ::-1] if flip else expected)  # mirrored left-right
+    # Every offset of the room is drawn (uniform in 0..room, as Caffe's Rand(room + 1)), both mirrors.
+    assert seen_y == set(range(room_y + 1)) and seen_x == set(range(room_x + 1)) and mirrored == {False, True}
+
+
+def test_larger_images_are_resized_to_the_shorter_side(tmp_path: Path) -> None:
+    # A 2x image: its crops are 2x2 averages of the coordinates, so a centred crop's red
+    # channel (2 * column) is near the resized image's columns.
+    path = tmp_path / "big.png"
+    Image.fromarray(coordinate_image(120, 80)).save(path)
+    assert resized_size(120, 80, RESIZE) == (60, 40)
+    crop = decode_crop(str(path), None, RESIZE, CROP).astype(np.int64)
+    left, top = (60 - CROP) // 2, (40 - CROP) // 2
+    assert np.abs(crop[0] - (2 * (np.arange(CROP) + left) + 0.5)[None, :]).max() <= 1
+    assert np.abs(crop[1] - (2 * (np.arange(CROP) + top) + 0.5)[:, None]).max() <= 1
+
+
+def test_crop_draws_do_not_depend_on_chunking() -> None:
+    whole = ResizeCropDraws(seed=11).take(5, 8)
+    split = ResizeCropDraws(seed=11)
+    assert np.array_equal(np.concatenate([split.take(3, 8), split.take(2, 8)]), whole)
+    resumed = ResizeCropDraws(seed=0)
+    first = ResizeCropDraws(seed=11)
+    first.take(3, 8)
+    resumed.load_state(first.state())
+    assert np.array_equal(resumed.take(2, 8), whole[3:])
+    assert set(np.unique(whole[..., 2])) <= {0, 1} and whole[..., :2].max() < 1 << 21
+
+
+def test_stream_gives_each_member_its_crops(tmp_path: Path, small_sides: None) -> None:
+    write_folder(tmp_path, classes=2)
+    ds = load_dataset("imagenet224", data_dir=str(tmp_path))
+    table: JpegImages = ds.train_x
+    idx = np.array([[[0, 3, 5], [7, 1, 2]], [[4, 4, 6], [2, 0, 1]]])  # [steps, P, B]
+    draws = np.stack([ResizeCropDraws(seed=s).take(2, 3) for s in (1, 2)], axis=1)  # [steps, P, B, 3]
+    stream = CropStream(table, lookahead=1)
+    stream.queue_chunk(idx, draws, centred=[False, True])  # member 1 has no crop stream
+    try:
+        for step in range(2):
+            got = stream.next()
+            assert tuple(got.shape) == (2, 3, 3, CROP, CROP)
+            assert torch.equal(got[0], table.crops(idx[step, 0], draws[step, 0]))
+            assert torch.equal(got[1], table[idx[step, 1]])  # centred
+        with pytest.raises(RuntimeError, match="no chunk queued"):
+            stream.next()
+    finally:
+        stream.close()
+
+
+# -- the regime in a grid and in a pack -------------------------------------------------------
+
+
+def regime_grid(**over):
+    doc = {"name": "t", "dataset": "imagenet224", "model": "resnet10",
+           "recipe": {"preset": "buda_imagenet224", "iters": 2, "batch_size": 4},
+           "imbalance": {"step": {"rho": [2], "mu": [0.5]}}, "max_per_class": 4,
+           "methods": ["baseline", "oversampling"], "repeats": 1, "seed": 1}
+    doc.update(over)
+    return expand(doc)
+
+
+def test_grid_names_the_regime(small_sides: None) -> None:
+    spec = regime_grid().specs[0]
+    r = spec.recipe
+    assert (r.iters, r.batch_size, spec.model) == (2, 4, "resnet10")
+    assert (str(r.normalization), str(r.augmentation), str(r.lr_policy)) == ("raw", "resize_crop_flip", "linear")
+    with pytest.raises(GridError, match="normalization: imagenet224 is streamed from JPEGs: standardize would decode"):
+        regime_grid(recipe={"preset": "buda_imagenet224", "iters": 2, "normalization": "standardize"})
+    with pytest.raises(GridError, match="resize_crop_flip crops images streamed from JPEG folders"):
+        expand({"name": "t", "dataset": "cifar10", "model": "allcnn",
+                "recipe": {"preset": "buda_cifar10", "augmentation": "resize_crop_flip"},
+                "imbalance": {"step": {"rho": [2], "mu": [0.5]}}, "methods": ["baseline"]})
+
+
+def test_a_resnet10_pack_trains_on_streamed_crops(tmp_path: Path, small_sides: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    write_folder(tmp_path)
+    ds = load_dataset("imagenet224", data_dir=str(tmp_path))
+    batches: list[torch.Tensor] = []
+    real_next = CropStream.next
+
+    def spy(self: CropStream) -> torch.Tensor:
+        out = real_next(self)
+        batches.append(out)
+        return out
+
+    monkeypatch.setattr(CropStream, "next", spy)
+    g = regime_grid()
+    result = run_pack(Pack(g.specs), None, dataset=ds)
+    assert len(batches) == 2  # one decoded batch per iteration, both members in it
+    assert all(tuple(b.shape) == (2, 4, 3, CROP, CROP) and b.dtype == torch.uint8 for b in batches)
+    rows = result.tables["trials"]
+    assert {r["method"] for r in rows} == {"baseline", "oversampling"}
+    assert all(r["status"] == "ok" and np.isfinite(r["roc_auc"]) for r in rows)
+    # The same spec trains the same network again (crops are drawn from its own stream).
+    again = run_pack(Pack(g.specs), None, dataset=ds)
+    assert [r["roc_auc"] for r in again.tables["trials"]] == [r["roc_auc"] for r in rows]
