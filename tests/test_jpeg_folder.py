@@ -252,3 +252,58 @@ def test_a_resnet10_pack_trains_on_streamed_crops(tmp_path: Path, small_sides: N
     # The same spec trains the same network again (crops are drawn from its own stream).
     again = run_pack(Pack(g.specs), None, dataset=ds)
     assert [r["roc_auc"] for r in again.tables["trials"]] == [r["roc_auc"] for r in rows]
+
+
+# -- ResNet-10 as the reference has it (revision 2) ------------------------------------------------
+
+
+def test_resnet10_revision_by_dataset(small_sides: None) -> None:
+    from sweep.core.catalog import model_revision
+
+    assert model_revision("resnet10", "imagenet224") == 2 and regime_grid().specs[0].model_revision == 2
+    # The 32-px stand-in keeps revision 1, and with it its networks' ids.
+    assert model_revision("resnet10", "imagenet") == 1
+    spec = expand({"name": "t", "dataset": "imagenet", "model": "resnet10", "recipe": "buda_imagenet",
+                   "imbalance": {"step": {"rho": [10], "mu": [0.1]}}, "max_per_class": 1000,
+                   "methods": ["baseline"]}).specs[0]
+    assert spec.model_revision == 1 and "model_revision" not in spec.identity()
+
+
+def test_resnet10_revision2_is_the_reference_layout() -> None:
+    from workers.models import ResNet10, ResNet10PreAct, build_model
+
+    net = build_model("resnet10", 1, 1000, (3, 224, 224))
+    assert isinstance(net, ResNet10PreAct) and isinstance(build_model("resnet10", 1, 1000, (3, 224, 224), 1), ResNet10)
+    convs = [m for m in net.modules() if type(m).__name__ in ("PackedConv2d", "_FanOutConv2d")]
+    # Nine 3x3/7x7 convolutions as the paper counts them, plus three 1x1 conv_expand shortcuts.
+    assert sum(m.kernel > 1 for m in convs) == 9 and sum(m.kernel == 1 for m in convs) == 3
+    # cvjena ResNet10_cvgj/train.prototxt, layer by layer: data_bn scale (6), conv1 + bias, its BN,
+    # block 64 (two 3x3, one BN), blocks 128/256/512 (pre-BN, two 3x3, BN, 1x1 expand), last BN, fc.
+    expected = 6 + (3 * 49 * 64 + 64) + 128 + (2 * 64 * 64 * 9 + 128)
+    for c_in, c in ((64, 128), (128, 256), (256, 512)):
+        expected += 2 * c_in + c_in * c * 9 + 2 * c + c * c * 9 + c_in * c
+    expected += 2 * 512 + 512 * 1000 + 1000
+    assert sum(p.numel() for p in net.parameters()) == expected == 5_417_070
+    # Caffe's pooling (3x3, stride 2, no padding, rounding up): 224 -> 112 -> 56, then 56/28/14/7.
+    sizes = []
+    net.blocks.register_forward_hook(lambda m, i, o: sizes.append((i[0].shape[-1], o.shape[-1])))
+    net.reset_parameters("kaiming", [3])
+    with torch.no_grad():
+        features, logits = net.eval()(torch.randn(1, 1, 3, 224, 224))
+    assert sizes == [(56, 7)] and features.shape == (1, 1, 512) and logits.shape == (1, 1, 1000)
+
+
+def test_resnet10_revision2_members_are_independent() -> None:
+    from workers.models import ResNet10PreAct
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 3, 32, 32)
+    pack, alone = ResNet10PreAct(2, 5, (3, 32, 32)), ResNet10PreAct(1, 5, (3, 32, 32))
+    pack.reset_parameters("kaiming", [7, 8])
+    alone.reset_parameters("kaiming", [8])
+    # conv1's MSRA fan-out init: std sqrt(2 / (64 * 7 * 7)).
+    assert abs(float(pack.conv1.weight.detach().std()) - (2 / (64 * 49)) ** 0.5) < 0.003
+    with torch.no_grad():
+        _, both = pack.train()(x)
+        _, one = alone.train()(x[1:])
+    assert torch.allclose(both[1:], one, atol=1e-5)

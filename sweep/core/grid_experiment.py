@@ -20,12 +20,12 @@ import numpy as np
 from sweep.core.catalog import (
     DATASETS,
     DEFAULT_NORMALIZATION,
-    MODEL_REVISIONS,
     MODELS,
     NO_LINEAR_HEAD,
     NOT_MIRRORED,
     STREAMED,
     DatasetInfo,
+    model_revision,
 )
 from sweep.core.counts import catalog_majority_count
 from sweep.core.grid_checks import (
@@ -136,7 +136,7 @@ def _read_experiment(err: "_Errors", p: str, cfg: dict[str, Any]) -> _Experiment
         raise err(p + "latent", f"bad value {show(latent)}", "true, false")
     n_embed = _int(err, cfg, "embeddings", 0, p)
     bounded(err, p + "embeddings", n_embed, BOUNDS["embeddings"])
-    revision = MODEL_REVISIONS.get(model, 1)
+    revision = model_revision(model, dataset)
     recipe = _check_model_and_recipe(err, p, cfg, dataset, model, revision, recipe, losses, ldam_head,
                                      latent or bool(n_embed))
     imbalances = _imbalances(err, cfg.get("imbalance"), p, DATASETS[dataset].num_classes)
