@@ -307,3 +307,27 @@ def test_resnet10_revision2_members_are_independent() -> None:
         _, both = pack.train()(x)
         _, one = alone.train()(x[1:])
     assert torch.allclose(both[1:], one, atol=1e-5)
+
+
+def test_balanced_imagenet_check_runs(tmp_path: Path, small_sides: None, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench/check_balanced.py's ResNet-10 check, two iterations on the small folder: it runs and
+    # prints the paper's figures, each network's error and AUC, and PASS/FAIL (bounds loosened).
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "bench" / "check_balanced.py"
+    spec = importlib.util.spec_from_file_location("check_balanced", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check_balanced", module)  # its dataclass looks itself up there
+    spec.loader.exec_module(module)
+    # The grid takes every image (max_per_class 1300, ILSVRC's largest class): so may this folder.
+    monkeypatch.setitem(catalog.DATASETS, "imagenet224", catalog.DatasetInfo(CLASSES, (3, CROP, CROP), 4, 2, 1300))
+    write_folder(tmp_path)
+    args = ["resnet10_imagenet", "--data-dir", str(tmp_path), "--device", "cpu", "--iters", "2", "--batch-size", "8"]
+    assert module.main([*args, "--max-error", "1", "--min-auc", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "paper: 62.56 % top-1 error, 99.50 multi-class ROC AUC" in out and "iters=2 batch=8 networks=1" in out
+    assert "lr=0.1 run=0 repeat=0 status=ok top1_error=" in out and out.rstrip().endswith(
+        "PASS: top-1 error at most 100.00%")
+    assert module.main([*args, "--max-error", "0"]) == 1 and "FAIL: not top-1 error at most 0.00%" in capsys.readouterr().out
