@@ -331,3 +331,24 @@ def test_balanced_imagenet_check_runs(tmp_path: Path, small_sides: None, capsys:
     assert "lr=0.1 run=0 repeat=0 status=ok top1_error=" in out and out.rstrip().endswith(
         "PASS: top-1 error at most 100.00%")
     assert module.main([*args, "--max-error", "0"]) == 1 and "FAIL: not top-1 error at most 0.00%" in capsys.readouterr().out
+
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec's (not installed here).
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+def test_the_nvjpeg_path_crops_as_pillow_does(tmp_path: Path) -> None:
+    # The CUDA decoder's code (batched torchvision.io.decode_jpeg, resize, crop, mirror) run on
+    # the CPU: the same windows as Pillow's path within a grey level of the two resizers; a PNG
+    # (which nvJPEG refuses, as ILSVRC's one PNG named .JPEG) falls back to Pillow.
+    y, x = np.mgrid[0:60, 0:52]
+    ramp = np.stack([x * 4, y * 3, (x + y) * 2], axis=-1).astype(np.uint8)
+    files = []
+    for i in range(4):
+        path = tmp_path / (f"{i}.png" if i == 2 else f"{i}.JPEG")
+        Image.fromarray(ramp[:60 - 10 * (i % 2)]).save(path, **({} if i == 2 else {"quality": 95}))
+        files.append(str(path))
+    draws = ResizeCropDraws(seed=3).take(1, 4)[0]
+    assert set(draws[:, 2]) == {0, 1}  # both mirrors among the four
+    got = jf.decode_crops_torchvision(files, draws, RESIZE, CROP, torch.device("cpu"))
+    want = torch.stack([torch.from_numpy(decode_crop(f, d, RESIZE, CROP)) for f, d in zip(files, draws)])
+    assert got.shape == want.shape == (4, 3, CROP, CROP)
+    assert (got.int() - want.int()).abs().max() <= 2

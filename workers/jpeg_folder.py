@@ -37,6 +37,8 @@ fraction of the work). ``cuda``: the files are read on the host and decoded in o
 call of ``torchvision.io.decode_jpeg(..., device="cuda")`` (nvJPEG), then resized and cropped
 on the device; an image nvJPEG refuses (CMYK, a PNG named .JPEG: a few in ILSVRC-2012) is
 decoded by Pillow instead. ``bench/jpeg_feed.py`` measures both (bench/RESULTS.md).
+torchvision 0.29 deprecates its image decoders in favour of TorchCodec's (a DeprecationWarning
+on first use); the nvJPEG path is written against torchvision.io while it lasts.
 
 Resizing is Pillow's / torchvision's antialiased bilinear filter; Caffe's reference read
 images its authors had pre-scaled with a tool they do not name, so the interpolation is
@@ -246,7 +248,7 @@ class JpegImages:
             raise IndexError(f"image index out of range 0..{len(self.files) - 1}")
         flat_draws = None if draws is None else np.asarray(draws).reshape(-1, 3)
         if self.decoder in (Decoder.CUDA, Decoder.AUTO) and self.device.type == "cuda":
-            out = _decode_cuda([self.files[i] for i in flat], flat_draws, self.resize, self.crop, self.device)
+            out = decode_crops_torchvision([self.files[i] for i in flat], flat_draws, self.resize, self.crop, self.device)
         else:
             out = torch.from_numpy(self._decode_cpu(flat, flat_draws))
             if self.device.type == "cuda":
@@ -278,9 +280,11 @@ class JpegImages:
             self._pool = None
 
 
-def _decode_cuda(files: Sequence[str], draws: np.ndarray | None, resize: int, crop: int,
+def decode_crops_torchvision(files: Sequence[str], draws: np.ndarray | None, resize: int, crop: int,
                  device: torch.device) -> Tensor:
-    """nvJPEG: one batched decode on the device, then per image a resize and a crop there."""
+    """uint8 ``[N, 3, crop, crop]``: torchvision.io's batched decoder on ``device`` (nvJPEG on
+    CUDA; on the CPU libjpeg-turbo, where the tests check this path's crops against
+    :func:`decode_crop`'s), then per image a resize to the shorter side and the crop there."""
     import torchvision.io as tio
     import torchvision.transforms.v2.functional as tvf
 
