@@ -352,3 +352,23 @@ def test_the_nvjpeg_path_crops_as_pillow_does(tmp_path: Path) -> None:
     want = torch.stack([torch.from_numpy(decode_crop(f, d, RESIZE, CROP)) for f, d in zip(files, draws)])
     assert got.shape == want.shape == (4, 3, CROP, CROP)
     assert (got.int() - want.int()).abs().max() <= 2
+
+
+def test_balanced_cifar10_check_searches_lrs_on_one_training_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bench/check_balanced.py allcnn_cifar10 --lrs ... --runs 2: the paper's search as one pack,
+    # every run on the same (full, balanced) training set, the schedule scaled with --iters.
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parents[1] / "bench" / "check_balanced.py"
+    spec = importlib.util.spec_from_file_location("check_balanced", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "check_balanced", module)
+    spec.loader.exec_module(module)
+    specs = module.check_specs("allcnn_cifar10", 700, [0.05, 0.005, 0.0005, 0.00005], 2, 1)
+    assert sorted((s.recipe.base_lr, s.lr_run) for s in specs) == sorted(
+        (lr, run) for lr in (0.05, 0.005, 0.0005, 0.00005) for run in (0, 1))
+    assert len({s.pack_key for s in specs}) == 1 and len({s.training_set_key for s in specs}) == 1
+    assert {(s.recipe.iters, s.recipe.lr_milestones) for s in specs} == {(700, (400, 500, 600))}
+    full = module.check_specs("allcnn_cifar10", None, None, 1, 1)
+    assert len(full) == 1 and full[0].recipe.iters == 70_000 and str(full[0].recipe.normalization) == "gcn_zca"
