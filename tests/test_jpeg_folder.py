@@ -20,8 +20,9 @@ from sweep.core import catalog
 from sweep.core.grid import expand
 from sweep.core.grid_checks import GridError
 from sweep.core.plan import Pack
+from workers.crop_stream import CropStream
 from workers.datasets import DatasetError, DatasetNotFound, load_dataset
-from workers.jpeg_folder import CropStream, JpegImages, ResizeCropDraws, crop_offsets, decode_crop, resized_size
+from workers.jpeg_folder import JpegImages, ResizeCropDraws, crop_offsets, decode_crop, resized_size
 from workers.run_pack import run_pack
 
 RESIZE, CROP = 40, 32

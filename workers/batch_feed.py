@@ -17,7 +17,7 @@ previous copy has run (an event wait, not a device-wide sync).
 
 Images streamed from JPEG folders (``workers.jpeg_folder``, dataset imagenet224) are not on
 the device to be indexed: the feed hands each chunk's host tables to a
-:class:`workers.jpeg_folder.CropStream`, which decodes the steps' crops ahead of them, and
+:class:`workers.crop_stream.CropStream`, which decodes the steps' crops ahead of them, and
 :meth:`BatchFeed.images` returns the next decoded batch. Such a step reads from the host, so
 it is not replayed as a CUDA graph (``BatchFeed.streamed``).
 """
@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
-from workers.jpeg_folder import CropStream, JpegImages, ResizeCropDraws
+from workers.crop_stream import CropStream
+from workers.jpeg_folder import JpegImages, ResizeCropDraws
 from workers.samplers import EpochSampler, take_stacked
 
 

@@ -24,9 +24,8 @@ pre-scaled images with ``crop_size: 224, mirror: true``) draws the crop offsets 
 - :class:`ResizeCropDraws` is each network's own stream of crop offsets and mirror bits
   (one float64 per image, as ``workers.augment.CropFlipDraws``: the same crops alone or in
   any pack, whatever the chunking, and a checkpoint resumes it exactly).
-- :class:`CropStream` feeds a training stage: ``workers.batch_feed.BatchFeed`` hands it each
-  chunk's host tables of indices and draws as it fills them, it decodes the next
-  ``LOOKAHEAD_STEPS`` steps' batches in the background, and each step takes the next one.
+- ``workers.crop_stream.CropStream`` feeds a training stage from a :class:`JpegImages`,
+  decoding the next steps' batches in the background.
 
 What feeds the GPU (``Decoder``). ``cpu``: a thread pool of Pillow decoders (libjpeg-turbo;
 Pillow releases the GIL while decoding and resizing, so threads scale with cores; a process
@@ -48,9 +47,8 @@ ours. Nothing is cached: every epoch decodes its JPEGs again, as Caffe's ImageDa
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -66,7 +64,6 @@ from sweep.core.errors import UserError
 RESIZE_SIDE: int = 256  # Buda: "the smaller dimension is 256 pixels long"; tests shrink it
 CROP_SIDE: int = DATASETS["imagenet224"].image_shape[-1]  # 224; tests shrink it
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
-LOOKAHEAD_STEPS = 4  # training batches decoded ahead of the step that needs them
 _FRACTION_BITS = 21  # crop offsets: a 21-bit fraction of the room, per axis
 _FRACTION = 1 << _FRACTION_BITS
 
@@ -340,60 +337,6 @@ class ResizeCropDraws:
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.rng.bit_generator.state = state
-
-
-class CropStream:
-    """A stage's training batches from a :class:`JpegImages`, decoded ahead of the steps.
-
-    ``queue_chunk`` takes a chunk's host tables as ``BatchFeed`` fills them (indices
-    ``[n, P, B]``, draws ``[n, P, B, 3]`` or None) and which members have no crop stream
-    (they get centred crops); ``next`` returns the next step's uint8 ``[P, B, 3, S, S]`` on
-    the device. A background thread keeps ``LOOKAHEAD_STEPS`` steps decoding, so the GPU
-    trains on one batch while the CPU (or nvJPEG) decodes the next.
-    """
-
-    def __init__(self, images: JpegImages, lookahead: int = LOOKAHEAD_STEPS) -> None:
-        self.images, self.lookahead = images, max(1, lookahead)
-        self._waiting: deque[tuple[np.ndarray, np.ndarray | None, tuple[bool, ...]]] = deque()
-        self._ready: deque[Future[Tensor]] = deque()
-        self._worker: ThreadPoolExecutor | None = None
-
-    def queue_chunk(self, idx: np.ndarray, draws: np.ndarray | None, centred: Sequence[bool] = ()) -> None:
-        """Rows of a chunk (copied: the caller reuses its staging buffers)."""
-        centred = tuple(centred) or (draws is None,) * idx.shape[1]
-        for r in range(len(idx)):
-            self._waiting.append((np.array(idx[r]), None if draws is None else np.array(draws[r]), centred))
-        self._top_up()
-
-    def next(self) -> Tensor:
-        """The next queued step's images (waits for their decoding)."""
-        if not self._ready:
-            raise RuntimeError("a training step asked for a batch no chunk queued")
-        out = self._ready.popleft().result()
-        self._top_up()
-        return out
-
-    def _top_up(self) -> None:
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="crop-stream")
-        while self._waiting and len(self._ready) < self.lookahead:
-            self._ready.append(self._worker.submit(self._batch, *self._waiting.popleft()))
-
-    def _batch(self, idx: np.ndarray, draws: np.ndarray | None, centred: tuple[bool, ...]) -> Tensor:
-        if draws is None or all(centred):
-            return self.images.crops(idx, None)
-        if not any(centred):
-            return self.images.crops(idx, draws)
-        return torch.stack([self.images.crops(idx[p], None if c else draws[p]) for p, c in enumerate(centred)])
-
-    def close(self) -> None:
-        for f in self._ready:
-            f.cancel()
-        self._ready.clear()
-        self._waiting.clear()
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
 
 
 def open_folders(root: Path, decoder: Decoder | str = Decoder.AUTO) -> tuple[JpegImages, JpegImages, int]:
