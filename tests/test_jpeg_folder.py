@@ -373,3 +373,11 @@ def test_balanced_cifar10_check_searches_lrs_on_one_training_set(monkeypatch: py
     assert {(s.recipe.iters, s.recipe.lr_milestones) for s in specs} == {(700, (400, 500, 600))}
     full = module.check_specs("allcnn_cifar10", None, None, 1, 1)
     assert len(full) == 1 and full[0].recipe.iters == 70_000 and str(full[0].recipe.normalization) == "gcn_zca"
+
+
+@pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+def test_the_nvjpeg_path_names_an_undecodable_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.JPEG"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(jf.JpegFolderError, match=f"{bad}: cannot be decoded"):
+        jf.decode_crops_torchvision([str(bad)], None, RESIZE, CROP, torch.device("cpu"))

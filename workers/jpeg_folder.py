@@ -220,8 +220,8 @@ class JpegImages:
         return len(self.files)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "JpegImages":
-        moved = JpegImages(self.files, self.labels, self.decoder, device, self.resize, self.crop, self.threads)
-        return moved
+        """The same table decoding onto ``device`` (``non_blocking``: a tensor's signature)."""
+        return JpegImages(self.files, self.labels, self.decoder, device, self.resize, self.crop, self.threads)
 
     def __getitem__(self, index: Any) -> Tensor:
         if isinstance(index, slice):
@@ -232,7 +232,7 @@ class JpegImages:
             idx = np.asarray(index)
         return self.crops(np.asarray(idx, dtype=np.int64), None)
 
-    def __getstate__(self) -> dict[str, Any]:  # a thread pool does not pickle (Ray ships datasets)
+    def __getstate__(self) -> dict[str, Any]:  # a thread pool does not pickle; a copy makes its own
         return {**self.__dict__, "_pool": None}
 
     # -- decoding
@@ -278,7 +278,7 @@ class JpegImages:
 
 
 def decode_crops_torchvision(files: Sequence[str], draws: np.ndarray | None, resize: int, crop: int,
-                 device: torch.device) -> Tensor:
+                             device: torch.device) -> Tensor:
     """uint8 ``[N, 3, crop, crop]``: torchvision.io's batched decoder on ``device`` (nvJPEG on
     CUDA; on the CPU libjpeg-turbo, where the tests check this path's crops against
     :func:`decode_crop`'s), then per image a resize to the shorter side and the crop there."""
@@ -309,8 +309,11 @@ def _pil_full(path: str) -> Tensor:
     """An image nvJPEG cannot decode, by Pillow, as uint8 [3, H, W]."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+    try:
+        with Image.open(path) as img:
+            return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1).copy())
+    except (OSError, ValueError) as e:
+        raise JpegFolderError(f"{path}: cannot be decoded as an image ({type(e).__name__}: {e})") from e
 
 
 # -- training crops ----------------------------------------------------------------------------
