@@ -110,4 +110,3 @@ class BatchFeed:
         if self.stream is not None:
             return self.stream.next()
         return x[batch] if draws is None else crop_flip(x[batch], draws)
-
