@@ -381,3 +381,15 @@ def test_the_nvjpeg_path_names_an_undecodable_file(tmp_path: Path) -> None:
     bad.write_bytes(b"\xff\xd8 truncated")
     with pytest.raises(jf.JpegFolderError, match=f"{bad}: cannot be decoded"):
         jf.decode_crops_torchvision([str(bad)], None, RESIZE, CROP, torch.device("cpu"))
+
+
+def test_the_32px_imagenet_grid_keeps_its_ids() -> None:
+    # grids/buda_imagenet.yaml's 15 networks, as main expanded them before imagenet224 and
+    # ResNet-10 revision 2 existed (the 32-px stand-in keeps revision 1).
+    from sweep.core.grid import load_grid
+
+    ids = sorted(s.network_id for s in load_grid(Path(__file__).parents[1] / "grids" / "buda_imagenet.yaml").specs)
+    assert ids == ["1a29a26f23f5e8bc", "1b885446146041c8", "22528eb3e84dcc8f", "2b8dc548d141dffb",
+                   "3f9e165e6cca60d6", "741c2fdc47b10158", "838e0a904d9704fc", "8bd653488e487189",
+                   "9547106d40f8ba37", "b30ab678c0a98f63", "dbcbaed1e6d6503d", "dd7838b9ad9fa5c4",
+                   "e9e6dfd8ef3089ed", "f2c43c5df17f784a", "f6908dc0e002c733"]
