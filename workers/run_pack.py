@@ -45,7 +45,7 @@ from workers.pack_work import Phase, estimate_work
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, plan_stages, stage_plan
 from workers.store_sink import StoreSink, as_sink
-from workers.transforms import InputTransform, fit_transform, stack_transforms
+from workers.transforms import FITS_NOTHING, InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,9 @@ def _fitted_transform(ctx: "_Pack", spec: TrialSpec, m: MemberData) -> InputTran
     kind = spec.normalization
     key = (spec.training_set_key, kind)
     if key not in ctx.fitted:
-        ctx.fitted[key] = fit_transform(kind, ctx.ds.train_x[m.subset])
+        # A kind that fits nothing is given no images: a streamed dataset's would be decoded.
+        images = ctx.ds.train_x[:0] if kind in FITS_NOTHING else ctx.ds.train_x[m.subset]
+        ctx.fitted[key] = fit_transform(kind, images)
     return ctx.fitted[key]
 
 
