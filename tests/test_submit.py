@@ -143,3 +143,15 @@ def test_without_slurm_or_sbatch_nothing_is_written(grid_file, tmp_path, monkeyp
     res = submit(grid_file, store)
     assert res.exit_code == 1 and "sbatch not found on the PATH" in res.stderr and "--dry-run" in res.stderr
     assert not store.exists()
+
+
+def test_a_grid_the_store_already_holds_submits_nothing(grid_file, tmp_path, fewer_test_images):
+    from sweep.core.grid import load_grid
+    from sweep.local import run_local
+
+    store = tmp_path / "store"
+    run_local(load_grid(grid_file), str(store), device="cpu")
+    res = submit(grid_file, store, "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert res.stdout == f"every network of grid sub is in {store}: nothing to submit\n"
+    assert not (store / "_slurm").exists()
