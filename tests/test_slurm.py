@@ -260,7 +260,8 @@ def test_multi_node_mode_on_one_node_stopped_and_requeued_resumes_its_packs(slur
     checkpoint: the sweep stops as on Ctrl-C ("interrupted", exit 130), Ray stops, the job is
     requeued and continues both packs from their checkpoints: each network once, the local numbers."""
     store = tmp_path / "store"
-    job = _submit(grid_file(GRID), store, "--cpus-per-task", "2", "--requeue")  # both packs at once
+    # A CPU cluster's job (--gpus-per-node 0), with both packs at once on the node's two CPUs.
+    job = _submit(grid_file(GRID), store, "--gpus-per-node", "0", "--cpus-per-task", "2", "--requeue")
     checkpointed = _wait_for(lambda: len(list((store / "_checkpoints").glob("*.pt"))) == 2, WAIT_SECONDS)
     assert checkpointed, _logs(store)
     _stop_and_requeue(job, store, tasks=1)
