@@ -196,12 +196,12 @@ def _check_store(store_dir: str, mode: Mode, o: SubmitOptions) -> str:
         raise SubmitError(f"store {store_dir}: a SLURM job needs the store on a filesystem path every node "
                           "mounts (leases and checkpoints need a local path), not a URI")
     store = os.path.abspath(store_dir)
-    several = o.nodes > 1 or o.array > 1
+    several = f"{o.array} tasks" if mode == Mode.ARRAY else f"{o.nodes} nodes"
     where = _node_local(store)
-    if several and where and not o.force:
+    if max(o.nodes, o.array) > 1 and where and not o.force:
         raise SubmitError(
-            f"store {store} is on {where}, which each node has on its own: the job's {o.nodes if o.array == 0 else o.array} "
-            f"{'nodes' if o.array == 0 else 'tasks'} would write separate stores. Put it on a filesystem every node "
+            f"store {store} is on {where}, which each node has on its own: the job's {several} "
+            "would write separate stores. Put it on a filesystem every node "
             f"mounts (`df -T {os.path.dirname(store)}` or `stat -f -c %T {os.path.dirname(store)}` on a compute node "
             "shows nfs, lustre, gpfs, beegfs, cephfs ...: shared; tmpfs, or a local disk under /tmp or /scratch: "
             "not), or pass --force if this path is shared on your cluster")
