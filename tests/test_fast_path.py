@@ -282,9 +282,9 @@ def _tiny_mnist(mnist) -> ArrayDataset:
 def _float64_models(monkeypatch) -> None:
     """run_pack's grouped models in float64 (inputs cast on the way in; the loss still sees
     fp32 logits, whose rounding, 6e-8 relative, is far below the tolerances below)."""
-    from workers import run_pack as rp
+    from workers import pack_stage as rp  # where run_pack's stages build their models
 
-    original = rp._new_model
+    original = rp.new_pack_model
 
     def new_model(*args, **kwargs):  # noqa: ANN002, ANN003
         model = original(*args, **kwargs).double()
@@ -292,7 +292,7 @@ def _float64_models(monkeypatch) -> None:
         model.forward = lambda x, *a, **k: forward(x.double(), *a, **k)
         return model
 
-    monkeypatch.setattr(rp, "_new_model", new_model)
+    monkeypatch.setattr(rp, "new_pack_model", new_model)
 
 
 def _trained_from(pack: Pack, ds: ArrayDataset, kernels: str, **kw):

@@ -157,7 +157,8 @@ def test_buda_mnist_recipe_trains_biases_at_twice_the_lr() -> None:
     from sweep.core.recipes import RECIPES
 
     assert RECIPES["buda_mnist"].bias_lr_factor == 2.0  # Caffe LeNet: lr_mult 2 on biases
-    assert all(r.bias_lr_factor == 1.0 for n, r in RECIPES.items() if n != "buda_mnist")
+    assert RECIPES["buda_imagenet224"].bias_lr_factor == 2.0  # the ResNet-10 reference's prototxt: the same
+    assert all(r.bias_lr_factor == 1.0 for n, r in RECIPES.items() if n not in ("buda_mnist", "buda_imagenet224"))
 
 
 def test_fields_added_later_leave_old_ids_unchanged() -> None:

@@ -30,6 +30,7 @@ FLOORS = [
     ("sweep.prepare", 3),
     ("sweep.driver", 4),
     ("sweep.local", 4),
+    ("sweep.slurm", 4),
     ("sweep.cli", 5),
 ]
 # What a floor may not import from outside the project: core is what a study *is* (no

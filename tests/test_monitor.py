@@ -211,7 +211,7 @@ def test_the_tune_reporter_says_a_new_phase_at_once_and_iterations_every_few_sec
                     {"fraction": 0.4, "networks_done": 0, "phase": "evaluating"}]
 
 
-def test_the_local_runner_tells_progress_what_the_pack_does_pro_rata(tmp_path, mnist):
+def test_the_local_runner_tells_progress_what_the_pack_does_pro_rata(tmp_path, fewer_test_images):
     from sweep.local import run_local
 
     seen = []

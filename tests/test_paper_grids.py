@@ -138,16 +138,22 @@ def test_minority_choice_values_are_all_used_by_some_grid():
     assert {c.value for c in MinorityChoice} == {"random", "lowest", "highest"}
 
 
-def test_buda_mnist_slice_is_part_of_the_full_grid():
+def test_buda_mnist_slice_is_part_of_the_full_grids():
     """The CPU slice trains the full grid's own networks (same ids), 35 per repeat: 7 cells x
-    (baseline, over-, under-sampling, two-phase over and under)."""
+    (baseline, over-, under-sampling, two-phase over and under); and its Fig. 7 block is
+    grids/buda_mnist_partial.yaml's own networks, on the slice's own training sets."""
     sl = load_grid(GRIDS / "buda_mnist_slice.yaml")
     full = load_grid(GRIDS / "buda_mnist.yaml")
+    partial = load_grid(GRIDS / "buda_mnist_partial.yaml")
     assert sl.name == full.name  # completion is per grid name: the full grid skips them
-    assert sl.trained_networks == 7 * 5 * 3 == 105
-    assert sl.evaluations == 7 * 3 * (5 + 3)  # raw for five methods, thresholded for three
-    full_ids = {s.network_id for s in full.specs}
-    assert {s.network_id for s in sl.specs} <= full_ids
+    fig7 = [s for s in sl.specs if s.resample_ratio != 1.0]
+    cells = [s for s in sl.specs if s.resample_ratio == 1.0]
+    assert len(cells) == 7 * 5 * 3 and len(fig7) == 3 * 2 * 2  # 3 mu x levels 10, 100 x over, under
+    assert sl.trained_networks == 105 + 12
+    assert sl.evaluations == 7 * 3 * (5 + 3) + 12  # raw for five methods, thresholded for three; Fig. 7 raw
+    assert {s.network_id for s in cells} <= {s.network_id for s in full.specs}
+    assert {s.network_id for s in fig7} <= {s.network_id for s in partial.specs}
+    assert {s.training_set_key for s in fig7} <= {s.training_set_key for s in cells}
     assert all(s.recipe.iters == 10_000 and s.recipe.bias_lr_factor == 2.0 for s in sl.specs)
 
 
@@ -160,7 +166,7 @@ def test_the_committed_slice_keeps_its_ids():
 
     stored = load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id", "trial_id"])
     specs = load_grid(GRIDS / "buda_mnist_slice.yaml").specs
-    whole = [s for s in specs if s.repeat < 2]
+    whole = [s for s in specs if s.repeat < 2 and s.resample_ratio == 1.0]  # Fig. 7's block is to come
     assert {s.network_id for s in whole} <= set(stored["network_id"]) <= {s.network_id for s in specs}
     assert {t for s in whole for t in s.trial_ids} <= set(stored["trial_id"]) <= {t for s in specs for t in s.trial_ids}
     assert set(stored["network_id"]) - {s.network_id for s in whole}  # and some of repeat 2

@@ -24,6 +24,7 @@ pytest_plugins = ["pytester"]
     ([sys.executable, "-u", "/venv/lib/python3.11/site-packages/ray/_private/log_monitor.py"], "ray"),
     (["/usr/bin/chromium", "--headless"], "browser"),
     (["google-chrome-stable", "--dump-dom"], "browser"),
+    (["/usr/bin/sbatch", "--parsable", "job.sbatch"], "slurm"),
     (["/usr/local/cuda/bin/ptxas", "-arch=sm_90"], None),
     (["/sbin/ldconfig", "-p"], None),
     (["uname", "-p"], None),  # platform.processor()

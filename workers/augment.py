@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from sweep.core.spec import Augmentation
+from workers.jpeg_folder import ResizeCropDraws
 
 PAD = 4  # pixels of zero padding on each side (Cao et al.: RandomCrop(32, padding=4))
 _OFFSETS = 2 * PAD + 1  # offsets 0..2*PAD on each axis
@@ -54,10 +55,13 @@ class CropFlipDraws:
         self.rng.bit_generator.state = state
 
 
-def augment_stream(augmentation: Augmentation, seed: int) -> CropFlipDraws | None:
-    """The draws a recipe's ``augmentation`` asks for (None: images as they are)."""
+def augment_stream(augmentation: Augmentation, seed: int) -> CropFlipDraws | ResizeCropDraws | None:
+    """The draws a recipe's ``augmentation`` asks for (None: images as they are; for images
+    streamed from JPEGs, their centred crops)."""
     if augmentation == Augmentation.NONE:
         return None
+    if augmentation == Augmentation.RESIZE_CROP_FLIP:  # Buda's ImageNet crops (workers.jpeg_folder)
+        return ResizeCropDraws(seed)
     if augmentation in (Augmentation.CROP_FLIP, Augmentation.CROP):
         return CropFlipDraws(seed, mirror=augmentation == Augmentation.CROP_FLIP)
     raise ValueError(f"unknown augmentation {augmentation!r} (allowed: {', '.join(a.value for a in Augmentation)})")
@@ -70,7 +74,7 @@ def identity_draws(iters: int, batch_size: int) -> np.ndarray:
     return out
 
 
-def take_stacked_draws(draws: Sequence[CropFlipDraws | None], iters: int, batch_size: int,
+def take_stacked_draws(draws: Sequence[CropFlipDraws | ResizeCropDraws | None], iters: int, batch_size: int,
                        out: np.ndarray | None = None) -> np.ndarray:
     """``[iters, P, batch, 3]`` draws of all members; members without a stream get the identity.
     Written into ``out`` when given (a staging buffer)."""

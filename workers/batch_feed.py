@@ -14,6 +14,12 @@ asynchronous copy on the training stream, behind the steps already queued: the c
 cannot overtake a step still reading the previous chunk, and the host computes the next
 chunk while the GPU trains on this one. A staging buffer is rewritten only after its
 previous copy has run (an event wait, not a device-wide sync).
+
+Images streamed from JPEG folders (``workers.jpeg_folder``, dataset imagenet224) are not on
+the device to be indexed: the feed hands each chunk's host tables to a
+:class:`workers.crop_stream.CropStream`, which decodes the steps' crops ahead of them, and
+:meth:`BatchFeed.images` returns the next decoded batch. Such a step reads from the host, so
+it is not replayed as a CUDA graph (``BatchFeed.streamed``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from workers.augment import CropFlipDraws, take_stacked_draws
+from workers.augment import CropFlipDraws, crop_flip, take_stacked_draws
+from workers.crop_stream import CropStream
+from workers.jpeg_folder import JpegImages, ResizeCropDraws
 from workers.samplers import EpochSampler, take_stacked
 
 
@@ -31,9 +39,13 @@ class BatchFeed:
     """Device tables ``idx`` [rows, P, B] (int64) and, with augmentation, ``draws``
     [rows, P, B, 3]; ``pos`` (0-dim int64) is the row the next step reads."""
 
-    def __init__(self, samplers: Sequence[EpochSampler], augment: Sequence[CropFlipDraws | None] | None,
-                 batch_size: int, device: torch.device, rows: int) -> None:
+    def __init__(self, samplers: Sequence[EpochSampler],
+                 augment: Sequence[CropFlipDraws | ResizeCropDraws | None] | None,
+                 batch_size: int, device: torch.device, rows: int, images: Tensor | JpegImages | None = None) -> None:
         self.samplers, self.augment = list(samplers), None if augment is None else list(augment)
+        # Images streamed from JPEGs are decoded on the host side, ahead of the steps; a
+        # tensor of images is on the device already, and each step indexes it.
+        self.stream = CropStream(images) if isinstance(images, JpegImages) else None
         self.batch_size, self.device, self.rows = batch_size, device, rows
         p = len(self.samplers)
         shape = (rows, p, batch_size)
@@ -68,6 +80,9 @@ class BatchFeed:
         self.idx[:iters].copy_(idx[:iters], non_blocking=self._pinned)
         if draws is not None:
             self.draws[:iters].copy_(draws[:iters], non_blocking=self._pinned)
+        if self.stream is not None:
+            centred = [True] * len(self.samplers) if self.augment is None else [a is None for a in self.augment]
+            self.stream.queue_chunk(idx.numpy()[:iters], None if draws is None else draws.numpy()[:iters], centred)
         if self._pinned:
             event = torch.cuda.Event()
             event.record()
@@ -84,3 +99,14 @@ class BatchFeed:
     def advance(self) -> None:
         self.pos.add_(1)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the step's images come from the host (JPEGs): no CUDA graph then."""
+        return self.stream is not None
+
+    def images(self, x: Tensor, batch: Tensor, draws: Tensor | None) -> Tensor:
+        """This step's uint8 images ``[P, B, C, H, W]``: ``x[batch]`` cropped and flipped by
+        ``draws``, or the next batch the stream decoded (``x`` is then a JpegImages)."""
+        if self.stream is not None:
+            return self.stream.next()
+        return x[batch] if draws is None else crop_flip(x[batch], draws)

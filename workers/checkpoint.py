@@ -31,6 +31,7 @@ from sweep.store import paths
 from sweep.store.atomic import atomic_write
 from sweep.store.integrity import FileRecord, check_record, digest
 from workers.engine import StageSnapshot
+from workers.preemption import Preempted, stop_requested
 from workers.store_sink import StoreSink
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,13 @@ class CheckpointFile:
         self.record = paths.checkpoint_record_path(self.path) if self.path else None
 
     def write(self, ckpt: PackCheckpoint) -> None:
+        """Save ``ckpt``; then, if SIGTERM asked the pack to stop, stop it (workers.preemption)."""
+        self._write(ckpt)
+        if stop_requested():
+            raise Preempted(f"SIGTERM: pack {self.pack_id} stopped at stage {ckpt.stage}, iteration "
+                            f"{ckpt.iteration}" + (", after its checkpoint" if self.path else ""))
+
+    def _write(self, ckpt: PackCheckpoint) -> None:
         if self.path is None or self.record is None:
             return
         fs = pafs.LocalFileSystem()

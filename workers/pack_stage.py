@@ -49,7 +49,7 @@ from workers.pack_run import PackRun
 from workers.pack_work import Phase
 from workers.samplers import EpochSampler
 from workers.stages import StagePlan, stage_plan
-from workers.transforms import InputTransform, fit_transform, stack_transforms
+from workers.transforms import FITS_NOTHING, InputTransform, fit_transform, stack_transforms
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,9 @@ def _fitted_transform(ctx: PackContext, spec: TrialSpec, m: MemberData) -> Input
     kind = spec.normalization
     key = (spec.training_set_key, kind)
     if key not in ctx.fitted:
-        ctx.fitted[key] = fit_transform(kind, ctx.ds.train_x[m.subset])
+        # A kind that fits nothing is given no images: a streamed dataset's would be decoded.
+        images = ctx.ds.train_x[:0] if kind in FITS_NOTHING else ctx.ds.train_x[m.subset]
+        ctx.fitted[key] = fit_transform(kind, images)
     return ctx.fitted[key]
 
 

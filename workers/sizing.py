@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sweep.core.catalog import DATASETS
+from sweep.core.catalog import DATASETS, model_revision
 from workers.models import build_model
 
 PROBE_IMAGES = 2  # BatchNorm needs more than one image per channel in training mode
@@ -23,7 +23,7 @@ PROBE_IMAGES = 2  # BatchNorm needs more than one image per channel in training 
 def measure_footprint(model: str, dataset: str) -> tuple[int, int]:
     """(parameters of one member, values saved for the backward pass per image)."""
     info = DATASETS[dataset]
-    net = build_model(model, 1, info.num_classes, info.image_shape)
+    net = build_model(model, 1, info.num_classes, info.image_shape, model_revision(model, dataset))
     params = {p.data_ptr() for p in net.parameters()}
     saved: dict[tuple[int, int], int] = {}  # (storage pointer, offset) -> values, each tensor once
 

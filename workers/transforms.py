@@ -13,6 +13,8 @@ Kinds (the values of ``sweep.core.spec.Normalization``; each recipe names its pa
 
 - "scale": ``x / 256``. Caffe's LeNet example scales by 0.00390625 = 1/256 (Buda MNIST);
   the float pixels are exact (a power-of-two divisor).
+- "raw": the pixel values 0..255 as float32, nothing subtracted or scaled (Buda's ImageNet
+  regime: "the only data preprocessing applied is resizing"; fits nothing).
 - "standardize": ``(x - mean_c) / std_c`` with the subset's per-channel mean and
   (population) std in pixel units (Cao et al.'s code, which Dablain follows, normalises
   per channel).
@@ -43,7 +45,9 @@ import torch
 
 from sweep.core.spec import Normalization
 
-TransformKind = Literal["scale", "standardize", "gcn_zca"]
+TransformKind = Literal["scale", "standardize", "gcn_zca", "raw"]
+# Kinds that fit nothing on the training images (a streamed dataset takes only these).
+FITS_NOTHING: frozenset[str] = frozenset({"scale", "raw"})
 TRANSFORM_KINDS: tuple[str, ...] = get_args(TransformKind)
 assert set(TRANSFORM_KINDS) == {str(n) for n in Normalization}, "one transform per Normalization"
 
@@ -62,7 +66,7 @@ class InputTransform:
     """One member's fitted transform. ``apply`` maps uint8 ``[..., C, H, W]`` to float32."""
 
     kind: TransformKind
-    image_shape: tuple[int, int, int] | None  # None: any shape ("scale" fits nothing)
+    image_shape: tuple[int, int, int] | None  # None: any shape ("scale" and "raw" fit nothing)
     mean: torch.Tensor | None = None  # standardize: [C], pixel units; gcn_zca: [D], GCN'd
     std: torch.Tensor | None = None  # standardize: [C], pixel units
     whitening: torch.Tensor | None = None  # gcn_zca: [D, D], symmetric
@@ -74,6 +78,8 @@ class InputTransform:
         _check_images(x, self.image_shape, min_dim=3)
         if self.kind == "scale":
             return x.to(torch.float32) * SCALE
+        if self.kind == "raw":
+            return x.to(torch.float32)
         xf = x.to(torch.float32)
         if self.kind == "standardize":
             assert self.mean is not None and self.std is not None
@@ -116,6 +122,8 @@ class PackedTransform:
             raise ValueError(f"expected [{self.members}, B, C, H, W], got {tuple(x.shape)}")
         if self.kind == "scale":
             return x.to(torch.float32) * SCALE
+        if self.kind == "raw":
+            return x.to(torch.float32)
         xf = x.to(torch.float32)
         if self.kind == "standardize":
             assert self.mean is not None and self.std is not None
@@ -153,8 +161,8 @@ def fit_transform(
         raise ValueError(f"unknown transform {kind!r}; known: {', '.join(TRANSFORM_KINDS)}")
     if x_subset.dtype != torch.uint8 or x_subset.dim() != 4:
         raise TypeError(f"expected uint8 [n, C, H, W], got {x_subset.dtype} {tuple(x_subset.shape)}")
-    if kind == "scale":
-        return InputTransform("scale", None)
+    if kind in FITS_NOTHING:
+        return InputTransform(kind, None)
     if len(x_subset) < 2:
         raise ValueError(f"cannot fit {kind!r} on {len(x_subset)} image(s)")
     shape = (int(x_subset.shape[1]), int(x_subset.shape[2]), int(x_subset.shape[3]))

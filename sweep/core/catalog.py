@@ -35,7 +35,18 @@ DATASETS: dict[str, DatasetInfo] = {
     # classes at 1,000 (max_per_class: 1000, above the smallest class). Held in memory at
     # 32x32 (workers.datasets.IMAGENET_SIDE), not the paper's 224x224 crops.
     "imagenet": DatasetInfo(1000, (3, 32, 32), 732, 50, 1_300),
+    # The same folders in Buda's own regime (Sec. 3.3.3): images streamed from their JPEGs,
+    # resized to a 256-px shorter side, 224x224 crops (random and mirrored in training, one
+    # centred crop for testing). Nothing is held in memory but the file list
+    # (workers.jpeg_folder).
+    "imagenet224": DatasetInfo(1000, (3, 224, 224), 732, 50, 1_300),
 }
+
+# Datasets whose images are streamed from files at their full size rather than held in memory
+# at a fixed one (workers.jpeg_folder): only they take Augmentation.RESIZE_CROP_FLIP, and only
+# normalisations that fit nothing on the training images (a mean over a million JPEGs per
+# training subset is not worth decoding them all).
+STREAMED: frozenset[str] = frozenset({"imagenet224"})
 
 # The normalisation a dataset's images get when the recipe names none (the value of
 # sweep.core.spec.Normalization). It was chosen by the dataset's name alone before recipes
@@ -48,6 +59,7 @@ DEFAULT_NORMALIZATION: dict[str, str] = {
     # Buda: "the only data preprocessing applied is resizing"; per-channel standardizing
     # (our choice) is the usual input of a batch-normalised ResNet and changes little.
     "imagenet": "standardize",
+    "imagenet224": "raw",  # Buda: "the only data preprocessing applied is resizing"
 }
 
 # Datasets whose images are digits: a mirrored digit is another symbol or none, so a recipe
@@ -61,13 +73,25 @@ MODELS: dict[str, tuple[str, ...]] = {
     "lenet5": ("mnist",),
     "allcnn": ("cifar10", "svhn", "celeba"),
     "resnet32": ("cifar10", "svhn", "celeba"),
-    "resnet10": ("imagenet",),
+    "resnet10": ("imagenet", "imagenet224"),
 }
 
 # The current revision of each model's architecture (1 when never revised); specs record it.
 # allcnn 2: ReLU after the last 1x1 convolution, before global average pooling, as in Buda
 # et al.'s released All-CNN (revision 1 had none there).
-MODEL_REVISIONS: dict[str, int] = {"allcnn": 2}
+# resnet10 2: the pre-activation layout of Buda et al.'s ResNet-10 reference (cvjena/cnn-models
+# ResNet10_cvgj: an input BatchNorm instead of mean subtraction, pre-activation blocks, a last
+# BN-ReLU; workers.models.ResNet10PreAct). Revision 1 is a post-activation ResNet-18 with one
+# block per stage, which the paper's words also describe.
+MODEL_REVISIONS: dict[str, int] = {"allcnn": 2, "resnet10": 2}
+# (model, dataset) that keep an older revision, so that their networks keep their ids: the
+# 32-px ImageNet stand-in was run with ResNet-10 revision 1 (Buda's regime is imagenet224).
+KEPT_REVISIONS: dict[tuple[str, str], int] = {("resnet10", "imagenet"): 1}
+
+
+def model_revision(model: str, dataset: str) -> int:
+    """The architecture revision a new spec of ``model`` on ``dataset`` gets."""
+    return KEPT_REVISIONS.get((model, dataset), MODEL_REVISIONS.get(model, 1))
 # (model, revision) whose logits are not FE @ W_C + b (a ReLU follows the classifier):
 # Dablain et al.'s latent statistics do not apply to them.
 NO_LINEAR_HEAD: set[tuple[str, int]] = {("allcnn", 2)}
@@ -87,4 +111,5 @@ FOOTPRINTS: dict[tuple[str, str], tuple[int, int]] = {
     ("resnet32", "svhn"): (464_154, 611_616),
     ("resnet32", "celeba"): (463_634, 611_616),
     ("resnet10", "imagenet"): (5_418_792, 84_608),
+    ("resnet10", "imagenet224"): (5_417_070, 3_817_862),  # revision 2 (catalog.model_revision)
 }

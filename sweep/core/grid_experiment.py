@@ -20,11 +20,12 @@ import numpy as np
 from sweep.core.catalog import (
     DATASETS,
     DEFAULT_NORMALIZATION,
-    MODEL_REVISIONS,
     MODELS,
     NO_LINEAR_HEAD,
     NOT_MIRRORED,
+    STREAMED,
     DatasetInfo,
+    model_revision,
 )
 from sweep.core.counts import catalog_majority_count
 from sweep.core.grid_checks import (
@@ -141,7 +142,7 @@ def _read_experiment(err: "_Errors", p: str, cfg: dict[str, Any]) -> _Experiment
         raise err(p + "latent", f"bad value {show(latent)}", "true, false")
     n_embed = _int(err, cfg, "embeddings", 0, p)
     bounded(err, p + "embeddings", n_embed, BOUNDS["embeddings"])
-    revision = MODEL_REVISIONS.get(model, 1)
+    revision = model_revision(model, dataset)
     recipe = _check_model_and_recipe(err, p, cfg, dataset, model, revision, recipe, losses, ldam_head,
                                      latent or bool(n_embed))
     imbalances = _imbalances(err, cfg.get("imbalance"), p, DATASETS[dataset].num_classes)
@@ -240,6 +241,8 @@ def _check_model_and_recipe(err: "_Errors", p: str, cfg: dict[str, Any], dataset
     if recipe.augmentation == Augmentation.CROP_FLIP and dataset in NOT_MIRRORED and not _asks(cfg, "augmentation"):
         # The preset's flip is CIFAR's (Cao et al.); digits get its crop alone (Augmentation.CROP).
         recipe = dataclasses.replace(recipe, augmentation=Augmentation.CROP)
+    if dataset in STREAMED or recipe.augmentation == Augmentation.RESIZE_CROP_FLIP:
+        _check_streamed(err, p, dataset, recipe)
     if recipe.augmentation != Augmentation.NONE and info.image_shape[1] != info.image_shape[2]:
         raise err(p + "recipe.augmentation", f"{recipe.augmentation} needs square images, {dataset} has "
                   f"{info.image_shape[1]}x{info.image_shape[2]}", "augmentation: none")
@@ -247,6 +250,27 @@ def _check_model_and_recipe(err: "_Errors", p: str, cfg: dict[str, Any], dataset
         raise err(p + "latent", f"{model} ends in a ReLU after its classifier (Buda et al.'s model): its "
                   "logits are not FE x W_C, so Dablain's latent statistics do not apply", "latent: false")
     return recipe
+
+
+# Normalisations that fit nothing on the training images: the ones a streamed dataset takes.
+_FITS_NOTHING = frozenset({Normalization.RAW, Normalization.SCALE})
+_STREAMED_AUGMENTATIONS = frozenset({Augmentation.NONE, Augmentation.RESIZE_CROP_FLIP})
+
+
+def _check_streamed(err: "_Errors", p: str, dataset: str, recipe: Recipe) -> None:
+    """A dataset streamed from JPEGs (catalog.STREAMED) takes its own crops and no fitted
+    normalisation; its crops are for it alone."""
+    if dataset not in STREAMED:
+        raise err(p + "recipe.augmentation", f"{recipe.augmentation} crops images streamed from JPEG folders; "
+                  f"{dataset} is held in memory at a fixed size",
+                  f"dataset: {sorted(STREAMED)[0]}, or augmentation: none / crop_flip")
+    if recipe.augmentation not in _STREAMED_AUGMENTATIONS:
+        raise err(p + "recipe.augmentation", f"{dataset} is streamed from JPEGs and takes "
+                  f"{' or '.join(sorted(map(str, _STREAMED_AUGMENTATIONS)))}, not {recipe.augmentation}",
+                  "augmentation: resize_crop_flip")
+    if recipe.normalization not in _FITS_NOTHING:
+        raise err(p + "recipe.normalization", f"{dataset} is streamed from JPEGs: {recipe.normalization} would "
+                  "decode every training image to fit its statistics", "normalization: raw (or scale)")
 
 
 def _training_set(exp: _Experiment, grid_seed: int, kind: ImbalanceKind, rho: float, mu: float | None,

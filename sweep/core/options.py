@@ -143,6 +143,10 @@ class Normalization(StrEnum):
     SCALE = "scale"  # x / 256: Caffe's LeNet example (Buda MNIST)
     STANDARDIZE = "standardize"  # per-channel mean and std of the training subset (Cao et al.)
     GCN_ZCA = "gcn_zca"  # global contrast normalisation + ZCA whitening (Buda CIFAR-10)
+    # Pixel values 0..255 as floats, nothing subtracted or scaled: Buda's ImageNet regime ("the
+    # only data preprocessing applied is resizing"; Caffe's ImageData layer with no mean or scale
+    # in its transform_param, as in the ResNet-10 reference, cvjena/cnn-models ResNet10_cvgj).
+    RAW = "raw"
 
 
 class Augmentation(StrEnum):
@@ -157,6 +161,12 @@ class Augmentation(StrEnum):
     # an SVHN transform; the crop is kept from Cao's regime, the flip dropped
     # (sweep.core.catalog.NOT_MIRRORED).
     CROP = "crop"
+    # Buda et al.'s ImageNet regime (Sec. 3.3.3) on images streamed from JPEG folders
+    # (workers.jpeg_folder): each image resized so that its shorter side is 256 px (aspect
+    # kept), a random 224x224 square cut from it and mirrored with probability 1/2 (Caffe's
+    # transform_param crop_size: 224, mirror: true); the test images get one centred crop.
+    # Only for datasets streamed from JPEGs (sweep.core.catalog.STREAMED).
+    RESIZE_CROP_FLIP = "resize_crop_flip"
 
 
 class Head(StrEnum):

@@ -9,6 +9,7 @@ never spell one themselves, so the layout of docs/store.md is written down once:
     ROOT/_manifests/grid=<grid>/.<stem>.json.<writer>.tmp    the commit being written (its intent)
     ROOT/_grids/<grid>.yaml                                  saved grid, first line its checksum
     ROOT/_checkpoints/<pack_id>.pt (+ .json, its checksum)   in-flight pack state
+    ROOT/_slurm/<job>.sbatch, <job>.yaml, <job>-<id>.out     `sweep submit`: script, grid copy, job logs
     ROOT/_format.json                                        present: every commit has a manifest
 
 A temporary file is ``.<final name>.<writer>.tmp`` beside its final name, where
@@ -33,6 +34,7 @@ MANIFESTS = "_manifests"
 GRIDS = "_grids"
 CHECKPOINTS = "_checkpoints"
 DAMAGED = "_damaged"
+SLURM = "_slurm"
 FORMAT_FILE = "_format.json"
 TMP_SUFFIX = ".tmp"
 PROBE_PREFIX = ".write-probe-"
@@ -105,6 +107,11 @@ def checkpoints_dir(base: str) -> str:
 
 def checkpoint_path(base: str, pack_id: str) -> str:
     return join(checkpoints_dir(base), pack_id + CHECKPOINT_SUFFIX)
+
+
+def slurm_dir(base: str) -> str:
+    """Where ``sweep submit`` writes a job's sbatch script, its copy of the grid and its logs."""
+    return join(base, SLURM)
 
 
 def checkpoint_record_path(checkpoint: str) -> str:
