@@ -109,36 +109,6 @@ def tier_problem(marks: set[str], seen: list[tuple[str, str]]) -> str | None:
             f"tiers): it did {examples}")
 
 
-# -- Parallel runs (pytest-xdist: the README's `-n auto --dist loadscope`) -------------------
-# loadscope keeps each module's tests on one worker, so a module-scoped fixture (a trained
-# store, a compiled kernel) is built once. On top of that, every module with a Ray test is
-# one scope: its Ray tests run one after another on one worker, since two Rays at once on 2
-# cores starve each other (seen: both past their 300 s timeouts). The scope is decided from
-# node ids, before the workers collect, so a module counts as a Ray module when its text
-# names the mark. (xdist's own `loadgroup` would do this from marks, but it rewrites node ids,
-# which pytest 9.2 no longer lets it do: pytest-xdist issue 1386.)
-def _starts_ray(path) -> bool:
-    return path.is_file() and "pytest.mark.ray" in path.read_text()
-
-
-@pytest.hookimpl(optionalhook=True)  # a hook of xdist's: pytest without xdist (the GPU machine) skips it
-def pytest_xdist_make_scheduler(config, log):
-    if config.getvalue("dist") != "loadscope":
-        return None  # any other --dist: xdist's own scheduler
-    from xdist.scheduler import LoadScopeScheduling
-
-    ray_modules: dict[str, bool] = {}
-
-    class RayModulesAsOneScope(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            if module not in ray_modules:
-                ray_modules[module] = _starts_ray(config.rootpath / module)
-            return "ray" if ray_modules[module] else module
-
-    return RayModulesAsOneScope(config, log)
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
     _seen.clear()

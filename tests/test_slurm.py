@@ -254,7 +254,7 @@ def test_array_mode_two_tasks_stopped_mid_pack_resume_from_their_sigterm_checkpo
         assert "interrupted: 0 networks stored by this run" in text and "requeueing job" in text, text
 
 
-@pytest.mark.ray  # Ray runs in the job on this machine: with the other Ray tests, not beside them (conftest)
+@pytest.mark.ray  # Ray runs in the job on this machine: the Ray tier
 def test_multi_node_mode_on_one_node_stopped_and_requeued_resumes_its_packs(slurm, grid_file, tmp_path, reference):
     """Ray on the allocation, `sweep run` on its head; SIGTERM once both packs have saved a
     checkpoint: the sweep stops as on Ctrl-C ("interrupted", exit 130), Ray stops, the job is
