@@ -59,6 +59,9 @@ def test_a_stop_request_checkpoints_the_running_pack_and_the_next_run_continues_
 
 
 def test_sigterm_only_requests_a_stop_and_a_second_one_raises():
+    # Whatever was installed before (SIG_DFL alone, Ray's handler after an earlier test's ray.init)
+    # must be back afterwards.
+    before = signal.getsignal(signal.SIGTERM)
     with sigterm_stops():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop_requested()
@@ -66,7 +69,7 @@ def test_sigterm_only_requests_a_stop_and_a_second_one_raises():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs between bytecodes: at once
     assert not stop_requested()  # cleared on the way out, and the previous handler is back
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) is before
 
 
 @pytest.mark.subprocess
