@@ -84,8 +84,9 @@ def _existing_store(store_dir: str) -> None:
 def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
            gpu_memory_gb: float | None) -> None:
     """Count what a grid file trains and evaluates, without training anything."""
-    from sweep.core.plan import pack_sizer, plan_packs
+    from sweep.core.plan import network_iterations, pack_sizer, plan_packs
     from sweep.core.sizes import estimate_store_bytes
+    from sweep.core.spec import canonical_json
     from sweep.prepare import pack_memory_bytes
 
     g = load_grid(grid_file)
@@ -111,6 +112,10 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
         "evaluations_by_method": dict(sorted(evals.items())),
         "estimated_store_bytes": estimate_store_bytes(g.specs),
     }
+    halved, full = network_iterations(g.specs)
+    searches = sorted({canonical_json(s.lr_search.to_dict()) for s in g.specs if s.lr_search is not None})
+    info["network_iterations"] = {"with_lr_search": halved, "full_search": full}
+    info["lr_search"] = [json.loads(x) for x in searches]
     if as_json:
         click.echo(json.dumps(info))
         return
@@ -121,6 +126,13 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
     click.echo("by imbalance:  " + ", ".join(f"{k} {v:,}" for k, v in info["by_imbalance"].items()))
     click.echo("evaluations:   " + ", ".join(f"{k} {v:,}" for k, v in info["evaluations_by_method"].items()))
     click.echo(f"store size:    about {_human(info['estimated_store_bytes'])}")
+    for search in info["lr_search"]:
+        click.echo(f"lr search:     {search['scheduler']} on {search['metric']}, rungs "
+                   f"{', '.join(f'{r:,}' for r in search['rungs'])}, the best 1/{search['reduction']} go on")
+    if searches:
+        click.echo(f"training:      {halved:,} network-iterations with the lr search halved in packs "
+                   f"({halved / full:.0%} of the full search's {full:,}; Tune's ASHA, for packs of one "
+                   "network, may keep more)")
 
 
 def _run_options(f: Any) -> Any:

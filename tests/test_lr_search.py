@@ -13,7 +13,7 @@ import torch
 from sweep.core.grid import GridError, expand
 from sweep.core.lr_search import LrSearch, default_rungs
 from sweep.core.options import LrScheduler, RungMetric
-from sweep.core.plan import Pack, plan_packs
+from sweep.core.plan import Pack, network_iterations, plan_packs
 from sweep.core.spec import TrialSpec
 from sweep.store.results import ResultStore
 from workers.engine import StageState
@@ -78,6 +78,27 @@ def test_without_the_key_or_with_the_full_scheduler_the_networks_keep_their_ids(
     assert [s.stream_id for s in halving.specs] == [s.network_id for s in full.specs]
     s = halving.specs[1]
     assert TrialSpec.from_json(s.to_json()) == s and TrialSpec.from_json(s.to_json()).network_id == s.network_id
+
+
+def test_sweep_expand_names_the_search_and_the_network_iterations_it_spends(tmp_path):
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from sweep.cli import cli
+
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump({**GRID, "lr_runs": 2}))  # 8 candidates: 8x10 + 4x10 + 2x20 = 160
+    out = CliRunner().invoke(cli, ["expand", str(grid_file)])
+    assert out.exit_code == 0, out.output
+    assert "lr search:     halving on balanced_accuracy, rungs 10, 20, the best 1/2 go on" in out.output
+    assert "160 network-iterations with the lr search halved in packs (50% of the full search's 320" in out.output
+    info = json.loads(CliRunner().invoke(cli, ["expand", str(grid_file), "--json"]).output)
+    assert info["network_iterations"] == {"with_lr_search": 160, "full_search": 320}
+    grid_file.write_text(yaml.safe_dump({k: v for k, v in GRID.items() if k != "lr_search"}))
+    out = CliRunner().invoke(cli, ["expand", str(grid_file)])
+    assert "lr search" not in out.output and "network-iterations" not in out.output
 
 
 def test_the_defaults_metric_reduction_and_a_ladder_that_leaves_one_candidate():
@@ -191,6 +212,7 @@ def test_halving_stops_the_worse_candidates_at_each_rung_and_records_them(full_a
     # Fewer network-iterations than the full search: 10+10+20+40 of 4 x 40.
     spent = sum(r["stopped_at_iter"] if r["status"] == "stopped" else r["iters"] for r in rows.values())
     assert spent == 80 < 4 * 40
+    assert network_iterations(halved.specs) == (80, 160)  # what `sweep expand` says it will spend
 
 
 def test_the_survivor_has_the_full_searchs_numbers(full_and_halved):

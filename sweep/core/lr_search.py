@@ -95,6 +95,17 @@ class LrSearchRequest:
         return LrSearch(LrScheduler.HALVING, self.metric, tuple(rungs), self.reduction)
 
 
+def halving_iterations(candidates: int, iters: int, search: LrSearch) -> int:
+    """Network-iterations one group of ``candidates`` spends under in-pack halving: all train to
+    the first rung, ``keep(n)`` of them on to the next, and so on to ``iters`` (fewer only where
+    a candidate diverges and stops early). The full search spends ``candidates * iters``."""
+    total, alive, done = 0, candidates, 0
+    for r in search.rungs:
+        total += alive * (r - done)
+        alive, done = search.keep(alive), r
+    return total + alive * (iters - done)
+
+
 def default_rungs(iters: int, candidates: int, reduction: int) -> tuple[int, ...]:
     """``iters / reduction^k`` for k = K..1 with K = ceil(log_reduction(candidates)): the last
     rung leaves one candidate per group, half-way (reduction 2) through training."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sweep.core.catalog import DATASETS, FOOTPRINTS
+from sweep.core.lr_search import halving_iterations
 from sweep.core.spec import METHOD_ORDER, PackKey, TrialSpec, _hash
 
 # Networks per pack when the grid and the command line say nothing. On the CPU a pack
@@ -151,6 +152,23 @@ def plan_packs(
         if current:
             packs.append(_make(current, rebuild))
     return packs
+
+
+def network_iterations(specs: Iterable[TrialSpec]) -> tuple[int, int]:
+    """(network-iterations the grid trains with its lr searches halved in packs, as many with
+    every candidate trained to the end). Equal for a grid without ``lr_search``; the first is
+    what the schedule spends when no candidate diverges (a diverged one stops sooner)."""
+    groups: dict[str, list[TrialSpec]] = defaultdict(list)
+    halved = full = 0
+    for s in specs:
+        full += s.recipe.iters
+        if s.lr_search is None:
+            halved += s.recipe.iters
+        else:
+            groups[s.search_group].append(s)
+    for group in groups.values():
+        halved += halving_iterations(len(group), group[0].recipe.iters, group[0].lr_search)
+    return halved, full
 
 
 def _families(unit: list[TrialSpec]) -> list[list[TrialSpec]]:
