@@ -127,9 +127,9 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     import ray
     from ray import tune
 
-    sigterm = signal.getsignal(signal.SIGTERM)
+    handlers = _signal_handlers()
     _init_ray(options, cpu, gpu)
-    _keep_sigterm_handler(sigterm)
+    _keep_sigterm_handler(handlers.get(signal.SIGTERM))
     try:
         device = options.device or ("cuda" if gpu > 0 else "cpu")
         _check_resources(cpu, gpu, device)
@@ -193,6 +193,7 @@ def run_sweep(grid: Grid, store_root: str, options: RunOptions = RunOptions(),
     finally:
         if options.address is None and not os.environ.get("RAY_ADDRESS"):
             ray.shutdown()
+        _restore_signal_handlers(handlers)
     failed = 0
     for p, error in failures:
         store.record_failure(p, error, grid.name)
@@ -346,6 +347,26 @@ def _maybe_kill_self(fraction: float, at: float, marker: str) -> None:
     os.write(fd, str(os.getpid()).encode())
     os.close(fd)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+# Ray and Tune install handlers for these in the driver's process and leave them there:
+# ``ray.init`` a SIGTERM handler that ends the process, ``Tuner.fit`` a SIGINT (and SIGUSR1)
+# handler that only asks Tune to stop. A Python caller's next Ctrl-C after a sweep would be
+# swallowed by Tune's; the caller's handlers come back when the sweep ends.
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """The caller's handlers of ``_SIGNALS`` (none off the main thread, where none can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in _SIGNALS}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:  # None: set outside Python; nothing to put back
+            signal.signal(sig, handler)
 
 
 def _keep_sigterm_handler(handler: Any) -> None:

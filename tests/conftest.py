@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -123,6 +124,26 @@ def pytest_runtest_call(item):
     if problem:
         pytest.fail(problem, pytrace=False)
     return result
+
+
+# -- Signal handlers: a test leaves them as it found them ----------------------------------------
+# Ray's ray.init installs a SIGTERM handler and Tune's fit a SIGINT one, and neither takes it
+# back. A leaked SIGINT handler swallowed the Ctrl-C of a later test (test_query_sandbox hung
+# waiting for it); a leaked SIGTERM one failed test_preemption. Whatever leaks is named here,
+# at the test that leaked it, and put back.
+GUARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@pytest.fixture(autouse=True)
+def signal_handlers_unchanged():
+    before = {sig: signal.getsignal(sig) for sig in GUARDED_SIGNALS}
+    yield
+    changed = [sig for sig in GUARDED_SIGNALS if signal.getsignal(sig) != before[sig]]
+    for sig in changed:
+        signal.signal(sig, before[sig])
+    if changed:
+        pytest.fail(f"the test left its own handler for {', '.join(signal.Signals(s).name for s in changed)} "
+                    "(tests/conftest.py: signal_handlers_unchanged); put back what was there", pytrace=False)
 
 
 @pytest.fixture(scope="session")

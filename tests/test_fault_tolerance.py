@@ -163,6 +163,7 @@ def test_a_checkpoint_with_one_flipped_byte_is_refused_by_name_and_the_pack_star
 def test_two_node_cluster_with_a_killed_worker_retries_from_the_checkpoint(tmp_path, grid_file, mnist):
     from ray.cluster_utils import Cluster
 
+    sigterm = signal.getsignal(signal.SIGTERM)  # Ray's Cluster starts its head in this process,
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
         cluster.add_node(num_cpus=1)
@@ -179,6 +180,7 @@ def test_two_node_cluster_with_a_killed_worker_retries_from_the_checkpoint(tmp_p
         assert len(run.stdout) < 2000  # quiet: no Tune tables
     finally:
         cluster.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)  # with Ray's SIGTERM handler, left after shutdown
 
 
 @pytest.mark.ray
@@ -280,11 +282,16 @@ def test_tune_state_unreadable_on_a_full_disk_is_one_clear_error(tmp_path, ray_d
     from sweep.prepare import RunOptions, SweepError
 
     def full_disk(self):
+        signal.signal(signal.SIGINT, lambda *_: None)  # as Tuner.fit does, and leaves it there
         raise pickle.UnpicklingError("pickle data was truncated")
 
     monkeypatch.setattr(tune.Tuner, "fit", full_disk)
     grid = expand({"name": "full", "dataset": "mnist", "model": "lenet5", "recipe": {"preset": "buda_mnist", "iters": 2},
                    "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"], "repeats": 1,
                    "resources": {"cpu": 1, "gpu": 0}})
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(SweepError, match="could not read back its own state.*disk full"):
         run_sweep(grid, str(tmp_path / "s"), RunOptions(num_cpus=1, ray_temp_dir=ray_dir, device="cpu"))
+    # Ray's SIGTERM handler (ray.init) and Tune's SIGINT one are gone with the sweep: the
+    # caller's next Ctrl-C is a KeyboardInterrupt again.
+    assert {sig: signal.getsignal(sig) for sig in before} == before
