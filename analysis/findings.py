@@ -24,6 +24,9 @@ Conventions that every finding shares:
   seeded), and the count of pairs in the claimed direction.
 * A finding's test decides at alpha = 0.05 (two-sided). Numbers are kept unrounded and
   rounded once, for display.
+* Several stores can be read as one (``sweep findings STORE MORE...``): a store of learning
+  curves for networks another store already holds, say. A network's rows come from the
+  first store that has them; the stores' other rows are added.
 The module is longer than 400 lines on purpose: the paper's 29 hypotheses (each a sentence,
 a rule and a short check) read side by side in one file, in the paper's order, so that a
 reader can hold every rule against every other.
@@ -49,13 +52,24 @@ from analysis.aggregate import select_lr_runs
 from analysis.compare import median_ci, wilcoxon
 from analysis.load import Results
 from sweep.core.errors import UserError
-from sweep.store.schema import TRIALS, Status
+from sweep.store.schema import CURVE_SET_TEST, CURVE_SET_TRAINED, CURVES, TRIALS, Status, curve_set
 
 ALPHA = 0.05
 PAPERS = ("buda",)
 FORMATS = ("table", "markdown", "json")
 # "On a par" / "considerable": a paired median difference within this many pp of ROC AUC.
 PAR_PP = 0.5
+# Fig. 8, "accuracy does not decrease as the training progresses": a network's last test
+# accuracy within this many pp of its best one on its curve.
+NO_DECREASE_PP = 1.0
+# A network trained again in another pack (to record its curves) is the same network where its
+# test metrics agree within these: a member's numbers in a pack and alone differ by float
+# rounding of the stacked layers (tests/test_run_pack.py allows 1e-4 ROC AUC, 2e-3 accuracy);
+# a network trained on other numerics (another device, precision) differs by more.
+SAME_NETWORK = {"roc_auc": 1e-3, "accuracy": 2e-3}
+# Fig. 8's train-test gap: averaged over the evaluation points in the second half of training,
+# where the curves have flattened (the first points measure how fast a network learns).
+GAP_FROM = 0.5
 SHARE_MOST = 2 / 3  # "almost all" / "tend to": at least this share of the cells
 
 
@@ -138,6 +152,10 @@ class Evidence:
     rows: pd.DataFrame  # ok rows: CELL_KEYS, repeat, method, evaluation, resample_ratio, metrics
     datasets: tuple[str, ...]  # every dataset in the store (for the cross-dataset finding)
     dataset: str
+    # Learning curves of those networks measured on the set each trains on and on the test
+    # set (curve_set trained / test; older stores' "subset" curves do not count): network_id,
+    # method, PAIR_KEYS, iter, curve_set, accuracy. Empty where the stores hold none.
+    curves: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def values(self, method: str, metric: str = "roc_auc", evaluation: str = "raw",
                ratio: float = 1.0, **where: Any) -> pd.Series:
@@ -156,7 +174,8 @@ class Evidence:
         return self.values(method, metric, evaluation, imbalance="step")
 
 
-def _prepare(trials: pd.DataFrame, dataset: str | None, pool_numerics: bool) -> Evidence:
+def _prepare(trials: pd.DataFrame, dataset: str | None, pool_numerics: bool,
+             curves: pd.DataFrame | None = None) -> Evidence:
     if trials.empty:
         raise FindingsError("the store has no trials rows")
     ok = trials[trials["status"].eq(Status.OK)].copy()
@@ -177,7 +196,20 @@ def _prepare(trials: pd.DataFrame, dataset: str | None, pool_numerics: bool) -> 
     ok["resample_ratio"] = pd.to_numeric(ok["resample_ratio"], errors="coerce").fillna(1.0)
     for c in ("rho", "mu"):
         ok[c] = pd.to_numeric(ok[c], errors="coerce").fillna(-1.0)  # -1: not defined for this kind
-    return Evidence(ok, datasets, dataset)
+    return Evidence(ok, datasets, dataset, _curves_of(ok, curves))
+
+
+def _curves_of(ok: pd.DataFrame, curves: pd.DataFrame | None) -> pd.DataFrame:
+    """The curves of the fully re-sampled networks among ``ok``, on their trained and test sets."""
+    if curves is None or curves.empty or "network_id" not in curves.columns:
+        return pd.DataFrame()
+    c = curves.copy()
+    stored = c["curve_set"] if "curve_set" in c.columns else pd.Series(None, index=c.index, dtype=object)
+    c["curve_set"] = [curve_set(split, cs) for split, cs in zip(c["split"], stored)]
+    nets = ok[np.isclose(ok["resample_ratio"], 1.0)][["network_id", "method", *PAIR_KEYS]]
+    c = c[c["curve_set"].isin([CURVE_SET_TRAINED, CURVE_SET_TEST])]
+    return c[["network_id", "iter", "curve_set", "accuracy"]].merge(nets.drop_duplicates("network_id"),
+                                                                      on="network_id")
 
 
 def _numerics(rows: pd.DataFrame) -> pd.Series:
@@ -658,9 +690,55 @@ def _partial(ev: Evidence, method: str, claim: str):
     return (Verdict.REPRODUCED if better else Verdict.NOT_REPRODUCED), summary, tuple(better)
 
 
+def _curve_summaries(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per network with both curves: ``gap``, its trained-set minus test accuracy averaged over
+    the points of the second half of training, and ``drop``, its best test accuracy minus its
+    last one (pp); indexed by network, with method and PAIR_KEYS."""
+    rows = []
+    for nid, g in curves.groupby("network_id"):
+        acc = g.pivot_table(index="iter", columns="curve_set", values="accuracy", aggfunc="mean").sort_index()
+        if not {CURVE_SET_TRAINED, CURVE_SET_TEST} <= set(acc.columns):
+            continue
+        both = acc.dropna(subset=[CURVE_SET_TRAINED, CURVE_SET_TEST])
+        late = both[both.index >= GAP_FROM * both.index.max()]
+        test = acc[CURVE_SET_TEST].dropna()
+        if late.empty or test.empty:
+            continue
+        first = g.iloc[0]
+        rows.append({"network_id": nid, "method": first["method"], **{k: first[k] for k in PAIR_KEYS},
+                     "gap": float((late[CURVE_SET_TRAINED] - late[CURVE_SET_TEST]).mean() * 100.0),
+                     "drop": float((test.max() - test.iloc[-1]) * 100.0)})
+    return pd.DataFrame(rows)
+
+
 def _overfitting(ev: Evidence):
-    return _not_testable("needs learning curves on each network's own training set (recipe: {preset: buda_mnist, "
-                         "eval_every: 500}) with the curves table; not computed from trials alone yet")
+    needs = ("needs learning curves of oversampling and undersampling networks on the same training sets, "
+             "measured on the set each trains on (recipe: {preset: buda_mnist, eval_every: 500}; curves of "
+             "stores written before the curve_set column were measured on the imbalanced subset and do not "
+             "count), e.g. grids/buda_mnist_fig8.yaml's store read with this one")
+    s = _curve_summaries(ev.curves) if not ev.curves.empty else pd.DataFrame()
+    if s.empty:
+        return _not_testable(needs)
+    gap = {m: s[s["method"].eq(m)].groupby(PAIR_KEYS, dropna=False)["gap"].mean()
+           for m in ("oversampling", "undersampling")}
+    t_gap = paired_test("undersampling - oversampling, train-test accuracy gap (second half of training)",
+                        gap["undersampling"], gap["oversampling"])
+    drops = s[s["method"].eq("oversampling")]["drop"]
+    if t_gap is None or drops.empty:
+        return _not_testable(needs)
+    held = int((drops <= NO_DECREASE_PP).sum())
+    t_drop = Test(f"oversampling, best test accuracy on its curve - its last (at most {NO_DECREASE_PP:g} pp counts "
+                  "as no decrease)", len(drops), float(drops.median()), float("nan"), float("nan"), held,
+                  float("nan"), "count", effect_name="median drop", counted="networks")
+    no_decrease = held == len(drops)
+    summary = (f"gap median {_pp(t_gap.effect)} wider for undersampling ({t_gap.in_direction} of {t_gap.n} pairs); "
+               f"oversampling's test accuracy ends within {NO_DECREASE_PP:g} pp of its best in {held} of "
+               f"{len(drops)} networks")
+    if _significant(t_gap) and no_decrease:
+        return Verdict.REPRODUCED, summary, (t_gap, t_drop)
+    if t_gap.effect > 0 or no_decrease:
+        return Verdict.PARTLY, summary, (t_gap, t_drop)
+    return Verdict.NOT_REPRODUCED, summary, (t_gap, t_drop)
 
 
 BUDA: tuple[Finding, ...] = (
@@ -740,8 +818,11 @@ BUDA: tuple[Finding, ...] = (
     Finding("F12", "Sec. 4.5 (Fig. 8)", "it is not true that oversampling leads to overfitting. Accuracy does not decrease "
             "as the training progresses and the gap between accuracy on the training and test sets is smaller for "
             "oversampling [...] than undersampling",
-            "from learning curves: oversampling's test accuracy does not fall after its maximum and its train-test "
-            "gap is below undersampling's", _overfitting),
+            "from learning curves on each network's trained set and on the test set: undersampling's train-test "
+            "accuracy gap (mean over the second half of training) above oversampling's on the same training sets "
+            "(paired test), and every oversampling network's last test accuracy within 1 pp of its best: "
+            "reproduced if both hold with the gap significant; partly if one holds or the gap is only wider",
+            _overfitting),
     Finding("F13", "Sec. 4.3", "[oversampling] does not reach the performance of a classifier trained on the original "
             "dataset",
             "oversampling's cell mean below the balanced baseline in more than 2/3 of the cells",
@@ -798,9 +879,9 @@ def findings_for(paper: str) -> tuple[Finding, ...]:
 
 
 def evaluate(trials: pd.DataFrame, paper: str = "buda", dataset: str | None = None,
-             pool_numerics: bool = False) -> list[Outcome]:
-    """Every finding of ``paper`` on these trials rows (see the module doc)."""
-    ev = _prepare(trials, dataset, pool_numerics)
+             pool_numerics: bool = False, curves: pd.DataFrame | None = None) -> list[Outcome]:
+    """Every finding of ``paper`` on these trials (and curves) rows (see the module doc)."""
+    ev = _prepare(trials, dataset, pool_numerics, curves)
     out = []
     for f in findings_for(paper):
         result = f.check(ev)
@@ -809,9 +890,50 @@ def evaluate(trials: pd.DataFrame, paper: str = "buda", dataset: str | None = No
     return out
 
 
-def evaluate_store(root: str, paper: str = "buda", dataset: str | None = None,
+def evaluate_store(roots: str | Sequence[str], paper: str = "buda", dataset: str | None = None,
                    pool_numerics: bool = False) -> list[Outcome]:
-    return evaluate(Results(root).table(TRIALS), paper, dataset, pool_numerics)
+    """:func:`evaluate` on one store, or on several read as one (see the module doc)."""
+    trials, curves = read_stores([roots] if isinstance(roots, str) else list(roots))
+    return evaluate(trials, paper, dataset, pool_numerics, curves)
+
+
+def read_stores(roots: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trials and curves of ``roots`` as one store: each network's rows from the first store
+    that holds the network (a network trained again elsewhere is not counted twice), its curves
+    from the first store with curves of it. Curves from another store than the network's rows
+    count only where that store's network has the same test metrics within ``SAME_NETWORK``
+    (the same network trained again, e.g. to record its curves, in another pack); others are
+    left out."""
+    if not roots:
+        raise FindingsError("no results store given")
+    all_trials, trials, curves, owner = [], [], [], {}
+    for i, root in enumerate(roots):
+        r = Results(root)
+        t = r.table(TRIALS)
+        all_trials.append(t.assign(_store=i))
+        if "network_id" in t.columns:
+            owner.update({nid: i for nid in t["network_id"].unique() if nid not in owner})
+            t = t[t["network_id"].map(owner).eq(i)]
+        trials.append(t)
+        c = r.table(CURVES) if r.has(CURVES) else pd.DataFrame()
+        if not c.empty:
+            curves.append(c.assign(_store=i))
+    curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
+    if not curves_df.empty:
+        curves_df = curves_df[curves_df["_store"].eq(curves_df.groupby("network_id")["_store"].transform("min"))]
+        raw = pd.concat(all_trials, ignore_index=True)
+        raw = raw[raw["evaluation"].eq("raw")].drop_duplicates(["network_id", "_store"])
+        metrics = {(nid, k): np.array([auc, acc], dtype=float) for nid, k, auc, acc
+                   in raw[["network_id", "_store", "roc_auc", "accuracy"]].itertuples(index=False)}
+        tol = np.array([SAME_NETWORK["roc_auc"], SAME_NETWORK["accuracy"]])
+        same = {}
+        for nid, k in curves_df[["network_id", "_store"]].drop_duplicates().itertuples(index=False):
+            home, mine = owner.get(nid), metrics.get((nid, k))
+            theirs = metrics.get((nid, home))
+            same[nid] = home == k or (mine is not None and theirs is not None
+                                      and bool(np.all(np.abs(mine - theirs) <= tol)))
+        curves_df = curves_df[curves_df["network_id"].map(same)].drop(columns="_store")
+    return pd.concat(trials, ignore_index=True), curves_df
 
 
 # --- output ------------------------------------------------------------------------------

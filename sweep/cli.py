@@ -492,20 +492,24 @@ def compare(store_dir: str, metric: str, by: str, reference: str | None, arms: s
 
 
 @cli.command()
-@click.argument("store_dir")
+@click.argument("store_dirs", nargs=-1, required=True, metavar="STORE [STORE...]")
 @click.option("--paper", default="buda", show_default=True, help="Whose findings: buda.")
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table")
 @click.option("--dataset", default=None, help="The dataset to test (default: the store's only one).")
 @click.option("--pool-numerics", is_flag=True, help="Pool rows computed in different precisions or kernels.")
 @click.option("--into", "into", default=None, type=click.Path(dir_okay=False),
               help="Write the markdown table into this file, between its 'sweep findings' markers.")
-def findings(store_dir: str, paper: str, fmt: str, dataset: str | None, pool_numerics: bool,
+def findings(store_dirs: tuple[str, ...], paper: str, fmt: str, dataset: str | None, pool_numerics: bool,
              into: str | None) -> None:
-    """Each finding of the paper as a hypothesis: its test on the store and its verdict."""
+    """Each finding of the paper as a hypothesis: its test on the store and its verdict.
+
+    Several stores are read as one: each network's rows from the first that holds it (a store
+    of learning curves for another store's networks, say)."""
     from analysis.findings import evaluate_store, render, write_into
 
-    _existing_store(store_dir)
-    outcomes = evaluate_store(store_dir, paper, dataset, pool_numerics)
+    for store_dir in store_dirs:
+        _existing_store(store_dir)
+    outcomes = evaluate_store(store_dirs, paper, dataset, pool_numerics)
     if into:
         write_into(into, render(outcomes, "markdown"))
         click.echo(f"wrote the verdicts of {len(outcomes)} findings into {into}")

@@ -156,3 +156,74 @@ def test_reproduction_page_is_the_generated_output():
     block = render(evaluate_store(str(SLICE)), "markdown")
     assert splice(page, block) == page, ("docs/reproduction.md is not the output of `sweep findings "
                                          "docs/results/buda_mnist_slice --into docs/reproduction.md`")
+
+
+# -- Fig. 8 (F12): from learning curves, read from the store that has them ---------------------
+
+def _curves(trials: pd.DataFrame, gap_pp, end_drop_pp, methods=("oversampling", "undersampling"),
+            curve_set_column: bool = True) -> pd.DataFrame:
+    """Curves every 500 of 5,000 iterations for ``methods``' networks: test accuracy rising to
+    0.95 (less ``end_drop_pp(method)`` at the last point), trained-set accuracy ``gap_pp(method)``
+    above it."""
+    rows = []
+    nets = trials[trials["evaluation"].eq("raw") & trials["method"].isin(methods)]
+    for nid, method in zip(nets["network_id"], nets["method"]):
+        for it in range(500, 5001, 500):
+            test = 0.95 * (1 - np.exp(-it / 800)) - (end_drop_pp(method) / 100 if it == 5000 else 0.0)
+            for split, cs, acc in (("test", "test", test), ("train", "trained", test + gap_pp(method) / 100)):
+                row = {"network_id": nid, "iter": it, "split": split, "accuracy": acc, "loss": 0.1,
+                       "balanced_accuracy": acc}
+                if curve_set_column:
+                    row["curve_set"] = cs
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_fig8_is_tested_from_curves_on_the_trained_sets():
+    trials = _trials(_as_paper)
+    outcomes = {o.finding.id: o for o in evaluate(trials)}
+    assert outcomes["F12"].verdict == Verdict.NOT_TESTABLE and "eval_every" in outcomes["F12"].summary
+    as_paper = _curves(trials, lambda m: 1.0 if m == "oversampling" else 4.0, lambda m: 0.0)
+    f12 = {o.finding.id: o for o in evaluate(trials, curves=as_paper)}["F12"]
+    assert f12.verdict == Verdict.REPRODUCED, f12.summary
+    gap, drop = f12.tests
+    assert gap.effect == pytest.approx(3.0) and gap.n == gap.in_direction == 10 * 6  # cells x repeats
+    assert drop.in_direction == drop.n == 10 * 6
+    # Oversampling overfits: a wider gap and its test accuracy falling 5 pp at the end.
+    overfits = _curves(trials, lambda m: 6.0 if m == "oversampling" else 2.0, lambda m: 5.0)
+    assert {o.finding.id: o for o in evaluate(trials, curves=overfits)}["F12"].verdict == Verdict.NOT_REPRODUCED
+    # Curves of an older store ("train" measured on the imbalanced subset) do not count.
+    legacy = _curves(trials, lambda m: 1.0 if m == "oversampling" else 4.0, lambda m: 0.0, curve_set_column=False)
+    assert {o.finding.id: o for o in evaluate(trials, curves=legacy)}["F12"].verdict == Verdict.NOT_TESTABLE
+
+
+def test_stores_read_as_one_take_each_network_once_and_curves_only_of_the_same_network(tmp_path):
+    from sweep.store.results import ResultStore
+
+    trials = _trials(_as_paper, repeats=3)
+    trials["trial_id"] = trials["network_id"] + "/" + trials["evaluation"]
+    trials["created_at"] = pd.Timestamp("2026-01-01", tz="UTC")
+    ResultStore(str(tmp_path / "a")).write_pack("p", "g", {"trials": trials})
+    # The curves store: the over- and undersampled networks trained again with curves. One of
+    # them came out different (another machine, say): its curves are not its twin's; another differs
+    # by float rounding only (another pack): its curves count.
+    again = trials[trials["method"].isin(["oversampling", "undersampling"])].copy()
+    other = again["network_id"].iloc[0]
+    again.loc[again["network_id"].eq(other), "roc_auc"] += 0.01
+    rounding = again["network_id"].iloc[-1]
+    again.loc[again["network_id"].eq(rounding), "accuracy"] += 1e-4
+    curves = _curves(again, lambda m: 1.0 if m == "oversampling" else 4.0, lambda m: 0.0)
+    ResultStore(str(tmp_path / "b")).write_pack("q", "g", {"trials": again, "curves": curves})
+
+    alone = evaluate_store(str(tmp_path / "a"))
+    both = evaluate_store([str(tmp_path / "a"), str(tmp_path / "b")])
+    for o, p in zip(alone, both):
+        if o.finding.id not in ("F12", "C8"):  # no network counted twice: every other verdict and test the same
+            assert o.to_dict() == p.to_dict(), o.finding.id
+    f12 = {o.finding.id: o for o in both}["F12"]
+    assert f12.verdict != Verdict.NOT_TESTABLE
+    twins = 10 * 3 - (again.loc[again["network_id"].eq(other), "method"].iloc[0] == "oversampling")
+    assert f12.tests[1].n == twins  # oversampling's 10 cells x 3 repeats, less the one that differs
+    assert f12.tests[0].n == 10 * 3 - 1  # pairs: the rounded one counts, the differing one's pair does not
+    with pytest.raises(FindingsError, match="no results store"):
+        evaluate_store([])

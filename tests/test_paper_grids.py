@@ -157,6 +157,16 @@ def test_buda_mnist_slice_is_part_of_the_full_grids():
     assert all(s.recipe.iters == 10_000 and s.recipe.bias_lr_factor == 2.0 for s in sl.specs)
 
 
+def test_buda_mnist_fig8_trains_the_slices_own_networks_with_curves():
+    """Fig. 8's grid is the slice's rho = 1000 networks of repeats 0 and 1 (same ids), with curves."""
+    fig8 = load_grid(GRIDS / "buda_mnist_fig8.yaml")
+    sl = load_grid(GRIDS / "buda_mnist_slice.yaml")
+    assert fig8.trained_networks == 4 * 3 * 2
+    want = {s.network_id for s in sl.specs if s.imbalance.rho == 1000 and s.repeat < 2 and s.resample_ratio == 1.0
+            and str(s.method) in ("baseline", "oversampling", "undersampling")}
+    assert {s.network_id for s in fig8.specs} == want
+    assert all(s.recipe.eval_every == 500 for s in fig8.specs)
+
 def test_the_committed_slice_keeps_its_ids():
     """Every network and every evaluation in the committed store is one of today's slice
     grid, and the grid's repeats 0 and 1 are all there (repeat 2 is in part): no change of
