@@ -287,3 +287,39 @@ def test_two_phase_networks_follow_their_phase1_networks_search(small_mnist):
             assert "stopped at iteration" in child["error"]
         else:
             assert child["status"] == "ok" and np.isfinite(child["roc_auc"])
+
+
+# -- on the fused LeNet-5 kernels (the GPU's path; here in Triton's interpreter) -------------
+
+@pytest.mark.interpreter
+def test_halving_on_the_fused_kernels_keeps_the_survivor_bit_equal_to_its_full_search_twin(mnist):
+    """Compaction of the fused path: the stacked fp32 parameters, the fused SGD's buffers and its
+    per-member hyper-parameter table, and the batch tables cut to the survivors. Under the
+    interpreter a member's work does not depend on the pack's size, so the survivor's weights
+    equal its twin's in the full search bit for bit (on a GPU cuBLAS may pick another algorithm
+    for the smaller pack: there the rows are asked to agree, tests/test_fast_path.py)."""
+    from workers import fused_kernels as fk
+    from workers.datasets import ArrayDataset
+
+    tiny = ArrayDataset(name="mnist", train_x=mnist.train_x[:400], train_y=mnist.train_y[:400],
+                        test_x=mnist.test_x[:24], test_y=mnist.test_y[:24], num_classes=10, source="mnist[:400]")
+    doc = {**GRID, "recipe": {"preset": "buda_mnist", "iters": 4, "batch_size": 8}, "max_per_class": 20,
+           "lr": [0.05, 0.01], "lr_search": {"scheduler": "halving", "rungs": [2], "reduction": 2}}
+    full, halved = expand({**doc, "lr_search": None}), expand(doc)
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def observe(plan, model, when):  # noqa: ANN001
+        if when == "end":
+            weights.update({s.network_id: model.member_state(i) for i, s in enumerate(plan.specs)})
+
+    full_rows = _raw(run_pack(Pack(full.specs), None, dataset=tiny, kernels="fused", observer=observe).tables)
+    rows = _raw(run_pack(Pack(halved.specs), None, dataset=tiny, kernels="fused", observer=observe).tables)
+    assert sorted(r["status"] for r in rows.values()) == ["ok", "stopped"]
+    assert all(r["kernels"] == "fused" for r in rows.values())
+    (winner,) = [r for r in rows.values() if r["status"] == "ok"]
+    twin = next(s for s in halved.specs if s.network_id == winner["network_id"]).stream_id
+    for col in ("roc_auc", "accuracy", "val_balanced_accuracy"):
+        assert winner[col] == full_rows[twin][col], col
+    if fk.INTERPRETED:
+        for name, v in weights[winner["network_id"]].items():
+            assert torch.equal(v, weights[twin][name]), name
