@@ -18,7 +18,9 @@
 # Files in $OUT (at most 8, the device tool's limit; no folders):
 #
 # budget VERSIONS=15       1. versions and device            -> summary.txt (+ one status line per step)
-# budget TESTS=110         2. CUDA tests: tests/test_fused_lenet.py, tests/test_fast_path.py
+# budget TESTS=110         2. CUDA tests: tests/test_fused_lenet.py, tests/test_fast_path.py, and the lr
+#                             search's halving on the fused kernels (compaction, a new CUDA graph for
+#                             the smaller pack)
 #                             (a failed graph capture fails its test)  -> tests.txt
 # budget KERNELS=60        3. per-kernel timing of one fused step, P = 1024 bf16, CUDA events
 #                             (the measured table first), then beside bench/static_cost.py's prediction
@@ -63,6 +65,10 @@ else
   REPRO_ARGS=(--device cuda --precision bf16 --whole-repeats)
   BENCH_BUDGET_IN=$((B_BENCH - 35))  # bench_packed starts no configuration after this (one takes < 30 s)
 fi
+
+# The lr search's halving on the fused kernels: the stacked parameters, SGD buffers and tables
+# cut to the survivors, and a CUDA graph captured again for the smaller pack (issue 25).
+HALVING_TEST=tests/test_lr_search.py::test_halving_on_the_fused_kernels_keeps_the_survivor_bit_equal_to_its_full_search_twin
 
 failures=0
 summary="$out/summary.txt"
@@ -110,7 +116,7 @@ else
   # pytest-xdist is in the H200 image: 4 workers compile Triton's kernels side by side.
   workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
   step tests "$B_TESTS" tests.txt python3 -m pytest -v -p no:cacheprovider -rfEs "${workers[@]}" \
-    tests/test_fused_lenet.py tests/test_fast_path.py
+    tests/test_fused_lenet.py tests/test_fast_path.py "$HALVING_TEST"
 fi
 
 # 3. Per-kernel timing of one fused step (on the CPU: the interpreter, host clock, P = 1).

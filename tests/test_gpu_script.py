@@ -19,6 +19,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_fast_path.sh"
+# The one test of tests/test_lr_search.py the GPU step runs (the script names it).
+HALVING_TEST = next(line.split("=", 1)[1] for line in SCRIPT.read_text().splitlines()
+                    if line.startswith("HALVING_TEST="))
 LIMIT_S = 450  # one device command: 600 s; an allocation: 15 min with 1-2 min of start: room for two tries
 ABSENT_ON_THE_GPU = ("ray", "duckdb", "plotly")  # not in the H200 image (device/KINDS.md); nothing may need them
 MAX_FILES = 8
@@ -154,7 +157,8 @@ def test_the_cuda_tests_import_without_the_packages_the_gpu_lacks(tmp_path) -> N
     proc = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
                            f"assert all(importlib.util.find_spec(m) is None for m in {ABSENT_ON_THE_GPU!r}); "
                            "import pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', "
-                           "'tests/test_fused_lenet.py', 'tests/test_fast_path.py']))"],
+                           "'tests/test_fused_lenet.py', 'tests/test_fast_path.py', "
+                           f"{HALVING_TEST!r}]))"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
