@@ -173,6 +173,16 @@ def test_the_timeout_also_stops_a_stream_between_and_inside_batches(store):
     assert out.getvalue().splitlines()[:2] == ["i", "0"]
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raising KeyboardInterrupt, as in a terminal. A shell's background job (`pytest &`,
+    `nohup ... &`) starts Python with SIGINT ignored, and Python then keeps it ignored: the
+    signal below would be lost and the query would run for ever."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _sigint_once_the_query_runs() -> threading.Thread:
     """Send this process SIGINT as soon as the query's thread exists: then the waiting
     thread is inside the part that turns Ctrl-C into an interrupt (no sleep, no race)."""
@@ -189,7 +199,7 @@ def _sigint_once_the_query_runs() -> threading.Thread:
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT needs the main thread")
-def test_ctrl_c_interrupts_a_running_query_with_one_line_and_status_130(store):
+def test_ctrl_c_interrupts_a_running_query_with_one_line_and_status_130(store, ctrl_c_raises):
     _sigint_once_the_query_runs()
     res = CliRunner().invoke(cli, ["query", store.root, FOREVER, "--timeout", "0"])
     assert res.exit_code == 130, res.output
@@ -198,7 +208,7 @@ def test_ctrl_c_interrupts_a_running_query_with_one_line_and_status_130(store):
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="SIGINT needs the main thread")
-def test_ctrl_c_in_python_raises_query_stopped(store):
+def test_ctrl_c_in_python_raises_query_stopped(store, ctrl_c_raises):
     _sigint_once_the_query_runs()
     with pytest.raises(QueryStopped, match="interrupted") as err:
         query(store.root, FOREVER, timeout_s=None)
