@@ -693,7 +693,7 @@ def _partial(ev: Evidence, method: str, claim: str):
 def _curve_summaries(curves: pd.DataFrame) -> pd.DataFrame:
     """Per network with both curves: ``gap``, its trained-set minus test accuracy averaged over
     the points of the second half of training, and ``drop``, its best test accuracy minus its
-    last one (pp); indexed by network, with method and PAIR_KEYS."""
+    last one (pp); one row per network, with its method and PAIR_KEYS."""
     rows = []
     for nid, g in curves.groupby("network_id"):
         acc = g.pivot_table(index="iter", columns="curve_set", values="accuracy", aggfunc="mean").sort_index()
