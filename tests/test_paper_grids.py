@@ -167,16 +167,14 @@ def test_buda_mnist_fig8_trains_the_slices_own_networks_with_curves():
     assert {s.network_id for s in fig8.specs} == want
     assert all(s.recipe.eval_every == 500 for s in fig8.specs)
 
+
 def test_the_committed_slice_keeps_its_ids():
     """Every network and every evaluation in the committed store is one of today's slice
-    grid, and the grid's repeats 0 and 1 are all there (repeat 2 is in part): no change of
-    the code's identity rules has orphaned a stored result (or made a stored network look
-    undone)."""
+    grid, and every one of the grid's is there: no change of the code's identity rules has
+    orphaned a stored result (or made a stored network look undone)."""
     from analysis.load import load
 
     stored = load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id", "trial_id"])
     specs = load_grid(GRIDS / "buda_mnist_slice.yaml").specs
-    whole = [s for s in specs if s.repeat < 2 and s.resample_ratio == 1.0]  # Fig. 7's block is to come
-    assert {s.network_id for s in whole} <= set(stored["network_id"]) <= {s.network_id for s in specs}
-    assert {t for s in whole for t in s.trial_ids} <= set(stored["trial_id"]) <= {t for s in specs for t in s.trial_ids}
-    assert set(stored["network_id"]) - {s.network_id for s in whole}  # and some of repeat 2
+    assert set(stored["network_id"]) == {s.network_id for s in specs}
+    assert set(stored["trial_id"]) == {t for s in specs for t in s.trial_ids}
