@@ -16,6 +16,7 @@ from analysis.findings import BEGIN_MARK, END_MARK, FindingsError, Verdict, eval
 
 REPO = Path(__file__).resolve().parents[1]
 SLICE = REPO / "docs" / "results" / "buda_mnist_slice"
+FIG8 = REPO / "docs" / "results" / "buda_mnist_fig8"  # the slice's rho = 1000 networks again, with curves
 PAGE = REPO / "docs" / "reproduction.md"
 
 
@@ -153,9 +154,10 @@ def test_slice_tests_at_least_eight_findings():
 
 def test_reproduction_page_is_the_generated_output():
     page = PAGE.read_text(encoding="utf-8")
-    block = render(evaluate_store(str(SLICE)), "markdown")
+    block = render(evaluate_store([str(SLICE), str(FIG8)]), "markdown")
     assert splice(page, block) == page, ("docs/reproduction.md is not the output of `sweep findings "
-                                         "docs/results/buda_mnist_slice --into docs/reproduction.md`")
+                                         "docs/results/buda_mnist_slice docs/results/buda_mnist_fig8 --into "
+                                         "docs/reproduction.md`")
 
 
 # -- Fig. 8 (F12): from learning curves, read from the store that has them ---------------------
