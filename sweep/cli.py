@@ -86,7 +86,6 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
     """Count what a grid file trains and evaluates, without training anything."""
     from sweep.core.plan import network_iterations, pack_sizer, plan_packs
     from sweep.core.sizes import estimate_store_bytes
-    from sweep.core.spec import canonical_json
     from sweep.prepare import pack_memory_bytes
 
     g = load_grid(grid_file)
@@ -113,9 +112,9 @@ def expand(grid_file: str, as_json: bool, max_networks: int, device: str | None,
         "estimated_store_bytes": estimate_store_bytes(g.specs),
     }
     halved, full = network_iterations(g.specs)
-    searches = sorted({canonical_json(s.lr_search.to_dict()) for s in g.specs if s.lr_search is not None})
+    searches = sorted({s.lr_search for s in g.specs if s.lr_search is not None}, key=lambda x: str(x.to_dict()))
     info["network_iterations"] = {"with_lr_search": halved, "full_search": full}
-    info["lr_search"] = [json.loads(x) for x in searches]
+    info["lr_search"] = [x.to_dict() for x in searches]
     if as_json:
         click.echo(json.dumps(info))
         return
