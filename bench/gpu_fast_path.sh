@@ -115,7 +115,9 @@ if [ "$DRY_RUN" = 1 ]; then
 else
   # pytest-xdist is in the H200 image: 4 workers compile Triton's kernels side by side.
   workers=(); python3 -c "import xdist" 2>/dev/null && workers=(-n 4)
-  step tests "$B_TESTS" tests.txt python3 -m pytest -v -p no:cacheprovider -rfEs "${workers[@]}" \
+  # -o addopts=: the suite's own options (pyproject.toml) start workers through pytest-xdist,
+  # which runs here only where the image has it (the line above).
+  step tests "$B_TESTS" tests.txt python3 -m pytest -o addopts= -v -p no:cacheprovider -rfEs "${workers[@]}" \
     tests/test_fused_lenet.py tests/test_fast_path.py "$HALVING_TEST"
 fi
 

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import signal
@@ -126,6 +127,90 @@ def pytest_runtest_call(item):
     return result
 
 
+# -- Two workers (pytest-xdist: `-n auto --dist loadfile` in pyproject.toml) ------------------
+# Each test file goes to one worker whole, so a module-scoped fixture (trained networks, a
+# one-node SLURM cluster) is built once, not once per worker. The tests that start Ray or SLURM,
+# from whichever file, make one more unit: they run on one worker, one after another, since two
+# embedded Rays on two cores each wait on the other's start and SLURM's daemons listen on fixed
+# ports; the other worker takes the in-process files meanwhile. Marks are known only where the
+# tests are collected, in the workers, and the scheduler lives in the controller: each worker
+# writes the ids of its Ray and SLURM tests to a folder the controller names
+# (`pytest_configure_node`), which the scheduler reads once every worker has collected.
+# (`--dist loadgroup` with xdist_group marks would say this, but pytest 9.2's structured node
+# ids broke it: pytest-dev/pytest-xdist#1386.)
+CLUSTER_UNIT = "ray-and-slurm"
+CLUSTER_IDS = pytest.StashKey[str]()
+
+
+def cluster_test(marks: set[str]) -> bool:
+    """A test that runs in the one cluster unit: it starts Ray or SLURM."""
+    return bool(marks & {"ray", "slurm"})
+
+
+def scheduling_unit(nodeid: str, cluster_ids: set[str]) -> str:
+    """The unit a test is scheduled in: the cluster unit, else its file."""
+    return CLUSTER_UNIT if nodeid in cluster_ids else nodeid.split("::", 1)[0]
+
+
+def pytest_configure(config):
+    if getattr(config.option, "dist", "no") == "loadfile" and not hasattr(config, "workerinput"):
+        config.stash[CLUSTER_IDS] = tempfile.mkdtemp(prefix="pytest-cluster-ids-")
+
+
+def pytest_unconfigure(config):
+    if CLUSTER_IDS in config.stash:
+        shutil.rmtree(config.stash[CLUSTER_IDS], ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    if CLUSTER_IDS in node.config.stash:
+        node.workerinput["cluster_ids_dir"] = node.config.stash[CLUSTER_IDS]
+
+
+def pytest_collection_modifyitems(config, items):
+    folder = getattr(config, "workerinput", {}).get("cluster_ids_dir")
+    if folder is None:
+        return
+    ids = [item.nodeid for item in items if cluster_test({m.name for m in item.iter_markers()})]
+    tmp = os.path.join(folder, f".{config.workerinput['workerid']}.json")
+    with open(tmp, "w") as f:
+        json.dump(ids, f)
+    os.replace(tmp, os.path.join(folder, f"{config.workerinput['workerid']}.json"))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    if CLUSTER_IDS not in config.stash:
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    folder = config.stash[CLUSTER_IDS]
+
+    class FilesAndOneClusterUnit(LoadFileScheduling):
+        """LoadFileScheduling, with the Ray and SLURM tests of every file as one more unit, sent first."""
+
+        cluster_ids: set[str] | None = None
+
+        def _split_scope(self, nodeid: str) -> str:
+            if self.cluster_ids is None:  # first called once every worker has collected
+                self.cluster_ids = set()
+                for name in os.listdir(folder):
+                    if not name.startswith("."):
+                        with open(os.path.join(folder, name)) as f:
+                            self.cluster_ids |= set(json.load(f))
+            return scheduling_unit(nodeid, self.cluster_ids)
+
+        def _assign_work_unit(self, node) -> None:
+            # The cluster unit is the longest (Ray's starts): first out, so the rest fill the
+            # other workers meanwhile (xdist's own order is by number of tests).
+            if CLUSTER_UNIT in self.workqueue:
+                self.workqueue.move_to_end(CLUSTER_UNIT, last=False)
+            super()._assign_work_unit(node)
+
+    return FilesAndOneClusterUnit(config, log)
+
+
 # -- Signal handlers: a test leaves them as it found them ----------------------------------------
 # Ray's ray.init installs a SIGTERM handler and Tune's fit a SIGINT one, and neither takes it
 # back. A leaked SIGINT handler swallowed the Ctrl-C of a later test (test_query_sandbox hung
@@ -215,3 +300,4 @@ def tiny_grid(name: str, **changes):
            "max_per_class": 50, "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"],
            "repeats": 1, "seed": 1, "resources": {"cpu": 1, "gpu": 0}}
     return {**doc, **changes}
+

@@ -156,7 +156,7 @@ def test_the_cuda_tests_import_without_the_packages_the_gpu_lacks(tmp_path) -> N
     env = _without_gpu_absent_packages(tmp_path)
     proc = subprocess.run([sys.executable, "-c", "import importlib.util, sys; "
                            f"assert all(importlib.util.find_spec(m) is None for m in {ABSENT_ON_THE_GPU!r}); "
-                           "import pytest; sys.exit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', "
+                           "import pytest; sys.exit(pytest.main(['-o', 'addopts=', '--collect-only', '-q', '-p', 'no:cacheprovider', "
                            "'tests/test_fused_lenet.py', 'tests/test_fast_path.py', "
                            f"{HALVING_TEST!r}]))"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
