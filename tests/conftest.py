@@ -127,7 +127,7 @@ def pytest_runtest_call(item):
     return result
 
 
-# -- Two workers (pytest-xdist: `-n auto --dist loadfile` in pyproject.toml) ------------------
+# -- A worker per core (pytest-xdist: `-n auto --dist loadfile` in pyproject.toml) -------------
 # Each test file goes to one worker whole, so a module-scoped fixture (trained networks, a
 # one-node SLURM cluster) is built once, not once per worker. The tests that start Ray or SLURM,
 # from whichever file, make one more unit: they run on one worker, one after another, since two
@@ -300,4 +300,3 @@ def tiny_grid(name: str, **changes):
            "max_per_class": 50, "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"],
            "repeats": 1, "seed": 1, "resources": {"cpu": 1, "gpu": 0}}
     return {**doc, **changes}
-
