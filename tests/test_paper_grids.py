@@ -168,13 +168,15 @@ def test_buda_mnist_fig8_trains_the_slices_own_networks_with_curves():
     assert all(s.recipe.eval_every == 500 for s in fig8.specs)
 
 
-def test_the_committed_slice_keeps_its_ids():
-    """Every network and every evaluation in the committed store is one of today's slice
-    grid, and every one of the grid's is there: no change of the code's identity rules has
-    orphaned a stored result (or made a stored network look undone)."""
+@pytest.mark.parametrize("name", ["buda_mnist_slice", "buda_mnist_fig8"])
+def test_the_committed_slice_keeps_its_ids(name):
+    """Every network and every evaluation in a committed store (the slice, and Fig. 8's curves
+    of its rho = 1000 networks) is one of today's grid of that name, and every one of the grid's
+    is there: no change of the code's identity rules has orphaned a stored result (or made a
+    stored network look undone)."""
     from analysis.load import load
 
-    stored = load(str(GRIDS.parent / "docs" / "results" / "buda_mnist_slice"), columns=["network_id", "trial_id"])
-    specs = load_grid(GRIDS / "buda_mnist_slice.yaml").specs
+    stored = load(str(GRIDS.parent / "docs" / "results" / name), columns=["network_id", "trial_id"])
+    specs = load_grid(GRIDS / f"{name}.yaml").specs
     assert set(stored["network_id"]) == {s.network_id for s in specs}
     assert set(stored["trial_id"]) == {t for s in specs for t in s.trial_ids}
