@@ -34,9 +34,10 @@ def source(tmp_path) -> ResultStore:
     return store
 
 
-def test_compacted_store_reads_the_same_rows_from_one_file_per_table_and_grid(source, tmp_path):
+def test_compacted_store_reads_the_same_rows_from_one_file_per_table_and_grid(source, tmp_path, caplog):
     target = str(tmp_path / "dst")
     written = compact_store(source.root, target, drop=["spec_json"])
+    assert "changed since it was loaded" not in caplog.text  # the saved copy is the grid as given
     assert written == {"class_metrics": 1, "trials": 6}
     out = ResultStore(target)
     assert [Path(f).parent.name for f in out.files("trials")] == ["grid=g1", "grid=g2"]
@@ -47,6 +48,18 @@ def test_compacted_store_reads_the_same_rows_from_one_file_per_table_and_grid(so
     assert out.completed_network_ids() == source.completed_network_ids() == {"n0", "n1", "n2"}
     assert len(out.read_table("class_metrics")) == 1
     assert [g.name for g in out.saved_grids()] == ["g1"]  # `sweep resume` works on the copy
+    assert Path(out.saved_grids()[0].path).read_bytes() == Path(source.saved_grids()[0].path).read_bytes()
+
+
+def test_a_grid_file_changed_after_loading_is_saved_as_it_now_is_with_a_warning(tmp_path, caplog):
+    grid = tmp_path / "g1.yaml"
+    grid.write_text(yaml.safe_dump({"name": "g1", "dataset": "mnist", "model": "lenet5", "recipe": "buda_mnist"}))
+    loaded = load_grid(grid)
+    grid.write_text(grid.read_text() + "# edited\n")
+    store = ResultStore(str(tmp_path / "s"))
+    store.save_grid(loaded)
+    assert "changed since it was loaded" in caplog.text
+    assert Path(store.saved_grids()[0].path).read_text().endswith("# edited\n")
 
 
 def test_compaction_never_writes_into_a_store_with_tables_and_names_unknown_tables(source, tmp_path):

@@ -290,7 +290,8 @@ class ResultStore:
         except OSError as exc:
             log.warning("grid %s not saved in %s: cannot read %s (%s)", grid.name, self.root, grid.path, exc)
             return
-        if grid.file_hash and hashlib.sha256(raw).hexdigest() != grid.file_hash:
+        # A saved copy (`sweep compact` saves a store's grids again) is hashed without its header.
+        if grid.file_hash and hashlib.sha256(open_grid(raw)[0]).hexdigest() != grid.file_hash:
             log.warning("grid file %s changed since it was loaded; saving its current content", grid.path)
         final = paths.grid_path(self._base, grid.name)
         try:
