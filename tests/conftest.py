@@ -129,50 +129,50 @@ def pytest_runtest_call(item):
 
 # -- A worker per core (pytest-xdist: `-n auto --dist loadfile` in pyproject.toml) -------------
 # Each test file goes to one worker whole, so a module-scoped fixture (trained networks, a
-# one-node SLURM cluster) is built once, not once per worker. The tests that start Ray or SLURM,
-# from whichever file, make one more unit: they run on one worker, one after another, since two
-# embedded Rays on two cores each wait on the other's start and SLURM's daemons listen on fixed
-# ports; the other worker takes the in-process files meanwhile. Marks are known only where the
-# tests are collected, in the workers, and the scheduler lives in the controller: each worker
-# writes the ids of its Ray and SLURM tests to a folder the controller names
-# (`pytest_configure_node`), which the scheduler reads once every worker has collected.
-# (`--dist loadgroup` with xdist_group marks would say this, but pytest 9.2's structured node
-# ids broke it: pytest-dev/pytest-xdist#1386.)
-CLUSTER_UNIT = "ray-and-slurm"
-CLUSTER_IDS = pytest.StashKey[str]()
+# one-node SLURM cluster) is built once, not once per worker. The tests that start Ray, from
+# whichever file, make one more unit: they run on one worker, one after another, so that no more
+# than two embedded Rays share the cores (the other: a SLURM test's job, whose file stays whole
+# for its cluster fixture). That unit is the longest, so it is sent first, and the other workers
+# take the in-process files meanwhile. Marks are known only where the tests are collected, in
+# the workers, and the scheduler lives in the controller: each worker writes the ids of its
+# Ray tests to a folder the controller names (`pytest_configure_node`), which the scheduler
+# reads once every worker has collected. (`--dist loadgroup` with xdist_group marks would say
+# this, but pytest 9.2's structured node ids broke it: pytest-dev/pytest-xdist#1386.)
+RAY_UNIT = "ray"
+RAY_IDS = pytest.StashKey[str]()
 
 
-def cluster_test(marks: set[str]) -> bool:
-    """A test that runs in the one cluster unit: it starts Ray or SLURM."""
-    return bool(marks & {"ray", "slurm"})
+def in_ray_unit(marks: set[str]) -> bool:
+    """A test that runs in the one Ray unit: it starts Ray, and no SLURM cluster of its file's."""
+    return "ray" in marks and "slurm" not in marks
 
 
-def scheduling_unit(nodeid: str, cluster_ids: set[str]) -> str:
-    """The unit a test is scheduled in: the cluster unit, else its file."""
-    return CLUSTER_UNIT if nodeid in cluster_ids else nodeid.split("::", 1)[0]
+def scheduling_unit(nodeid: str, ray_ids: set[str]) -> str:
+    """The unit a test is scheduled in: the Ray unit, else its file."""
+    return RAY_UNIT if nodeid in ray_ids else nodeid.split("::", 1)[0]
 
 
 def pytest_configure(config):
     if getattr(config.option, "dist", "no") == "loadfile" and not hasattr(config, "workerinput"):
-        config.stash[CLUSTER_IDS] = tempfile.mkdtemp(prefix="pytest-cluster-ids-")
+        config.stash[RAY_IDS] = tempfile.mkdtemp(prefix="pytest-ray-ids-")
 
 
 def pytest_unconfigure(config):
-    if CLUSTER_IDS in config.stash:
-        shutil.rmtree(config.stash[CLUSTER_IDS], ignore_errors=True)
+    if RAY_IDS in config.stash:
+        shutil.rmtree(config.stash[RAY_IDS], ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node):
-    if CLUSTER_IDS in node.config.stash:
-        node.workerinput["cluster_ids_dir"] = node.config.stash[CLUSTER_IDS]
+    if RAY_IDS in node.config.stash:
+        node.workerinput["ray_ids_dir"] = node.config.stash[RAY_IDS]
 
 
 def pytest_collection_modifyitems(config, items):
-    folder = getattr(config, "workerinput", {}).get("cluster_ids_dir")
+    folder = getattr(config, "workerinput", {}).get("ray_ids_dir")
     if folder is None:
         return
-    ids = [item.nodeid for item in items if cluster_test({m.name for m in item.iter_markers()})]
+    ids = [item.nodeid for item in items if in_ray_unit({m.name for m in item.iter_markers()})]
     tmp = os.path.join(folder, f".{config.workerinput['workerid']}.json")
     with open(tmp, "w") as f:
         json.dump(ids, f)
@@ -181,34 +181,34 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    if CLUSTER_IDS not in config.stash:
+    if RAY_IDS not in config.stash:
         return None
     from xdist.scheduler import LoadFileScheduling
 
-    folder = config.stash[CLUSTER_IDS]
+    folder = config.stash[RAY_IDS]
 
-    class FilesAndOneClusterUnit(LoadFileScheduling):
-        """LoadFileScheduling, with the Ray and SLURM tests of every file as one more unit, sent first."""
+    class FilesAndOneRayUnit(LoadFileScheduling):
+        """LoadFileScheduling, with the Ray tests of every file as one more unit, sent first."""
 
-        cluster_ids: set[str] | None = None
+        ray_ids: set[str] | None = None
 
         def _split_scope(self, nodeid: str) -> str:
-            if self.cluster_ids is None:  # first called once every worker has collected
-                self.cluster_ids = set()
+            if self.ray_ids is None:  # first called once every worker has collected
+                self.ray_ids = set()
                 for name in os.listdir(folder):
                     if not name.startswith("."):
                         with open(os.path.join(folder, name)) as f:
-                            self.cluster_ids |= set(json.load(f))
-            return scheduling_unit(nodeid, self.cluster_ids)
+                            self.ray_ids |= set(json.load(f))
+            return scheduling_unit(nodeid, self.ray_ids)
 
         def _assign_work_unit(self, node) -> None:
-            # The cluster unit is the longest (Ray's starts): first out, so the rest fill the
-            # other workers meanwhile (xdist's own order is by number of tests).
-            if CLUSTER_UNIT in self.workqueue:
-                self.workqueue.move_to_end(CLUSTER_UNIT, last=False)
+            # The Ray unit is the longest: first out, so the rest fill the other workers
+            # meanwhile (xdist's own order is by number of tests).
+            if RAY_UNIT in self.workqueue:
+                self.workqueue.move_to_end(RAY_UNIT, last=False)
             super()._assign_work_unit(node)
 
-    return FilesAndOneClusterUnit(config, log)
+    return FilesAndOneRayUnit(config, log)
 
 
 # -- Signal handlers: a test leaves them as it found them ----------------------------------------

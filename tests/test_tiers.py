@@ -81,44 +81,53 @@ def test_an_unmarked_test_that_spawns_fails_and_a_marked_one_passes(pytester):
 
 
 @pytest.mark.subprocess
-def test_two_workers_keep_files_whole_and_run_ray_and_slurm_tests_on_one(pytester):
+def test_two_workers_keep_files_whole_and_run_the_ray_tests_on_one_first(pytester):
     """With this conftest and `-n 2 --dist loadfile`: each file's in-process tests run on one
-    worker, and the Ray and SLURM tests of three files all on one worker, the cluster unit, before
-    anything else there (the tests do not start Ray: the marks alone decide). It failed silently
-    once: pytest 9.2 broke xdist's own groups (conftest.py)."""
+    worker, and the Ray tests of two files on one worker, the Ray unit, before anything else
+    there; a SLURM file stays whole, its Ray test too (its cluster fixture is the file's). The
+    tests start nothing: the marks alone decide. It failed silently once: pytest 9.2 broke
+    xdist's own groups (conftest.py)."""
     pytester.makeini("[pytest]\nmarkers =\n    ray: starts Ray\n    slurm: SLURM\n")
     pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
     body = """
         import pytest
 
         @pytest.mark.ray
-        def test_cluster_a():
+        def test_ray_a():
             pass
 
-        @pytest.mark.{mark}
-        def test_cluster_b():
+        @pytest.mark.ray
+        def test_ray_b():
             pass
 
-        @pytest.mark.parametrize("i", range(8))  # more tests than the cluster unit: xdist would send it later
+        @pytest.mark.parametrize("i", range(8))  # more tests than the Ray unit: xdist would send it later
         def test_local(i):
             pass
     """
-    pytester.makepyfile(**{f"test_{name}": body.format(mark=mark) for name, mark in
-                           (("one", "ray"), ("two", "slurm"), ("three", "ray"))})
-    pytester.makepyfile(test_four="def test_only_local():\n    pass\n")
+    pytester.makepyfile(test_one=body, test_three=body, test_slurm="""
+        import pytest
+
+        pytestmark = pytest.mark.slurm
+
+        @pytest.mark.ray
+        def test_in_a_job():
+            pass
+
+        def test_sbatch():
+            pass
+    """, test_four="def test_only_local():\n    pass\n")
     res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v", "-n", "2", "--dist", "loadfile")
-    res.assert_outcomes(passed=31)
-    workers: dict[str, set[str]] = {}
-    units_run: dict[str, list[str]] = {}  # worker -> its units in the order they ran
+    res.assert_outcomes(passed=23)
+    ran: dict[str, list[str]] = {}  # worker -> its tests in the order they ran
     for line in res.stdout.lines:
         if line.startswith("[gw") and "PASSED" in line:
-            worker, test = line.split()[0], line.split()[-1]
-            unit = "cluster" if "test_cluster_" in test else test.split("::")[0]
-            workers.setdefault(unit, set()).add(worker)
-            units_run.setdefault(worker, []).append(unit)
-    assert set(workers) == {"cluster", "test_one.py", "test_two.py", "test_three.py", "test_four.py"}, workers
-    assert all(len(w) == 1 for w in workers.values()), workers
-    assert units_run[next(iter(workers["cluster"]))][0] == "cluster", units_run  # the longest unit goes first
+            ran.setdefault(line.split()[0], []).append(line.split()[-1])
+    worker_of = {test: worker for worker, tests in ran.items() for test in tests}
+    ray_tests = [t for t in worker_of if "::test_ray_" in t]
+    assert len(ray_tests) == 4 and len({worker_of[t] for t in ray_tests}) == 1, ran
+    assert set(ran[worker_of[ray_tests[0]]][:4]) == set(ray_tests), ran  # the Ray unit first, and only its tests
+    for name in ("test_one.py", "test_three.py", "test_slurm.py", "test_four.py"):
+        assert len({w for t, w in worker_of.items() if t.startswith(name) and t not in ray_tests}) == 1, ran
 
 
 @pytest.mark.interpreter
