@@ -32,7 +32,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
-from analysis.aggregate import CELL, INTERVALS, best_methods, summarize, with_labels
+from analysis.aggregate import CELL, INTERVALS, best_methods, stopped_by_rung, summarize, with_labels
 from analysis.compare import cd_figures
 from analysis.figures import buda_figures, figure_points, prepare
 from analysis.load import Results
@@ -188,16 +188,18 @@ def _counts_table(trials: pd.DataFrame) -> str:
 
 
 def _stopped_note(trials: pd.DataFrame) -> str:
-    """What an lr search with early stopping left behind, and that the lr choice ignores it."""
-    if trials.empty:
+    """What an lr search with early stopping left behind, where, and that the lr choice ignores it."""
+    ladder = stopped_by_rung(trials)
+    if ladder.empty:
         return ""
     stopped = trials.loc[trials["status"].eq(Status.STOPPED), "network_id"].nunique()
-    if not stopped:
-        return ""
+    where = ladder.groupby(["rung", "stopped_at_iter"], dropna=False)["networks"].sum()
+    places = ", ".join(f"{int(n):,} at rung {_fmt(rung, '.0f')} (iteration {_fmt(at, ',.0f')})"
+                       for (rung, at), n in where.items())
     return (f"<p class='note'>{stopped:,} networks were stopped at a rung of a learning-rate search with "
-            "early stopping: their metrics are of a network trained part of the way, and the lr selection "
-            "considers the survivors only (the rung ladder: <code>sweep query</code> on the <code>rung</code> "
-            "and <code>stopped_at_iter</code> columns).</p>")
+            f"early stopping: {places}. Their metrics are of a network trained part of the way, and the lr "
+            "selection considers the survivors only (per grid and method: <code>sweep query DIR \"SELECT * "
+            "FROM rungs\"</code>).</p>")
 
 
 def _points_sentence(figs: Sequence[FigureResult]) -> str:

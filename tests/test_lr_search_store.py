@@ -7,7 +7,10 @@ import datetime as dt
 import pandas as pd
 
 from analysis.aggregate import select_lr_runs, stopped_by_rung
+from analysis.report import _stopped_note
 from sweep.core.grid import expand
+from sweep.store.query import query
+from sweep.store.results import ResultStore
 from sweep.store.status import TRIAL_COLUMNS, format_status, summarize
 
 DOC = {
@@ -63,6 +66,34 @@ def test_stopped_by_rung_counts_the_ladder():
     assert got == {("baseline", 0, 10): 2, ("baseline", 1, 20): 1, ("oversampling", 0, 10): 2,
                    ("oversampling", 1, 20): 1}
     assert stopped_by_rung(t.drop(columns=["rung", "stopped_at_iter"])).empty  # an older store
+
+
+def test_sweep_query_has_the_ladder_as_a_view(tmp_path):
+    _, t = trials()
+    t["rung_metric"] = [0.1 * (i + 1) for i in range(len(t))]
+    store = ResultStore(str(tmp_path / "s"))
+    store.write_pack("p", "ls", {"trials": t.drop(columns=["grid"])})
+    got = query(store.root, "SELECT * FROM rungs")
+    want = stopped_by_rung(t)
+    assert list(got.columns) == ["grid", "method", "rung", "iteration", "networks_stopped", "metric_min",
+                                 "metric_max"]
+    assert [(r.method, r.rung, r.iteration, r.networks_stopped) for r in got.itertuples()] == \
+        [(r.method, r.rung, r.stopped_at_iter, r.networks) for r in want.itertuples()]
+    stopped = t[t["status"].eq("stopped")]
+    first = stopped[(stopped["method"] == "baseline") & (stopped["rung"] == 0)]["rung_metric"]
+    assert (got.loc[0, "metric_min"], got.loc[0, "metric_max"]) == (first.min(), first.max())
+    # A store written before lr searches had rungs: the view is there, and empty.
+    old = ResultStore(str(tmp_path / "old"))
+    old.write_pack("p", "ls", {"trials": t.drop(columns=["grid", "rung", "stopped_at_iter", "rung_metric"])})
+    assert query(old.root, "SELECT * FROM rungs").empty
+
+
+def test_the_report_says_how_many_were_stopped_where():
+    _, t = trials()
+    note = _stopped_note(t)
+    assert "6 networks were stopped" in note
+    assert "4 at rung 0 (iteration 10), 2 at rung 1 (iteration 20)" in note
+    assert _stopped_note(t[~t["status"].eq("stopped")]) == ""
 
 
 def test_a_diverged_network_a_rung_dropped_is_not_chosen_either():

@@ -150,7 +150,7 @@ def test_the_sandbox_settings_are_on_and_locked(store):
 
 
 def test_reading_the_stores_tables_still_works(store):
-    assert set(query(store.root, "SHOW TABLES")["name"]) == {"trials", "curves", "__raw_trials", "__raw_curves"}
+    assert set(query(store.root, "SHOW TABLES")["name"]) == {"trials", "curves", "rungs", "__raw_trials", "__raw_curves"}
     assert len(query(store.root, "EXPLAIN SELECT count(*) FROM trials")) >= 1
     assert len(query(store.root, "EXPLAIN ANALYZE SELECT count(*) FROM trials")) >= 1
     assert query(store.root, "DESCRIBE trials")["column_name"].tolist()[-1] == "grid"

@@ -14,7 +14,8 @@ Whatever the SQL, its effects stay in this process's memory and end with the con
 
 The ``trials`` view keeps the latest row per (grid, trial_id), exactly as
 :meth:`ResultStore.read_table` does; every other table keeps the rows of the pack write
-whose trials rows are the latest for their network.
+whose trials rows are the latest for their network. One view more, ``rungs``, is the rung
+ladder of learning-rate searches with early stopping (issue 25), from ``trials``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from sweep.store.schema import PARTITION
 Format = Literal["table", "csv", "json"]
 DEFAULT_TIMEOUT_S = 300.0  # `sweep query --timeout`; 0 or None: no limit
 BATCH_ROWS = 10_000  # rows per streamed batch: what a query holds in Python at once
+RUNGS = "rungs"  # a view over trials: the rung ladder of lr searches with early stopping
 RAW_PREFIX = "__raw_"  # the registered datasets the views read: every committed row, not deduplicated
 _FILE_COL = "__store_file"  # the <pack_id>-<attempt> stem of a row's file
 # The attempt token of a stem <pack_id>-<attempt>: the later-written file wins a created_at
@@ -263,7 +265,27 @@ def _register_tables(con: duckdb.DuckDBPyConnection, store: ResultStore) -> list
         else:
             sql = f"SELECT * EXCLUDE ({_FILE_COL}) FROM {raw}"
         con.execute(f'CREATE VIEW "{table}" AS {sql}')
+    if trials is not None and RUNGS not in datasets:
+        con.execute(f'CREATE VIEW "{RUNGS}" AS {_rungs_sql(trials.schema.names)}')
+        return [*datasets, RUNGS]
     return list(datasets)
+
+
+def _rungs_sql(columns: list[str]) -> str:
+    """The rung ladder of learning-rate searches with early stopping: per grid, method, rung and
+    iteration, how many networks were stopped there and the range of their rung metric (the
+    rule of analysis.aggregate.stopped_by_rung; empty for a store without such a search)."""
+    have = set(columns)
+    if not {"rung", "stopped_at_iter", "status", "network_id", "method"} <= have:
+        return ("SELECT NULL::VARCHAR AS grid, NULL::VARCHAR AS method, NULL::BIGINT AS rung, "
+                "NULL::BIGINT AS iteration, NULL::BIGINT AS networks_stopped, NULL::DOUBLE AS metric_min, "
+                "NULL::DOUBLE AS metric_max WHERE false")
+    raw = "evaluation = 'raw' AND " if "evaluation" in have else ""
+    metric = "rung_metric" if "rung_metric" in have else "NULL::DOUBLE"
+    return (f"SELECT grid, method, CAST(rung AS BIGINT) AS rung, CAST(stopped_at_iter AS BIGINT) AS iteration, "
+            f"count(DISTINCT network_id) AS "
+            f"networks_stopped, min({metric}) AS metric_min, max({metric}) AS metric_max FROM trials "
+            f"WHERE {raw}status = 'stopped' GROUP BY ALL ORDER BY ALL")
 
 
 def _dataset(store: ResultStore, table: str) -> ds.Dataset | None:
