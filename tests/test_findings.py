@@ -98,6 +98,23 @@ def test_rows_of_different_numerics_are_not_pooled():
     assert evaluate(trials, pool_numerics=True)
 
 
+def test_rows_with_numerics_columns_pool_with_older_rows_that_computed_the_same_way():
+    """Rows that name their kernels and compute dtype (today's) and older rows whose device string
+    says it: the same numerics pool, other numerics are refused, a row's own columns win."""
+    old_cpu = _trials(_as_paper, repeats=3)  # device "cpu": the grouped layers in fp32
+    new_cpu = _trials(_as_paper, repeats=3).assign(repeat=lambda d: d["repeat"] + 3, kernels="grouped",
+                                                   compute_dtype="float32", network_id=lambda d: d["network_id"] + "n")
+    assert evaluate(pd.concat([old_cpu, new_cpu]))  # the same numerics: pooled
+    new_fused = new_cpu.assign(kernels="fused", compute_dtype="bfloat16")
+    with pytest.raises(FindingsError, match="different numerics"):
+        evaluate(pd.concat([old_cpu, new_fused]))
+    old_fused = _trials(_as_paper, repeats=3, device="cuda:0, fused kernels (bfloat16)")
+    assert evaluate(pd.concat([old_fused, new_fused]))
+    # A row's columns, where set, say how it was computed, whatever its device string.
+    relabelled = new_cpu.assign(device="cuda:0, fused kernels (bfloat16)")
+    assert evaluate(pd.concat([old_cpu, relabelled]))
+
+
 def test_unknown_paper_and_format_are_refused():
     with pytest.raises(FindingsError, match="unknown paper"):
         evaluate(_trials(_as_paper), paper="nobody")
