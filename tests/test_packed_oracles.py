@@ -296,6 +296,62 @@ def test_packed_basic_block_and_pooling_are_their_torch_nn_composition(members, 
     _close(packed.bn2.weight.grad[own], ref.bn2.weight.grad, "bn2 weight gradient")
 
 
+class PreActBlock(nn.Module):
+    """The ResNet-10 reference's pre-activation basic block (cvjena ResNet10_cvgj) in plain
+    torch.nn: ``a = relu(bn(x))`` (none in the first block), ``conv2(relu(bn(conv1(a))))``
+    plus ``a`` or its 1x1 convolution (no BatchNorm), no ReLU after the sum."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, first: bool) -> None:
+        super().__init__()
+        self.pre_bn = None if first else nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.expand = None if stride == 1 and c_in == c_out else nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x if self.pre_bn is None else F.relu(self.pre_bn(x))
+        return self.conv2(F.relu(self.bn(self.conv1(a)))) + (a if self.expand is None else self.expand(a))
+
+
+@pytest.mark.parametrize("members", PACKS)
+@pytest.mark.parametrize("c_in, c_out, stride, first", [
+    pytest.param(8, 8, 1, True, id="first"),
+    pytest.param(8, 8, 1, False, id="identity"),
+    pytest.param(8, 16, 2, False, id="conv-expand"),
+])
+def test_packed_preactivation_block_is_its_torch_nn_composition(members, c_in, c_out, stride, first) -> None:
+    from workers.models import _PreActBlock
+
+    packed = _PreActBlock(members, c_in, c_out, stride, first).to(F64)
+    _randomise(packed, 6)
+    p = _member(MEMBER, members)
+    ref = PreActBlock(c_in, c_out, stride, first).to(F64)
+    pairs = [(packed.conv1, ref.conv1), (packed.bn, ref.bn), (packed.conv2, ref.conv2)]
+    pairs += [] if first else [(packed.pre_bn, ref.pre_bn)]
+    pairs += [] if ref.expand is None else [(packed.expand, ref.expand)]
+    with torch.no_grad():
+        for a, b in pairs:
+            if isinstance(a, PackedConv2d):
+                b.weight.copy_(a.weight[p])
+                continue
+            own = slice(p * a.channels, (p + 1) * a.channels)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(b, name).copy_(getattr(a, name)[own])
+    x = _inputs(members, c_in, 8, 8).requires_grad_()
+    x_ref = x[p].detach().clone().requires_grad_()
+    y = packed(to_grouped(x)).unflatten(1, (members, c_out)).transpose(0, 1)
+    y_ref = ref(x_ref)
+    _close(y[p], y_ref, "forward")
+    g = _grad_out(y.shape)
+    y.backward(g)
+    y_ref.backward(g[p])
+    _close(x.grad[p], x_ref.grad, "input gradient")
+    _close(packed.conv1.weight.grad[p], ref.conv1.weight.grad, "conv1 weight gradient")
+    if ref.expand is not None:
+        _close(packed.expand.weight.grad[p], ref.expand.weight.grad, "conv_expand weight gradient")
+
+
 # -- dropout --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("members", PACKS)
