@@ -384,6 +384,28 @@ def _assert_captured(state, caplog, what: str) -> None:
 
 
 @cuda
+def test_an_lr_search_captures_the_step_again_for_the_survivors(mnist, caplog) -> None:
+    """A halving pack on the fused kernels on CUDA (issue 25): the step is captured as a CUDA
+    graph for the pack of 4, and again for the 2 survivors after the rung (a graph replays fixed
+    buffers: the compacted pack's are new), and no capture fails."""
+    caplog.set_level(logging.INFO, logger="workers.step_graph")
+    doc = {"name": "rungs", "dataset": "mnist", "model": "lenet5",
+           "recipe": {"preset": "buda_mnist", "iters": 16, "batch_size": 8}, "max_per_class": 20,
+           "imbalance": {"step": {"rho": [10], "mu": [0.5]}}, "methods": ["baseline"], "thresholding": [],
+           "lr": [0.05, 0.01], "lr_runs": 2, "selection": "validation", "seed": 5,
+           "lr_search": {"scheduler": "halving", "rungs": [8], "reduction": 2}}
+    specs = expand(doc).specs
+    assert len(specs) == 4
+    result = run_pack(Pack(specs), None, dataset=_tiny_mnist(mnist), device="cuda", kernels="fused")
+    raw = [r for r in result.tables["trials"] if r["evaluation"] == "raw"]
+    assert sorted(r["status"] for r in raw) == ["ok", "ok", "stopped", "stopped"]
+    failed = [r.getMessage() for r in caplog.records if "capture failed" in r.getMessage()]
+    captured = [r.getMessage() for r in caplog.records if "captured as one CUDA graph" in r.getMessage()]
+    assert not failed and len(captured) == 2, (captured, failed)
+    assert "of 4 members" in captured[0] and "of 2 members" in captured[1], captured
+
+
+@cuda
 @pytest.mark.parametrize("fused", [False, True])
 def test_graph_replay_equals_eager_steps(fused: bool, cudnn_deterministic, caplog) -> None:
     """The captured step, replayed, gives the eager step's numbers bit for bit (grouped and
