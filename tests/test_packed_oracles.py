@@ -255,10 +255,8 @@ class BasicBlock(nn.Module):
         return F.relu(out + short)
 
 
-def _copy_block(packed: PackedBasicBlock, ref: BasicBlock, p: int) -> None:
-    pairs = [(packed.conv1, ref.conv1), (packed.bn1, ref.bn1), (packed.conv2, ref.conv2), (packed.bn2, ref.bn2)]
-    if ref.kind == "projection":
-        pairs += [(packed.short_conv, ref.short[0]), (packed.short_bn, ref.short[1])]
+def _copy_layers(pairs: list[tuple[nn.Module, nn.Module]], p: int) -> None:
+    """Member ``p`` of each packed convolution or BatchNorm into its torch.nn counterpart."""
     with torch.no_grad():
         for a, b in pairs:
             if isinstance(a, PackedConv2d):
@@ -267,6 +265,13 @@ def _copy_block(packed: PackedBasicBlock, ref: BasicBlock, p: int) -> None:
             own = slice(p * a.channels, (p + 1) * a.channels)
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(b, name).copy_(getattr(a, name)[own])
+
+
+def _copy_block(packed: PackedBasicBlock, ref: BasicBlock, p: int) -> None:
+    pairs = [(packed.conv1, ref.conv1), (packed.bn1, ref.bn1), (packed.conv2, ref.conv2), (packed.bn2, ref.bn2)]
+    if ref.kind == "projection":
+        pairs += [(packed.short_conv, ref.short[0]), (packed.short_bn, ref.short[1])]
+    _copy_layers(pairs, p)
 
 
 @pytest.mark.parametrize("members", PACKS)
@@ -330,14 +335,7 @@ def test_packed_preactivation_block_is_its_torch_nn_composition(members, c_in, c
     pairs = [(packed.conv1, ref.conv1), (packed.bn, ref.bn), (packed.conv2, ref.conv2)]
     pairs += [] if first else [(packed.pre_bn, ref.pre_bn)]
     pairs += [] if ref.expand is None else [(packed.expand, ref.expand)]
-    with torch.no_grad():
-        for a, b in pairs:
-            if isinstance(a, PackedConv2d):
-                b.weight.copy_(a.weight[p])
-                continue
-            own = slice(p * a.channels, (p + 1) * a.channels)
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                getattr(b, name).copy_(getattr(a, name)[own])
+    _copy_layers(pairs, p)
     x = _inputs(members, c_in, 8, 8).requires_grad_()
     x_ref = x[p].detach().clone().requires_grad_()
     y = packed(to_grouped(x)).unflatten(1, (members, c_out)).transpose(0, 1)
