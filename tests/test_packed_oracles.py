@@ -101,6 +101,17 @@ def _close(got: torch.Tensor, want: torch.Tensor, what: str, **tol: float) -> No
     torch.testing.assert_close(got, want, **(tol or TIGHT), msg=lambda m: f"{what}: {m}")
 
 
+def _forward_and_input_gradient_agree(y: torch.Tensor, y_ref: torch.Tensor, x: torch.Tensor,
+                                      x_ref: torch.Tensor, p: int) -> None:
+    """Member ``p``'s output equals the torch.nn reference's, and so does its input gradient
+    for the same random output gradient (the packed side's weights get their gradients too)."""
+    _close(y[p], y_ref, "forward")
+    g = _grad_out(y.shape)
+    y.backward(g)
+    y_ref.backward(g[p])
+    _close(x.grad[p], x_ref.grad, "input gradient")
+
+
 # -- convolution --------------------------------------------------------------------------
 
 CONVS = [  # (c_in, c_out, kernel, stride, padding, bias, side)
@@ -126,11 +137,7 @@ def test_packed_conv2d_is_torch_conv2d(members, c_in, c_out, kernel, stride, pad
 
     y = from_grouped(packed(to_grouped(x)), members).reshape(members, B, c_out, *ref(x_ref).shape[2:])
     y_ref = ref(x_ref)
-    _close(y[p], y_ref, "forward")
-    g = _grad_out(y.shape)
-    y.backward(g)
-    y_ref.backward(g[p])
-    _close(x.grad[p], x_ref.grad, "input gradient")
+    _forward_and_input_gradient_agree(y, y_ref, x, x_ref, p)
     _close(packed.weight.grad[p], ref.weight.grad, "weight gradient")
     if bias:
         _close(packed.bias.grad[p], ref.bias.grad, "bias gradient")
@@ -150,11 +157,7 @@ def test_packed_linear_is_torch_linear(members) -> None:
     x = _inputs(members, 50).requires_grad_()
     x_ref = x[p].detach().clone().requires_grad_()
     y, y_ref = packed(x), ref(x_ref)
-    _close(y[p], y_ref, "forward")
-    g = _grad_out(y.shape)
-    y.backward(g)
-    y_ref.backward(g[p])
-    _close(x.grad[p], x_ref.grad, "input gradient")
+    _forward_and_input_gradient_agree(y, y_ref, x, x_ref, p)
     _close(packed.weight.grad[p], ref.weight.grad.T, "weight gradient")
     _close(packed.bias.grad[p], ref.bias.grad, "bias gradient")
 
@@ -185,12 +188,8 @@ def test_packed_cosine_head_is_a_scaled_normalised_linear(members) -> None:
     x = _inputs(members, 64).requires_grad_()
     x_ref = x[p].detach().clone().requires_grad_()
     y, y_ref = packed(x), ref(x_ref)
-    _close(y[p], y_ref, "forward")
     assert y.abs().max() <= packed.scale.max() * (1 + 1e-12)
-    g = _grad_out(y.shape)
-    y.backward(g)
-    y_ref.backward(g[p])
-    _close(x.grad[p], x_ref.grad, "input gradient")
+    _forward_and_input_gradient_agree(y, y_ref, x, x_ref, p)
     _close(packed.weight.grad[p], ref.linear.weight.grad.T, "weight gradient")
 
 
@@ -291,11 +290,7 @@ def test_packed_basic_block_and_pooling_are_their_torch_nn_composition(members, 
     x_ref = x[p].detach().clone().requires_grad_()
     z = packed(to_grouped(x))
     y, y_ref = grouped_avg_pool(z, members), nn.AdaptiveAvgPool2d(1)(ref(x_ref)).flatten(1)  # FE [P, B, C]
-    _close(y[p], y_ref, "forward")
-    g = _grad_out(y.shape)
-    y.backward(g)
-    y_ref.backward(g[p])
-    _close(x.grad[p], x_ref.grad, "input gradient")
+    _forward_and_input_gradient_agree(y, y_ref, x, x_ref, p)
     _close(packed.conv1.weight.grad[p], ref.conv1.weight.grad, "conv1 weight gradient")
     own = slice(p * c_out, (p + 1) * c_out)
     _close(packed.bn2.weight.grad[own], ref.bn2.weight.grad, "bn2 weight gradient")
@@ -340,11 +335,7 @@ def test_packed_preactivation_block_is_its_torch_nn_composition(members, c_in, c
     x_ref = x[p].detach().clone().requires_grad_()
     y = packed(to_grouped(x)).unflatten(1, (members, c_out)).transpose(0, 1)
     y_ref = ref(x_ref)
-    _close(y[p], y_ref, "forward")
-    g = _grad_out(y.shape)
-    y.backward(g)
-    y_ref.backward(g[p])
-    _close(x.grad[p], x_ref.grad, "input gradient")
+    _forward_and_input_gradient_agree(y, y_ref, x, x_ref, p)
     _close(packed.conv1.weight.grad[p], ref.conv1.weight.grad, "conv1 weight gradient")
     if ref.expand is not None:
         _close(packed.expand.weight.grad[p], ref.expand.weight.grad, "conv_expand weight gradient")
